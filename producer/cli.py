@@ -1,0 +1,269 @@
+"""The ``celebscan`` command line: parse, call the library, turn its errors into clean messages."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from producer.embedded import default_workers, run_batches, split_batches
+from producer.export import WRITERS
+from producer.listing import parse_source
+from producer.scan import plan_scan
+from worker.errors import CelebscanError, GalleryError
+from worker.recognizers import BACKENDS
+from worker.settings import Settings, env_var
+from worker.store import ResultStore, ScanSummary, masked_url
+
+
+@dataclass
+class App:
+    """What every command is handed: the settings, and the store built from them on first use."""
+
+    settings: Settings
+
+    @cached_property
+    def store(self) -> ResultStore:
+        return ResultStore.connect(self.settings.database_url)
+
+
+class CelebscanGroup(click.Group):
+    """Turns celebscan's own errors into a one-line message and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CelebscanError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def setting_option(*decls: str, setting: str, help: str, **kwargs):
+    """A CLI option that overrides one field of :class:`Settings` (and names its variable in --help)."""
+    return click.option(*decls, setting, default=None, help=f"{help} [env: {env_var(setting)}]", **kwargs)
+
+
+@click.group(cls=CelebscanGroup)
+@setting_option("--database-url", setting="database_url", help="Results database URL (default sqlite:///celebscan.db).")
+@setting_option("--endpoint-url", setting="endpoint_url", help="Endpoint URL for S3-compatible stores and AWS stand-ins.")
+@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
+@click.version_option(package_name="celebscan")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, endpoint_url: str | None, verbose: int) -> None:
+    """Scan a folder or bucket of images for well-known people and keep every result in a database."""
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env().replace(database_url=database_url, endpoint_url=endpoint_url)
+    except CelebscanError as exc:
+        raise click.ClickException(str(exc)) from exc
+    ctx.obj = App(settings)
+
+
+@cli.command()
+@click.argument("source")
+@setting_option("--backend", setting="backend", type=click.Choice(BACKENDS), help="Recognizer to use.")
+@setting_option("--workers", setting="workers", type=click.IntRange(min=0), help="Processes for an embedded scan (0: one per core).")
+@setting_option("--batch-size", setting="batch_size", type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--force", is_flag=True, help="Scan images again even when an identical copy is already done.")
+@click.pass_obj
+def scan(app: App, source: str, backend: str | None, workers: int | None, batch_size: int | None, force: bool) -> None:
+    """Scan SOURCE (a folder, or s3://bucket/prefix/) and store who is in each image."""
+    settings = app.settings.replace(backend=backend, workers=workers, batch_size=batch_size)
+    run_scan(app, source, settings, force=force)
+
+
+def run_scan(app: App, source: str, settings: Settings, *, force: bool) -> ScanSummary:
+    """Plan a scan of SOURCE, run its batches in the local pool, print and return the summary."""
+    planned = plan_scan(app.store, parse_source(source), settings.backend, force=force)
+    queue = planned.queue
+    click.echo(f"scan {planned.scan_id}: {planned.source.url} (backend {settings.backend}, "
+               f"database {masked_url(settings.database_url)})")
+    click.echo(f"listed {queue.listed} images; {queue.skipped} already done, {len(queue.image_ids)} to scan")
+    if queue.image_ids:
+        worker_count = min(settings.workers or default_workers(), len(queue.image_ids))
+        batches = split_batches(queue.image_ids, settings.batch_size, worker_count)
+        with tqdm(total=len(queue.image_ids), unit="img", desc="scanning", disable=None, file=sys.stderr) as bar:
+            run_batches(batches, settings, worker_count, lambda size, report: bar.update(size))
+    summary = app.store.scan_summary(planned.scan_id)
+    click.echo(format_summary(summary))
+    return summary
+
+
+@cli.command()
+@click.argument("scan_id", type=int, required=False)
+@click.pass_obj
+def status(app: App, scan_id: int | None) -> None:
+    """Progress of a scan (the latest when SCAN_ID is not given)."""
+    click.echo(format_summary(_summary(app.store, scan_id)))
+
+
+@cli.command()
+@click.option("--scan", "scan_id", type=int, help="Only this scan's images (default: every image's latest result).")
+@click.option("--format", "fmt", type=click.Choice(sorted(WRITERS)), default="jsonl", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write to FILE instead of stdout.")
+@click.pass_obj
+def results(app: App, scan_id: int | None, fmt: str, output: str | None) -> None:
+    """One record per image: who is in it, or why it could not be read."""
+    if scan_id is not None and app.store.scan_summary(scan_id) is None:
+        raise click.ClickException(f"there is no scan {scan_id}")
+    records = app.store.result_records(scan_id)
+    if output:
+        with open(output, "w", encoding="utf-8", newline="") as handle:
+            count = WRITERS[fmt](records, handle)
+        click.echo(f"wrote {count} records to {output}", err=True)
+    else:
+        WRITERS[fmt](records, click.get_text_stream("stdout"))
+
+
+@cli.group(cls=CelebscanGroup)
+def gallery() -> None:
+    """The people the local recognizer knows."""
+
+
+@gallery.command("import")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.pass_obj
+def gallery_import(app: App, folder: Path) -> None:
+    """Enroll FOLDER/<person name>/<photos> for every person folder."""
+    from worker.gallery import Gallery
+
+    _report_enrollments(Gallery(app.store.engine).import_folder(folder, _embedder(app.settings)))
+
+
+@gallery.command("add")
+@click.argument("name")
+@click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_obj
+def gallery_add(app: App, name: str, photos: tuple[Path, ...]) -> None:
+    """Enroll PHOTOS of the person NAME (each must show exactly one face)."""
+    from worker.gallery import Gallery
+
+    pairs = ((str(path), path.read_bytes()) for path in photos)
+    _report_enrollments(Gallery(app.store.engine).enroll(name, pairs, _embedder(app.settings)))
+
+
+@gallery.command("list")
+@click.pass_obj
+def gallery_list(app: App) -> None:
+    """Enrolled people and how many photos each."""
+    from worker.gallery import Gallery
+
+    people = Gallery(app.store.engine).people()
+    if not people:
+        click.echo("the gallery is empty; enroll people with `celebscan gallery import DIR`")
+    for name, photos in people:
+        click.echo(f"{name}\t{photos} photo{'s' if photos != 1 else ''}")
+
+
+@gallery.command("remove")
+@click.argument("name")
+@click.pass_obj
+def gallery_remove(app: App, name: str) -> None:
+    """Forget the person NAME and their photos."""
+    from worker.gallery import Gallery
+
+    Gallery(app.store.engine).remove(name)
+    click.echo(f"removed {name}")
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the sample images and the demo database here (default: a temporary folder).")
+@setting_option("--workers", setting="workers", type=click.IntRange(min=0), help="Processes (0: one per core).")
+@click.pass_obj
+def demo(app: App, workdir: Path | None, workers: int | None) -> None:
+    """Scan sample images with the local recognizer and print who was found.
+
+    Uses its own database in the work folder, never the one in --database-url.
+    """
+    from producer.demo import build_demo_set
+    from worker.gallery import Gallery
+
+    with tempfile.TemporaryDirectory(prefix="celebscan-demo-") as scratch:
+        folder = (workdir or Path(scratch)).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        database = folder / "demo.db"
+        database.unlink(missing_ok=True)
+        settings = app.settings.replace(database_url=f"sqlite:///{database}", backend="local", workers=workers)
+        demo_app = App(settings)
+        sample = build_demo_set(folder)
+        click.echo(f"enrolling one photo each of 2 people from {sample.gallery}")
+        _report_enrollments(Gallery(demo_app.store.engine).import_folder(sample.gallery, _embedder(settings)))
+        summary = run_scan(demo_app, str(sample.images), settings, force=False)
+        click.echo("")
+        mismatches = _print_demo_table(demo_app.store.result_records(summary.id), sample.expected)
+        if workdir:
+            click.echo(f"\nsee everything: celebscan --database-url sqlite:///{database} results")
+    if mismatches:
+        raise click.ClickException(f"{mismatches} image(s) not as expected: the installation is not working right")
+
+
+def _print_demo_table(records, expected: dict[str, frozenset[str]]) -> int:
+    rows, mismatches = [], 0
+    for record in sorted(records, key=lambda r: r["key"]):
+        found = sorted(c["name"] for c in record["celebrities"])
+        if record["status"] == "failed":
+            shown = f"failed: {record['error']['code']}"
+            ok = record["key"] not in expected
+        else:
+            unknown = len(record["unrecognized_faces"])
+            shown = ", ".join(found) or "nobody"
+            shown += f" (+{unknown} unrecognized face{'s' if unknown != 1 else ''})" if unknown else ""
+            ok = frozenset(found) == expected.get(record["key"])
+        mismatches += not ok
+        rows.append((record["key"], shown, "ok" if ok else "UNEXPECTED"))
+    width = max(len(row[0]) for row in rows)
+    click.echo(f"{'image':<{width}}  who is in it")
+    for key, shown, verdict in rows:
+        click.echo(f"{key:<{width}}  {shown}" + ("" if verdict == "ok" else f"   <- {verdict}"))
+    return mismatches
+
+
+def _summary(store: ResultStore, scan_id: int | None) -> ScanSummary:
+    scan_id = scan_id if scan_id is not None else store.latest_scan_id()
+    summary = store.scan_summary(scan_id) if scan_id is not None else None
+    if summary is None:
+        raise click.ClickException("no such scan" if scan_id is not None else "no scan yet; run `celebscan scan SOURCE`")
+    return summary
+
+
+def format_summary(summary: ScanSummary) -> str:
+    counts = summary.counts
+    state = "finished" if summary.finished_at else "running"
+    lines = [
+        f"scan {summary.id} ({state}): {summary.source}, backend {summary.backend}",
+        f"  images: {summary.listed} listed, {summary.skipped} skipped (already done), "
+        f"{counts['queued']} queued, {counts['done']} done, {counts['failed']} failed",
+    ]
+    if summary.rate:
+        eta = f", ETA {summary.eta_seconds:.0f} s" if counts["queued"] else ""
+        lines.append(f"  rate: {summary.rate:.2f} images/s{eta}")
+    if summary.failures:
+        lines.append("  failures: " + ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items())))
+    people = ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in summary.people.items())
+    lines.append(f"  faces: {summary.faces}; people found: {people or 'nobody'}")
+    return "\n".join(lines)
+
+
+def _embedder(settings: Settings):
+    from worker.face_embeddings import FaceEmbedder
+
+    return FaceEmbedder(detect_max_side=settings.detect_max_side, min_score=settings.min_face_score)
+
+
+def _report_enrollments(enrollments) -> None:
+    for item in enrollments:
+        reason = f": {item.reason}" if item.reason else ""
+        click.echo(f"{item.status}: {item.person} <- {item.source}{reason}")
+    if enrollments and all(item.status == "refused" for item in enrollments):
+        raise GalleryError("no photo could be enrolled")
+
+
+def main() -> None:
+    cli(prog_name="celebscan")

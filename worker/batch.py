@@ -1,0 +1,101 @@
+"""The batch function: a list of image ids in, one result row per image out.
+
+This is the whole of a worker's job. The Celery task and the embedded process pool both call
+:func:`process_batch` with a :class:`WorkerContext` built once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from worker.errors import CelebscanError
+from worker.images import ImageLimits, decode_image
+from worker.recognizers import Recognizer, build_recognizer
+from worker.retry import call_with_retry
+from worker.settings import Settings
+from worker.sources import FolderReader, ObjectReader
+from worker.store import ImageOutcome, QueuedImage, ResultStore
+
+log = logging.getLogger(__name__)
+
+#: How many times a batch may start on an image before it is quarantined as failed.
+MAX_DELIVERIES = 3
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process talks to, built once per process and handed down."""
+
+    store: ResultStore
+    reader: ObjectReader
+    recognizer: Recognizer
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    max_attempts: int = 5
+    retry_base_seconds: float = 0.5
+
+    @classmethod
+    def from_settings(cls, settings: Settings, engine: Engine | None = None) -> WorkerContext:
+        store = ResultStore(engine) if engine is not None else ResultStore.connect(settings.database_url)
+        return cls(
+            store=store,
+            reader=FolderReader(settings.max_image_bytes),
+            recognizer=build_recognizer(settings, store.engine),
+            limits=ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side),
+            max_attempts=settings.max_attempts,
+        )
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+    @property
+    def processed(self) -> int:
+        return self.done + self.failed
+
+
+def process_batch(image_ids: Sequence[int], context: WorkerContext) -> BatchReport:
+    """Recognize every still-queued image of the batch and store the results.
+
+    A batch that was delivered before (some image already has an attempt) may hold an image that
+    kills workers; it is then processed and saved one image at a time, so the culprit alone is
+    quarantined and its neighbours' work is kept.
+    """
+    pending = context.store.pending(image_ids)
+    redelivered = any(image.attempts for image in pending)
+    groups = [[image] for image in pending] if redelivered else [pending]
+    outcomes: list[ImageOutcome] = []
+    for group in groups:
+        started = context.store.start(group, MAX_DELIVERIES)
+        group_outcomes = [process_image(image, context) for image in started]
+        context.store.save_outcomes(group_outcomes)
+        outcomes += group_outcomes
+    done = sum(outcome.status == "done" for outcome in outcomes)
+    return BatchReport(done=done, failed=len(outcomes) - done, skipped=len(image_ids) - len(outcomes))
+
+
+def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
+    """Read, decode and recognize one image. Never raises: a failure becomes a ``failed`` outcome."""
+    width = height = None
+    try:
+        data = context.reader.read(image.bucket, image.key)
+        loaded = decode_image(data, context.limits)
+        width, height = loaded.width, loaded.height
+        result = call_with_retry(
+            lambda: context.recognizer.recognize(loaded),
+            attempts=context.max_attempts,
+            base=context.retry_base_seconds,
+        )
+        return ImageOutcome.done(image.id, width, height, result)
+    except CelebscanError as exc:
+        log.info("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, exc)
+        return ImageOutcome.failed(image.id, exc.code, str(exc), width, height)
+    except Exception as exc:  # the task boundary: an unexpected error must not lose the image
+        log.exception("unexpected error on %s/%s", image.bucket, image.key)
+        return ImageOutcome.failed(image.id, "InternalError", f"{type(exc).__name__}: {exc}", width, height)

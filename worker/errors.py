@@ -1,0 +1,85 @@
+"""One error tree for everything a scan can run into.
+
+Each error has a ``code`` that is stored on the image's row and shown to users, so a user can tell
+"not an image" from "access denied" from "throttled". ``TransientError`` subclasses are the only
+errors worth retrying; everything under ``PermanentError`` ends the image ``failed`` at once.
+"""
+
+from __future__ import annotations
+
+
+class CelebscanError(Exception):
+    """Base of every error celebscan raises on purpose."""
+
+    code = "Error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigurationError(CelebscanError):
+    """Bad settings or arguments, or a service that cannot be reached: the CLI exits non-zero."""
+
+    code = "ConfigurationError"
+
+
+class MissingDependencyError(ConfigurationError):
+    """An optional extra is not installed; the message names the pip command that fixes it."""
+
+    code = "MissingDependency"
+
+
+class PermanentError(CelebscanError):
+    """Fails the image without retrying: retrying cannot change the outcome."""
+
+    code = "PermanentError"
+
+
+class InvalidImageError(PermanentError):
+    """The bytes are not an image celebscan can decode (not an image, corrupt, truncated)."""
+
+    code = "InvalidImageFormat"
+
+
+class ImageTooSmallError(PermanentError):
+    code = "ImageTooSmall"
+
+
+class ImageTooLargeError(PermanentError):
+    code = "ImageTooLarge"
+
+
+class ObjectMissingError(PermanentError):
+    """The object was listed but is gone (deleted or moved) when the worker reads it."""
+
+    code = "ObjectNotFound"
+
+
+class AccessDeniedError(PermanentError):
+    code = "AccessDenied"
+
+
+class GalleryError(PermanentError):
+    """An image cannot be enrolled (no face, several faces) or a person is unknown."""
+
+    code = "GalleryError"
+
+
+class TransientError(CelebscanError):
+    """May succeed when tried again: throttling, 5xx, connection resets, a busy database."""
+
+    code = "TransientError"
+
+
+class ThrottledError(TransientError):
+    code = "ThrottlingException"
+
+
+class ServiceUnavailableError(TransientError):
+    code = "ServiceUnavailable"

@@ -1,0 +1,55 @@
+"""The ``local`` recognizer: dlib faces matched against the enrolled gallery. Offline and free."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+
+from worker.face_embeddings import DetectedFace, FaceEmbedder
+from worker.gallery import Gallery, GalleryIndex
+from worker.images import LoadedImage
+from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
+from worker.settings import Settings
+
+
+def match_confidence(distance: float, threshold: float) -> float:
+    """Distance to Rekognition's 0–100 scale: 100 at distance 0, 50 at the threshold, 0 at twice it."""
+    return max(0.0, min(100.0, 100.0 - 50.0 * distance / threshold))
+
+
+class LocalRecognizer:
+    name = "local"
+
+    def __init__(self, embedder: FaceEmbedder, gallery: GalleryIndex, threshold: float = 0.6) -> None:
+        self.embedder = embedder
+        self.gallery = gallery
+        self.threshold = threshold
+
+    @classmethod
+    def from_settings(cls, settings: Settings, engine: Engine) -> LocalRecognizer:
+        embedder = FaceEmbedder(detect_max_side=settings.detect_max_side, min_score=settings.min_face_score)
+        return cls(embedder, Gallery(engine).index(), settings.match_threshold)
+
+    def recognize(self, image: LoadedImage) -> RecognitionResult:
+        celebrities, unrecognized = [], []
+        for face in self.embedder.faces(image.pixels):
+            box = BoundingBox.from_pixels(face.left, face.top, face.right, face.bottom, image.width, image.height)
+            match = self.gallery.nearest(face.embedding)
+            details = {"DetectorScore": round(face.score, 4)}
+            if match is not None:
+                details["NearestDistance"] = round(match[1], 4)
+            if match is not None and match[1] <= self.threshold:
+                celebrities.append(self._celebrity(face, box, *match, details))
+            else:
+                unrecognized.append(UnrecognizedFace(bounding_box=box, confidence=face.confidence, raw=details))
+        return RecognitionResult(celebrities=tuple(celebrities), unrecognized_faces=tuple(unrecognized))
+
+    def _celebrity(self, face: DetectedFace, box: BoundingBox, person: int, distance: float, details: dict) -> Celebrity:
+        return Celebrity(
+            name=self.gallery.names[person],
+            id=self.gallery.person_ids[person],
+            match_confidence=match_confidence(distance, self.threshold),
+            bounding_box=box,
+            face_confidence=face.confidence,
+            urls=self.gallery.urls[person],
+            raw=details,
+        )

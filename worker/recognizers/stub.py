@@ -1,0 +1,25 @@
+"""A recognizer whose answers are chosen in advance, for tests and for measuring worker overhead."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from worker.images import LoadedImage
+from worker.results import RecognitionResult
+
+
+class StubRecognizer:
+    """Answers every image with ``answer(image)``; the default finds nobody.
+
+    ``answer`` may raise one of :mod:`worker.errors`' errors to act out a failing service.
+    """
+
+    name = "stub"
+
+    def __init__(self, answer: Callable[[LoadedImage], RecognitionResult] | None = None) -> None:
+        self.answer = answer or (lambda image: RecognitionResult())
+        self.calls = 0
+
+    def recognize(self, image: LoadedImage) -> RecognitionResult:
+        self.calls += 1
+        return self.answer(image)

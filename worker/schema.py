@@ -1,0 +1,106 @@
+"""The results database's tables (SQLAlchemy Core), shared by the producer, workers and gallery."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+QUEUED, DONE, FAILED = "queued", "done", "failed"
+STATUSES = (QUEUED, DONE, FAILED)
+
+scans = Table(
+    "scans",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("source", Text, nullable=False),
+    Column("backend", String(32), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    # Images the listing found, and those of them skipped because an identical copy was already done.
+    Column("listed", Integer, nullable=False, default=0),
+    Column("skipped", Integer, nullable=False, default=0),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # The scan that last queued this image; it moves to a new scan when a rescan retries the image.
+    Column("scan_id", Integer, ForeignKey("scans.id"), nullable=False),
+    # The bucket for S3, the absolute folder path for a local source.
+    Column("bucket", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("etag", String(128), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("backend", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("error_code", String(64)),
+    Column("error_message", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("queued_at", DateTime(timezone=True)),
+    Column("processed_at", DateTime(timezone=True)),
+    UniqueConstraint("bucket", "key", "etag", "backend", name="uq_images_natural_key"),
+    Index("ix_images_scan_status", "scan_id", "status"),
+)
+
+faces = Table(
+    "faces",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
+    Column("face_index", Integer, nullable=False),
+    Column("name", Text),
+    Column("person_id", Text),
+    Column("match_confidence", Float),
+    Column("face_confidence", Float),
+    Column("box_left", Float, nullable=False),
+    Column("box_top", Float, nullable=False),
+    Column("box_width", Float, nullable=False),
+    Column("box_height", Float, nullable=False),
+    Column("urls", JSON),
+    Column("known_gender", String(32)),
+    Column("landmarks", JSON),
+    # The recognizer's whole face record (pose, quality, emotions, ...), as the vendor sent it.
+    Column("details", JSON),
+    UniqueConstraint("image_id", "face_index", name="uq_faces_image_index"),
+)
+
+people = Table(
+    "people",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("external_id", Text),
+    Column("urls", JSON),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+gallery_faces = Table(
+    "gallery_faces",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("person_id", Integer, ForeignKey("people.id", ondelete="CASCADE"), nullable=False),
+    Column("embedding", LargeBinary, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("image_hash", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("person_id", "image_hash", name="uq_gallery_person_image"),
+)

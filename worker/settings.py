@@ -1,0 +1,104 @@
+"""The one settings object, read from the environment.
+
+Every field has an environment variable; the CLI's options override them. Nothing else in the
+project reads ``os.environ`` for configuration, so this module is the complete list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import ConfigurationError
+
+DEFAULT_DATABASE_URL = "sqlite:///celebscan.db"
+
+
+def _setting(default: Any, env: str, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = _setting(
+        DEFAULT_DATABASE_URL, "CELEBSCAN_DATABASE_URL", "SQLAlchemy URL of the results database."
+    )
+    backend: str = _setting("local", "CELEBSCAN_BACKEND", "Recognizer: local or rekognition.")
+    workers: int = _setting(
+        0, "CELEBSCAN_WORKERS", "Processes for an embedded scan (0: one per CPU core)."
+    )
+    batch_size: int = _setting(16, "CELEBSCAN_BATCH_SIZE", "Images per batch (per task).")
+    broker_url: str = _setting(
+        "", "CELERY_BROKER_URL", "Celery broker; when set, `scan` enqueues instead of running."
+    )
+    endpoint_url: str = _setting(
+        "", "CELEBSCAN_ENDPOINT_URL", "Endpoint for S3-compatible stores and local AWS stand-ins."
+    )
+    match_threshold: float = _setting(
+        0.6, "CELEBSCAN_MATCH_THRESHOLD", "Local recognizer: largest euclidean distance that names a face."
+    )
+    min_face_score: float = _setting(
+        0.2, "CELEBSCAN_MIN_FACE_SCORE", "Local recognizer: dlib detector score below which a detection is ignored."
+    )
+    detect_max_side: int = _setting(
+        1024, "CELEBSCAN_DETECT_MAX_SIDE", "Local recognizer: images are downscaled to this side for detection."
+    )
+    max_image_pixels: int = _setting(
+        100_000_000, "CELEBSCAN_MAX_IMAGE_PIXELS", "Images with more pixels are refused (decompression-bomb guard)."
+    )
+    max_image_bytes: int = _setting(
+        100 * 1024 * 1024, "CELEBSCAN_MAX_IMAGE_BYTES", "Objects larger than this are refused without reading."
+    )
+    min_image_side: int = _setting(
+        80, "CELEBSCAN_MIN_IMAGE_SIDE", "Images with a smaller width or height are refused as too small."
+    )
+    max_attempts: int = _setting(
+        5, "CELEBSCAN_MAX_ATTEMPTS", "Recognizer calls per image before a transient error becomes a failure."
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw not in (None, ""):
+                values[f.name] = _convert(f, raw)
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> Settings:
+        """A copy with the given fields changed; ``None`` values are ignored (option not given)."""
+        given = {name: value for name, value in overrides.items() if value is not None}
+        return dataclasses.replace(self, **given)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that recreates these settings in another process."""
+        return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @property
+    def embedded(self) -> bool:
+        """True when scans run in a local process pool rather than through a broker."""
+        return not self.broker_url
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = type(f.default)
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def env_var(name: str) -> str:
+    """The environment variable of a settings field, for help texts."""
+    return next(f.metadata["env"] for f in dataclasses.fields(Settings) if f.name == name)
+
+
+def documented_settings() -> list[tuple[str, str, str]]:
+    """(environment variable, default, help) for every setting: the README's configuration table."""
+    return [
+        (f.metadata["env"], repr(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)
+    ]

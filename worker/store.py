@@ -1,0 +1,448 @@
+"""The results store: scans, images and faces in SQLite or PostgreSQL (SQLAlchemy 2 Core).
+
+Every write is batched and idempotent. Images are unique on their natural key (bucket, key, etag,
+backend), so listing the same object twice queues it once; a batch's results are written in one
+transaction that replaces the batch's faces, so a redelivered batch never doubles a row.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, exists, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from worker.errors import ConfigurationError
+from worker.results import BoundingBox, RecognitionResult
+from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, metadata, scans
+
+CHUNK_SIZE = 1000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def masked_url(url: str) -> str:
+    """The database URL with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def connect(url: str) -> Engine:
+    """An engine for ``url`` with the schema created; a clean ``ConfigurationError`` if unreachable."""
+    try:
+        engine = create_engine(url, **_engine_options(url))
+    except (ArgumentError, ImportError) as exc:
+        raise ConfigurationError(f"cannot use database {masked_url(url)}: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        metadata.create_all(engine)
+    except OperationalError as exc:
+        raise ConfigurationError(f"cannot reach database {masked_url(url)}: {exc.orig}") from exc
+    return engine
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    if make_url(url).get_backend_name() == "sqlite":
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    """WAL lets readers run beside the one writer; the busy timeout makes pool processes queue."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def chunks(iterable: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def dialect_insert(engine: Engine, table):
+    """An INSERT that supports ``on_conflict_do_nothing`` on the engine's dialect."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+class Listed(Protocol):
+    """What a source listing yields for each object."""
+
+    key: str
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class QueueReport:
+    image_ids: list[int]
+    listed: int
+    skipped: int
+
+
+@dataclass(frozen=True)
+class QueuedImage:
+    id: int
+    scan_id: int
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """What processing one image produced: a result, or the reason it failed."""
+
+    image_id: int
+    status: str
+    width: int | None = None
+    height: int | None = None
+    result: RecognitionResult | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @classmethod
+    def done(cls, image_id: int, width: int, height: int, result: RecognitionResult) -> ImageOutcome:
+        return cls(image_id, DONE, width, height, result)
+
+    @classmethod
+    def failed(cls, image_id: int, code: str, message: str, width: int | None = None, height: int | None = None) -> ImageOutcome:
+        return cls(image_id, FAILED, width, height, error_code=code, error_message=message[:2000])
+
+
+@dataclass(frozen=True)
+class ScanSummary:
+    id: int
+    source: str
+    backend: str
+    created_at: datetime
+    finished_at: datetime | None
+    listed: int
+    skipped: int
+    counts: dict[str, int]
+    faces: int
+    people: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    last_processed_at: datetime | None = None
+
+    @property
+    def processed(self) -> int:
+        return self.counts[DONE] + self.counts[FAILED]
+
+    @property
+    def rate(self) -> float | None:
+        """Images per second since the scan was created, or None before the first result."""
+        if not self.processed or self.last_processed_at is None:
+            return None
+        seconds = (_aware(self.last_processed_at) - _aware(self.created_at)).total_seconds()
+        return self.processed / seconds if seconds > 0 else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.rate
+        return self.counts[QUEUED] / rate if rate else None
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything celebscan writes is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class ResultStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def connect(cls, url: str) -> ResultStore:
+        return cls(connect(url))
+
+    # -- producer side -------------------------------------------------------------------------
+
+    def create_scan(self, source: str, backend: str) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                scans.insert().values(source=source, backend=backend, created_at=utcnow(), listed=0, skipped=0)
+            ).inserted_primary_key[0]
+
+    def queue_images(
+        self, scan_id: int, bucket: str, backend: str, listed: Iterable[Listed], *, force: bool = False
+    ) -> QueueReport:
+        """Record every listed object as ``queued`` in this scan, except those already done.
+
+        An object already done with the same etag is skipped (never paid for twice) unless
+        ``force``; one that failed or was left queued by an interrupted scan is queued again.
+        """
+        image_ids: list[int] = []
+        total = skipped = 0
+        for chunk in chunks(listed, CHUNK_SIZE):
+            with self.engine.begin() as conn:
+                ids, chunk_skipped = self._queue_chunk(conn, scan_id, bucket, backend, chunk, force)
+            image_ids += ids
+            total += len(chunk)
+            skipped += chunk_skipped
+        with self.engine.begin() as conn:
+            conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=total, skipped=skipped))
+        return QueueReport(image_ids=image_ids, listed=total, skipped=skipped)
+
+    def _queue_chunk(self, conn, scan_id, bucket, backend, chunk, force) -> tuple[list[int], int]:
+        same_object = (images.c.bucket == bucket) & (images.c.backend == backend)
+        keys = [item.key for item in chunk]
+        known = {
+            (row.key, row.etag): row
+            for row in conn.execute(
+                select(images.c.id, images.c.key, images.c.etag, images.c.status).where(
+                    same_object, images.c.key.in_(keys)
+                )
+            )
+        }
+        now = utcnow()
+        new_rows, requeue, skipped = [], [], 0
+        for item in chunk:
+            row = known.get((item.key, item.etag))
+            if row is None:
+                new_rows.append(
+                    dict(scan_id=scan_id, bucket=bucket, key=item.key, etag=item.etag, size=item.size,
+                         backend=backend, status=QUEUED, attempts=0, queued_at=now)
+                )
+            elif row.status == DONE and not force:
+                skipped += 1
+            else:
+                requeue.append(row.id)
+        if new_rows:
+            conn.execute(dialect_insert(self.engine, images).on_conflict_do_nothing(), new_rows)
+        if requeue:
+            conn.execute(
+                update(images)
+                .where(images.c.id.in_(requeue))
+                .values(scan_id=scan_id, status=QUEUED, attempts=0, error_code=None, error_message=None, queued_at=now)
+            )
+        queued = conn.execute(
+            select(images.c.id).where(
+                same_object, images.c.scan_id == scan_id, images.c.status == QUEUED, images.c.key.in_(keys)
+            ).order_by(images.c.id)
+        )
+        return list(queued.scalars()), skipped
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    def pending(self, image_ids: Sequence[int]) -> list[QueuedImage]:
+        """The images of a batch that are still ``queued`` (a redelivered batch may be half done)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(images.c.id, images.c.scan_id, images.c.bucket, images.c.key, images.c.etag,
+                       images.c.size, images.c.attempts)
+                .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
+                .order_by(images.c.id)
+            )
+            return [QueuedImage(**row._mapping) for row in rows]
+
+    def start(self, batch: Sequence[QueuedImage], max_deliveries: int) -> list[QueuedImage]:
+        """Count an attempt on each image before work starts, and quarantine repeat offenders.
+
+        The count is committed first, so a worker killed by an image still leaves a mark; an image
+        that has already been started ``max_deliveries`` times is failed instead of tried again.
+        """
+        poison = [image for image in batch if image.attempts >= max_deliveries]
+        live = [image for image in batch if image.attempts < max_deliveries]
+        with self.engine.begin() as conn:
+            if poison:
+                message = f"processing was interrupted {max_deliveries} times (the image may crash workers)"
+                conn.execute(
+                    update(images)
+                    .where(images.c.id.in_([image.id for image in poison]), images.c.status == QUEUED)
+                    .values(status=FAILED, error_code="Quarantined", error_message=message, processed_at=utcnow())
+                )
+            if live:
+                conn.execute(
+                    update(images)
+                    .where(images.c.id.in_([image.id for image in live]))
+                    .values(attempts=images.c.attempts + 1)
+                )
+        if poison:
+            self._finish_scans_if_drained({image.scan_id for image in poison})
+        return live
+
+    def save_outcomes(self, outcomes: Sequence[ImageOutcome]) -> None:
+        """Write a batch's results in one transaction: image rows updated, faces replaced."""
+        if not outcomes:
+            return
+        ids = [outcome.image_id for outcome in outcomes]
+        now = utcnow()
+        image_updates = [
+            dict(b_id=o.image_id, b_status=o.status, b_width=o.width, b_height=o.height,
+                 b_code=o.error_code, b_message=o.error_message, b_now=now)
+            for o in outcomes
+        ]
+        face_rows = [row for o in outcomes if o.result for row in _face_rows(o.image_id, o.result)]
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(images)
+                .where(images.c.id == bindparam("b_id"))
+                .values(status=bindparam("b_status"), width=bindparam("b_width"), height=bindparam("b_height"),
+                        error_code=bindparam("b_code"), error_message=bindparam("b_message"),
+                        processed_at=bindparam("b_now")),
+                image_updates,
+            )
+            conn.execute(delete(faces).where(faces.c.image_id.in_(ids)))
+            if face_rows:
+                conn.execute(dialect_insert(self.engine, faces).on_conflict_do_nothing(), face_rows)
+            scan_ids = set(conn.execute(select(images.c.scan_id).where(images.c.id.in_(ids)).distinct()).scalars())
+        self._finish_scans_if_drained(scan_ids)
+
+    def _finish_scans_if_drained(self, scan_ids: Iterable[int]) -> None:
+        still_queued = exists().where(images.c.scan_id == scans.c.id, images.c.status == QUEUED)
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(scans)
+                .where(scans.c.id.in_(list(scan_ids)), scans.c.finished_at.is_(None), ~still_queued)
+                .values(finished_at=utcnow())
+            )
+
+    def finish_scan(self, scan_id: int) -> None:
+        """Mark a scan finished when nothing of it is queued (also right away for an empty scan)."""
+        self._finish_scans_if_drained([scan_id])
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def latest_scan_id(self) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(scans.c.id))).scalar()
+
+    def scan_summary(self, scan_id: int) -> ScanSummary | None:
+        with self.engine.connect() as conn:
+            scan = conn.execute(select(scans).where(scans.c.id == scan_id)).one_or_none()
+            if scan is None:
+                return None
+            in_scan = images.c.scan_id == scan_id
+            counts = dict.fromkeys(STATUSES, 0)
+            counts.update(conn.execute(select(images.c.status, func.count()).where(in_scan).group_by(images.c.status)).all())
+            last = conn.execute(select(func.max(images.c.processed_at)).where(in_scan)).scalar()
+            failures = dict(
+                conn.execute(
+                    select(images.c.error_code, func.count()).where(in_scan, images.c.status == FAILED)
+                    .group_by(images.c.error_code)
+                ).all()
+            )
+            face_join = faces.join(images, faces.c.image_id == images.c.id)
+            face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar()
+            people = dict(
+                conn.execute(
+                    select(faces.c.name, func.count(func.distinct(faces.c.image_id)))
+                    .select_from(face_join)
+                    .where(in_scan, faces.c.name.is_not(None))
+                    .group_by(faces.c.name)
+                    .order_by(faces.c.name)
+                ).all()
+            )
+        return ScanSummary(
+            id=scan.id, source=scan.source, backend=scan.backend, created_at=scan.created_at,
+            finished_at=scan.finished_at, listed=scan.listed, skipped=scan.skipped, counts=counts,
+            faces=face_count, people=people, failures=failures, last_processed_at=last,
+        )
+
+    def result_records(self, scan_id: int | None = None) -> Iterator[dict[str, Any]]:
+        """One record per image, in the result format of DESIGN.md, streamed in chunks.
+
+        With no scan, every image's latest version (an object whose content changed has one row
+        per etag; only the newest is reported).
+        """
+        newer = images.alias("newer")
+        query = (
+            select(images, scans.c.source)
+            .join(scans, images.c.scan_id == scans.c.id)
+            .order_by(images.c.id)
+        )
+        if scan_id is not None:
+            query = query.where(images.c.scan_id == scan_id)
+        else:
+            query = query.where(
+                ~exists().where(
+                    newer.c.bucket == images.c.bucket, newer.c.key == images.c.key,
+                    newer.c.backend == images.c.backend, newer.c.id > images.c.id,
+                )
+            )
+        last_id = 0
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(query.where(images.c.id > last_id).limit(CHUNK_SIZE)).all()
+                if not rows:
+                    return
+                faces_by_image: dict[int, list] = {}
+                for face in conn.execute(
+                    select(faces).where(faces.c.image_id.in_([r.id for r in rows])).order_by(faces.c.face_index)
+                ):
+                    faces_by_image.setdefault(face.image_id, []).append(face)
+            for row in rows:
+                yield _record(row, faces_by_image.get(row.id, []))
+            last_id = rows[-1].id
+
+
+def _face_rows(image_id: int, result: RecognitionResult) -> list[dict[str, Any]]:
+    rows = []
+    for index, celebrity in enumerate(result.celebrities):
+        rows.append(
+            dict(image_id=image_id, face_index=index, name=celebrity.name, person_id=celebrity.id,
+                 match_confidence=celebrity.match_confidence, face_confidence=celebrity.face_confidence,
+                 urls=list(celebrity.urls), known_gender=celebrity.known_gender,
+                 landmarks=(celebrity.raw.get("Face") or {}).get("Landmarks"), details=dict(celebrity.raw),
+                 **_box_columns(celebrity.bounding_box))
+        )
+    offset = len(rows)
+    for index, face in enumerate(result.unrecognized_faces, start=offset):
+        rows.append(
+            dict(image_id=image_id, face_index=index, name=None, person_id=None, match_confidence=None,
+                 face_confidence=face.confidence, urls=None, known_gender=None,
+                 landmarks=face.raw.get("Landmarks"), details=dict(face.raw),
+                 **_box_columns(face.bounding_box))
+        )
+    return rows
+
+
+def _box_columns(box) -> dict[str, float]:
+    return dict(box_left=box.left, box_top=box.top, box_width=box.width, box_height=box.height)
+
+
+def _stored_box(face) -> dict[str, float]:
+    return BoundingBox(face.box_left, face.box_top, face.box_width, face.box_height).to_dict()
+
+
+def _record(row, face_rows) -> dict[str, Any]:
+    error = {"code": row.error_code, "message": row.error_message} if row.status == FAILED else None
+    return {
+        "scan_id": row.scan_id,
+        "source": row.source,
+        "key": row.key,
+        "etag": row.etag,
+        "status": row.status,
+        "error": error,
+        "backend": row.backend,
+        "width": row.width,
+        "height": row.height,
+        "celebrities": [
+            {"name": f.name, "id": f.person_id, "match_confidence": round(f.match_confidence, 2),
+             "bounding_box": _stored_box(f), "urls": f.urls or []}
+            for f in face_rows if f.name is not None
+        ],
+        "unrecognized_faces": [
+            {"bounding_box": _stored_box(f), "confidence": round(f.face_confidence or 0.0, 2)}
+            for f in face_rows if f.name is None
+        ],
+    }
