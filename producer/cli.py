@@ -207,15 +207,15 @@ def demo(app: App, workdir: Path | None, workers: int | None) -> None:
 def _print_demo_table(records, expected: dict[str, frozenset[str]]) -> int:
     rows, mismatches = [], 0
     for record in sorted(records, key=lambda r: r["key"]):
-        found = sorted(c["name"] for c in record["celebrities"])
+        found = sorted((c["name"], c["match_confidence"]) for c in record["celebrities"])
         if record["status"] == "failed":
             shown = f"failed: {record['error']['code']}"
             ok = record["key"] not in expected
         else:
             unknown = len(record["unrecognized_faces"])
-            shown = ", ".join(found) or "nobody"
+            shown = ", ".join(f"{name} ({confidence:.0f})" for name, confidence in found) or "nobody"
             shown += f" (+{unknown} unrecognized face{'s' if unknown != 1 else ''})" if unknown else ""
-            ok = frozenset(found) == expected.get(record["key"])
+            ok = frozenset(name for name, _ in found) == expected.get(record["key"])
         mismatches += not ok
         rows.append((record["key"], shown, "ok" if ok else "UNEXPECTED"))
     width = max(len(row[0]) for row in rows)

@@ -47,7 +47,8 @@ def connect(url: str) -> Engine:
     try:
         metadata.create_all(engine)
     except OperationalError as exc:
-        raise ConfigurationError(f"cannot reach database {masked_url(url)}: {exc.orig}") from exc
+        reason = " ".join(str(exc.orig).split())
+        raise ConfigurationError(f"cannot reach database {masked_url(url)}: {reason}") from exc
     return engine
 
 

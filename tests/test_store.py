@@ -1,0 +1,149 @@
+"""The results store on SQLite and on a real PostgreSQL server."""
+
+from sqlalchemy import func, select
+
+from producer.listing import ListedObject
+from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
+from worker.schema import faces, images
+from worker.store import ImageOutcome
+
+BUCKET = "/photos"
+
+
+def listing(*names, etag="e1"):
+    return [ListedObject(key=name, etag=etag, size=100) for name in names]
+
+
+def result(*names, unknown=0):
+    box = BoundingBox(0.1, 0.2, 0.3, 0.4)
+    return RecognitionResult(
+        celebrities=tuple(Celebrity(name=n, id=f"id-{n}", match_confidence=90.0, bounding_box=box) for n in names),
+        unrecognized_faces=tuple(UnrecognizedFace(bounding_box=box, confidence=99.0) for _ in range(unknown)),
+    )
+
+
+def count(store, table, *where):
+    with store.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table).where(*where)).scalar()
+
+
+def queue(store, names, **kwargs):
+    scan_id = store.create_scan(BUCKET, "local")
+    return scan_id, store.queue_images(scan_id, BUCKET, "local", listing(*names), **kwargs)
+
+
+def finish_all(store, report, answer=result("obama")):
+    store.save_outcomes([ImageOutcome.done(i, 640, 480, answer) for i in report.image_ids])
+
+
+def test_listing_queues_each_image_once(store):
+    scan_id, report = queue(store, ["a.jpg", "b.jpg", "a.jpg"])
+    assert report.listed == 3 and len(report.image_ids) == 2
+    assert count(store, images) == 2
+    assert {i.key for i in store.pending(report.image_ids)} == {"a.jpg", "b.jpg"}
+
+
+def test_rescan_skips_done_images_and_requeues_failed_ones(store):
+    _, first = queue(store, ["a.jpg", "b.jpg", "c.jpg"])
+    a, b, c = first.image_ids
+    store.save_outcomes([ImageOutcome.done(a, 10, 10, result()), ImageOutcome.failed(b, "CorruptImage", "bad")])
+    second_scan, second = queue(store, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    assert second.skipped == 1
+    assert sorted(second.image_ids)[:2] == [b, c] and len(second.image_ids) == 3
+    assert {i.scan_id for i in store.pending(second.image_ids)} == {second_scan}
+    assert count(store, images) == 4
+
+
+def test_changed_content_is_a_new_image(store):
+    _, first = queue(store, ["a.jpg"])
+    finish_all(store, first)
+    scan_id = store.create_scan(BUCKET, "local")
+    report = store.queue_images(scan_id, BUCKET, "local", listing("a.jpg", etag="e2"))
+    assert len(report.image_ids) == 1 and report.image_ids != first.image_ids
+    finish_all(store, report, result("biden"))
+    latest = list(store.result_records())
+    assert [(r["etag"], r["celebrities"][0]["name"]) for r in latest] == [("e2", "biden")]
+
+
+def test_force_requeues_done_images(store):
+    _, first = queue(store, ["a.jpg"])
+    finish_all(store, first)
+    _, forced = queue(store, ["a.jpg"], force=True)
+    assert forced.image_ids == first.image_ids and forced.skipped == 0
+
+
+def test_saving_a_batch_twice_does_not_double_rows(store):
+    _, report = queue(store, ["a.jpg", "b.jpg"])
+    outcomes = [ImageOutcome.done(i, 640, 480, result("obama", "biden", unknown=1)) for i in report.image_ids]
+    store.save_outcomes(outcomes)
+    store.save_outcomes(outcomes)
+    assert count(store, faces) == 6
+    assert count(store, images, images.c.status == "done") == 2
+
+
+def test_reprocessed_image_replaces_its_faces(store):
+    _, report = queue(store, ["a.jpg"])
+    [image_id] = report.image_ids
+    store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama", "biden"))])
+    store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama"))])
+    assert [r["celebrities"] for r in store.result_records()][0][0]["name"] == "obama"
+    assert count(store, faces) == 1
+
+
+def test_records_have_the_design_shape(store):
+    scan_id, report = queue(store, ["ok.jpg", "bad.jpg"])
+    ok, bad = report.image_ids
+    store.save_outcomes([
+        ImageOutcome.done(ok, 1480, 832, result("obama", unknown=1)),
+        ImageOutcome.failed(bad, "InvalidImageFormat", "not an image"),
+    ])
+    records = {r["key"]: r for r in store.result_records(scan_id)}
+    assert set(records["ok.jpg"]) == {
+        "scan_id", "source", "key", "etag", "status", "error", "backend", "width", "height",
+        "celebrities", "unrecognized_faces",
+    }
+    assert records["ok.jpg"]["celebrities"] == [{
+        "name": "obama", "id": "id-obama", "match_confidence": 90.0,
+        "bounding_box": {"left": 0.1, "top": 0.2, "width": 0.3, "height": 0.4}, "urls": [],
+    }]
+    assert records["ok.jpg"]["unrecognized_faces"][0]["confidence"] == 99.0
+    assert records["ok.jpg"]["error"] is None and records["ok.jpg"]["width"] == 1480
+    assert records["bad.jpg"]["status"] == "failed"
+    assert records["bad.jpg"]["error"] == {"code": "InvalidImageFormat", "message": "not an image"}
+
+
+def test_scan_finishes_when_nothing_is_queued(store):
+    scan_id, report = queue(store, ["a.jpg", "b.jpg"])
+    a, b = report.image_ids
+    store.save_outcomes([ImageOutcome.done(a, 10, 10, result("obama"))])
+    assert store.scan_summary(scan_id).finished_at is None
+    store.save_outcomes([ImageOutcome.failed(b, "CorruptImage", "bad")])
+    summary = store.scan_summary(scan_id)
+    assert summary.finished_at is not None
+    assert summary.counts == {"queued": 0, "done": 1, "failed": 1}
+    assert summary.people == {"obama": 1} and summary.failures == {"CorruptImage": 1}
+
+
+def test_start_counts_attempts_and_quarantines_repeat_offenders(store):
+    _, report = queue(store, ["poison.jpg", "fine.jpg"])
+    for _ in range(3):
+        store.start(store.pending(report.image_ids), max_deliveries=3)
+    live = store.start(store.pending(report.image_ids), max_deliveries=3)
+    assert live == []
+    records = list(store.result_records())
+    assert {r["error"]["code"] for r in records} == {"Quarantined"}
+
+
+def test_many_images_are_written_in_chunks(store):
+    names = [f"img/{i:05d}.jpg" for i in range(2500)]
+    scan_id, report = queue(store, names)
+    assert len(report.image_ids) == 2500
+    finish_all(store, report)
+    assert sum(1 for _ in store.result_records(scan_id)) == 2500
+    assert count(store, faces) == 2500
+
+
+def test_keys_are_stored_verbatim(store):
+    odd = ["héllo wörld.jpg", "a+b%20c.jpg", "x'; DROP TABLE images; --.jpg", "日本/写真.png"]
+    _, report = queue(store, odd)
+    assert sorted(i.key for i in store.pending(report.image_ids)) == sorted(odd)
