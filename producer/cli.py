@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,10 +13,11 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from producer.embedded import default_workers, run_batches, split_batches
+from producer.embedded import default_workers, run_batches
+from producer.enqueue import check_broker, enqueue_batches, masked_broker
 from producer.export import WRITERS
 from producer.listing import parse_source
-from producer.scan import plan_scan
+from producer.scan import plan_scan, split_batches
 from worker.errors import CelebscanError, GalleryError
 from worker.recognizers import BACKENDS
 from worker.settings import Settings, env_var
@@ -66,41 +68,82 @@ def cli(ctx: click.Context, database_url: str | None, endpoint_url: str | None, 
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @setting_option("--backend", setting="backend", type=click.Choice(BACKENDS), help="Recognizer to use.")
 @setting_option("--workers", setting="workers", type=click.IntRange(min=0), help="Processes for an embedded scan (0: one per core).")
 @setting_option("--batch-size", setting="batch_size", type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--force", is_flag=True, help="Scan images again even when an identical copy is already done.")
+@click.option("--resume", "resume_id", type=int, metavar="SCAN_ID",
+              help="Hand out again the images of SCAN_ID still queued (after an interruption or a broker loss).")
 @click.pass_obj
-def scan(app: App, source: str, backend: str | None, workers: int | None, batch_size: int | None, force: bool) -> None:
-    """Scan SOURCE (a folder, or s3://bucket/prefix/) and store who is in each image."""
+def scan(app: App, source: str | None, backend: str | None, workers: int | None, batch_size: int | None,
+         force: bool, resume_id: int | None) -> None:
+    """Scan SOURCE (a folder, or s3://bucket/prefix/) and store who is in each image.
+
+    With CELERY_BROKER_URL set, the batches are enqueued for Celery workers; otherwise they run
+    here, in a pool of local processes.
+    """
+    if (source is None) == (resume_id is None):
+        raise click.UsageError("give either SOURCE or --resume SCAN_ID")
     settings = app.settings.replace(backend=backend, workers=workers, batch_size=batch_size)
-    run_scan(app, source, settings, force=force)
+    run_scan(app, source, settings, force=force, resume_id=resume_id)
 
 
-def run_scan(app: App, source: str, settings: Settings, *, force: bool) -> ScanSummary:
-    """Plan a scan of SOURCE, run its batches in the local pool, print and return the summary."""
-    planned = plan_scan(app.store, parse_source(source), settings.backend, force=force)
-    queue = planned.queue
-    click.echo(f"scan {planned.scan_id}: {planned.source.url} (backend {settings.backend}, "
-               f"database {masked_url(settings.database_url)})")
-    click.echo(f"listed {queue.listed} images; {queue.skipped} already done, {len(queue.image_ids)} to scan")
-    if queue.image_ids:
-        worker_count = min(settings.workers or default_workers(), len(queue.image_ids))
-        batches = split_batches(queue.image_ids, settings.batch_size, worker_count)
-        with tqdm(total=len(queue.image_ids), unit="img", desc="scanning", disable=None, file=sys.stderr) as bar:
+def run_scan(app: App, source: str | None, settings: Settings, *, force: bool = False,
+             resume_id: int | None = None) -> ScanSummary:
+    """Plan (or resume) a scan, then run its batches here or enqueue them; print and return the summary."""
+    if not settings.embedded:
+        check_broker(settings)
+    if resume_id is not None:
+        scan_id = _summary(app.store, resume_id).id
+        image_ids = app.store.queued_image_ids(scan_id)
+        click.echo(f"scan {scan_id}: resuming {len(image_ids)} queued images")
+    else:
+        planned = plan_scan(app.store, parse_source(source), settings, force=force)
+        scan_id, image_ids, queue = planned.scan_id, planned.queue.image_ids, planned.queue
+        click.echo(f"scan {scan_id}: {planned.source.url} (backend {settings.backend}, "
+                   f"database {masked_url(settings.database_url)})")
+        click.echo(f"listed {queue.listed} images; {queue.skipped} already done, {len(image_ids)} to scan")
+    if image_ids and not settings.embedded:
+        batches = split_batches(image_ids, settings.batch_size, workers=1, balance=False)
+        enqueue_batches(settings, batches)
+        click.echo(f"enqueued {len(batches)} batches to {masked_broker(settings.broker_url)}; "
+                   f"watch with: celebscan status {scan_id} --watch")
+        return app.store.scan_summary(scan_id)
+    if image_ids:
+        worker_count = min(settings.workers or default_workers(), len(image_ids))
+        batches = split_batches(image_ids, settings.batch_size, worker_count)
+        with tqdm(total=len(image_ids), unit="img", desc="scanning", disable=None, file=sys.stderr) as bar:
             run_batches(batches, settings, worker_count, lambda size, report: bar.update(size))
-    summary = app.store.scan_summary(planned.scan_id)
+    summary = app.store.scan_summary(scan_id)
     click.echo(format_summary(summary))
     return summary
 
 
 @cli.command()
 @click.argument("scan_id", type=int, required=False)
+@click.option("--watch", is_flag=True, help="Follow the scan with a progress bar until it finishes.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between looks at the database with --watch.")
 @click.pass_obj
-def status(app: App, scan_id: int | None) -> None:
-    """Progress of a scan (the latest when SCAN_ID is not given)."""
-    click.echo(format_summary(_summary(app.store, scan_id)))
+def status(app: App, scan_id: int | None, watch: bool, interval: float) -> None:
+    """Progress of a scan (the latest when SCAN_ID is not given): counts by status, rate, ETA."""
+    summary = _summary(app.store, scan_id)
+    if watch and not summary.finished_at:
+        summary = _watch(app.store, summary, interval)
+    click.echo(format_summary(summary))
+
+
+def _watch(store: ResultStore, summary: ScanSummary, interval: float) -> ScanSummary:
+    total = summary.processed + summary.counts["queued"]
+    with tqdm(total=total, initial=summary.processed, unit="img", desc=f"scan {summary.id}", file=sys.stderr) as bar:
+        while not summary.finished_at:
+            time.sleep(interval)
+            summary = store.scan_summary(summary.id)
+            bar.update(summary.processed - bar.n)
+            if summary.counts["failed"]:
+                bar.set_postfix(failed=summary.counts["failed"], refresh=False)
+    return summary
 
 
 @cli.command()
@@ -195,7 +238,7 @@ def demo(app: App, workdir: Path | None, workers: int | None) -> None:
         sample = build_demo_set(folder)
         click.echo(f"enrolling one photo each of 2 people from {sample.gallery}")
         _report_enrollments(Gallery(demo_app.store.engine).import_folder(sample.gallery, _embedder(settings)))
-        summary = run_scan(demo_app, str(sample.images), settings, force=False)
+        summary = run_scan(demo_app, str(sample.images), settings.replace(broker_url=""))
         click.echo("")
         mismatches = _print_demo_table(demo_app.store.result_records(summary.id), sample.expected)
         if workdir:

@@ -26,15 +26,6 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def split_batches(image_ids: Sequence[int], batch_size: int, workers: int) -> list[list[int]]:
-    """Batches of at most ``batch_size``, small enough that every worker gets several (load balance)."""
-    if not image_ids:
-        return []
-    balanced = -(-len(image_ids) // (workers * 4))
-    size = max(1, min(batch_size, balanced))
-    return [list(image_ids[i : i + size]) for i in range(0, len(image_ids), size)]
-
-
 def run_batches(
     batches: Sequence[Sequence[int]],
     settings: Settings,

@@ -1,6 +1,7 @@
 """Listing the images under a source.
 
-A local folder is walked recursively; each file's etag is the MD5 of its content (what S3 reports as
+An S3 prefix is listed with the ListObjectsV2 paginator, fanned out over the prefixes one level
+below the given one (delimiter ``/``) so a wide bucket lists in parallel. A local folder is walked recursively; each file's etag is the MD5 of its content (what S3 reports as
 the ETag of an object uploaded in one part), so a rescan recognises unchanged files however they
 were copied. Symlinks are never followed out of the folder.
 """
@@ -10,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.aws import AWS_ERRORS, translate
 from worker.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -90,3 +95,79 @@ def _md5(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def list_s3(s3_client, bucket: str, prefix: str = "", *, threads: int = 8) -> Iterator[ListedObject]:
+    """Every image object under ``s3://bucket/prefix``; sub-prefixes are listed in parallel.
+
+    A listing error (no such bucket, access denied, unreachable endpoint) is a ``ConfigurationError``.
+    """
+    top = _pages(s3_client, Bucket=bucket, Prefix=prefix, Delimiter="/")
+    subprefixes: list[str] = []
+    for page in top:
+        yield from _images_in(page)
+        subprefixes += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+    if subprefixes:
+        yield from _list_in_parallel(s3_client, bucket, subprefixes, threads)
+
+
+def check_bucket(s3_client, bucket: str) -> None:
+    """Fail early, before a scan is created, when the bucket cannot be listed."""
+    try:
+        s3_client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+    except AWS_ERRORS as exc:
+        raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}"))) from exc
+
+
+def _pages(s3_client, **arguments) -> Iterator[dict]:
+    try:
+        yield from s3_client.get_paginator("list_objects_v2").paginate(**arguments)
+    except AWS_ERRORS as exc:
+        raise ConfigurationError(str(translate(exc, f"listing s3://{arguments['Bucket']}/{arguments['Prefix']}"))) from exc
+
+
+def _images_in(page: dict) -> Iterator[ListedObject]:
+    for item in page.get("Contents", ()):
+        key = item["Key"]
+        if key.endswith("/") or not is_image_name(key):
+            continue
+        yield ListedObject(key=key, etag=item["ETag"].strip('"'), size=item["Size"])
+
+
+_DONE = object()
+
+
+def _list_in_parallel(s3_client, bucket: str, prefixes: list[str], threads: int) -> Iterator[ListedObject]:
+    """Stream the listings of several prefixes through a bounded queue (memory stays flat)."""
+    pages: queue.Queue = queue.Queue(maxsize=4 * threads)
+    stop = threading.Event()
+
+    def list_prefix(prefix: str) -> None:
+        try:
+            for page in _pages(s3_client, Bucket=bucket, Prefix=prefix):
+                if stop.is_set():
+                    return
+                pages.put(list(_images_in(page)))
+        except BaseException as exc:
+            pages.put(exc)
+        finally:
+            pages.put(_DONE)
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(prefixes))) as pool:
+        for prefix in prefixes:
+            pool.submit(list_prefix, prefix)
+        remaining = len(prefixes)
+        try:
+            while remaining:
+                item = pages.get()
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield from item
+        finally:
+            stop.set()
+            while remaining:  # unblock producers so the pool can shut down
+                if pages.get() is _DONE:
+                    remaining -= 1

@@ -30,7 +30,7 @@ def queued(store, folder):
 
 
 def context(store, recognizer):
-    return WorkerContext(store=store, reader=FolderReader(10**8), recognizer=recognizer,
+    return WorkerContext(store=store, readers={"folder": FolderReader(10**8)}, recognizer=recognizer,
                          limits=ImageLimits(), max_attempts=4, retry_base_seconds=0.001)
 
 

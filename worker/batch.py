@@ -17,7 +17,7 @@ from worker.images import ImageLimits, decode_image
 from worker.recognizers import Recognizer, build_recognizer
 from worker.retry import call_with_retry
 from worker.settings import Settings
-from worker.sources import FolderReader, ObjectReader
+from worker.sources import ObjectReader, S3Location, build_readers, source_kind
 from worker.store import ImageOutcome, QueuedImage, ResultStore
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class WorkerContext:
     """What a worker process talks to, built once per process and handed down."""
 
     store: ResultStore
-    reader: ObjectReader
+    readers: dict[str, ObjectReader]  # by source kind: "folder", "s3"
     recognizer: Recognizer
     limits: ImageLimits = field(default_factory=ImageLimits)
     max_attempts: int = 5
@@ -42,7 +42,7 @@ class WorkerContext:
         store = ResultStore(engine) if engine is not None else ResultStore.connect(settings.database_url)
         return cls(
             store=store,
-            reader=FolderReader(settings.max_image_bytes),
+            readers=build_readers(settings),
             recognizer=build_recognizer(settings, store.engine),
             limits=ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side),
             max_attempts=settings.max_attempts,
@@ -83,15 +83,13 @@ def process_batch(image_ids: Sequence[int], context: WorkerContext) -> BatchRepo
 def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
     """Read, decode and recognize one image. Never raises: a failure becomes a ``failed`` outcome."""
     width = height = None
+    kind = source_kind(image.source)
+    location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
     try:
-        data = context.reader.read(image.bucket, image.key)
+        data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key))
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height
-        result = call_with_retry(
-            lambda: context.recognizer.recognize(loaded),
-            attempts=context.max_attempts,
-            base=context.retry_base_seconds,
-        )
+        result = _with_retry(context, lambda: context.recognizer.recognize(loaded, location))
         return ImageOutcome.done(image.id, width, height, result)
     except CelebscanError as exc:
         log.info("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, exc)
@@ -99,3 +97,7 @@ def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
     except Exception as exc:  # the task boundary: an unexpected error must not lose the image
         log.exception("unexpected error on %s/%s", image.bucket, image.key)
         return ImageOutcome.failed(image.id, "InternalError", f"{type(exc).__name__}: {exc}", width, height)
+
+
+def _with_retry(context: WorkerContext, call):
+    return call_with_retry(call, attempts=context.max_attempts, base=context.retry_base_seconds)

@@ -36,6 +36,8 @@ class LoadedImage:
     pixels: np.ndarray
     format: str
     data: bytes
+    #: True when EXIF orientation turned the stored pixels; ``data`` then shows them on their side.
+    rotated: bool = False
 
     @property
     def height(self) -> int:
@@ -50,13 +52,14 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> LoadedImag
     if not data:
         raise InvalidImageError("the object is empty (0 bytes)", code="EmptyObject")
     image = _open(data, limits)
+    rotated = _rotated(image)
     pixels = _load_rgb(image)
     height, width = pixels.shape[:2]
     if min(width, height) < limits.min_side:
         raise ImageTooSmallError(
             f"image is {width}x{height} px; the smallest side must be at least {limits.min_side} px"
         )
-    return LoadedImage(pixels=pixels, format=image.format or "unknown", data=data)
+    return LoadedImage(pixels=pixels, format=image.format or "unknown", data=data, rotated=rotated)
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -137,3 +140,15 @@ def _sniff(data: bytes) -> str:
         return "looks like text"
     except UnicodeDecodeError:
         return f"first bytes {data[:8].hex()}"
+
+
+def encode_jpeg_within(pixels: np.ndarray, max_bytes: int, quality: int = 90) -> bytes:
+    """JPEG bytes of ``pixels``, shrunk until they fit in ``max_bytes``."""
+    image = Image.fromarray(pixels)
+    while True:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        if buffer.tell() <= max_bytes:
+            return buffer.getvalue()
+        scale = 0.9 * (max_bytes / buffer.tell()) ** 0.5
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)

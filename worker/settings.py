@@ -59,6 +59,11 @@ class Settings:
         5, "CELEBSCAN_MAX_ATTEMPTS", "Recognizer calls per image before a transient error becomes a failure."
     )
 
+    visibility_timeout: int = _setting(
+        3600, "CELEBSCAN_VISIBILITY_TIMEOUT",
+        "Seconds before Redis hands an unacknowledged batch to another worker (longer than any batch).",
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ

@@ -6,10 +6,22 @@ local folder the bucket is the folder's absolute path and the key is relative to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from worker.aws import AWS_ERRORS, client, translate
 from worker.errors import AccessDeniedError, ImageTooLargeError, ObjectMissingError
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """Where an image lives in S3, for recognizers that can read it there themselves."""
+
+    bucket: str
+    key: str
+    size: int
 
 
 class ObjectReader(Protocol):
@@ -36,3 +48,34 @@ class FolderReader:
             raise AccessDeniedError(f"no permission to read {key}: {exc.strerror}") from exc
         except IsADirectoryError as exc:
             raise ObjectMissingError(f"{key} is now a directory") from exc
+
+
+class S3Reader:
+    """Reads objects with GetObject; AWS errors become celebscan's typed errors."""
+
+    def __init__(self, s3_client, max_bytes: int) -> None:
+        self.client = s3_client
+        self.max_bytes = max_bytes
+
+    def read(self, bucket: str, key: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            size = response["ContentLength"]
+            if size > self.max_bytes:
+                response["Body"].close()
+                raise ImageTooLargeError(f"the object is {size:,} bytes; the limit is {self.max_bytes:,}")
+            return response["Body"].read()
+        except AWS_ERRORS as exc:
+            raise translate(exc, f"reading s3://{bucket}/{key}") from exc
+
+
+def source_kind(source_url: str) -> str:
+    return "s3" if source_url.startswith("s3://") else "folder"
+
+
+def build_readers(settings: Settings) -> dict[str, ObjectReader]:
+    """One reader per kind of source, keyed by :func:`source_kind`."""
+    return {
+        "folder": FolderReader(settings.max_image_bytes),
+        "s3": S3Reader(client("s3", settings), settings.max_image_bytes),
+    }

@@ -101,6 +101,7 @@ class QueueReport:
 class QueuedImage:
     id: int
     scan_id: int
+    source: str
     bucket: str
     key: str
     etag: str
@@ -242,14 +243,20 @@ class ResultStore:
         )
         return list(queued.scalars()), skipped
 
+    def queued_image_ids(self, scan_id: int) -> list[int]:
+        with self.engine.connect() as conn:
+            query = select(images.c.id).where(images.c.scan_id == scan_id, images.c.status == QUEUED)
+            return list(conn.execute(query.order_by(images.c.id)).scalars())
+
     # -- worker side ---------------------------------------------------------------------------
 
     def pending(self, image_ids: Sequence[int]) -> list[QueuedImage]:
         """The images of a batch that are still ``queued`` (a redelivered batch may be half done)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(images.c.id, images.c.scan_id, images.c.bucket, images.c.key, images.c.etag,
-                       images.c.size, images.c.attempts)
+                select(images.c.id, images.c.scan_id, scans.c.source, images.c.bucket, images.c.key,
+                       images.c.etag, images.c.size, images.c.attempts)
+                .join(scans, images.c.scan_id == scans.c.id)
                 .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
                 .order_by(images.c.id)
             )

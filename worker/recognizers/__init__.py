@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from worker.images import LoadedImage
     from worker.results import RecognitionResult
     from worker.settings import Settings
+    from worker.sources import S3Location
 
 BACKENDS = ("local", "rekognition")
 
@@ -24,7 +25,9 @@ BACKENDS = ("local", "rekognition")
 class Recognizer(Protocol):
     name: str
 
-    def recognize(self, image: LoadedImage) -> RecognitionResult: ...
+    def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
+        """Who is in ``image``; ``location`` is where it lives when it is in S3."""
+        ...
 
 
 def build_recognizer(settings: Settings, engine: Engine) -> Recognizer:
@@ -33,4 +36,8 @@ def build_recognizer(settings: Settings, engine: Engine) -> Recognizer:
         from worker.recognizers.local import LocalRecognizer
 
         return LocalRecognizer.from_settings(settings, engine)
+    if settings.backend == "rekognition":
+        from worker.recognizers.rekognition import RekognitionRecognizer
+
+        return RekognitionRecognizer.from_settings(settings)
     raise ConfigurationError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")

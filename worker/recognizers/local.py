@@ -7,6 +7,7 @@ from sqlalchemy import Engine
 from worker.face_embeddings import DetectedFace, FaceEmbedder
 from worker.gallery import Gallery, GalleryIndex
 from worker.images import LoadedImage
+from worker.sources import S3Location
 from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
 from worker.settings import Settings
 
@@ -29,7 +30,7 @@ class LocalRecognizer:
         embedder = FaceEmbedder(detect_max_side=settings.detect_max_side, min_score=settings.min_face_score)
         return cls(embedder, Gallery(engine).index(), settings.match_threshold)
 
-    def recognize(self, image: LoadedImage) -> RecognitionResult:
+    def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
         celebrities, unrecognized = [], []
         for face in self.embedder.faces(image.pixels):
             box = BoundingBox.from_pixels(face.left, face.top, face.right, face.bottom, image.width, image.height)

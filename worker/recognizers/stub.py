@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from worker.images import LoadedImage
+from worker.sources import S3Location
 from worker.results import RecognitionResult
 
 
@@ -20,6 +21,6 @@ class StubRecognizer:
         self.answer = answer or (lambda image: RecognitionResult())
         self.calls = 0
 
-    def recognize(self, image: LoadedImage) -> RecognitionResult:
+    def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
         self.calls += 1
         return self.answer(image)

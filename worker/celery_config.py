@@ -1,0 +1,45 @@
+"""The Celery configuration shared by the producer (which only sends) and the workers.
+
+Kept apart from :mod:`worker.celery_app` so the producer can enqueue by task name without importing
+the batch function, the recognizers or dlib.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.settings import Settings
+
+TASK_NAME = "celebscan.process_batch"
+QUEUE = "celebscan"
+#: Worker processes are replaced after this many batches, returning dlib's and Pillow's memory.
+MAX_TASKS_PER_CHILD = 200
+#: ... or when their resident memory passes this many KiB (dlib alone is ~440 MB).
+MAX_MEMORY_PER_CHILD_KIB = 1_500_000
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("celebscan", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        # JSON only: a pickled message is refused, never unpickled.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Results live in the database, not in Celery.
+        task_ignore_result=True,
+        task_default_queue=QUEUE,
+        # A batch is acknowledged only when done; a worker that dies hands it back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_max_tasks_per_child=MAX_TASKS_PER_CHILD,
+        worker_max_memory_per_child=MAX_MEMORY_PER_CHILD_KIB,
+        # Events for Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app
