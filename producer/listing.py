@@ -97,18 +97,21 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def list_s3(s3_client, bucket: str, prefix: str = "", *, threads: int = 8) -> Iterator[ListedObject]:
+def list_s3(
+    s3_client, bucket: str, prefix: str = "", *, threads: int = 8, page_size: int = 1000
+) -> Iterator[ListedObject]:
     """Every image object under ``s3://bucket/prefix``; sub-prefixes are listed in parallel.
 
     A listing error (no such bucket, access denied, unreachable endpoint) is a ``ConfigurationError``.
     """
-    top = _pages(s3_client, Bucket=bucket, Prefix=prefix, Delimiter="/")
+    paging = {"PageSize": page_size}
+    top = _pages(s3_client, Bucket=bucket, Prefix=prefix, Delimiter="/", PaginationConfig=paging)
     subprefixes: list[str] = []
     for page in top:
         yield from _images_in(page)
         subprefixes += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
     if subprefixes:
-        yield from _list_in_parallel(s3_client, bucket, subprefixes, threads)
+        yield from _list_in_parallel(s3_client, bucket, subprefixes, threads, paging)
 
 
 def check_bucket(s3_client, bucket: str) -> None:
@@ -137,14 +140,14 @@ def _images_in(page: dict) -> Iterator[ListedObject]:
 _DONE = object()
 
 
-def _list_in_parallel(s3_client, bucket: str, prefixes: list[str], threads: int) -> Iterator[ListedObject]:
+def _list_in_parallel(s3_client, bucket: str, prefixes: list[str], threads: int, paging: dict) -> Iterator[ListedObject]:
     """Stream the listings of several prefixes through a bounded queue (memory stays flat)."""
     pages: queue.Queue = queue.Queue(maxsize=4 * threads)
     stop = threading.Event()
 
     def list_prefix(prefix: str) -> None:
         try:
-            for page in _pages(s3_client, Bucket=bucket, Prefix=prefix):
+            for page in _pages(s3_client, Bucket=bucket, Prefix=prefix, PaginationConfig=paging):
                 if stop.is_set():
                     return
                 pages.put(list(_images_in(page)))

@@ -87,3 +87,86 @@ def embedder():
     from worker.face_embeddings import FaceEmbedder
 
     return FaceEmbedder()
+
+
+# -- AWS stand-ins, Redis, Celery workers ----------------------------------------------------------
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/dev/null",
+    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    """moto's S3 in server mode: a real HTTP endpoint for boto3."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.servers import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, moto_url):
+    """Test credentials and moto's endpoint, through boto3's own environment variables."""
+    env = {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_S3": moto_url}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def s3(aws_env):
+    import boto3
+
+    return boto3.client("s3")
+
+
+@pytest.fixture
+def bucket(s3, request):
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def rekognition(aws_env, moto_url, monkeypatch):
+    from tests.rekognition_standin import RekognitionStandIn
+
+    with RekognitionStandIn(s3_endpoint=moto_url) as standin:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_REKOGNITION", standin.url)
+        yield standin
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    from tests.servers import redis_server
+
+    try:
+        with redis_server() as url:
+            yield url
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+
+
+@pytest.fixture
+def broker_url(redis_url):
+    """The Redis server, flushed before and after the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    yield redis_url
+    client.flushall()
+    client.close()

@@ -79,7 +79,7 @@ def _client_error(exc: ClientError, what: str) -> CelebscanError:
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    message = f"{what}: {error.get('Message') or code}"
+    message = f"{what}: {error.get('Message') or 'error'} ({code or status})"
     if code in THROTTLING_CODES or status == 429:
         return ThrottledError(message, code=code or "ThrottlingException")
     if code in CREDENTIAL_CODES:

@@ -1,0 +1,43 @@
+"""Real Celery worker processes (``celery -A worker.celery_app worker``) started by tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.servers import wait_until
+from worker.store import ResultStore
+
+
+@contextlib.contextmanager
+def celery_workers(count: int, env: dict[str, str], logs: Path, concurrency: int = 1) -> Iterator[list[subprocess.Popen]]:
+    """``count`` worker nodes, each with ``concurrency`` prefork processes; stopped warm at exit."""
+    processes = []
+    try:
+        for number in range(count):
+            log = open(logs / f"worker{number}.log", "wb")
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-n", f"w{number}@%h",
+                 "--concurrency", str(concurrency), "--pool", "prefork", "--without-gossip", "--without-mingle",
+                 "--loglevel", "INFO"],
+                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            ))
+        yield processes
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_for_scan(store: ResultStore, scan_id: int, timeout: float = 300) -> None:
+    wait_until(lambda: store.scan_summary(scan_id).finished_at is not None, timeout=timeout,
+               what=f"scan {scan_id} to finish")

@@ -1,0 +1,67 @@
+"""S3 listing and reading against moto's server over HTTP."""
+
+import pytest
+
+from producer.listing import check_bucket, list_s3
+from tests.imagemaker import jpeg
+from worker.aws import client
+from worker.errors import ConfigurationError, ObjectMissingError
+from worker.settings import Settings
+from worker.sources import S3Reader
+
+
+@pytest.fixture
+def filled(s3, bucket):
+    keys = [
+        "2024/a.jpg", "2024/b.PNG", "2024/notes.txt", "2024/sub/c.jpeg", "2024/sub/deeper/d.jpg",
+        "2024/other/e.webp", "2024/ünïcode dir/f g+h%20.jpg", "2023/old.jpg", "2024/folder-marker/",
+    ]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"" if key.endswith("/") else jpeg())
+    return bucket
+
+
+def test_lists_image_objects_under_the_prefix_in_parallel(filled):
+    s3 = client("s3", Settings())
+    listed = {o.key: o for o in list_s3(s3, filled, "2024/", threads=3)}
+    assert set(listed) == {"2024/a.jpg", "2024/b.PNG", "2024/sub/c.jpeg", "2024/sub/deeper/d.jpg",
+                           "2024/other/e.webp", "2024/ünïcode dir/f g+h%20.jpg"}
+    size = len(jpeg())
+    assert all(o.size == size and len(o.etag) == 32 and '"' not in o.etag for o in listed.values())
+
+
+def test_listing_pages_through_many_objects(s3, bucket):
+    keys = [f"p/{i % 3}/img{i:04d}.jpg" for i in range(40)] + [f"p/top{i}.jpg" for i in range(9)]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    listed = [o.key for o in list_s3(client("s3", Settings()), bucket, "p/", page_size=4)]
+    assert sorted(listed) == sorted(keys)
+
+
+def test_endpoint_url_setting_overrides_the_environment(filled, moto_url, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
+    s3 = client("s3", Settings(endpoint_url=moto_url))
+    assert len(list(list_s3(s3, filled, "2023/"))) == 1
+
+
+def test_missing_bucket_is_a_configuration_error(aws_env):
+    with pytest.raises(ConfigurationError, match="NoSuchBucket|does not exist"):
+        check_bucket(client("s3", Settings()), "no-such-bucket-here")
+
+
+def test_unreachable_endpoint_is_a_configuration_error(aws_env):
+    s3 = client("s3", Settings(endpoint_url="http://127.0.0.1:1"))
+    with pytest.raises(ConfigurationError, match="127.0.0.1:1"):
+        check_bucket(s3, "anything")
+
+
+def test_reader_reads_and_types_its_errors(filled):
+    reader = S3Reader(client("s3", Settings()), max_bytes=10**6)
+    assert reader.read(filled, "2024/ünïcode dir/f g+h%20.jpg") == jpeg()
+    with pytest.raises(ObjectMissingError) as missing:
+        reader.read(filled, "2024/gone.jpg")
+    assert missing.value.code == "ObjectNotFound"
+    small = S3Reader(client("s3", Settings()), max_bytes=100)
+    with pytest.raises(Exception) as too_big:
+        small.read(filled, "2024/a.jpg")
+    assert too_big.value.code == "ImageTooLarge"
