@@ -143,3 +143,37 @@ def test_unreachable_broker_is_a_clean_error_and_creates_no_scan(aws_env, sqlite
 def test_missing_bucket_is_a_clean_error(aws_env, sqlite_url):
     result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "scan", "s3://no-such-bucket-x/"])
     assert result.exit_code == 1 and "NoSuchBucket" in result.output
+
+
+def test_workers_refuse_pickled_messages(broker_url, postgres_url, pg_store, tmp_path):
+    from kombu import Connection, Exchange, Producer, Queue
+
+    from producer.listing import ListedObject
+    from worker.celery_config import TASK_NAME
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("first.jpg", "second.jpg"):
+        (folder / name).write_bytes(jpeg())
+    scan_id = pg_store.create_scan(str(folder), "local")
+    listed = [ListedObject(name, name, 1) for name in ("first.jpg", "second.jpg")]
+    first, second = pg_store.queue_images(scan_id, str(folder), "local", listed).image_ids
+
+    with Connection(broker_url) as connection:
+        exchange = Exchange(QUEUE, type="direct")
+        producer = Producer(connection, exchange=exchange, routing_key=QUEUE)
+        headers = {"task": TASK_NAME, "id": "pickled-1", "lang": "py"}
+        producer.publish((([first],), {}, {}), serializer="pickle", headers=headers,
+                         declare=[Queue(QUEUE, exchange, routing_key=QUEUE)])
+    from worker.celery_config import make_celery
+    from worker.settings import Settings
+
+    make_celery(Settings(broker_url=broker_url)).send_task(TASK_NAME, args=[[second]])
+
+    env = {"CELERY_BROKER_URL": broker_url, "CELEBSCAN_DATABASE_URL": postgres_url, "CELEBSCAN_BACKEND": "local"}
+    with celery_workers(1, env, tmp_path):
+        from tests.servers import wait_until
+
+        wait_until(lambda: not pg_store.pending([second]), timeout=120, what="the JSON batch")
+    assert [i.id for i in pg_store.pending([first, second])] == [first]
+    assert "untrusted content of type pickle" in (tmp_path / "worker0.log").read_text()
