@@ -27,13 +27,18 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
+def serve(server):
+    """Yield the URL of a server context manager, or skip (fail under CI) when it is not installed."""
     try:
-        with postgres_server() as url:
+        with server() as url:
             yield url
     except ServerUnavailable as exc:
         unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    yield from serve(postgres_server)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -153,11 +158,7 @@ def rekognition(aws_env, moto_url, monkeypatch):
 def redis_url():
     from tests.servers import redis_server
 
-    try:
-        with redis_server() as url:
-            yield url
-    except ServerUnavailable as exc:
-        unavailable(str(exc))
+    yield from serve(redis_server)
 
 
 @pytest.fixture

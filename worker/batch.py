@@ -16,6 +16,7 @@ from worker.errors import CelebscanError
 from worker.images import ImageLimits, decode_image
 from worker.recognizers import Recognizer, build_recognizer
 from worker.retry import call_with_retry
+from worker.schema import DONE, FAILED
 from worker.settings import Settings
 from worker.sources import ObjectReader, S3Location, build_readers, source_kind
 from worker.store import ImageOutcome, QueuedImage, ResultStore
@@ -52,12 +53,8 @@ class WorkerContext:
 @dataclass(frozen=True)
 class BatchReport:
     done: int = 0
-    failed: int = 0
-    skipped: int = 0
-
-    @property
-    def processed(self) -> int:
-        return self.done + self.failed
+    failed: int = 0  # including images quarantined
+    skipped: int = 0  # no longer queued: finished by an earlier delivery of the batch
 
 
 def process_batch(image_ids: Sequence[int], context: WorkerContext) -> BatchReport:
@@ -70,14 +67,14 @@ def process_batch(image_ids: Sequence[int], context: WorkerContext) -> BatchRepo
     pending = context.store.pending(image_ids)
     redelivered = any(image.attempts for image in pending)
     groups = [[image] for image in pending] if redelivered else [pending]
-    outcomes: list[ImageOutcome] = []
+    done = failed = 0
     for group in groups:
         started = context.store.start(group, MAX_DELIVERIES)
-        group_outcomes = [process_image(image, context) for image in started]
-        context.store.save_outcomes(group_outcomes)
-        outcomes += group_outcomes
-    done = sum(outcome.status == "done" for outcome in outcomes)
-    return BatchReport(done=done, failed=len(outcomes) - done, skipped=len(image_ids) - len(outcomes))
+        outcomes = [process_image(image, context) for image in started]
+        context.store.save_outcomes(outcomes)
+        done += sum(outcome.status == DONE for outcome in outcomes)
+        failed += len(group) - len(started) + sum(outcome.status == FAILED for outcome in outcomes)
+    return BatchReport(done=done, failed=failed, skipped=len(image_ids) - len(pending))
 
 
 def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
