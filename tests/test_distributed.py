@@ -1,8 +1,7 @@
 """End to end through real parts: moto's S3 over HTTP, the Rekognition stand-in, a real Redis broker,
 real Celery worker processes and a real PostgreSQL server."""
 
-import csv
-import json
+import threading
 
 import pytest
 import redis
@@ -82,8 +81,16 @@ def test_bucket_scan_through_redis_and_two_workers(aws_env, rekognition, broker_
     assert "enqueued 5 batches" in output
     scan_id = pg_store.latest_scan_id()
 
+    watch = []
+    watcher = threading.Thread(target=lambda: watch.append(
+        CliRunner().invoke(cli, ["status", str(scan_id), "--watch", "--interval", "0.2"], env=env)), daemon=True)
     with celery_workers(2, env, tmp_path):
+        watcher.start()
         wait_for_scan(pg_store, scan_id)
+    watcher.join(timeout=30)
+    [watched] = watch
+    assert watched.exit_code == 0 and f"scan {scan_id} (finished)" in watched.output
+    assert f"{len(answers)} done, {len(bad_keys)} failed" in watched.output
 
     records = {r["key"]: r for r in pg_store.result_records(scan_id)}
     assert set(records) == set(answers) | bad_keys

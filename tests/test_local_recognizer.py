@@ -108,3 +108,14 @@ def test_match_confidence_scale():
     assert match_confidence(0.0, 0.6) == 100.0
     assert match_confidence(0.6, 0.6) == 50.0
     assert match_confidence(1.5, 0.6) == 0.0
+
+
+def test_a_missing_dlib_names_the_install_command(monkeypatch):
+    import sys
+
+    from worker.errors import MissingDependencyError
+    from worker.face_embeddings import FaceEmbedder
+
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'celebscan\[local\]'"):
+        FaceEmbedder()
