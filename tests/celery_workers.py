@@ -38,6 +38,12 @@ def celery_workers(count: int, env: dict[str, str], logs: Path, concurrency: int
                 process.kill()
 
 
+def pool_children(process: subprocess.Popen) -> list[int]:
+    """The pids of a worker node's pool processes (Linux: /proc/PID/task/PID/children)."""
+    path = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
 def wait_for_scan(store: ResultStore, scan_id: int, timeout: float = 300) -> None:
     wait_until(lambda: store.scan_summary(scan_id).finished_at is not None, timeout=timeout,
                what=f"scan {scan_id} to finish")

@@ -1,0 +1,139 @@
+"""Nothing lost, nothing doubled: real workers, broker and database broken mid-scan.
+
+Each test scans a bucket through Redis with real Celery worker processes into PostgreSQL, breaks
+something part-way, and checks that every listed image ends with exactly one row (done or failed)
+and no face row is doubled.
+"""
+
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from producer.cli import cli
+from tests.celery_workers import celery_workers, pool_children, wait_for_scan
+from tests.imagemaker import jpeg
+from tests.rekognition_standin import celebrity
+from tests.servers import wait_until
+from worker.schema import faces, images
+from worker.store import ResultStore
+
+pytestmark = pytest.mark.slow
+
+IMAGES = 40
+
+
+@dataclass
+class FaultScan:
+    store: ResultStore
+    env: dict
+    source: str
+    logs: object
+
+    def start(self) -> int:
+        result = CliRunner().invoke(cli, ["scan", self.source], env=self.env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return self.store.latest_scan_id()
+
+    def processed(self, scan_id: int) -> int:
+        return self.store.scan_summary(scan_id).processed
+
+    def check(self, scan_id: int, name: str) -> dict:
+        """Print and assert: listed = done + failed, no duplicates."""
+        summary = self.store.scan_summary(scan_id)
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(func.count()).select_from(images)).scalar()
+            keys = conn.execute(select(func.count(func.distinct(images.c.key)))).scalar()
+            face_rows = conn.execute(select(func.count()).select_from(faces)).scalar()
+            faced_images = conn.execute(select(func.count(func.distinct(faces.c.image_id)))).scalar()
+        counts = summary.counts
+        duplicates = (rows - keys) + (face_rows - faced_images)
+        print(f"\n{name}: listed {summary.listed} / done {counts['done']} / failed {counts['failed']} / "
+              f"queued {counts['queued']} / duplicated {duplicates}")
+        assert summary.listed == counts["done"] + counts["failed"] == IMAGES
+        assert duplicates == 0 and face_rows == counts["done"]
+        return counts
+
+
+@pytest.fixture
+def fault_scan(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_path):
+    from tests.conftest import _reset_postgres
+
+    _reset_postgres(postgres_url)
+    for i in range(IMAGES):
+        s3.put_object(Bucket=bucket, Key=f"f/{i:03d}.jpg", Body=jpeg(200 + i, 160))
+    rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
+    rekognition.delay = 0.1
+    env = {**aws_env, "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url, "CELERY_BROKER_URL": broker_url,
+           "CELEBSCAN_DATABASE_URL": postgres_url, "CELEBSCAN_BACKEND": "rekognition",
+           "CELEBSCAN_BATCH_SIZE": "4", "CELEBSCAN_VISIBILITY_TIMEOUT": "5", "CELEBSCAN_MAX_ATTEMPTS": "10"}
+    store = ResultStore.connect(postgres_url)
+    yield FaultScan(store, env, f"s3://{bucket}/f/", tmp_path)
+    store.engine.dispose()
+    _reset_postgres(postgres_url)
+
+
+def test_a_worker_process_killed_mid_batch(fault_scan):
+    scan_id = fault_scan.start()
+    with celery_workers(2, fault_scan.env, fault_scan.logs) as nodes:
+        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+        for pid in pool_children(nodes[0]):
+            os.kill(pid, signal.SIGKILL)
+        wait_for_scan(fault_scan.store, scan_id, timeout=300)
+    assert fault_scan.check(scan_id, "pool process SIGKILL")["failed"] == 0
+
+
+def test_a_whole_worker_node_killed(fault_scan):
+    scan_id = fault_scan.start()
+    with celery_workers(2, fault_scan.env, fault_scan.logs) as nodes:
+        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+        victims = [nodes[0].pid, *pool_children(nodes[0])]
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        wait_for_scan(fault_scan.store, scan_id, timeout=300)
+    assert fault_scan.check(scan_id, "worker node SIGKILL")["failed"] == 0
+
+
+def test_warm_shutdown_mid_scan(fault_scan):
+    scan_id = fault_scan.start()
+    with celery_workers(2, fault_scan.env, fault_scan.logs) as nodes:
+        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+        nodes[0].send_signal(signal.SIGTERM)
+        nodes[0].wait(timeout=120)
+        wait_for_scan(fault_scan.store, scan_id, timeout=300)
+    assert fault_scan.check(scan_id, "warm shutdown (SIGTERM)")["failed"] == 0
+
+
+def test_throttling_half_and_5xx_a_tenth_of_calls(fault_scan, rekognition):
+    rekognition.throttle_every, rekognition.fail_every = 2, 5  # 5xx on calls 5, 15, 25...: a tenth
+    rekognition.delay = 0
+    scan_id = fault_scan.start()
+    with celery_workers(2, fault_scan.env, fault_scan.logs):
+        wait_for_scan(fault_scan.store, scan_id, timeout=300)
+    assert fault_scan.check(scan_id, "throttle 50% + 5xx 10%")["failed"] == 0
+    answered = [c.answered for c in rekognition.calls]
+    assert answered.count("ThrottlingException") >= IMAGES // 2 and answered.count("InternalServerError") >= 4
+
+
+def test_a_poison_image_is_quarantined(fault_scan, rekognition):
+    """The image f/007.jpg kills whichever worker process works on it, every time."""
+    nodes = []
+
+    def answer(key, data):
+        if key == "f/007.jpg":
+            for node in nodes:
+                for pid in pool_children(node):
+                    os.kill(pid, signal.SIGKILL)
+        return {"CelebrityFaces": [celebrity("someone")]}
+
+    rekognition.answer = answer
+    scan_id = fault_scan.start()
+    with celery_workers(2, fault_scan.env, fault_scan.logs) as started:
+        nodes.extend(started)
+        wait_for_scan(fault_scan.store, scan_id, timeout=300)
+    counts = fault_scan.check(scan_id, "poison image")
+    records = {r["key"]: r for r in fault_scan.store.result_records(scan_id)}
+    assert counts["failed"] == 1 and records["f/007.jpg"]["error"]["code"] == "Quarantined"
