@@ -46,56 +46,107 @@ def postgres_binary(name: str) -> str:
     return found
 
 
+class ServerProcess:
+    """A server on a fixed loopback port that a test can stop and start again (same data)."""
+
+    name = "server"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix=f"celebscan-{self.name}-"))
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                        stderr=open(self.directory / "server.log", "ab"))
+        wait_until(lambda: _accepts(self.port) or self.process.poll() is not None, timeout=60, what=self.name)
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited: {(self.directory / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), as a service manager does."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class PostgresServer(ServerProcess):
+    """A fresh PostgreSQL cluster (user postgres, trust auth); run as ``postgres`` under root."""
+
+    name = "postgres"
+
+    def __init__(self) -> None:
+        initdb, self.binary = postgres_binary("initdb"), postgres_binary("postgres")
+        self.run_as = _unprivileged_user()
+        super().__init__()
+        if self.run_as:
+            shutil.chown(self.directory, self.run_as, self.run_as)
+        _run([initdb, "-D", str(self.directory / "data"), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
+             self.run_as)
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    def command(self) -> list[str]:
+        return _as_user(self.run_as, [
+            self.binary, "-D", str(self.directory / "data"), "-p", str(self.port), "-h", "127.0.0.1",
+            "-k", str(self.directory), "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
+        ])
+
+    def start(self) -> None:
+        super().start()
+        _wait_for_sql(self.url)
+
+
+class RedisServer(ServerProcess):
+    """Redis; with ``appendonly`` its data survives a restart, as in production."""
+
+    name = "redis"
+
+    def __init__(self, appendonly: bool = False) -> None:
+        self.binary = shutil.which("redis-server")
+        if not self.binary:
+            raise ServerUnavailable("redis-server not found: apt-get install redis-server")
+        self.appendonly = appendonly
+        super().__init__()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+                "--dir", str(self.directory)]
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
-    """A fresh PostgreSQL cluster; yields its SQLAlchemy URL (user postgres, trust auth, loopback)."""
-    initdb, postgres = postgres_binary("initdb"), postgres_binary("postgres")
-    run_as = _unprivileged_user()
-    directory = Path(tempfile.mkdtemp(prefix="celebscan-pg-"))
-    data = directory / "data"
-    if run_as:
-        shutil.chown(directory, run_as, run_as)
-    port = free_port()
-    _run([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"], run_as)
-    process = subprocess.Popen(
-        _as_user(run_as, [postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(directory),
-                          "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200"]),
-        stdout=subprocess.DEVNULL, stderr=open(directory / "server.log", "wb"),
-    )
-    try:
-        wait_until(lambda: _accepts(port) or process.poll() is not None, timeout=60, what="PostgreSQL")
-        if process.poll() is not None:
-            raise RuntimeError(f"PostgreSQL exited: {(directory / 'server.log').read_text()[-2000:]}")
-        _wait_for_sql(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres")
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(directory, ignore_errors=True)
+    """A fresh PostgreSQL cluster for the duration; yields its SQLAlchemy URL."""
+    with running(PostgresServer()) as server:
+        yield server.url
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A Redis server with no persistence; yields its URL."""
-    binary = shutil.which("redis-server")
-    if not binary:
-        raise ServerUnavailable("redis-server not found: apt-get install redis-server")
-    directory = Path(tempfile.mkdtemp(prefix="celebscan-redis-"))
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: _accepts(port), timeout=30, what="Redis")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        shutil.rmtree(directory, ignore_errors=True)
+    with running(RedisServer()) as server:
+        yield server.url
 
 
 def _unprivileged_user() -> str | None:

@@ -137,3 +137,82 @@ def test_a_poison_image_is_quarantined(fault_scan, rekognition):
     counts = fault_scan.check(scan_id, "poison image")
     records = {r["key"]: r for r in fault_scan.store.result_records(scan_id)}
     assert counts["failed"] == 1 and records["f/007.jpg"]["error"]["code"] == "Quarantined"
+
+
+@pytest.fixture
+def own_server(request):
+    """A server of the test's own that it may stop and start: ``own_server(ServerClass, **options)``."""
+    from tests.servers import ServerUnavailable
+
+    started = []
+
+    def make(server_class, **options):
+        try:
+            server = server_class(**options)
+        except ServerUnavailable as exc:
+            from tests.conftest import unavailable
+
+            unavailable(str(exc))
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.close()
+
+
+def test_redis_restarted_mid_scan_with_its_append_only_file(fault_scan, own_server):
+    from tests.servers import RedisServer
+
+    broker = own_server(RedisServer, appendonly=True)
+    env = {**fault_scan.env, "CELERY_BROKER_URL": broker.url}
+    fault_scan.env = env
+    scan_id = fault_scan.start()
+    with celery_workers(2, env, fault_scan.logs):
+        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+        broker.stop()
+        broker.start()
+        wait_for_scan(fault_scan.store, scan_id, timeout=300)
+    assert fault_scan.check(scan_id, "Redis restarted (AOF)")["failed"] == 0
+
+
+def test_broker_data_lost_mid_scan_is_recovered_by_resume(fault_scan, own_server, rekognition):
+    from tests.servers import RedisServer
+
+    broker = own_server(RedisServer, appendonly=False)
+    env = {**fault_scan.env, "CELERY_BROKER_URL": broker.url}
+    fault_scan.env = env
+    scan_id = fault_scan.start()
+    with celery_workers(2, env, fault_scan.logs):
+        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+        broker.stop()
+        finished_before = {r["key"] for r in fault_scan.store.result_records(scan_id) if r["status"] == "done"}
+        broker.start()
+        resumed = CliRunner().invoke(cli, ["scan", "--resume", str(scan_id)], env=env, catch_exceptions=False)
+        assert resumed.exit_code == 0 and "resuming" in resumed.output, resumed.output
+        wait_for_scan(fault_scan.store, scan_id, timeout=300)
+    assert fault_scan.check(scan_id, "Redis lost its data; scan --resume")["failed"] == 0
+    calls = [c.key for c in rekognition.calls if c.answered == "ok"]
+    assert all(calls.count(key) == 1 for key in finished_before), "finished images must not be billed again"
+
+
+def test_postgres_stopped_for_30_seconds_mid_scan(fault_scan, own_server):
+    import time
+
+    from sqlalchemy import create_engine
+
+    from tests.servers import PostgresServer
+
+    database = own_server(PostgresServer)
+    env = {**fault_scan.env, "CELEBSCAN_DATABASE_URL": database.url}
+    fault_scan.env = env
+    fault_scan.store = ResultStore(create_engine(database.url, pool_pre_ping=True))
+    scan_id = fault_scan.start()
+    with celery_workers(2, env, fault_scan.logs):
+        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+        database.stop()
+        time.sleep(30)  # the fault itself: the database is away for 30 s
+        database.start()
+        wait_for_scan(fault_scan.store, scan_id, timeout=600)
+    assert fault_scan.check(scan_id, "PostgreSQL down 30 s")["failed"] == 0

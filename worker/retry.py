@@ -1,4 +1,9 @@
-"""The retry policy, in one place: only ``TransientError`` is retried, with exponential backoff."""
+"""The retry policy, in one place: only what can succeed on retry is retried, with exponential backoff.
+
+Two kinds: calls to a service or store that raised a ``TransientError``, bounded by attempts; and the
+workers' writes to the results database while it is unreachable, bounded by time, so that results
+already paid for are kept through a database restart.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,17 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+import functools
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from worker.errors import TransientError
 
@@ -27,3 +42,24 @@ def call_with_retry(func: Callable[[], T], *, attempts: int, max_wait: float = 3
         before_sleep=before_sleep_log(log, logging.INFO),
     )
     return retrying(func)
+
+
+#: How long a worker keeps trying to reach the results database before giving the batch back.
+DATABASE_PATIENCE_SECONDS = 300
+
+
+def retry_database(func: Callable[..., T]) -> Callable[..., T]:
+    """Retry ``func`` while the database is unreachable or locked (full jitter, up to 15 s apart)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception_type((OperationalError, InterfaceError)),
+            wait=wait_random_exponential(multiplier=0.5, max=15),
+            stop=stop_after_delay(DATABASE_PATIENCE_SECONDS),
+            reraise=True,
+            before_sleep=before_sleep_log(log, logging.WARNING),
+        )
+        return retrying(func, *args, **kwargs)
+
+    return wrapper

@@ -19,6 +19,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 
 from worker.errors import ConfigurationError
 from worker.results import BoundingBox, RecognitionResult
+from worker.retry import retry_database
 from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, metadata, scans
 
 CHUNK_SIZE = 1000
@@ -250,6 +251,7 @@ class ResultStore:
 
     # -- worker side ---------------------------------------------------------------------------
 
+    @retry_database
     def pending(self, image_ids: Sequence[int]) -> list[QueuedImage]:
         """The images of a batch that are still ``queued`` (a redelivered batch may be half done)."""
         with self.engine.connect() as conn:
@@ -262,6 +264,7 @@ class ResultStore:
             )
             return [QueuedImage(**row._mapping) for row in rows]
 
+    @retry_database
     def start(self, batch: Sequence[QueuedImage], max_deliveries: int) -> list[QueuedImage]:
         """Count an attempt on each image before work starts, and quarantine repeat offenders.
 
@@ -288,6 +291,7 @@ class ResultStore:
             self._finish_scans_if_drained({image.scan_id for image in poison})
         return live
 
+    @retry_database
     def save_outcomes(self, outcomes: Sequence[ImageOutcome]) -> None:
         """Write a batch's results in one transaction: image rows updated, faces replaced."""
         if not outcomes:
