@@ -184,3 +184,11 @@ def test_workers_refuse_pickled_messages(broker_url, postgres_url, pg_store, tmp
         wait_until(lambda: not pg_store.pending([second]), timeout=120, what="the JSON batch")
     assert [i.id for i in pg_store.pending([first, second])] == [first]
     assert "untrusted content of type pickle" in (tmp_path / "worker0.log").read_text()
+
+
+def test_unreachable_endpoint_is_a_clean_error_and_creates_no_scan(aws_env, sqlite_url):
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "--endpoint-url", "http://127.0.0.1:1",
+                                      "scan", "s3://photos/2024/"])
+    assert result.exit_code == 1 and "Could not connect" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert ResultStore.connect(sqlite_url).latest_scan_id() is None

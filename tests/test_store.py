@@ -144,6 +144,7 @@ def test_many_images_are_written_in_chunks(store):
 
 
 def test_keys_are_stored_verbatim(store):
-    odd = ["héllo wörld.jpg", "a+b%20c.jpg", "x'; DROP TABLE images; --.jpg", "日本/写真.png"]
+    odd = ["héllo wörld.jpg", "a+b%20c.jpg", "x'; DROP TABLE images; --.jpg", "日本/写真.png",
+           "$(rm -rf ~); ls `id` | cat.jpg", 'quote"s\\back.jpg']
     _, report = queue(store, odd)
     assert sorted(i.key for i in store.pending(report.image_ids)) == sorted(odd)
