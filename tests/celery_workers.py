@@ -44,6 +44,25 @@ def pool_children(process: subprocess.Popen) -> list[int]:
     return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
 
+def pid_with_port(port: int, candidates: list[int]) -> int | None:
+    """Which of ``candidates`` owns the loopback TCP socket whose local port is ``port`` (Linux)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            for line in list(handle)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    for pid in candidates:
+        try:
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            continue
+        if any(f"socket:[{inode}]" in links for inode in inodes):
+            return pid
+    return None
+
+
 def wait_for_scan(store: ResultStore, scan_id: int, timeout: float = 300) -> None:
     wait_until(lambda: store.scan_summary(scan_id).finished_at is not None, timeout=timeout,
                what=f"scan {scan_id} to finish")

@@ -75,6 +75,8 @@ class RekognitionStandIn:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        #: ``request.client_port``: the caller's TCP port, readable from ``answer`` (tests find the caller's pid).
+        self.request = threading.local()
         self._counter = itertools.count(1)
         self._s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1",
                                 aws_access_key_id="testing", aws_secret_access_key="testing")
@@ -134,6 +136,7 @@ class RekognitionStandIn:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                standin.request.client_port = self.client_address[1]
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.headers.get("X-Amz-Target") != TARGET:
                     return self._send(400, {"__type": "UnknownOperationException", "message": "unsupported"})

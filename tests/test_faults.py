@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from producer.cli import cli
-from tests.celery_workers import celery_workers, pool_children, wait_for_scan
+from tests.celery_workers import celery_workers, pid_with_port, pool_children, wait_for_scan
 from tests.imagemaker import jpeg
 from tests.rekognition_standin import celebrity
 from tests.servers import wait_until
@@ -124,9 +124,10 @@ def test_a_poison_image_is_quarantined(fault_scan, rekognition):
 
     def answer(key, data):
         if key == "f/007.jpg":
-            for node in nodes:
-                for pid in pool_children(node):
-                    os.kill(pid, signal.SIGKILL)
+            children = [pid for node in nodes for pid in pool_children(node)]
+            caller = pid_with_port(rekognition.request.client_port, children)
+            assert caller is not None, "the stand-in could not find the calling worker process"
+            os.kill(caller, signal.SIGKILL)
         return {"CelebrityFaces": [celebrity("someone")]}
 
     rekognition.answer = answer
