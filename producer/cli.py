@@ -19,6 +19,7 @@ from producer.export import WRITERS
 from producer.listing import parse_source
 from producer.scan import plan_scan, split_batches
 from worker.errors import CelebscanError, GalleryError
+from worker.gallery import Gallery
 from worker.recognizers import BACKENDS
 from worker.settings import Settings, env_var
 from worker.store import ResultStore, ScanSummary, masked_url
@@ -174,8 +175,6 @@ def gallery() -> None:
 @click.pass_obj
 def gallery_import(app: App, folder: Path) -> None:
     """Enroll FOLDER/<person name>/<photos> for every person folder."""
-    from worker.gallery import Gallery
-
     _report_enrollments(Gallery(app.store.engine).import_folder(folder, _embedder(app.settings)))
 
 
@@ -185,8 +184,6 @@ def gallery_import(app: App, folder: Path) -> None:
 @click.pass_obj
 def gallery_add(app: App, name: str, photos: tuple[Path, ...]) -> None:
     """Enroll PHOTOS of the person NAME (each must show exactly one face)."""
-    from worker.gallery import Gallery
-
     pairs = ((str(path), path.read_bytes()) for path in photos)
     _report_enrollments(Gallery(app.store.engine).enroll(name, pairs, _embedder(app.settings)))
 
@@ -195,8 +192,6 @@ def gallery_add(app: App, name: str, photos: tuple[Path, ...]) -> None:
 @click.pass_obj
 def gallery_list(app: App) -> None:
     """Enrolled people and how many photos each."""
-    from worker.gallery import Gallery
-
     people = Gallery(app.store.engine).people()
     if not people:
         click.echo("the gallery is empty; enroll people with `celebscan gallery import DIR`")
@@ -209,8 +204,6 @@ def gallery_list(app: App) -> None:
 @click.pass_obj
 def gallery_remove(app: App, name: str) -> None:
     """Forget the person NAME and their photos."""
-    from worker.gallery import Gallery
-
     Gallery(app.store.engine).remove(name)
     click.echo(f"removed {name}")
 
@@ -226,8 +219,6 @@ def demo(app: App, workdir: Path | None, workers: int | None) -> None:
     Uses its own database in the work folder, never the one in --database-url.
     """
     from producer.demo import build_demo_set
-    from worker.gallery import Gallery
-
     with tempfile.TemporaryDirectory(prefix="celebscan-demo-") as scratch:
         folder = (workdir or Path(scratch)).resolve()
         folder.mkdir(parents=True, exist_ok=True)

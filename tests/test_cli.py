@@ -160,3 +160,13 @@ def test_unreachable_database_is_a_clean_error_with_the_password_masked():
 def test_bad_environment_value_is_a_clean_error():
     result = run("status", env={"CELEBSCAN_BATCH_SIZE": "many"}, ok=False)
     assert result.exit_code == 1 and "CELEBSCAN_BATCH_SIZE='many'" in result.output
+
+
+def test_the_producer_never_imports_dlib():
+    import subprocess
+    import sys
+
+    check = ("import sys, producer.cli, producer.enqueue, producer.scan; "
+             "loaded = [m for m in ('dlib', 'face_recognition_models', 'worker.recognizers.local') if m in sys.modules]; "
+             "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", check], check=True)
