@@ -56,7 +56,9 @@ def connect(url: str) -> Engine:
 def _engine_options(url: str) -> dict[str, Any]:
     if make_url(url).get_backend_name() == "sqlite":
         return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}
+    # psycopg2's plain executemany is one round trip per row; batch the UPDATEs (execute_batch)
+    # and the INSERTs (multi-row VALUES) instead.
+    return {"pool_pre_ping": True, "executemany_mode": "values_plus_batch", "executemany_batch_page_size": 500}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
