@@ -301,3 +301,7 @@ def _report_enrollments(enrollments) -> None:
 
 def main() -> None:
     cli(prog_name="celebscan")
+
+
+if __name__ == "__main__":
+    main()
