@@ -71,10 +71,13 @@ class RekognitionStandIn:
     throttle_every: int = 0  # every n-th call answers ThrottlingException (0: never)
     fail_every: int = 0  # every n-th call answers 500 InternalServerError
     delay: float = 0.0
+    quota_tps: float = 0.0  # like the account's quota: calls beyond it per second are throttled (0: none)
     calls: list[Call] = field(default_factory=list)
+    accepted_at: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._quota_tokens, self._quota_at = self.quota_tps, time.monotonic()
         #: ``request.client_port``: the caller's TCP port, readable from ``answer`` (tests find the caller's pid).
         self.request = threading.local()
         self._counter = itertools.count(1)
@@ -96,6 +99,7 @@ class RekognitionStandIn:
 
     def respond(self, request: dict) -> dict:
         number = next(self._counter)
+        within_quota = self._take_quota_token()
         if self.delay:
             time.sleep(self.delay)
         image = request.get("Image", {})
@@ -103,6 +107,8 @@ class RekognitionStandIn:
         kind = "S3Object" if "S3Object" in image else "Bytes"
         call = lambda answered: Call(kind, key, hashlib.md5(data).hexdigest(), len(data), answered)
         try:
+            if not within_quota:
+                raise ServiceError(400, "ProvisionedThroughputExceededException", "Provisioned rate exceeded")
             if self.throttle_every and number % self.throttle_every == 0:
                 raise ServiceError(400, "ThrottlingException", "Rate exceeded")
             if self.fail_every and number % self.fail_every == 0:
@@ -113,7 +119,22 @@ class RekognitionStandIn:
             self._record(call(error.error_type))
             raise
         self._record(call("ok"))
+        with self._lock:
+            self.accepted_at.append(time.monotonic())
         return response
+
+    def _take_quota_token(self) -> bool:
+        """A token bucket holding one second of quota, refilled continuously."""
+        if not self.quota_tps:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            self._quota_tokens = min(self.quota_tps, self._quota_tokens + (now - self._quota_at) * self.quota_tps)
+            self._quota_at = now
+            if self._quota_tokens >= 1:
+                self._quota_tokens -= 1
+                return True
+            return False
 
     def _record(self, call: Call) -> None:
         with self._lock:

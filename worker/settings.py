@@ -59,6 +59,13 @@ class Settings:
         5, "CELEBSCAN_MAX_ATTEMPTS", "Recognizer calls per image before a transient error becomes a failure."
     )
 
+    rekognition_tps: float = _setting(
+        0.0, "CELEBSCAN_REKOGNITION_TPS",
+        "Rekognition calls per second shared by all workers (the account's quota); 0: no pacing.",
+    )
+    rate_limit_url: str = _setting(
+        "", "CELEBSCAN_RATE_LIMIT_URL", "Redis for the shared rate limit (default: CELERY_BROKER_URL when it is Redis).",
+    )
     visibility_timeout: int = _setting(
         3600, "CELEBSCAN_VISIBILITY_TIMEOUT",
         "Seconds before Redis hands an unacknowledged batch to another worker (longer than any batch).",

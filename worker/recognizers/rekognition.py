@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.aws import AWS_ERRORS, client, translate
+from worker.errors import ConfigurationError, ThrottledError
 from worker.images import LoadedImage, encode_jpeg_within
 from worker.results import RecognitionResult
 from worker.settings import Settings
@@ -21,21 +22,31 @@ MAX_BYTES = 5 * 1024 * 1024
 DIRECT_FORMATS = frozenset({"JPEG", "PNG"})
 
 
+RATE_LIMIT_KEY = "celebscan:rate:rekognition"
+
+
 class RekognitionRecognizer:
     name = "rekognition"
 
-    def __init__(self, rekognition_client) -> None:
+    def __init__(self, rekognition_client, limiter=None) -> None:
         self.client = rekognition_client
+        self.limiter = limiter
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RekognitionRecognizer:
-        return cls(client("rekognition", settings))
+        return cls(client("rekognition", settings), _limiter(settings))
 
     def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
+        argument = image_argument(image, location)
+        if self.limiter:
+            self.limiter.acquire()
         try:
-            response = self.client.recognize_celebrities(Image=image_argument(image, location))
+            response = self.client.recognize_celebrities(Image=argument)
         except AWS_ERRORS as exc:
-            raise translate(exc, "RecognizeCelebrities") from exc
+            error = translate(exc, "RecognizeCelebrities")
+            if self.limiter and isinstance(error, ThrottledError):
+                self.limiter.penalize()
+            raise error from exc
         return RecognitionResult.from_rekognition(response)
 
 
@@ -47,3 +58,18 @@ def image_argument(image: LoadedImage, location: S3Location | None) -> dict[str,
     if as_stored and len(image.data) <= MAX_BYTES:
         return {"Bytes": image.data}
     return {"Bytes": encode_jpeg_within(image.pixels, MAX_BYTES)}
+
+
+def _limiter(settings: Settings):
+    """The shared pacing for ``CELEBSCAN_REKOGNITION_TPS``, or None when no rate is set."""
+    if settings.rekognition_tps <= 0:
+        return None
+    url = settings.rate_limit_url or settings.broker_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError("CELEBSCAN_REKOGNITION_TPS needs Redis: set CELEBSCAN_RATE_LIMIT_URL or a Redis broker")
+    from worker.rate_limit import RedisRateLimiter
+
+    # A quarter second of calls may go at once: a moment when no worker was ready is not lost, and
+    # the service's own bucket (about one second of quota) still has room.
+    rate = settings.rekognition_tps
+    return RedisRateLimiter.from_url(url, RATE_LIMIT_KEY, rate, burst=max(1.0, rate / 4))

@@ -1,0 +1,93 @@
+"""Rekognition quota use: how close 4 workers run to the account's quota without being rejected.
+
+1,200 images in moto's S3, 4 Celery worker processes (2 nodes × 2), the Rekognition stand-in with a
+quota of 20 calls/s (a token bucket holding one second) and 100 ms latency, PostgreSQL. celebscan
+paces every worker through one token bucket in Redis (``CELEBSCAN_REKOGNITION_TPS=20``).
+Baseline: the quota itself. Targets: ≥ 95% of the quota sustained, < 1% of calls rejected for
+quota, 0 images lost. Exits 1 when missed.
+
+    python -m bench.rekognition_quota [--images 1200] [--quota 20] [--latency 0.1] [--no-pacing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+from producer.enqueue import enqueue_batches
+from producer.listing import parse_source
+from producer.scan import plan_scan, split_batches
+from tests.celery_workers import celery_workers, wait_for_scan
+from tests.conftest import AWS_TEST_ENV
+from tests.imagemaker import jpeg
+from tests.rekognition_standin import RekognitionStandIn, celebrity
+from tests.servers import free_port, postgres_server, redis_server
+from worker.settings import Settings
+from worker.store import ResultStore
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--quota", type=float, default=20.0)
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--no-pacing", action="store_true", help="run without the shared token bucket")
+    args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+    with ExitStack() as stack:
+        postgres_url = stack.enter_context(postgres_server())
+        redis_url = stack.enter_context(redis_server())
+        moto_port = free_port()
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+        moto.start()
+        stack.callback(moto.stop)
+        moto_url = f"http://127.0.0.1:{moto_port}"
+        os.environ.update(AWS_TEST_ENV, AWS_ENDPOINT_URL_S3=moto_url)
+        standin = stack.enter_context(RekognitionStandIn(
+            s3_endpoint=moto_url, answer=lambda key, data: {"CelebrityFaces": [celebrity("someone")]},
+            delay=args.latency, quota_tps=args.quota))
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="quota")
+        body = jpeg(200, 150)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: s3.put_object(Bucket="quota", Key=f"q/{i:06d}.jpg", Body=body), range(args.images)))
+
+        env = {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_S3": moto_url, "AWS_ENDPOINT_URL_REKOGNITION": standin.url,
+               "CELERY_BROKER_URL": redis_url, "CELEBSCAN_DATABASE_URL": postgres_url, "CELEBSCAN_BACKEND": "rekognition",
+               "CELEBSCAN_REKOGNITION_TPS": "0" if args.no_pacing else str(args.quota), "CELEBSCAN_MAX_ATTEMPTS": "20"}
+        settings = Settings.from_env(env)
+        store = ResultStore.connect(postgres_url)
+        planned = plan_scan(store, parse_source("s3://quota/"), settings)
+        enqueue_batches(settings, split_batches(planned.queue.image_ids, settings.batch_size, 1, balance=False))
+        with celery_workers(2, env, Path(tempfile.mkdtemp(prefix="celebscan-quota-")), concurrency=2):
+            wait_for_scan(store, planned.scan_id, timeout=3600)
+        summary = store.scan_summary(planned.scan_id)
+
+    accepted = sorted(standin.accepted_at)
+    rejected = sum(c.answered == "ProvisionedThroughputExceededException" for c in standin.calls)
+    rate = (len(accepted) - 1) / (accepted[-1] - accepted[0])
+    share, rejected_share = rate / args.quota, rejected / len(standin.calls)
+    lost = args.images - summary.counts["done"]
+    met = share >= 0.95 and rejected_share < 0.01 and lost == 0
+    print(f"{args.images} images, 4 worker processes, quota {args.quota:.0f} calls/s, latency {args.latency * 1000:.0f} ms, "
+          f"pacing {'off' if args.no_pacing else 'on'}")
+    print(f"sustained {rate:.2f} calls/s = {share:.1%} of the quota (target >= 95%)")
+    print(f"rejected for quota: {rejected} of {len(standin.calls)} calls = {rejected_share:.2%} (target < 1%)")
+    print(f"images lost: {lost} (done {summary.counts['done']}, failed {summary.counts['failed']})")
+    print("OK" if met else "MISSED")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

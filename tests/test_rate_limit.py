@@ -1,0 +1,53 @@
+"""The shared Rekognition pacing: a token bucket in a real Redis server."""
+
+import pytest
+
+from worker.errors import ConfigurationError
+from worker.rate_limit import RESERVE, RedisRateLimiter
+from worker.recognizers.rekognition import RekognitionRecognizer
+from worker.settings import Settings
+
+
+@pytest.fixture
+def client(broker_url):
+    import redis
+
+    return redis.Redis.from_url(broker_url)
+
+
+def reserve(client, key, rate, burst=1):
+    return float(client.register_script(RESERVE)(keys=[key], args=[rate, burst]))
+
+
+def test_callers_queue_for_tokens_at_the_rate(client):
+    waits = [reserve(client, "bucket", rate=10) for _ in range(5)]
+    assert waits[0] == 0
+    for expected, wait in zip((0.1, 0.2, 0.3, 0.4), waits[1:]):
+        assert expected - 0.05 <= wait <= expected + 0.001
+
+
+def test_a_full_burst_is_free_then_pacing_starts(client):
+    waits = [reserve(client, "bursty", rate=5, burst=3) for _ in range(4)]
+    assert waits[:3] == [0, 0, 0] and 0.15 <= waits[3] <= 0.2 + 0.001
+
+
+def test_every_limiter_on_the_key_shares_one_bucket(client, broker_url):
+    first = RedisRateLimiter.from_url(broker_url, "shared", rate=10)
+    second = RedisRateLimiter.from_url(broker_url, "shared", rate=10)
+    assert first._reserve(keys=["shared"], args=[10, 1]) == b"0"
+    assert float(second._reserve(keys=["shared"], args=[10, 1])) > 0.05
+
+
+def test_throttling_slows_everybody_down(client, broker_url):
+    limiter = RedisRateLimiter.from_url(broker_url, "penalized", rate=10)
+    limiter.acquire()
+    limiter.penalize(seconds=2.0)
+    assert reserve(client, "penalized", rate=10) >= 2.0
+
+
+def test_the_recognizer_paces_through_redis_when_a_rate_is_set(broker_url, aws_env):
+    recognizer = RekognitionRecognizer.from_settings(Settings(rekognition_tps=20, broker_url=broker_url))
+    assert recognizer.limiter.rate == 20
+    assert RekognitionRecognizer.from_settings(Settings()).limiter is None
+    with pytest.raises(ConfigurationError, match="needs Redis"):
+        RekognitionRecognizer.from_settings(Settings(rekognition_tps=20))

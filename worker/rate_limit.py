@@ -1,0 +1,67 @@
+"""A request rate shared by every worker on every machine: a token bucket kept in Redis.
+
+Each call reserves a token with one atomic Lua script that reads Redis's own clock (so the
+machines' clocks do not matter); when the bucket is empty the caller is told how long to wait for
+its token and sleeps that long, so workers pace themselves instead of being throttled. Celery's own
+``rate_limit`` is per worker process and cannot do this.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+# Refill for the time since the last call, take one token (the balance may go below zero: that
+# is the queue of callers already waiting) and answer how long this caller must wait.
+RESERVE = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate) - 1
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], 3600)
+if tokens >= 0 then return '0' end
+return tostring(-tokens / rate)
+"""
+
+# Take ``seconds`` worth of tokens away from everybody: the service said slow down.
+PENALIZE = """
+local rate = tonumber(ARGV[1])
+redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', -rate * tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[1], 3600)
+return 'ok'
+"""
+
+
+class RedisRateLimiter:
+    """At most ``rate`` calls per second across all processes sharing ``key`` in Redis."""
+
+    def __init__(self, redis_client, key: str, rate: float, burst: float = 1.0) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate, self.burst, self.key = rate, max(1.0, burst), key
+        self._reserve = redis_client.register_script(RESERVE)
+        self._penalize = redis_client.register_script(PENALIZE)
+
+    @classmethod
+    def from_url(cls, url: str, key: str, rate: float, burst: float = 1.0) -> RedisRateLimiter:
+        import redis
+
+        return cls(redis.Redis.from_url(url), key, rate, burst)
+
+    def acquire(self) -> float:
+        """Wait for this caller's turn; returns the seconds waited."""
+        wait = float(self._reserve(keys=[self.key], args=[self.rate, self.burst]))
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+    def penalize(self, seconds: float = 1.0) -> None:
+        """Slow every caller down by ``seconds`` worth of calls (after a throttling answer)."""
+        log.info("throttled: pacing every worker down by %.1f s", seconds)
+        self._penalize(keys=[self.key], args=[self.rate, seconds])
