@@ -18,24 +18,25 @@ from worker.store import ResultStore
 def celery_workers(count: int, env: dict[str, str], logs: Path, concurrency: int = 1) -> Iterator[list[subprocess.Popen]]:
     """``count`` worker nodes, each with ``concurrency`` prefork processes; stopped warm at exit."""
     processes = []
-    try:
-        for number in range(count):
-            log = open(logs / f"worker{number}.log", "wb")
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-n", f"w{number}@%h",
-                 "--concurrency", str(concurrency), "--pool", "prefork", "--without-gossip", "--without-mingle",
-                 "--loglevel", "INFO"],
-                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-            ))
-        yield processes
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with contextlib.ExitStack() as log_files:
+        try:
+            for number in range(count):
+                log = log_files.enter_context(open(logs / f"worker{number}.log", "wb"))
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-n", f"w{number}@%h",
+                     "--concurrency", str(concurrency), "--pool", "prefork", "--without-gossip", "--without-mingle",
+                     "--loglevel", "INFO"],
+                    env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                ))
+            yield processes
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
 
 
 def pool_children(process: subprocess.Popen) -> list[int]:

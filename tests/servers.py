@@ -60,8 +60,8 @@ class ServerProcess:
         raise NotImplementedError
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                        stderr=open(self.directory / "server.log", "ab"))
+        with open(self.directory / "server.log", "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log)
         wait_until(lambda: _accepts(self.port) or self.process.poll() is not None, timeout=60, what=self.name)
         if self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited: {(self.directory / 'server.log').read_text()[-2000:]}")

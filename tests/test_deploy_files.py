@@ -1,5 +1,6 @@
 """docker-compose.yml, Procfile and Flower: valid, and using the real commands."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -54,11 +55,11 @@ def test_flower_requires_the_basic_auth_from_the_environment(broker_url, tmp_pat
     port = free_port()
     env = {"CELERY_BROKER_URL": broker_url, "FLOWER_BASIC_AUTH": "operator:correct-horse",
            "PATH": "/usr/bin:/bin"}
-    log = open(tmp_path / "flower.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", "--address=127.0.0.1", f"--port={port}"],
-        env={**__import__("os").environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path / "flower.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", "--address=127.0.0.1", f"--port={port}"],
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        )
     try:
         url = f"http://127.0.0.1:{port}/"
 

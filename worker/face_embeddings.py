@@ -60,7 +60,7 @@ class FaceEmbedder:
         small = pixels if scale == 1.0 else _resize(pixels, scale)
         rects, scores, _ = self._detector.run(small, _upsample_times(small), self.min_score)
         found = []
-        for rect, score in sorted(zip(rects, scores), key=lambda pair: -pair[1]):
+        for rect, score in sorted(zip(rects, scores, strict=True), key=lambda pair: -pair[1]):
             box = self._dlib.rectangle(
                 round(rect.left() / scale),
                 round(rect.top() / scale),
