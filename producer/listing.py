@@ -20,12 +20,10 @@ from pathlib import Path
 
 from worker.aws import AWS_ERRORS, translate
 from worker.errors import ConfigurationError
+from worker.images import is_image_name
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif"}
-)
 
 
 @dataclass(frozen=True)
@@ -58,10 +56,6 @@ def parse_source(text: str) -> Source:
     if not folder.is_dir():
         raise ConfigurationError(f"{text} is not a folder (and not an s3:// URL)")
     return Source(url=str(folder), bucket=str(folder))
-
-
-def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def list_folder(folder: Path) -> Iterator[ListedObject]:

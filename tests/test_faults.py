@@ -41,6 +41,13 @@ class FaultScan:
     def processed(self, scan_id: int) -> int:
         return self.store.scan_summary(scan_id).processed
 
+    def until_under_way(self, scan_id: int) -> None:
+        """Wait until the workers have finished a few images: the moment to break something."""
+        wait_until(lambda: self.processed(scan_id) >= 6, timeout=120, what="first images")
+
+    def use(self, **env: str) -> None:
+        self.env = {**self.env, **env}
+
     def check(self, scan_id: int, name: str) -> dict:
         """Print and assert: listed = done + failed, no duplicates."""
         summary = self.store.scan_summary(scan_id)
@@ -76,31 +83,24 @@ def fault_scan(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_p
     _reset_postgres(postgres_url)
 
 
-def test_a_worker_process_killed_mid_batch(fault_scan):
+@pytest.mark.parametrize("victim", ["pool process", "whole node"])
+def test_a_worker_killed_mid_batch(fault_scan, victim):
+    """SIGKILL to a worker's pool process (redelivered at once) or to the whole node (after the
+    visibility timeout)."""
     scan_id = fault_scan.start()
     with celery_workers(2, fault_scan.env, fault_scan.logs) as nodes:
-        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
-        for pid in pool_children(nodes[0]):
-            os.kill(pid, signal.SIGKILL)
-        wait_for_scan(fault_scan.store, scan_id, timeout=300)
-    assert fault_scan.check(scan_id, "pool process SIGKILL")["failed"] == 0
-
-
-def test_a_whole_worker_node_killed(fault_scan):
-    scan_id = fault_scan.start()
-    with celery_workers(2, fault_scan.env, fault_scan.logs) as nodes:
-        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
-        victims = [nodes[0].pid, *pool_children(nodes[0])]
+        fault_scan.until_under_way(scan_id)
+        victims = pool_children(nodes[0]) + ([nodes[0].pid] if victim == "whole node" else [])
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         wait_for_scan(fault_scan.store, scan_id, timeout=300)
-    assert fault_scan.check(scan_id, "worker node SIGKILL")["failed"] == 0
+    assert fault_scan.check(scan_id, f"{victim} SIGKILL")["failed"] == 0
 
 
 def test_warm_shutdown_mid_scan(fault_scan):
     scan_id = fault_scan.start()
     with celery_workers(2, fault_scan.env, fault_scan.logs) as nodes:
-        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+        fault_scan.until_under_way(scan_id)
         nodes[0].send_signal(signal.SIGTERM)
         nodes[0].wait(timeout=120)
         wait_for_scan(fault_scan.store, scan_id, timeout=300)
@@ -167,11 +167,10 @@ def test_redis_restarted_mid_scan_with_its_append_only_file(fault_scan, own_serv
     from tests.servers import RedisServer
 
     broker = own_server(RedisServer, appendonly=True)
-    env = {**fault_scan.env, "CELERY_BROKER_URL": broker.url}
-    fault_scan.env = env
+    fault_scan.use(CELERY_BROKER_URL=broker.url)
     scan_id = fault_scan.start()
-    with celery_workers(2, env, fault_scan.logs):
-        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+    with celery_workers(2, fault_scan.env, fault_scan.logs):
+        fault_scan.until_under_way(scan_id)
         broker.stop()
         broker.start()
         wait_for_scan(fault_scan.store, scan_id, timeout=300)
@@ -182,15 +181,15 @@ def test_broker_data_lost_mid_scan_is_recovered_by_resume(fault_scan, own_server
     from tests.servers import RedisServer
 
     broker = own_server(RedisServer, appendonly=False)
-    env = {**fault_scan.env, "CELERY_BROKER_URL": broker.url}
-    fault_scan.env = env
+    fault_scan.use(CELERY_BROKER_URL=broker.url)
     scan_id = fault_scan.start()
-    with celery_workers(2, env, fault_scan.logs):
-        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+    with celery_workers(2, fault_scan.env, fault_scan.logs):
+        fault_scan.until_under_way(scan_id)
         broker.stop()
         finished_before = {r["key"] for r in fault_scan.store.result_records(scan_id) if r["status"] == "done"}
         broker.start()
-        resumed = CliRunner().invoke(cli, ["scan", "--resume", str(scan_id)], env=env, catch_exceptions=False)
+        resumed = CliRunner().invoke(cli, ["scan", "--resume", str(scan_id)], env=fault_scan.env,
+                                 catch_exceptions=False)
         assert resumed.exit_code == 0 and "resuming" in resumed.output, resumed.output
         wait_for_scan(fault_scan.store, scan_id, timeout=300)
     assert fault_scan.check(scan_id, "Redis lost its data; scan --resume")["failed"] == 0
@@ -206,12 +205,11 @@ def test_postgres_stopped_for_30_seconds_mid_scan(fault_scan, own_server):
     from tests.servers import PostgresServer
 
     database = own_server(PostgresServer)
-    env = {**fault_scan.env, "CELEBSCAN_DATABASE_URL": database.url}
-    fault_scan.env = env
+    fault_scan.use(CELEBSCAN_DATABASE_URL=database.url)
     fault_scan.store = ResultStore(create_engine(database.url, pool_pre_ping=True))
     scan_id = fault_scan.start()
-    with celery_workers(2, env, fault_scan.logs):
-        wait_until(lambda: fault_scan.processed(scan_id) >= 6, timeout=120, what="first images")
+    with celery_workers(2, fault_scan.env, fault_scan.logs):
+        fault_scan.until_under_way(scan_id)
         database.stop()
         time.sleep(30)  # the fault itself: the database is away for 30 s
         database.start()

@@ -18,10 +18,6 @@ class CelebscanError(Exception):
         if code is not None:
             self.code = code
 
-    @property
-    def message(self) -> str:
-        return str(self)
-
 
 class ConfigurationError(CelebscanError):
     """Bad settings or arguments, or a service that cannot be reached: the CLI exits non-zero."""

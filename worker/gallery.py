@@ -16,11 +16,9 @@ from sqlalchemy import Engine, delete, func, select
 
 from worker.errors import CelebscanError, GalleryError
 from worker.face_embeddings import EMBEDDING_SIZE, FaceEmbedder
-from worker.images import ImageLimits, decode_image
+from worker.images import ImageLimits, decode_image, is_image_name
 from worker.schema import gallery_faces, people
 from worker.store import dialect_insert, utcnow
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True)
@@ -153,5 +151,5 @@ def _single_face_embedding(data: bytes, embedder: FaceEmbedder) -> np.ndarray:
 
 def _photos_in(folder: Path) -> Iterator[tuple[str, bytes]]:
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.is_file() and is_image_name(path.name):
             yield str(path), path.read_bytes()

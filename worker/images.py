@@ -11,6 +11,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,6 +19,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from worker.errors import ImageTooLargeError, ImageTooSmallError, InvalidImageError
 
 log = logging.getLogger(__name__)
+
+#: File names celebscan treats as images (others are not listed or enrolled).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif"}
+)
 
 #: Transparent areas are composited onto this colour before recognition.
 BACKGROUND = (255, 255, 255)
@@ -46,6 +52,10 @@ class LoadedImage:
     @property
     def width(self) -> int:
         return int(self.pixels.shape[1])
+
+
+def is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> LoadedImage:

@@ -86,10 +86,6 @@ class Settings:
         given = {name: value for name, value in overrides.items() if value is not None}
         return dataclasses.replace(self, **given)
 
-    def to_env(self) -> dict[str, str]:
-        """The environment that recreates these settings in another process."""
-        return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
     @property
     def embedded(self) -> bool:
         """True when scans run in a local process pool rather than through a broker."""
