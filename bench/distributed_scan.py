@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.harness import fill_bucket, start_stack
+from tests.stack import fill_bucket, start_stack
 from producer.enqueue import enqueue_batches
 from producer.listing import parse_source
 from producer.scan import plan_scan, split_batches

@@ -17,7 +17,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.harness import fill_bucket, start_stack
+from tests.stack import fill_bucket, start_stack
 from producer.enqueue import enqueue_batches
 from producer.listing import parse_source
 from producer.scan import plan_scan, split_batches

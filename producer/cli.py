@@ -17,6 +17,7 @@ from producer.embedded import default_workers, run_batches
 from producer.enqueue import check_broker, enqueue_batches, masked_broker
 from producer.export import WRITERS
 from producer.listing import parse_source
+from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
 from producer.scan import plan_scan, split_batches
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
@@ -33,7 +34,7 @@ class App:
 
     @cached_property
     def store(self) -> ResultStore:
-        return ResultStore.connect(self.settings.database_url)
+        return ResultStore.from_settings(self.settings)
 
 
 class CelebscanGroup(click.Group):
@@ -110,6 +111,8 @@ def run_scan(app: App, source: str | None, settings: Settings, *, force: bool = 
         enqueue_batches(settings, batches)
         click.echo(f"enqueued {len(batches)} batches to {masked_broker(settings.broker_url)}; "
                    f"watch with: celebscan status {scan_id} --watch")
+        if settings.cloudwatch_namespace:
+            _publish_backlog(app, settings)
         return app.store.scan_summary(scan_id)
     if image_ids:
         worker_count = min(settings.workers or default_workers(), len(image_ids))
@@ -145,6 +148,41 @@ def _watch(store: ResultStore, summary: ScanSummary, interval: float) -> ScanSum
             if summary.counts["failed"]:
                 bar.set_postfix(failed=summary.counts["failed"], refresh=False)
     return summary
+
+
+def _publish_backlog(app: App, settings: Settings) -> None:
+    """Tell the autoscaler about the new backlog at once (it may have no worker to tell it)."""
+    try:
+        namespace = publish_to_cloudwatch(take_reading(app.store, settings), settings)
+    except CelebscanError as exc:
+        click.echo(f"warning: the scan is enqueued, but its backlog was not published: {exc}", err=True)
+    else:
+        click.echo(f"published the backlog to CloudWatch namespace {namespace}")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="text", show_default=True)
+@click.option("--cloudwatch", is_flag=True,
+              help=f"Also publish PendingImages, BacklogImages, BacklogPerWorker and WorkersOnline to CloudWatch "
+                   f"[namespace: {env_var('cloudwatch_namespace')}, default Celebscan].")
+@click.option("--every", type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Take a reading every SECONDS until interrupted (a sidecar for an autoscaler).")
+@click.pass_obj
+def metrics(app: App, fmt: str, cloudwatch: bool, every: float | None) -> None:
+    """Work left: queued images per unfinished scan, batches in the broker, workers online.
+
+    With --format prometheus the output suits node_exporter's textfile collector; the scaling
+    signal is BacklogPerWorker (queued images that workers can still receive, per online worker).
+    """
+    while True:
+        reading = take_reading(app.store, app.settings)
+        click.echo(FORMATS[fmt](reading))
+        if cloudwatch:
+            namespace = publish_to_cloudwatch(reading, app.settings)
+            click.echo(f"published to CloudWatch namespace {namespace}", err=True)
+        if every is None:
+            return
+        time.sleep(max(0.0, reading.taken_at + every - time.time()))
 
 
 @cli.command()

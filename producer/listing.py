@@ -108,12 +108,16 @@ def list_s3(
         yield from _list_in_parallel(s3_client, bucket, subprefixes, threads, paging)
 
 
-def check_bucket(s3_client, bucket: str) -> None:
-    """Fail early, before a scan is created, when the bucket cannot be listed."""
+def check_bucket(s3_client, bucket: str, prefix: str = "") -> None:
+    """Fail early, before a scan is created, when the bucket cannot be listed under ``prefix``.
+
+    Listing under the prefix (not the whole bucket) keeps working for a role that may list only
+    that prefix, as deploy/aws's worker role.
+    """
     try:
-        s3_client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+        s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except AWS_ERRORS as exc:
-        raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}"))) from exc
+        raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}/{prefix}"))) from exc
 
 
 def _pages(s3_client, **arguments) -> Iterator[dict]:

@@ -23,7 +23,7 @@ def plan_scan(store: ResultStore, source: Source, settings: Settings, *, force: 
         from worker.aws import client
 
         s3 = client("s3", settings)
-        check_bucket(s3, source.bucket)
+        check_bucket(s3, source.bucket, source.prefix)
         listing = list_s3(s3, source.bucket, source.prefix)
     else:
         listing = list_folder(source.bucket)

@@ -15,17 +15,22 @@ from worker.store import ResultStore
 
 
 @contextlib.contextmanager
-def celery_workers(count: int, env: dict[str, str], logs: Path, concurrency: int = 1) -> Iterator[list[subprocess.Popen]]:
-    """``count`` worker nodes, each with ``concurrency`` prefork processes; stopped warm at exit."""
+def celery_workers(count: int, env: dict[str, str], logs: Path, concurrency: int = 1, *,
+                   host=None, name: str = "worker") -> Iterator[list[subprocess.Popen]]:
+    """``count`` worker nodes, each with ``concurrency`` prefork processes; stopped warm at exit.
+
+    With ``host`` (a :class:`tests.netns.Host`) they run inside that host's network namespace.
+    """
     processes = []
     with contextlib.ExitStack() as log_files:
         try:
             for number in range(count):
-                log = log_files.enter_context(open(logs / f"worker{number}.log", "wb"))
+                log = log_files.enter_context(open(logs / f"{name}{number}.log", "wb"))
+                command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                           "-n", f"{name}{number}@%h", "--concurrency", str(concurrency), "--pool", "prefork",
+                           "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
                 processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-n", f"w{number}@%h",
-                     "--concurrency", str(concurrency), "--pool", "prefork", "--without-gossip", "--without-mingle",
-                     "--loglevel", "INFO"],
+                    host.command(command) if host else command,
                     env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                 ))
             yield processes

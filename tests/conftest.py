@@ -68,6 +68,16 @@ def store(database_url):
 
 
 @pytest.fixture
+def pg_store(postgres_url):
+    """A store on the real PostgreSQL server, emptied before and after the test."""
+    _reset_postgres(postgres_url)
+    result_store = ResultStore.connect(postgres_url)
+    yield result_store
+    result_store.engine.dispose()
+    _reset_postgres(postgres_url)
+
+
+@pytest.fixture
 def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'celebscan.db'}"
 

@@ -33,6 +33,7 @@ class Call:
     digest: str
     size: int
     answered: str  # "ok", or the error type returned
+    client: str = ""  # the caller's IP address
 
 
 class ServiceError(Exception):
@@ -67,6 +68,7 @@ class RekognitionStandIn:
     """Answers come from ``answer(key, image_bytes)`` (``key`` is None for Bytes requests)."""
 
     s3_endpoint: str
+    host: str = "127.0.0.1"
     answer: Callable[[str | None, bytes], dict] = lambda key, data: {"CelebrityFaces": [], "UnrecognizedFaces": []}
     throttle_every: int = 0  # every n-th call answers ThrottlingException (0: never)
     fail_every: int = 0  # every n-th call answers 500 InternalServerError
@@ -74,6 +76,7 @@ class RekognitionStandIn:
     quota_tps: float = 0.0  # like the account's quota: calls beyond it per second are throttled (0: none)
     calls: list[Call] = field(default_factory=list)
     accepted_at: list[float] = field(default_factory=list)
+    arrivals: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, caller's IP) of each request
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -84,8 +87,8 @@ class RekognitionStandIn:
         self._s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1",
                                 aws_access_key_id="testing", aws_secret_access_key="testing")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.url = f"http://{self.host}:{self.port}"
+        self._server = ThreadingHTTPServer((self.host, self.port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -97,15 +100,23 @@ class RekognitionStandIn:
         self._server.shutdown()
         self._server.server_close()
 
+    @property
+    def received(self) -> int:
+        """Requests that have arrived, answered or not (``calls`` records them once answered)."""
+        return len(self.arrivals)
+
     def respond(self, request: dict) -> dict:
         number = next(self._counter)
+        with self._lock:
+            self.arrivals.append((time.monotonic(), getattr(self.request, "client_host", "")))
         within_quota = self._take_quota_token()
         if self.delay:
             time.sleep(self.delay)
         image = request.get("Image", {})
         key, data = self._image(image)
         kind = "S3Object" if "S3Object" in image else "Bytes"
-        call = lambda answered: Call(kind, key, hashlib.md5(data).hexdigest(), len(data), answered)
+        client = getattr(self.request, "client_host", "")
+        call = lambda answered: Call(kind, key, hashlib.md5(data).hexdigest(), len(data), answered, client)
         try:
             if not within_quota:
                 raise ServiceError(400, "ProvisionedThroughputExceededException", "Provisioned rate exceeded")
@@ -157,7 +168,7 @@ class RekognitionStandIn:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                standin.request.client_port = self.client_address[1]
+                standin.request.client_host, standin.request.client_port = self.client_address[:2]
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.headers.get("X-Amz-Target") != TARGET:
                     return self._send(400, {"__type": "UnknownOperationException", "message": "unsupported"})

@@ -47,11 +47,15 @@ def postgres_binary(name: str) -> str:
 
 
 class ServerProcess:
-    """A server on a fixed loopback port that a test can stop and start again (same data)."""
+    """A server on a fixed port that a test can stop and start again (same data).
+
+    It listens on loopback, or on ``host`` (the services host's address in a multi-host test).
+    """
 
     name = "server"
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix=f"celebscan-{self.name}-"))
         self.process: subprocess.Popen | None = None
@@ -62,7 +66,8 @@ class ServerProcess:
     def start(self) -> None:
         with open(self.directory / "server.log", "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log)
-        wait_until(lambda: _accepts(self.port) or self.process.poll() is not None, timeout=60, what=self.name)
+        wait_until(lambda: _accepts(self.host, self.port) or self.process.poll() is not None, timeout=60,
+                   what=self.name)
         if self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited: {(self.directory / 'server.log').read_text()[-2000:]}")
 
@@ -82,23 +87,29 @@ class ServerProcess:
 
 
 class PostgresServer(ServerProcess):
-    """A fresh PostgreSQL cluster (user postgres, trust auth); run as ``postgres`` under root."""
+    """A fresh PostgreSQL cluster (user postgres, trust auth); run as ``postgres`` under root.
+
+    ``trusted_network`` (a CIDR) is let in too, for clients on other (namespaced) hosts.
+    """
 
     name = "postgres"
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", trusted_network: str | None = None) -> None:
         initdb, self.binary = postgres_binary("initdb"), postgres_binary("postgres")
         self.run_as = _unprivileged_user()
-        super().__init__()
+        super().__init__(host)
         if self.run_as:
             shutil.chown(self.directory, self.run_as, self.run_as)
-        _run([initdb, "-D", str(self.directory / "data"), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
-             self.run_as)
-        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+        data = self.directory / "data"
+        _run([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"], self.run_as)
+        if trusted_network:
+            with open(data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {trusted_network} trust\n")
+        self.url = f"postgresql+psycopg2://postgres@{host}:{self.port}/postgres"
 
     def command(self) -> list[str]:
         return _as_user(self.run_as, [
-            self.binary, "-D", str(self.directory / "data"), "-p", str(self.port), "-h", "127.0.0.1",
+            self.binary, "-D", str(self.directory / "data"), "-p", str(self.port), "-h", self.host,
             "-k", str(self.directory), "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
         ])
 
@@ -112,16 +123,16 @@ class RedisServer(ServerProcess):
 
     name = "redis"
 
-    def __init__(self, appendonly: bool = False) -> None:
+    def __init__(self, appendonly: bool = False, host: str = "127.0.0.1") -> None:
         self.binary = shutil.which("redis-server")
         if not self.binary:
             raise ServerUnavailable("redis-server not found: apt-get install redis-server")
         self.appendonly = appendonly
-        super().__init__()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        super().__init__(host)
+        self.url = f"redis://{host}:{self.port}/0"
 
     def command(self) -> list[str]:
-        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        return [self.binary, "--port", str(self.port), "--bind", self.host, "--protected-mode", "no", "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
                 "--dir", str(self.directory)]
 
@@ -166,10 +177,10 @@ def _run(command: list[str], user: str | None) -> None:
     subprocess.run(_as_user(user, command), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _accepts(port: int) -> bool:
+def _accepts(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 def _wait_for_sql(url: str) -> None:

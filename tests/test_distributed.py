@@ -20,17 +20,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def pg_store(postgres_url):
-    from tests.conftest import _reset_postgres
-
-    _reset_postgres(postgres_url)
-    store = ResultStore.connect(postgres_url)
-    yield store
-    store.engine.dispose()
-    _reset_postgres(postgres_url)
-
-
-@pytest.fixture
 def photo_bucket(s3, bucket, faces_dev, expected_people):
     """faces-dev's test/ and extra/ photos plus bad files, under ``2024/``; returns key -> names."""
     answers = {}

@@ -40,7 +40,7 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine | None = None) -> WorkerContext:
-        store = ResultStore(engine) if engine is not None else ResultStore.connect(settings.database_url)
+        store = ResultStore(engine) if engine is not None else ResultStore.from_settings(settings)
         return cls(
             store=store,
             readers=build_readers(settings),

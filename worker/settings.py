@@ -26,6 +26,10 @@ class Settings:
     database_url: str = _setting(
         DEFAULT_DATABASE_URL, "CELEBSCAN_DATABASE_URL", "SQLAlchemy URL of the results database."
     )
+    database_secret_arn: str = _setting(
+        "", "CELEBSCAN_DATABASE_SECRET_ARN",
+        "Secrets Manager secret whose username/password (and host, port, dbname) complete the database URL.",
+    )
     backend: str = _setting("local", "CELEBSCAN_BACKEND", "Recognizer: local or rekognition.")
     workers: int = _setting(
         0, "CELEBSCAN_WORKERS", "Processes for an embedded scan (0: one per CPU core)."
@@ -69,6 +73,11 @@ class Settings:
     visibility_timeout: int = _setting(
         3600, "CELEBSCAN_VISIBILITY_TIMEOUT",
         "Seconds before Redis hands an unacknowledged batch to another worker (longer than any batch).",
+    )
+
+    cloudwatch_namespace: str = _setting(
+        "", "CELEBSCAN_CLOUDWATCH_NAMESPACE",
+        "CloudWatch namespace of `metrics --cloudwatch` (default Celebscan); when set, `scan` publishes after enqueueing.",
     )
 
     @classmethod

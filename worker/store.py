@@ -7,6 +7,7 @@ transaction that replaces the batch's faces, so a redelivered batch never double
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +21,14 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from worker.errors import ConfigurationError
 from worker.results import BoundingBox, RecognitionResult
 from worker.retry import retry_database
+from worker.settings import Settings
 from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, metadata, scans
 
 CHUNK_SIZE = 1000
+#: A worker host that vanishes mid-transaction (power loss, network cut) leaves its session idle in
+#: a transaction, holding row locks that would stall the workers retrying its batch; PostgreSQL ends
+#: such a session after this long. celebscan's own transactions last milliseconds.
+IDLE_TRANSACTION_TIMEOUT_MS = 60_000
 
 
 def utcnow() -> datetime:
@@ -58,7 +64,8 @@ def _engine_options(url: str) -> dict[str, Any]:
         return {"connect_args": {"timeout": 60}}
     # psycopg2's plain executemany is one round trip per row; batch the UPDATEs (execute_batch)
     # and the INSERTs (multi-row VALUES) instead.
-    return {"pool_pre_ping": True, "executemany_mode": "values_plus_batch", "executemany_batch_page_size": 500}
+    return {"pool_pre_ping": True, "executemany_mode": "values_plus_batch", "executemany_batch_page_size": 500,
+            "connect_args": {"options": f"-c idle_in_transaction_session_timeout={IDLE_TRANSACTION_TIMEOUT_MS}"}}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -166,6 +173,16 @@ class ScanSummary:
         return self.counts[QUEUED] / rate if rate else None
 
 
+@dataclass(frozen=True)
+class ScanProgress:
+    """Images of one scan by status: what monitoring exports and scaling reads."""
+
+    scan_id: int
+    finished: bool
+    counts: dict[str, int]
+    last_processed_at: datetime | None
+
+
 def _aware(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything celebscan writes is UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
@@ -178,6 +195,13 @@ class ResultStore:
     @classmethod
     def connect(cls, url: str) -> ResultStore:
         return cls(connect(url))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ResultStore:
+        """The store of ``settings``, with credentials from Secrets Manager when a secret is set."""
+        from worker.database_secret import database_url
+
+        return cls.connect(database_url(settings))
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -339,6 +363,27 @@ class ResultStore:
     def latest_scan_id(self) -> int | None:
         with self.engine.connect() as conn:
             return conn.execute(select(func.max(scans.c.id))).scalar()
+
+    def progress(self) -> list[ScanProgress]:
+        """Images by status of every unfinished scan, and of the latest scan even when finished."""
+        with self.engine.connect() as conn:
+            latest = select(func.max(scans.c.id)).scalar_subquery()
+            rows = conn.execute(
+                select(scans.c.id, scans.c.finished_at, images.c.status, func.count(images.c.id),
+                       func.max(images.c.processed_at))
+                .select_from(scans.outerjoin(images, images.c.scan_id == scans.c.id))
+                .where(scans.c.finished_at.is_(None) | (scans.c.id == latest))
+                .group_by(scans.c.id, scans.c.finished_at, images.c.status)
+                .order_by(scans.c.id)
+            ).all()
+        found: dict[int, ScanProgress] = {}
+        for scan_id, finished_at, status, count, last in rows:
+            entry = found.setdefault(scan_id, ScanProgress(scan_id, finished_at is not None, dict.fromkeys(STATUSES, 0), None))
+            if status is not None:
+                entry.counts[status] = count
+            if last is not None and (entry.last_processed_at is None or _aware(last) > _aware(entry.last_processed_at)):
+                found[scan_id] = dataclasses.replace(entry, last_processed_at=_aware(last))
+        return list(found.values())
 
     def scan_summary(self, scan_id: int) -> ScanSummary | None:
         with self.engine.connect() as conn:

@@ -1,0 +1,193 @@
+"""What an operator or an autoscaler needs to know about the work left: one reading, three outputs.
+
+A reading joins the database (images still queued, per unfinished scan) with the broker (batches
+waiting in Redis, batches delivered but not yet acknowledged) and the live worker nodes (a Celery
+ping). It prints as text, JSON or Prometheus' text format, and can be published to CloudWatch,
+where the deploy kit's scaling policy reads ``BacklogPerWorker``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from worker.aws import AWS_ERRORS, client, translate
+from worker.celery_config import QUEUE, make_celery
+from worker.errors import ConfigurationError
+from worker.schema import QUEUED, STATUSES
+from worker.settings import Settings
+from worker.store import ResultStore, ScanProgress
+
+#: kombu's Redis transport keeps a queue's messages of priority p > 0 under QUEUE + this + p.
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = (0, 3, 6, 9)
+#: ... and the messages delivered to a worker but not yet acknowledged in this hash.
+_UNACKED_KEY = "unacked"
+DEFAULT_NAMESPACE = "Celebscan"
+#: What ``--cloudwatch`` publishes (deploy/aws/celebscan.yaml's alarms read two of them).
+CLOUDWATCH_METRICS = ("PendingImages", "BacklogImages", "BacklogPerWorker", "WorkersOnline")
+
+
+@dataclass(frozen=True)
+class Reading:
+    scans: list[ScanProgress]
+    waiting_batches: int | None = None  # None: no broker configured
+    unacked_batches: int | None = None
+    workers: int | None = None
+    taken_at: float = field(default_factory=time.time)
+
+    @property
+    def pending_images(self) -> int:
+        return sum(scan.counts[QUEUED] for scan in self.scans if not scan.finished)
+
+    @property
+    def backlog_images(self) -> int:
+        """Queued images that workers can still get to: 0 when the broker holds no batch at all.
+
+        A scan whose messages were lost (a broker restarted without persistence) keeps images
+        queued that no worker will ever receive; counting them would keep paid instances idle. Such
+        a scan is reported as stalled instead, to be handed out again with ``scan --resume``.
+        """
+        if self.waiting_batches is None:
+            return self.pending_images
+        return self.pending_images if (self.waiting_batches or self.unacked_batches) else 0
+
+    @property
+    def backlog_per_worker(self) -> float:
+        """The scaling signal: with no worker online it equals the whole backlog, so 0 scales out."""
+        return self.backlog_images / max(self.workers or 0, 1)
+
+    @property
+    def stalled_scans(self) -> list[int]:
+        if self.waiting_batches is None or self.backlog_images:
+            return []
+        return [scan.scan_id for scan in self.scans if not scan.finished and scan.counts[QUEUED]]
+
+    def as_dict(self) -> dict:
+        return {
+            "taken_at": self.taken_at,
+            "pending_images": self.pending_images,
+            "backlog_images": self.backlog_images,
+            "backlog_per_worker": self.backlog_per_worker,
+            "waiting_batches": self.waiting_batches,
+            "unacked_batches": self.unacked_batches,
+            "workers": self.workers,
+            "stalled_scans": self.stalled_scans,
+            "scans": [
+                {"scan_id": scan.scan_id, "finished": scan.finished, "images": scan.counts,
+                 "last_processed_at": scan.last_processed_at.timestamp() if scan.last_processed_at else None}
+                for scan in self.scans
+            ],
+        }
+
+
+def take_reading(store: ResultStore, settings: Settings, ping_timeout: float = 1.0) -> Reading:
+    scans = store.progress()
+    if settings.embedded:
+        return Reading(scans)
+    waiting, unacked = broker_depth(settings.broker_url)
+    return Reading(scans, waiting, unacked, online_workers(settings, ping_timeout))
+
+
+def broker_depth(broker_url: str) -> tuple[int, int]:
+    """(batches waiting in the queue, batches delivered and not yet acknowledged) in Redis."""
+    import redis
+
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError("metrics read the queue from Redis; CELERY_BROKER_URL is not a Redis URL")
+    connection = redis.Redis.from_url(broker_url, socket_timeout=10)
+    try:
+        with connection.pipeline(transaction=False) as pipe:
+            for priority in _PRIORITY_STEPS:
+                pipe.llen(QUEUE if priority == 0 else f"{QUEUE}{_PRIORITY_SEPARATOR}{priority}")
+            pipe.hlen(_UNACKED_KEY)
+            *lengths, unacked = pipe.execute()
+    except redis.RedisError as exc:
+        raise ConfigurationError(f"cannot read the queue from the broker: {exc}") from exc
+    finally:
+        connection.close()
+    return sum(lengths), unacked
+
+
+def online_workers(settings: Settings, timeout: float) -> int:
+    """Worker nodes that answer a Celery ping within ``timeout`` seconds."""
+    app = make_celery(settings)
+    try:
+        return len(app.control.ping(timeout=timeout) or [])
+    finally:
+        app.close()
+
+
+def prometheus_text(reading: Reading) -> str:
+    """The reading in Prometheus' text exposition format (for node_exporter's textfile collector)."""
+    lines = [
+        "# HELP celebscan_images Images of a scan by status (unfinished scans and the latest one).",
+        "# TYPE celebscan_images gauge",
+    ]
+    for scan in reading.scans:
+        lines += [f'celebscan_images{{scan="{scan.scan_id}",status="{status}"}} {scan.counts[status]}'
+                  for status in STATUSES]
+    lines += [
+        "# HELP celebscan_scan_finished 1 when the scan has finished.",
+        "# TYPE celebscan_scan_finished gauge",
+        *(f'celebscan_scan_finished{{scan="{scan.scan_id}"}} {int(scan.finished)}' for scan in reading.scans),
+        ("# HELP celebscan_scan_last_processed_timestamp_seconds When the scan last finished an image: "
+         "alert when it stops moving while images are queued."),
+        "# TYPE celebscan_scan_last_processed_timestamp_seconds gauge",
+        *(f'celebscan_scan_last_processed_timestamp_seconds{{scan="{scan.scan_id}"}} {scan.last_processed_at.timestamp():.3f}'
+          for scan in reading.scans if scan.last_processed_at),
+        "# HELP celebscan_backlog_images Queued images that workers can still receive.",
+        "# TYPE celebscan_backlog_images gauge",
+        f"celebscan_backlog_images {reading.backlog_images}",
+    ]
+    if reading.waiting_batches is not None:
+        lines += [
+            "# HELP celebscan_broker_batches Batches in the broker: waiting, or delivered and not acknowledged.",
+            "# TYPE celebscan_broker_batches gauge",
+            f'celebscan_broker_batches{{state="waiting"}} {reading.waiting_batches}',
+            f'celebscan_broker_batches{{state="unacked"}} {reading.unacked_batches}',
+            "# HELP celebscan_workers Worker nodes answering a ping.",
+            "# TYPE celebscan_workers gauge",
+            f"celebscan_workers {reading.workers}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plain_text(reading: Reading) -> str:
+    lines = [f"pending images: {reading.pending_images}"]
+    for scan in reading.scans:
+        state = "finished" if scan.finished else "running"
+        counts = ", ".join(f"{scan.counts[status]} {status}" for status in STATUSES)
+        lines.append(f"  scan {scan.scan_id} ({state}): {counts}")
+    if reading.waiting_batches is not None:
+        lines += [
+            f"broker: {reading.waiting_batches} batches waiting, {reading.unacked_batches} being processed",
+            f"workers online: {reading.workers}",
+            f"backlog per worker: {reading.backlog_per_worker:.1f} images",
+        ]
+    for scan_id in reading.stalled_scans:
+        lines.append(f"scan {scan_id} is stalled (images queued, no batch in the broker): "
+                     f"celebscan scan --resume {scan_id}")
+    return "\n".join(lines)
+
+
+FORMATS = {"text": plain_text, "json": lambda reading: json.dumps(reading.as_dict()), "prometheus": prometheus_text}
+
+
+def publish_to_cloudwatch(reading: Reading, settings: Settings) -> str:
+    """Put the reading's scaling figures as custom metrics; returns the namespace used."""
+    namespace = settings.cloudwatch_namespace or DEFAULT_NAMESPACE
+    figures = dict(zip(CLOUDWATCH_METRICS, (reading.pending_images, reading.backlog_images,
+                                            reading.backlog_per_worker, reading.workers), strict=True))
+    if reading.workers is None:
+        del figures["WorkersOnline"]
+    try:
+        client("cloudwatch", settings).put_metric_data(
+            Namespace=namespace,
+            MetricData=[{"MetricName": name, "Value": float(value), "Unit": "Count", "Timestamp": reading.taken_at}
+                        for name, value in figures.items()],
+        )
+    except AWS_ERRORS as exc:
+        raise translate(exc, f"publishing metrics to CloudWatch namespace {namespace}") from exc
+    return namespace

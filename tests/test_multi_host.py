@@ -1,0 +1,88 @@
+"""Two worker hosts and one services host on this machine (network namespaces), one host cut off.
+
+The services (PostgreSQL, Redis, moto's S3, the Rekognition stand-in) listen only on the services
+host's bridge address; each worker host runs a Celery worker node that reaches them over its one
+veth link. Mid-scan one host's link is cut and its workers killed, as when an instance vanishes:
+its unacknowledged batches come back after the visibility timeout and the other host finishes.
+(kombu looks for expired batches about every 100 s, so the test takes about two minutes.)
+"""
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+
+import boto3
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from producer.cli import cli
+from tests.celery_workers import celery_workers, pool_children, wait_for_scan
+from tests.conftest import unavailable
+from tests.imagemaker import jpeg
+from tests.netns import network
+from tests.servers import ServerUnavailable, wait_until
+from tests.stack import start_stack
+from worker.schema import faces, images
+from worker.store import ResultStore
+
+pytestmark = pytest.mark.slow
+
+IMAGES = 500
+
+
+@pytest.fixture
+def two_hosts():
+    with ExitStack() as stack:
+        try:
+            net = stack.enter_context(network(2))
+        except ServerUnavailable as exc:
+            unavailable(str(exc))
+        services = start_stack(stack, host=net.services_address, trusted_network=net.subnet, delay=0.02)
+        yield net, services
+
+
+def test_two_worker_hosts_and_one_cut_off_mid_scan(two_hosts, tmp_path):
+    net, services = two_hosts
+    env = services.worker_env(CELEBSCAN_BATCH_SIZE="10", CELEBSCAN_VISIBILITY_TIMEOUT="10",
+                              CELEBSCAN_MAX_ATTEMPTS="10")
+    s3 = boto3.client("s3", endpoint_url=services.moto_url)
+    s3.create_bucket(Bucket="photos")
+    body = jpeg(200, 160)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: s3.put_object(Bucket="photos", Key=f"p/{n:04d}.jpg", Body=body), range(IMAGES)))
+
+    result = CliRunner().invoke(cli, ["scan", "s3://photos/p/"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    store = ResultStore.connect(services.postgres_url)
+    scan_id = store.latest_scan_id()
+    first, second = net.hosts
+    calls_from = lambda host: sum(call.client == host.address for call in services.standin.calls)  # noqa: E731
+
+    started = time.monotonic()
+    with celery_workers(1, env, tmp_path, concurrency=2, host=first, name="first") as first_nodes, \
+            celery_workers(1, env, tmp_path, concurrency=2, host=second, name="second"):
+        wait_until(lambda: calls_from(first) >= 30 and calls_from(second) >= 30, timeout=180,
+                   what="both hosts working")
+        first.cut()
+        cut_at = time.monotonic()
+        for pid in [*pool_children(first_nodes[0]), first_nodes[0].pid]:
+            os.kill(pid, signal.SIGKILL)
+        wait_for_scan(store, scan_id, timeout=400)
+        elapsed = time.monotonic() - started
+
+    summary = store.scan_summary(scan_id)
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(func.count()).select_from(images)).scalar()
+        keys = conn.execute(select(func.count(func.distinct(images.c.key)))).scalar()
+        face_rows = conn.execute(select(func.count()).select_from(faces)).scalar()
+    store.engine.dispose()
+    arrivals = services.standin.arrivals
+    print(f"\nanswered calls: first host {calls_from(first)} (cut off), second {calls_from(second)}; "
+          f"done {summary.counts['done']}, failed {summary.counts['failed']} in {elapsed:.1f} s")
+    assert not [at for at, client in arrivals if client == first.address and at > cut_at]
+    assert summary.counts == {"queued": 0, "done": IMAGES, "failed": 0}
+    assert rows == keys == face_rows == IMAGES
+    assert calls_from(second) >= IMAGES - calls_from(first)
