@@ -1,8 +1,10 @@
 """Result writes into PostgreSQL: face rows per second from ready results, idempotent.
 
 Baseline, same run and server: ORM objects added and committed one image at a time (the common
-way). celebscan: ``ResultStore.save_outcomes`` on worker batches (one transaction per batch: image
-rows updated with executemany, faces replaced with one multi-row INSERT ... ON CONFLICT).
+way). celebscan: ``ResultStore.save_outcomes`` on worker batches: one message per batch (the image
+updates, the face deletes and the face inserts as JSON documents that PostgreSQL expands with
+``json_to_recordset``, run atomically), then one autocommit statement that finishes the scan when
+nothing of it is queued.
 Every image gets 5 faces in Rekognition's full shape. Target: ≥ 40× the baseline.
 
     python -m bench.store_writes [--images 4000] [--baseline-images 300] [--batch-size 16]

@@ -97,6 +97,7 @@ def test_bucket_scan_through_redis_and_two_workers(aws_env, rekognition, broker_
     with pg_store.engine.connect() as conn:
         details = conn.execute(select(faces.c.details, faces.c.known_gender, faces.c.landmarks)).first()
     assert details.details["Face"]["Pose"] and details.known_gender == "Male" and len(details.landmarks) == 2
+    assert "Landmarks" not in details.details["Face"] and "Name" not in details.details  # stored once
 
     summary = pg_store.scan_summary(scan_id)
     print(f"\n{listed} images through Redis, 2 workers: {summary.rate:.1f} images/s")

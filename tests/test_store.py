@@ -148,3 +148,17 @@ def test_keys_are_stored_verbatim(store):
            "$(rm -rf ~); ls `id` | cat.jpg", 'quote"s\\back.jpg']
     _, report = queue(store, odd)
     assert sorted(i.key for i in store.pending(report.image_ids)) == sorted(odd)
+
+
+def test_a_batch_is_written_whole_or_not_at_all(store):
+    """A face row that cannot be written (its image is gone) rolls back the batch's image updates too."""
+    import pytest
+    from sqlalchemy.exc import IntegrityError
+
+    _, report = queue(store, ["a.jpg"])
+    [image_id] = report.image_ids
+    with pytest.raises(IntegrityError):
+        store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama")),
+                             ImageOutcome.done(image_id + 1000, 640, 480, result("biden"))])
+    assert count(store, images, images.c.status == "queued") == 1
+    assert count(store, faces) == 0
