@@ -16,13 +16,15 @@ from tqdm import tqdm
 from producer.embedded import default_workers, run_batches
 from producer.enqueue import check_broker, enqueue_batches, masked_broker
 from producer.export import WRITERS
+from producer.cost import paid_cost, price_list
 from producer.listing import parse_source
 from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
-from producer.scan import plan_scan, split_batches
+from producer.scan import estimate_source, plan_scan, split_batches
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
-from worker.recognizers import BACKENDS
+from worker.recognizers import BACKENDS, PAID_BACKENDS
 from worker.settings import Settings, env_var
+from worker.sources import build_readers
 from worker.store import ResultStore, ScanSummary, masked_url
 
 
@@ -76,10 +78,16 @@ def cli(ctx: click.Context, database_url: str | None, endpoint_url: str | None, 
 @setting_option("--batch-size", setting="batch_size", type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--force", is_flag=True, help="Scan images again even when an identical copy is already done.")
 @click.option("--resume", "resume_id", type=int, metavar="SCAN_ID",
-              help="Hand out again the images of SCAN_ID still queued (after an interruption or a broker loss).")
+              help="Hand out again the images of SCAN_ID still queued (after an interruption, a broker loss or --max-cost).")
+@click.option("--max-cost", type=click.FloatRange(min=0), metavar="USD",
+              help="Send only as many images as this budget pays for (Rekognition's tiered price); the rest stay "
+                   "queued for --resume.")
+@click.option("--prefilter-faces", is_flag=True,
+              help="rekognition: run the local face detector first; images with no face are recorded with no "
+                   "faces and never sent (never billed). Needs the local extra on the workers.")
 @click.pass_obj
 def scan(app: App, source: str | None, backend: str | None, workers: int | None, batch_size: int | None,
-         force: bool, resume_id: int | None) -> None:
+         force: bool, resume_id: int | None, max_cost: float | None, prefilter_faces: bool) -> None:
     """Scan SOURCE (a folder, or s3://bucket/prefix/) and store who is in each image.
 
     With CELERY_BROKER_URL set, the batches are enqueued for Celery workers; otherwise they run
@@ -88,24 +96,35 @@ def scan(app: App, source: str | None, backend: str | None, workers: int | None,
     if (source is None) == (resume_id is None):
         raise click.UsageError("give either SOURCE or --resume SCAN_ID")
     settings = app.settings.replace(backend=backend, workers=workers, batch_size=batch_size)
-    run_scan(app, source, settings, force=force, resume_id=resume_id)
+    if prefilter_faces and settings.backend not in PAID_BACKENDS:
+        raise click.UsageError("--prefilter-faces saves paid calls: use it with --backend rekognition")
+    if prefilter_faces and settings.embedded:
+        from worker.face_embeddings import FaceEmbedder
+
+        FaceEmbedder.check_installed()
+    run_scan(app, source, settings, force=force, resume_id=resume_id, max_cost=max_cost,
+             prefilter_faces=prefilter_faces)
 
 
 def run_scan(app: App, source: str | None, settings: Settings, *, force: bool = False,
-             resume_id: int | None = None) -> ScanSummary:
+             resume_id: int | None = None, max_cost: float | None = None,
+             prefilter_faces: bool = False) -> ScanSummary:
     """Plan (or resume) a scan, then run its batches here or enqueue them; print and return the summary."""
     if not settings.embedded:
         check_broker(settings)
     if resume_id is not None:
-        scan_id = _summary(app.store, resume_id).id
+        resumed = _summary(app.store, resume_id)
+        scan_id, settings = resumed.id, settings.replace(backend=resumed.backend)  # the scan's own backend
         image_ids = app.store.queued_image_ids(scan_id)
-        click.echo(f"scan {scan_id}: resuming {len(image_ids)} queued images")
+        click.echo(f"scan {scan_id}: resuming {len(image_ids)} queued images (backend {settings.backend})")
     else:
-        planned = plan_scan(app.store, parse_source(source), settings, force=force)
+        planned = plan_scan(app.store, parse_source(source), settings, force=force, prefilter_faces=prefilter_faces)
         scan_id, image_ids, queue = planned.scan_id, planned.queue.image_ids, planned.queue
         click.echo(f"scan {scan_id}: {planned.source.url} (backend {settings.backend}, "
                    f"database {masked_url(settings.database_url)})")
         click.echo(f"listed {queue.listed} images; {queue.skipped} already done, {len(image_ids)} to scan")
+    if max_cost is not None:
+        image_ids = _within_budget(image_ids, max_cost, settings, scan_id)
     if image_ids and not settings.embedded:
         batches = split_batches(image_ids, settings.batch_size, workers=1, balance=False)
         enqueue_batches(settings, batches)
@@ -120,7 +139,7 @@ def run_scan(app: App, source: str | None, settings: Settings, *, force: bool = 
         with tqdm(total=len(image_ids), unit="img", desc="scanning", disable=None, file=sys.stderr) as bar:
             run_batches(batches, settings, worker_count, lambda size, report: bar.update(size))
     summary = app.store.scan_summary(scan_id)
-    click.echo(format_summary(summary))
+    click.echo(format_summary(summary, settings))
     return summary
 
 
@@ -135,7 +154,44 @@ def status(app: App, scan_id: int | None, watch: bool, interval: float) -> None:
     summary = _summary(app.store, scan_id)
     if watch and not summary.finished_at:
         summary = _watch(app.store, summary, interval)
-    click.echo(format_summary(summary))
+    click.echo(format_summary(summary, app.settings))
+
+
+def _within_budget(image_ids: list[int], max_cost: float, settings: Settings, scan_id: int) -> list[int]:
+    """The first images that ``max_cost`` pays for, saying what is left out."""
+    if settings.backend not in PAID_BACKENDS:
+        click.echo(f"--max-cost: backend {settings.backend} costs nothing; every image is sent")
+        return image_ids
+    prices = price_list(settings)
+    affordable = min(len(image_ids), prices.images_within(max_cost, settings.rekognition_billed_this_month))
+    cost = prices.cost(affordable, settings.rekognition_billed_this_month)
+    if affordable == len(image_ids):
+        click.echo(f"budget ${max_cost:.2f} covers all {affordable} images (at most ${cost:.2f})")
+        return image_ids
+    click.echo(f"budget ${max_cost:.2f} covers {affordable} of {len(image_ids)} images (at most ${cost:.2f}); "
+               f"{len(image_ids) - affordable} left out, still queued: when this part is done, continue with "
+               f"celebscan scan --resume {scan_id} --max-cost USD")
+    return image_ids[:affordable]
+
+
+@cli.command()
+@click.argument("source")
+@click.pass_obj
+def estimate(app: App, source: str) -> None:
+    """Images, bytes and the estimated Rekognition cost of scanning SOURCE, without calling it."""
+    settings = app.settings
+    found = estimate_source(app.store, parse_source(source), settings)
+    cost = paid_cost(settings, found.billable)
+    click.echo(f"{source}: {found.listed} images, {found.total_bytes / 1e6:,.1f} MB")
+    click.echo(f"  already done with rekognition (skipped): {found.already_done}")
+    click.echo(f"  to scan: {found.to_scan}; over the service's limits: {found.converted} to be converted "
+               f"(shrunk and re-encoded before the call), {found.refused} to be refused "
+               f"(larger than {env_var('max_image_bytes')}={settings.max_image_bytes:,} bytes)")
+    start = settings.rekognition_billed_this_month
+    tiers = f" after {start:,} images billed this month" if start else ""
+    click.echo(f"  estimated Rekognition cost: ${cost:,.2f} for {found.billable} calls at most{tiers} "
+               f"(prices: {env_var('rekognition_prices')}={settings.rekognition_prices}); "
+               f"--prefilter-faces sends only images with a face")
 
 
 def _watch(store: ResultStore, summary: ScanSummary, interval: float) -> ScanSummary:
@@ -145,8 +201,9 @@ def _watch(store: ResultStore, summary: ScanSummary, interval: float) -> ScanSum
             time.sleep(interval)
             summary = store.scan_summary(summary.id)
             bar.update(summary.processed - bar.n)
-            if summary.counts["failed"]:
-                bar.set_postfix(failed=summary.counts["failed"], refresh=False)
+            if summary.failures:
+                codes = ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items()))
+                bar.set_postfix_str(f"failed: {codes}", refresh=False)
     return summary
 
 
@@ -201,6 +258,48 @@ def results(app: App, scan_id: int | None, fmt: str, output: str | None) -> None
         click.echo(f"wrote {count} records to {output}", err=True)
     else:
         WRITERS[fmt](records, click.get_text_stream("stdout"))
+
+
+@cli.command()
+@click.option("--scan", "scan_id", type=int, help="The scan to show (default: the latest).")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), default="report.html",
+              show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Images shown as thumbnails (every failure is listed).")
+@click.pass_obj
+def report(app: App, scan_id: int | None, output: Path, limit: int) -> None:
+    """One self-contained HTML page: thumbnails with boxes and names, failures, a filter by person."""
+    from producer.report import render
+
+    summary = _summary(app.store, scan_id)
+    readers = build_readers(app.settings)
+    with tqdm(total=summary.listed, unit="img", desc="report", disable=None, file=sys.stderr) as bar:
+        page = render(summary, app.store.result_records(summary.id), readers, limit, progress=bar.update)
+    output.write_text(page, encoding="utf-8")
+    click.echo(f"wrote {output} ({len(page.encode()) / 1e6:.1f} MB) for scan {summary.id}")
+
+
+@cli.command()
+@click.argument("key")
+@click.option("--scan", "scan_id", type=int, help="The image as scanned by this scan (default: its latest result).")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), required=True,
+              help="Where to write the picture (.jpg or .png).")
+@click.pass_obj
+def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
+    """Draw the faces found in the image KEY (boxes, names and confidence) into one picture."""
+    from producer.annotate import annotate
+    from producer.report import read_picture
+
+    record = next(iter(app.store.result_records(scan_id, key=key)), None)
+    if record is None:
+        raise click.ClickException(f"no image {key!r}" + (f" in scan {scan_id}" if scan_id is not None else ""))
+    if record["status"] != "done":
+        error = record["error"] or {"code": record["status"], "message": "not processed yet"}
+        raise click.ClickException(f"{key} has no result to draw: {error['code']}: {error['message']}")
+    picture = annotate(read_picture(record, build_readers(app.settings)), record)
+    picture.save(output)
+    names = ", ".join(f"{c['name']} ({c['match_confidence']:.0f})" for c in record["celebrities"]) or "nobody"
+    click.echo(f"wrote {output}: {names}; {len(record['unrecognized_faces'])} unrecognized faces")
 
 
 @cli.group(cls=CelebscanGroup)
@@ -305,7 +404,7 @@ def _summary(store: ResultStore, scan_id: int | None) -> ScanSummary:
     return summary
 
 
-def format_summary(summary: ScanSummary) -> str:
+def format_summary(summary: ScanSummary, settings: Settings) -> str:
     counts = summary.counts
     state = "finished" if summary.finished_at else "running"
     lines = [
@@ -320,6 +419,12 @@ def format_summary(summary: ScanSummary) -> str:
         lines.append("  failures: " + ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items())))
     people = ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in summary.people.items())
     lines.append(f"  faces: {summary.faces}; people found: {people or 'nobody'}")
+    if summary.backend in PAID_BACKENDS or summary.paid_calls:
+        line = f"  paid calls: {summary.paid_calls} (estimated ${paid_cost(settings, summary.paid_calls):,.2f})"
+        if summary.calls_saved:
+            line += (f"; the face prefilter saved {summary.calls_saved} calls "
+                     f"(${paid_cost(settings, summary.calls_saved):,.2f})")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from producer.listing import Source, check_bucket, list_folder, list_s3
+from producer.cost import Estimate, classify_sizes
+from producer.listing import ListedObject, Source, check_bucket, list_folder, list_s3
 from worker.settings import Settings
-from worker.store import QueueReport, ResultStore
+from worker.store import CHUNK_SIZE, QueueReport, ResultStore, chunks
 
 
 @dataclass(frozen=True)
@@ -17,22 +18,42 @@ class PlannedScan:
     queue: QueueReport
 
 
-def plan_scan(store: ResultStore, source: Source, settings: Settings, *, force: bool = False) -> PlannedScan:
-    """Create the scan row and queue every listed image that is not already done."""
+def list_source(source: Source, settings: Settings) -> Iterator[ListedObject]:
+    """The source's images, after checking (for S3) that it can be listed at all."""
     if source.is_s3:
         from worker.aws import client
 
         s3 = client("s3", settings)
         check_bucket(s3, source.bucket, source.prefix)
-        listing = list_s3(s3, source.bucket, source.prefix)
-    else:
-        listing = list_folder(source.bucket)
+        return list_s3(s3, source.bucket, source.prefix)
+    return list_folder(source.bucket)
+
+
+def plan_scan(store: ResultStore, source: Source, settings: Settings, *, force: bool = False,
+              prefilter_faces: bool = False) -> PlannedScan:
+    """Create the scan row and queue every listed image that is not already done."""
+    listing = list_source(source, settings)
     backend = settings.backend
-    scan_id = store.create_scan(source.url, backend)
+    scan_id = store.create_scan(source.url, backend, prefilter_faces=prefilter_faces)
     report = store.queue_images(scan_id, source.bucket, backend, listing, force=force)
     if not report.image_ids:
         store.finish_scan(scan_id)
     return PlannedScan(scan_id=scan_id, source=source, queue=report)
+
+
+def estimate_source(store: ResultStore, source: Source, settings: Settings) -> Estimate:
+    """Count what a Rekognition scan of ``source`` would do, writing nothing and calling nothing."""
+    estimate = Estimate()
+    for chunk in chunks(list_source(source, settings), CHUNK_SIZE):
+        done = store.done_objects(source.bucket, "rekognition", [item.key for item in chunk])
+        to_scan = [item for item in chunk if (item.key, item.etag) not in done]
+        estimate.listed += len(chunk)
+        estimate.total_bytes += sum(item.size for item in chunk)
+        estimate.already_done += len(chunk) - len(to_scan)
+        estimate.to_scan += len(to_scan)
+        classify_sizes(estimate, (item.size for item in to_scan), in_s3=source.is_s3,
+                       max_image_bytes=settings.max_image_bytes)
+    return estimate
 
 
 def split_batches(image_ids: Sequence[int], batch_size: int, workers: int, *, balance: bool = True) -> list[list[int]]:

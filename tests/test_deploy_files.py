@@ -51,7 +51,7 @@ def test_procfile_runs_worker_and_flower():
 
 
 @pytest.mark.slow
-def test_flower_requires_the_basic_auth_from_the_environment(broker_url, tmp_path):
+def test_flower_requires_the_basic_auth_and_serves_prometheus_metrics(broker_url, tmp_path):
     port = free_port()
     env = {"CELERY_BROKER_URL": broker_url, "FLOWER_BASIC_AUTH": "operator:correct-horse",
            "PATH": "/usr/bin:/bin"}
@@ -75,6 +75,10 @@ def test_flower_requires_the_basic_auth_from_the_environment(broker_url, tmp_pat
         assert requests.get(url, timeout=5).status_code == 401
         assert requests.get(url, auth=("operator", "wrong"), timeout=5).status_code == 401
         assert requests.get(url, auth=("operator", "correct-horse"), timeout=5).status_code == 200
+        # Flower serves Prometheus' /metrics without authentication, by its design (for scrapers):
+        # it holds counts and timings only, and Flower listens on 127.0.0.1 in every setup we ship.
+        metrics = requests.get(url + "metrics", timeout=5)
+        assert metrics.status_code == 200 and "flower_events_total" in metrics.text
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -80,6 +80,7 @@ def test_bucket_scan_through_redis_and_two_workers(aws_env, rekognition, broker_
     [watched] = watch
     assert watched.exit_code == 0 and f"scan {scan_id} (finished)" in watched.output
     assert f"{len(answers)} done, {len(bad_keys)} failed" in watched.output
+    assert "failed: EmptyObject 1, ImageTooSmall 1, InvalidImageFormat 2" in watched.output  # the live bar
 
     records = {r["key"]: r for r in pg_store.result_records(scan_id)}
     assert set(records) == set(answers) | bad_keys

@@ -162,3 +162,23 @@ def test_a_batch_is_written_whole_or_not_at_all(store):
                              ImageOutcome.done(image_id + 1000, 640, 480, result("biden"))])
     assert count(store, images, images.c.status == "queued") == 1
     assert count(store, faces) == 0
+
+
+def test_a_database_from_an_older_version_gets_the_new_columns_and_indexes(store):
+    from sqlalchemy import inspect, text
+
+    from worker.store import ResultStore
+
+    _, report = queue(store, ["a.jpg"])
+    with store.engine.begin() as conn:  # as the first release made it
+        conn.execute(text("DROP INDEX ix_images_scan_status_id"))
+        conn.execute(text("ALTER TABLE images DROP COLUMN paid_calls"))
+        conn.execute(text("ALTER TABLE images DROP COLUMN calls_saved"))
+        conn.execute(text("ALTER TABLE scans DROP COLUMN prefilter_faces"))
+    upgraded = ResultStore.connect(store.engine.url.render_as_string(hide_password=False))
+    inspector = inspect(upgraded.engine)
+    assert {"paid_calls", "calls_saved"} <= {c["name"] for c in inspector.get_columns("images")}
+    assert "ix_images_scan_status_id" in {i["name"] for i in inspector.get_indexes("images")}
+    upgraded.save_outcomes([ImageOutcome.done(report.image_ids[0], 10, 10, result("obama"), paid_calls=1)])
+    assert upgraded.scan_summary(upgraded.latest_scan_id()).paid_calls == 1
+    upgraded.engine.dispose()

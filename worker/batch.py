@@ -14,7 +14,9 @@ from sqlalchemy import Engine
 
 from worker.errors import CelebscanError
 from worker.images import ImageLimits, decode_image
+from worker.prefilter import FacePrefilter
 from worker.recognizers import Recognizer, build_recognizer
+from worker.results import RecognitionResult
 from worker.retry import call_with_retry
 from worker.schema import DONE, FAILED
 from worker.settings import Settings
@@ -37,6 +39,7 @@ class WorkerContext:
     limits: ImageLimits = field(default_factory=ImageLimits)
     max_attempts: int = 5
     retry_base_seconds: float = 0.5
+    prefilter: FacePrefilter = field(default_factory=FacePrefilter)
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine | None = None) -> WorkerContext:
@@ -47,6 +50,7 @@ class WorkerContext:
             recognizer=build_recognizer(settings, store.engine),
             limits=ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side),
             max_attempts=settings.max_attempts,
+            prefilter=FacePrefilter(detect_max_side=settings.detect_max_side, min_score=settings.min_face_score),
         )
 
 
@@ -86,8 +90,11 @@ def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key))
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height
+        paid = context.recognizer.paid
+        if paid and image.prefilter_faces and not context.prefilter.has_face(loaded.pixels):
+            return ImageOutcome.done(image.id, width, height, RecognitionResult(), calls_saved=1)
         result = _with_retry(context, lambda: context.recognizer.recognize(loaded, location))
-        return ImageOutcome.done(image.id, width, height, result)
+        return ImageOutcome.done(image.id, width, height, result, paid_calls=int(paid))
     except CelebscanError as exc:
         log.info("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, exc)
         return ImageOutcome.failed(image.id, exc.code, str(exc), width, height)

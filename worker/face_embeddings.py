@@ -43,6 +43,11 @@ class DetectedFace:
 
 
 class FaceEmbedder:
+    @staticmethod
+    def check_installed() -> None:
+        """Raise :class:`MissingDependencyError` (with the pip command) when dlib is not installed."""
+        _import_dlib()
+
     def __init__(self, *, detect_max_side: int = 1024, min_score: float = 0.2) -> None:
         dlib, models = _import_dlib()
         self._dlib = dlib
@@ -52,21 +57,27 @@ class FaceEmbedder:
         self.detect_max_side = detect_max_side
         self.min_score = min_score
 
-    def faces(self, pixels: np.ndarray) -> list[DetectedFace]:
-        """Every face in an upright RGB ``uint8`` array, strongest detection first."""
+    def detect(self, pixels: np.ndarray) -> list[tuple[object, float]]:
+        """(dlib rectangle in ``pixels``' coordinates, detector score) of every face, strongest first.
+
+        Detection alone, without embeddings: what the face prefilter needs (~0.1 s an image).
+        """
         pixels = np.ascontiguousarray(pixels)
         height, width = pixels.shape[:2]
         scale = min(1.0, self.detect_max_side / max(height, width))
         small = pixels if scale == 1.0 else _resize(pixels, scale)
         rects, scores, _ = self._detector.run(small, _upsample_times(small), self.min_score)
+        return [
+            (self._dlib.rectangle(round(rect.left() / scale), round(rect.top() / scale),
+                                  round(rect.right() / scale), round(rect.bottom() / scale)), float(score))
+            for rect, score in sorted(zip(rects, scores, strict=True), key=lambda pair: -pair[1])
+        ]
+
+    def faces(self, pixels: np.ndarray) -> list[DetectedFace]:
+        """Every face in an upright RGB ``uint8`` array, strongest detection first."""
+        pixels = np.ascontiguousarray(pixels)
         found = []
-        for rect, score in sorted(zip(rects, scores, strict=True), key=lambda pair: -pair[1]):
-            box = self._dlib.rectangle(
-                round(rect.left() / scale),
-                round(rect.top() / scale),
-                round(rect.right() / scale),
-                round(rect.bottom() / scale),
-            )
+        for box, score in self.detect(pixels):
             shape = self._landmarks(pixels, box)
             embedding = np.asarray(self._encoder.compute_face_descriptor(pixels, shape), dtype=np.float64)
             found.append(

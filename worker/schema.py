@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
@@ -35,6 +37,8 @@ scans = Table(
     # Images the listing found, and those of them skipped because an identical copy was already done.
     Column("listed", Integer, nullable=False, default=0),
     Column("skipped", Integer, nullable=False, default=0),
+    # Run the local face detector first and send only images with a face to the paid service.
+    Column("prefilter_faces", Boolean, nullable=False, server_default=text("false")),
 )
 
 images = Table(
@@ -57,6 +61,10 @@ images = Table(
     Column("height", Integer),
     Column("queued_at", DateTime(timezone=True)),
     Column("processed_at", DateTime(timezone=True)),
+    # Calls billed by a paid recognizer for this image (more than 1 when a lost batch was redone),
+    # and calls the face prefilter saved (the image had no face and was not sent).
+    Column("paid_calls", Integer, nullable=False, server_default=text("0")),
+    Column("calls_saved", Integer, nullable=False, server_default=text("0")),
     UniqueConstraint("bucket", "key", "etag", "backend", name="uq_images_natural_key"),
     # With the id last, "is anything of this scan still queued?" reads the index backwards from the
     # newest images, which stay queued longest, instead of wading through the entries that finished

@@ -15,6 +15,9 @@ from typing import Any
 from worker.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite:///celebscan.db"
+#: US East (N. Virginia) list price of Rekognition's Group 2 image calls (RecognizeCelebrities), per
+#: image, for the next N images billed in a month (https://aws.amazon.com/rekognition/pricing/).
+DEFAULT_REKOGNITION_PRICES = "0.001:1000000,0.0008:4000000,0.0006:30000000,0.00025"
 
 
 def _setting(default: Any, env: str, help: str) -> Any:
@@ -75,6 +78,13 @@ class Settings:
         "Seconds before Redis hands an unacknowledged batch to another worker (longer than any batch).",
     )
 
+    rekognition_prices: str = _setting(
+        DEFAULT_REKOGNITION_PRICES, "CELEBSCAN_REKOGNITION_PRICES",
+        "Rekognition's price per image by monthly tier: PRICE:IMAGES,... and a last PRICE for the rest.",
+    )
+    rekognition_billed_this_month: int = _setting(
+        0, "CELEBSCAN_REKOGNITION_BILLED_THIS_MONTH", "Images already billed this month: where the price tiers start.",
+    )
     cloudwatch_namespace: str = _setting(
         "", "CELEBSCAN_CLOUDWATCH_NAMESPACE",
         "CloudWatch namespace of `metrics --cloudwatch` (default Celebscan); when set, `scan` publishes after enqueueing.",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, exists, func, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, exists, func, inspect, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
@@ -54,10 +54,34 @@ def connect(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         metadata.create_all(engine)
+        _add_missing_columns_and_indexes(engine)
     except OperationalError as exc:
         reason = " ".join(str(exc.orig).split())
         raise ConfigurationError(f"cannot reach database {masked_url(url)}: {reason}") from exc
     return engine
+
+
+def _add_missing_columns_and_indexes(engine: Engine) -> None:
+    """Bring a database made by an older celebscan up to date: add new columns and indexes.
+
+    Every column added since the first release has a server default, so adding it is all the
+    migration needed; ``create_all`` already makes new tables.
+    """
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            existing = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in existing:
+                    continue
+                column_type = column.type.compile(engine.dialect)
+                default = f" DEFAULT {column.server_default.arg.text}" if column.server_default is not None else ""
+                required = "" if column.nullable else " NOT NULL"
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column_type}{required}{default}"))
+            indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in indexes:
+                    index.create(conn)
 
 
 def _engine_options(url: str) -> dict[str, Any]:
@@ -118,6 +142,7 @@ class QueuedImage:
     etag: str
     size: int
     attempts: int
+    prefilter_faces: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,10 +156,13 @@ class ImageOutcome:
     result: RecognitionResult | None = None
     error_code: str | None = None
     error_message: str | None = None
+    paid_calls: int = 0  # calls a paid recognizer billed for this image
+    calls_saved: int = 0  # 1 when the face prefilter kept the image from the paid recognizer
 
     @classmethod
-    def done(cls, image_id: int, width: int, height: int, result: RecognitionResult) -> ImageOutcome:
-        return cls(image_id, DONE, width, height, result)
+    def done(cls, image_id: int, width: int, height: int, result: RecognitionResult, *, paid_calls: int = 0,
+             calls_saved: int = 0) -> ImageOutcome:
+        return cls(image_id, DONE, width, height, result, paid_calls=paid_calls, calls_saved=calls_saved)
 
     @classmethod
     def failed(cls, image_id: int, code: str, message: str, width: int | None = None, height: int | None = None) -> ImageOutcome:
@@ -155,6 +183,8 @@ class ScanSummary:
     people: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     last_processed_at: datetime | None = None
+    paid_calls: int = 0
+    calls_saved: int = 0
 
     @property
     def processed(self) -> int:
@@ -206,11 +236,23 @@ class ResultStore:
 
     # -- producer side -------------------------------------------------------------------------
 
-    def create_scan(self, source: str, backend: str) -> int:
+    def create_scan(self, source: str, backend: str, *, prefilter_faces: bool = False) -> int:
         with self.engine.begin() as conn:
             return conn.execute(
-                scans.insert().values(source=source, backend=backend, created_at=utcnow(), listed=0, skipped=0)
+                scans.insert().values(source=source, backend=backend, created_at=utcnow(), listed=0, skipped=0,
+                                      prefilter_faces=prefilter_faces)
             ).inserted_primary_key[0]
+
+    def done_objects(self, bucket: str, backend: str, keys: Sequence[str]) -> set[tuple[str, str]]:
+        """(key, etag) of the given keys already ``done`` with this backend: what a scan would skip."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(images.c.key, images.c.etag).where(
+                    images.c.bucket == bucket, images.c.backend == backend, images.c.key.in_(list(keys)),
+                    images.c.status == DONE,
+                )
+            )
+            return {(row.key, row.etag) for row in rows}
 
     def queue_images(
         self, scan_id: int, bucket: str, backend: str, listed: Iterable[Listed], *, force: bool = False
@@ -284,7 +326,7 @@ class ResultStore:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(images.c.id, images.c.scan_id, scans.c.source, images.c.bucket, images.c.key,
-                       images.c.etag, images.c.size, images.c.attempts)
+                       images.c.etag, images.c.size, images.c.attempts, scans.c.prefilter_faces)
                 .join(scans, images.c.scan_id == scans.c.id)
                 .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
                 .order_by(images.c.id)
@@ -390,6 +432,10 @@ class ResultStore:
             )
             face_join = faces.join(images, faces.c.image_id == images.c.id)
             face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar()
+            paid_calls, calls_saved = conn.execute(
+                select(func.coalesce(func.sum(images.c.paid_calls), 0), func.coalesce(func.sum(images.c.calls_saved), 0))
+                .where(in_scan)
+            ).one()
             people = dict(
                 conn.execute(
                     select(faces.c.name, func.count(func.distinct(faces.c.image_id)))
@@ -403,13 +449,14 @@ class ResultStore:
             id=scan.id, source=scan.source, backend=scan.backend, created_at=scan.created_at,
             finished_at=scan.finished_at, listed=scan.listed, skipped=scan.skipped, counts=counts,
             faces=face_count, people=people, failures=failures, last_processed_at=last,
+            paid_calls=int(paid_calls), calls_saved=int(calls_saved),
         )
 
-    def result_records(self, scan_id: int | None = None) -> Iterator[dict[str, Any]]:
+    def result_records(self, scan_id: int | None = None, key: str | None = None) -> Iterator[dict[str, Any]]:
         """One record per image, in the result format of DESIGN.md, streamed in chunks.
 
         With no scan, every image's latest version (an object whose content changed has one row
-        per etag; only the newest is reported).
+        per etag; only the newest is reported). With ``key``, only images of that key.
         """
         newer = images.alias("newer")
         query = (
@@ -417,6 +464,8 @@ class ResultStore:
             .join(scans, images.c.scan_id == scans.c.id)
             .order_by(images.c.id)
         )
+        if key is not None:
+            query = query.where(images.c.key == key)
         if scan_id is not None:
             query = query.where(images.c.scan_id == scan_id)
         else:
@@ -446,14 +495,16 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
     """SQLAlchemy Core statements that any dialect runs (SQLite); returns the batch's scan ids."""
     image_updates = [
         dict(b_id=o.image_id, b_status=o.status, b_width=o.width, b_height=o.height,
-             b_code=o.error_code, b_message=o.error_message, b_now=now)
+             b_code=o.error_code, b_message=o.error_message, b_now=now, b_paid=o.paid_calls, b_saved=o.calls_saved)
         for o in outcomes
     ]
     conn.execute(
         update(images)
         .where(images.c.id == bindparam("b_id"))
         .values(status=bindparam("b_status"), width=bindparam("b_width"), height=bindparam("b_height"),
-                error_code=bindparam("b_code"), error_message=bindparam("b_message"), processed_at=bindparam("b_now")),
+                error_code=bindparam("b_code"), error_message=bindparam("b_message"), processed_at=bindparam("b_now"),
+                paid_calls=images.c.paid_calls + bindparam("b_paid"),
+                calls_saved=images.c.calls_saved + bindparam("b_saved")),
         image_updates,
     )
     conn.execute(delete(faces).where(faces.c.image_id.in_(ids)))
@@ -471,7 +522,8 @@ def _save_outcomes_postgresql(conn, outcomes, ids, face_rows, now) -> set[int]:
     """
     image_rows = [
         {"id": o.image_id, "status": o.status, "width": o.width, "height": o.height,
-         "error_code": o.error_code, "error_message": o.error_message}
+         "error_code": o.error_code, "error_message": o.error_message, "paid_calls": o.paid_calls,
+         "calls_saved": o.calls_saved}
         for o in outcomes
     ]
     parameters = {"images": json.dumps(image_rows), "faces": json.dumps(face_rows), "ids": ids, "now": now}
@@ -506,9 +558,11 @@ _FACE_COLUMNS = ("image_id", "face_index", "name", "person_id", "match_confidenc
 #: psycopg2 sends these statements as one message; they run in order in the caller's transaction.
 _POSTGRESQL_SAVE_OUTCOMES = f"""
 UPDATE images SET status = u.status, width = u.width, height = u.height, error_code = u.error_code,
-       error_message = u.error_message, processed_at = %(now)s
+       error_message = u.error_message, processed_at = %(now)s, paid_calls = images.paid_calls + u.paid_calls,
+       calls_saved = images.calls_saved + u.calls_saved
   FROM json_to_recordset(%(images)s::json)
-       AS u(id integer, status text, width integer, height integer, error_code text, error_message text)
+       AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
+            paid_calls integer, calls_saved integer)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s);
 DELETE FROM faces WHERE image_id = ANY(%(ids)s);
 INSERT INTO faces ({", ".join(_FACE_COLUMNS)})

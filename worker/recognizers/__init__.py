@@ -20,10 +20,14 @@ if TYPE_CHECKING:
     from worker.sources import S3Location
 
 BACKENDS = ("local", "rekognition")
+#: Backends whose calls are billed per image.
+PAID_BACKENDS = frozenset({"rekognition"})
 
 
 class Recognizer(Protocol):
     name: str
+    #: True when each successful call is billed (the summary counts them and estimates the cost).
+    paid: bool
 
     def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
         """Who is in ``image``; ``location`` is where it lives when it is in S3."""

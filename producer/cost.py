@@ -1,0 +1,114 @@
+"""What a scan costs with a paid recognizer: Rekognition's tiered price per image, estimates, budgets.
+
+Rekognition bills each image analysed by RecognizeCelebrities (an "Image API Group 2" call) at a
+price that falls with the images already billed to the account this month. The tiers are a
+setting (``CELEBSCAN_REKOGNITION_PRICES``), so another region or a new price list is one variable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from worker.errors import ConfigurationError
+from worker.settings import Settings
+
+#: The service's own limits: an S3Object image up to 15 MB, bytes up to 5 MB.
+S3_OBJECT_LIMIT = 15 * 1024 * 1024
+BYTES_LIMIT = 5 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Tier:
+    price: float  # USD per image
+    images: float  # how many images this tier covers (math.inf for the last)
+
+
+@dataclass(frozen=True)
+class PriceList:
+    tiers: tuple[Tier, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> PriceList:
+        """``"PRICE:IMAGES,PRICE:IMAGES,...,PRICE"``: each tier's price for its next IMAGES images."""
+        tiers = []
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        try:
+            for number, part in enumerate(parts):
+                price, _, images = part.partition(":")
+                last = number == len(parts) - 1
+                if not images and not last:
+                    raise ValueError(f"tier {part!r} needs an image count")
+                tiers.append(Tier(float(price), math.inf if last and not images else float(images)))
+        except ValueError as exc:
+            raise ConfigurationError(f"bad Rekognition price list {text!r}: {exc}") from exc
+        if not tiers or any(t.price < 0 or t.images <= 0 for t in tiers):
+            raise ConfigurationError(f"bad Rekognition price list {text!r}")
+        if tiers[-1].images != math.inf:
+            tiers.append(Tier(tiers[-1].price, math.inf))
+        return cls(tuple(tiers))
+
+    def cost(self, images: int, already_billed: int = 0) -> float:
+        """USD for ``images`` more images after ``already_billed`` this month."""
+        total, start, remaining = 0.0, 0.0, images
+        for tier in self.tiers:
+            end = start + tier.images
+            if already_billed < end and remaining > 0:
+                in_tier = min(remaining, end - max(start, already_billed))
+                total += in_tier * tier.price
+                remaining -= in_tier
+            start = end
+        return total
+
+    def images_within(self, budget: float, already_billed: int = 0) -> int:
+        """The most images whose cost stays within ``budget`` USD."""
+        count, start, left = 0, 0.0, budget
+        for tier in self.tiers:
+            end = start + tier.images
+            if already_billed < end:
+                available = end - max(start, already_billed)
+                affordable = math.inf if tier.price == 0 else math.floor(left / tier.price + 1e-9)
+                taken = min(available, affordable)
+                count += taken
+                left -= taken * tier.price
+                if taken < available:
+                    break
+            start = end
+        return int(count)
+
+
+def price_list(settings: Settings) -> PriceList:
+    return PriceList.parse(settings.rekognition_prices)
+
+
+def paid_cost(settings: Settings, calls: int) -> float:
+    """USD for ``calls`` Rekognition calls after the images already billed this month."""
+    return price_list(settings).cost(calls, settings.rekognition_billed_this_month)
+
+
+@dataclass
+class Estimate:
+    """What ``celebscan estimate`` reports about a source, before anything is written."""
+
+    listed: int = 0
+    total_bytes: int = 0
+    already_done: int = 0
+    to_scan: int = 0
+    converted: int = 0  # over the S3Object (or bytes) limit: read and re-encoded before the call
+    refused: int = 0  # over CELEBSCAN_MAX_IMAGE_BYTES: failed without a call
+
+    @property
+    def billable(self) -> int:
+        """Calls the scan will make at most (images to scan, less those refused unread)."""
+        return self.to_scan - self.refused
+
+
+def classify_sizes(estimate: Estimate, sizes: Iterable[int], *, in_s3: bool, max_image_bytes: int) -> None:
+    """Count the images that the service's limits will make celebscan convert or refuse."""
+    limit = S3_OBJECT_LIMIT if in_s3 else BYTES_LIMIT
+    for size in sizes:
+        if size > max_image_bytes:
+            estimate.refused += 1
+        elif size > limit:
+            estimate.converted += 1

@@ -1,0 +1,118 @@
+"""Pictures of results: `celebscan report` opened in headless Chromium, and `celebscan show`."""
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from producer.annotate import RECOGNIZED
+from producer.cli import cli
+from producer.demo import COLLINS, HOPPER
+from tests.conftest import unavailable
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_database(tmp_path_factory) -> str:
+    """The demo's scan (local recognizer, 10 sample images, one broken) in its own database."""
+    workdir = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(cli, ["demo", "--workdir", str(workdir)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return f"sqlite:///{workdir / 'demo.db'}"
+
+
+def run(database: str, *args: str) -> str:
+    result = CliRunner().invoke(cli, ["--database-url", database, *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not binary:
+        unavailable("Chromium is not installed: apt-get install chromium")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={user_data}"]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+class Figures(HTMLParser):
+    """The figures of a rendered page: (image key, hidden?) in page order, and every src/href."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.figures, self.links, self._in_figure, self._hidden = [], [], False, False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.links += [attrs[name] for name in ("src", "href") if name in attrs]
+        if tag == "figure":
+            self._in_figure, self._hidden = True, "hidden" in attrs
+        elif tag == "img" and self._in_figure:
+            self.figures.append((attrs["alt"], self._hidden))
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._in_figure = False
+
+
+def rendered(page: Path, fragment: str, tmp_path: Path) -> tuple[Figures, str]:
+    """The page's DOM after its script ran in Chromium, opened at ``#fragment``."""
+    dom = chromium("--dump-dom", f"{page.as_uri()}#{fragment}", user_data=tmp_path / "chromium").stdout
+    parser = Figures()
+    parser.feed(dom)
+    return parser, dom
+
+
+def test_the_report_in_a_real_browser(demo_database, tmp_path):
+    page = tmp_path / "report.html"
+    assert "wrote" in run(demo_database, "report", "--output", str(page))
+    html = page.read_text()
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+    references = re.findall(r"""\b(?:src|href|action)=["']([^"']*)""", html)
+    assert references and all(ref.startswith(("data:", "#")) for ref in references), "the page must fetch nothing"
+
+    everyone, dom = rendered(page, "", tmp_path)
+    assert len(everyone.figures) == 9 and not any(hidden for _, hidden in everyone.figures)
+    assert all(link.startswith("data:image/jpeg;base64,") for link in everyone.links)
+    assert "broken.jpg" in dom and "CorruptImage" in dom  # the failure, with its reason
+    assert f"{HOPPER} (" in dom and f"{COLLINS} (" in dom
+
+    hopper, dom = rendered(page, f"person={HOPPER.replace(' ', '%20')}", tmp_path)
+    visible = sorted(key for key, hidden in hopper.figures if not hidden)
+    assert visible == ["hopper_and_collins.jpg", "hopper_half_size.jpg", "hopper_reencoded.png"]
+    assert re.search(r'id="count">3 images<', dom)
+
+    screenshot = tmp_path / "report.png"
+    chromium(f"--screenshot={screenshot}", "--window-size=1280,1000", "--hide-scrollbars", page.as_uri(),
+             user_data=tmp_path / "chromium")
+    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
+    assert pixels.shape[:2] == (1000, 1280) and pixels.std() > 30, "the screenshot shows the page"
+
+
+def test_show_draws_a_box_and_name_on_each_face(demo_database, tmp_path):
+    output = tmp_path / "both.png"
+    text = run(demo_database, "show", "hopper_and_collins.jpg", "--output", str(output))
+    assert HOPPER in text and COLLINS in text
+    pixels = np.asarray(Image.open(output).convert("RGB")).astype(int)
+    green = np.all(np.abs(pixels - np.array(RECOGNIZED)) < 10, axis=2)
+    assert green.sum() > 500, "the recognized faces are outlined"
+    halves = green[:, : pixels.shape[1] // 2].sum(), green[:, pixels.shape[1] // 2 :].sum()
+    assert min(halves) > 100, "one box on each half (Hopper left, Collins right)"
+
+
+def test_show_refuses_images_without_a_result(demo_database, tmp_path):
+    result = CliRunner().invoke(cli, ["--database-url", demo_database, "show", "broken.jpg", "--output",
+                                      str(tmp_path / "x.jpg")])
+    assert result.exit_code == 1 and "CorruptImage" in result.output
+    result = CliRunner().invoke(cli, ["--database-url", demo_database, "show", "nope.jpg", "--output",
+                                      str(tmp_path / "x.jpg")])
+    assert result.exit_code == 1 and "no image 'nope.jpg'" in result.output
