@@ -13,6 +13,9 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+# No progress-bar monitor thread: the embedded pool forks, and a fork should find no other thread.
+tqdm.monitor_interval = 0
+
 from producer.embedded import default_workers, run_batches
 from producer.enqueue import check_broker, enqueue_batches, masked_broker
 from producer.export import WRITERS
