@@ -13,9 +13,6 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-# No progress-bar monitor thread: the embedded pool forks, and a fork should find no other thread.
-tqdm.monitor_interval = 0
-
 from producer.embedded import default_workers, run_batches
 from producer.enqueue import check_broker, enqueue_batches, masked_broker
 from producer.export import WRITERS
@@ -223,7 +220,8 @@ def _publish_backlog(app: App, settings: Settings) -> None:
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="text", show_default=True)
 @click.option("--cloudwatch", is_flag=True,
-              help=f"Also publish PendingImages, BacklogImages, BacklogPerWorker and WorkersOnline to CloudWatch "
+              help=f"Also publish PendingImages, BacklogImages, BacklogPerWorker, QueueLength (batches) and "
+                   f"WorkersOnline to CloudWatch "
                    f"[namespace: {env_var('cloudwatch_namespace')}, default Celebscan].")
 @click.option("--every", type=click.FloatRange(min=1), metavar="SECONDS",
               help="Take a reading every SECONDS until interrupted (a sidecar for an autoscaler).")

@@ -26,7 +26,7 @@ _PRIORITY_STEPS = (0, 3, 6, 9)
 _UNACKED_KEY = "unacked"
 DEFAULT_NAMESPACE = "Celebscan"
 #: What ``--cloudwatch`` publishes (deploy/aws/celebscan.yaml's alarms read two of them).
-CLOUDWATCH_METRICS = ("PendingImages", "BacklogImages", "BacklogPerWorker", "WorkersOnline")
+CLOUDWATCH_METRICS = ("PendingImages", "BacklogImages", "BacklogPerWorker", "QueueLength", "WorkersOnline")
 
 
 @dataclass(frozen=True)
@@ -178,10 +178,10 @@ FORMATS = {"text": plain_text, "json": lambda reading: json.dumps(reading.as_dic
 def publish_to_cloudwatch(reading: Reading, settings: Settings) -> str:
     """Put the reading's scaling figures as custom metrics; returns the namespace used."""
     namespace = settings.cloudwatch_namespace or DEFAULT_NAMESPACE
+    queue_length = None if reading.waiting_batches is None else reading.waiting_batches + reading.unacked_batches
     figures = dict(zip(CLOUDWATCH_METRICS, (reading.pending_images, reading.backlog_images,
-                                            reading.backlog_per_worker, reading.workers), strict=True))
-    if reading.workers is None:
-        del figures["WorkersOnline"]
+                                            reading.backlog_per_worker, queue_length, reading.workers), strict=True))
+    figures = {name: value for name, value in figures.items() if value is not None}  # no broker: no queue
     try:
         client("cloudwatch", settings).put_metric_data(
             Namespace=namespace,

@@ -62,5 +62,5 @@ def split_batches(image_ids: Sequence[int], batch_size: int, workers: int, *, ba
         return []
     size = batch_size
     if balance:
-        size = max(1, min(batch_size, -(-len(image_ids) // (workers * 8))))
+        size = max(1, min(batch_size, -(-len(image_ids) // (workers * 4))))
     return [list(image_ids[i : i + size]) for i in range(0, len(image_ids), size)]

@@ -99,7 +99,7 @@ def test_cloudwatch_publishing_from_metrics_and_from_scan(scan_env):
 
     cloudwatch = boto3.client("cloudwatch", endpoint_url=scan_env["AWS_ENDPOINT_URL_CLOUDWATCH"])
     names = {metric["MetricName"] for metric in cloudwatch.list_metrics(Namespace=namespace)["Metrics"]}
-    assert names == {"PendingImages", "BacklogImages", "BacklogPerWorker", "WorkersOnline"}
+    assert names == {"PendingImages", "BacklogImages", "BacklogPerWorker", "QueueLength", "WorkersOnline"}
     now = datetime.now(timezone.utc)
     statistics = cloudwatch.get_metric_statistics(
         Namespace=namespace, MetricName="BacklogPerWorker", StartTime=now - timedelta(minutes=5),
