@@ -14,12 +14,12 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from tests.stack import fill_bucket, start_stack
 from producer.enqueue import enqueue_batches
 from producer.listing import parse_source
 from producer.scan import plan_scan, split_batches
 from tests.celery_workers import celery_workers, wait_for_scan
 from tests.imagemaker import jpeg
+from tests.stack import fill_bucket, start_stack
 from worker.settings import Settings
 from worker.store import ResultStore
 

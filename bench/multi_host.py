@@ -66,7 +66,7 @@ def main() -> None:
                 for host in net.hosts[:hosts]:
                     workers.enter_context(celery_workers(1, env, logs, args.concurrency, host=host,
                                                          name=f"{host.namespace}-"))
-                wait_until(lambda: online_workers(settings, 1.0) == hosts, timeout=120, what="workers online")
+                wait_until(lambda count=hosts: online_workers(settings, 1.0) == count, timeout=120, what="workers online")
                 rates[hosts] = timed_scan(env, "one" if hosts == 1 else "two", store)
             print(f"{hosts} worker host{'s' if hosts > 1 else ''} x {args.concurrency} processes: "
                   f"{rates[hosts]:.1f} images/s")

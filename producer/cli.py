@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from producer.cost import paid_cost, price_list
 from producer.embedded import default_workers, run_batches
 from producer.enqueue import check_broker, enqueue_batches, masked_broker
 from producer.export import WRITERS
-from producer.cost import paid_cost, price_list
 from producer.listing import parse_source
 from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
 from producer.scan import estimate_source, plan_scan, split_batches

@@ -12,9 +12,9 @@ import signal
 import subprocess
 import sys
 import time
-from urllib.parse import urlsplit
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from urllib.parse import urlsplit
 
 import boto3
 import pytest

@@ -15,15 +15,27 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, exists, func, inspect, select, text, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from worker.errors import ConfigurationError
 from worker.results import BoundingBox, RecognitionResult
 from worker.retry import retry_database
-from worker.settings import Settings
 from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, metadata, scans
+from worker.settings import Settings
 
 CHUNK_SIZE = 1000
 #: A worker host that vanishes mid-transaction (power loss, network cut) leaves its session idle in
