@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from producer.cost import paid_cost, price_list
+from producer.cost import paid_cost, price_list, usd
 from producer.embedded import default_workers, run_batches
 from producer.enqueue import check_broker, enqueue_batches, masked_broker
 from producer.export import WRITERS
@@ -166,9 +166,9 @@ def _within_budget(image_ids: list[int], max_cost: float, settings: Settings, sc
     affordable = min(len(image_ids), prices.images_within(max_cost, settings.rekognition_billed_this_month))
     cost = prices.cost(affordable, settings.rekognition_billed_this_month)
     if affordable == len(image_ids):
-        click.echo(f"budget ${max_cost:.2f} covers all {affordable} images (at most ${cost:.2f})")
+        click.echo(f"budget {usd(max_cost)} covers all {affordable} images (at most {usd(cost)})")
         return image_ids
-    click.echo(f"budget ${max_cost:.2f} covers {affordable} of {len(image_ids)} images (at most ${cost:.2f}); "
+    click.echo(f"budget {usd(max_cost)} covers {affordable} of {len(image_ids)} images (at most {usd(cost)}); "
                f"{len(image_ids) - affordable} left out, still queued: when this part is done, continue with "
                f"celebscan scan --resume {scan_id} --max-cost USD")
     return image_ids[:affordable]
@@ -189,7 +189,7 @@ def estimate(app: App, source: str) -> None:
                f"(larger than {env_var('max_image_bytes')}={settings.max_image_bytes:,} bytes)")
     start = settings.rekognition_billed_this_month
     tiers = f" after {start:,} images billed this month" if start else ""
-    click.echo(f"  estimated Rekognition cost: ${cost:,.2f} for {found.billable} calls at most{tiers} "
+    click.echo(f"  estimated Rekognition cost: {usd(cost)} for {found.billable} calls at most{tiers} "
                f"(prices: {env_var('rekognition_prices')}={settings.rekognition_prices}); "
                f"--prefilter-faces sends only images with a face")
 
@@ -421,10 +421,10 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     people = ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in summary.people.items())
     lines.append(f"  faces: {summary.faces}; people found: {people or 'nobody'}")
     if summary.backend in PAID_BACKENDS or summary.paid_calls:
-        line = f"  paid calls: {summary.paid_calls} (estimated ${paid_cost(settings, summary.paid_calls):,.2f})"
+        line = f"  paid calls: {summary.paid_calls} (estimated {usd(paid_cost(settings, summary.paid_calls))})"
         if summary.calls_saved:
             line += (f"; the face prefilter saved {summary.calls_saved} calls "
-                     f"(${paid_cost(settings, summary.calls_saved):,.2f})")
+                     f"({usd(paid_cost(settings, summary.calls_saved))})")
         lines.append(line)
     return "\n".join(lines)
 

@@ -78,6 +78,11 @@ class PriceList:
         return int(count)
 
 
+def usd(amount: float) -> str:
+    """Dollars to the cent, or to a hundredth of a cent under a dollar (a few calls cost $0.0030)."""
+    return f"${amount:,.2f}" if amount >= 1 or amount == 0 else f"${amount:.4f}"
+
+
 def price_list(settings: Settings) -> PriceList:
     return PriceList.parse(settings.rekognition_prices)
 

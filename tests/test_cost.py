@@ -59,7 +59,7 @@ def test_estimate_counts_sizes_skips_and_cost_without_calling(env, rekognition, 
     assert f"s3://{bucket}/p/: 6 images, 38.8 MB" in output
     assert "already done with rekognition (skipped): 4" in output
     assert "to scan: 2; over the service's limits: 1 to be converted" in output and "1 to be refused" in output
-    assert "estimated Rekognition cost: $0.00 for 1 calls" in output
+    assert "estimated Rekognition cost: $0.0010 for 1 calls" in output
     assert len(rekognition.calls) == calls, "estimate never calls the service"
     env = {**env, "CELEBSCAN_REKOGNITION_PRICES": "2.5"}
     assert "estimated Rekognition cost: $2.50 for 1 calls" in invoke(env, "estimate", f"s3://{bucket}/p/")
