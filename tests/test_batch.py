@@ -144,3 +144,15 @@ def test_context_from_settings_builds_the_local_recognizer(sqlite_url):
     ctx = WorkerContext.from_settings(Settings(database_url=sqlite_url))
     assert ctx.recognizer.name == "local" and len(ctx.recognizer.gallery) == 0
     assert isinstance(ctx.store, ResultStore)
+
+
+def test_a_batch_for_another_recognizer_is_failed_unread(store, folder):
+    """A worker started with another CELEBSCAN_BACKEND than the scan's records why, and reads nothing."""
+    scan_id = store.create_scan(str(folder), "rekognition")
+    ids = store.queue_images(scan_id, str(folder), "rekognition", list_folder(folder)).image_ids
+    stub = StubRecognizer(lambda image: FOUND)
+    report = process_batch(ids, context(store, stub))
+    assert (report.done, report.failed, stub.calls) == (0, 3, 0)
+    errors = {r["error"]["code"] for r in by_key(store).values()}
+    assert errors == {"BackendMismatch"}
+    assert "CELEBSCAN_BACKEND=rekognition" in next(iter(by_key(store).values()))["error"]["message"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from worker.errors import CelebscanError
+from worker.errors import BackendMismatchError, CelebscanError
 from worker.images import ImageLimits, decode_image
 from worker.prefilter import FacePrefilter
 from worker.recognizers import Recognizer, build_recognizer
@@ -87,6 +87,11 @@ def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
     kind = source_kind(image.source)
     location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
     try:
+        if image.backend and image.backend != context.recognizer.name:
+            raise BackendMismatchError(
+                f"the scan asked for the {image.backend} recognizer but this worker runs {context.recognizer.name}: "
+                f"start workers with CELEBSCAN_BACKEND={image.backend}, then run the scan again"
+            )
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key))
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height

@@ -31,6 +31,12 @@ class MissingDependencyError(ConfigurationError):
     code = "MissingDependency"
 
 
+class BackendMismatchError(ConfigurationError):
+    """A batch of a scan made for another recognizer reached this worker."""
+
+    code = "BackendMismatch"
+
+
 class PermanentError(CelebscanError):
     """Fails the image without retrying: retrying cannot change the outcome."""
 

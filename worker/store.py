@@ -154,6 +154,7 @@ class QueuedImage:
     etag: str
     size: int
     attempts: int
+    backend: str = ""
     prefilter_faces: bool = False
 
 
@@ -338,7 +339,7 @@ class ResultStore:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(images.c.id, images.c.scan_id, scans.c.source, images.c.bucket, images.c.key,
-                       images.c.etag, images.c.size, images.c.attempts, scans.c.prefilter_faces)
+                       images.c.etag, images.c.size, images.c.attempts, images.c.backend, scans.c.prefilter_faces)
                 .join(scans, images.c.scan_id == scans.c.id)
                 .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
                 .order_by(images.c.id)
