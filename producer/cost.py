@@ -8,15 +8,11 @@ setting (``CELEBSCAN_REKOGNITION_PRICES``), so another region or a new price lis
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from worker.errors import ConfigurationError
+from worker.recognizers.rekognition import MAX_BYTES, MAX_S3_OBJECT_BYTES
 from worker.settings import Settings
-
-#: The service's own limits: an S3Object image up to 15 MB, bytes up to 5 MB.
-S3_OBJECT_LIMIT = 15 * 1024 * 1024
-BYTES_LIMIT = 5 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -99,21 +95,25 @@ class Estimate:
     listed: int = 0
     total_bytes: int = 0
     already_done: int = 0
-    to_scan: int = 0
     converted: int = 0  # over the S3Object (or bytes) limit: read and re-encoded before the call
     refused: int = 0  # over CELEBSCAN_MAX_IMAGE_BYTES: failed without a call
+
+    @property
+    def to_scan(self) -> int:
+        return self.listed - self.already_done
 
     @property
     def billable(self) -> int:
         """Calls the scan will make at most (images to scan, less those refused unread)."""
         return self.to_scan - self.refused
 
-
-def classify_sizes(estimate: Estimate, sizes: Iterable[int], *, in_s3: bool, max_image_bytes: int) -> None:
-    """Count the images that the service's limits will make celebscan convert or refuse."""
-    limit = S3_OBJECT_LIMIT if in_s3 else BYTES_LIMIT
-    for size in sizes:
-        if size > max_image_bytes:
-            estimate.refused += 1
-        elif size > limit:
-            estimate.converted += 1
+    def add(self, size: int, *, done: bool, in_s3: bool, max_image_bytes: int) -> None:
+        """Count one listed object: already scanned, or what the size limits will make of it."""
+        self.listed += 1
+        self.total_bytes += size
+        if done:
+            self.already_done += 1
+        elif size > max_image_bytes:
+            self.refused += 1
+        elif size > (MAX_S3_OBJECT_BYTES if in_s3 else MAX_BYTES):
+            self.converted += 1

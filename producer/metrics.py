@@ -42,6 +42,11 @@ class Reading:
         return sum(scan.counts[QUEUED] for scan in self.scans if not scan.finished)
 
     @property
+    def broker_batches(self) -> int | None:
+        """Batches in the broker, waiting or delivered and not yet acknowledged; None with no broker."""
+        return None if self.waiting_batches is None else self.waiting_batches + self.unacked_batches
+
+    @property
     def backlog_images(self) -> int:
         """Queued images that workers can still get to: 0 when the broker holds no batch at all.
 
@@ -49,9 +54,7 @@ class Reading:
         queued that no worker will ever receive; counting them would keep paid instances idle. Such
         a scan is reported as stalled instead, to be handed out again with ``scan --resume``.
         """
-        if self.waiting_batches is None:
-            return self.pending_images
-        return self.pending_images if (self.waiting_batches or self.unacked_batches) else 0
+        return 0 if self.broker_batches == 0 else self.pending_images
 
     @property
     def backlog_per_worker(self) -> float:
@@ -60,7 +63,7 @@ class Reading:
 
     @property
     def stalled_scans(self) -> list[int]:
-        if self.waiting_batches is None or self.backlog_images:
+        if self.broker_batches != 0:
             return []
         return [scan.scan_id for scan in self.scans if not scan.finished and scan.counts[QUEUED]]
 
@@ -178,9 +181,8 @@ FORMATS = {"text": plain_text, "json": lambda reading: json.dumps(reading.as_dic
 def publish_to_cloudwatch(reading: Reading, settings: Settings) -> str:
     """Put the reading's scaling figures as custom metrics; returns the namespace used."""
     namespace = settings.cloudwatch_namespace or DEFAULT_NAMESPACE
-    queue_length = None if reading.waiting_batches is None else reading.waiting_batches + reading.unacked_batches
-    figures = dict(zip(CLOUDWATCH_METRICS, (reading.pending_images, reading.backlog_images,
-                                            reading.backlog_per_worker, queue_length, reading.workers), strict=True))
+    figures = dict(zip(CLOUDWATCH_METRICS, (reading.pending_images, reading.backlog_images, reading.backlog_per_worker,
+                                            reading.broker_batches, reading.workers), strict=True))
     figures = {name: value for name, value in figures.items() if value is not None}  # no broker: no queue
     try:
         client("cloudwatch", settings).put_metric_data(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from producer.cost import Estimate, classify_sizes
+from producer.cost import Estimate
 from producer.listing import ListedObject, Source, check_bucket, list_folder, list_s3
 from worker.settings import Settings
 from worker.store import CHUNK_SIZE, QueueReport, ResultStore, chunks
@@ -37,7 +37,7 @@ def plan_scan(store: ResultStore, source: Source, settings: Settings, *, force: 
     scan_id = store.create_scan(source.url, backend, prefilter_faces=prefilter_faces)
     report = store.queue_images(scan_id, source.bucket, backend, listing, force=force)
     if not report.image_ids:
-        store.finish_scan(scan_id)
+        store.finish_scans([scan_id])
     return PlannedScan(scan_id=scan_id, source=source, queue=report)
 
 
@@ -46,13 +46,9 @@ def estimate_source(store: ResultStore, source: Source, settings: Settings) -> E
     estimate = Estimate()
     for chunk in chunks(list_source(source, settings), CHUNK_SIZE):
         done = store.done_objects(source.bucket, "rekognition", [item.key for item in chunk])
-        to_scan = [item for item in chunk if (item.key, item.etag) not in done]
-        estimate.listed += len(chunk)
-        estimate.total_bytes += sum(item.size for item in chunk)
-        estimate.already_done += len(chunk) - len(to_scan)
-        estimate.to_scan += len(to_scan)
-        classify_sizes(estimate, (item.size for item in to_scan), in_s3=source.is_s3,
-                       max_image_bytes=settings.max_image_bytes)
+        for item in chunk:
+            estimate.add(item.size, done=(item.key, item.etag) in done, in_s3=source.is_s3,
+                         max_image_bytes=settings.max_image_bytes)
     return estimate
 
 

@@ -1,12 +1,11 @@
 """What a scan costs: the tiered price, `celebscan estimate`, `--max-cost`, `--prefilter-faces`."""
 
 import pytest
-from click.testing import CliRunner
 from sqlalchemy import select
 
-from producer.cli import cli
 from producer.cost import PriceList
 from producer.demo import build_demo_set
+from tests.clirun import celebscan
 from tests.imagemaker import jpeg
 from tests.rekognition_standin import celebrity
 from worker.errors import ConfigurationError
@@ -33,10 +32,8 @@ def test_a_bad_price_list_is_refused(text):
         PriceList.parse(text)
 
 
-def invoke(env, *args):
-    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+def invoke(env, *args) -> str:
+    return celebscan(*args, env=env).output
 
 
 @pytest.fixture
@@ -98,5 +95,5 @@ def test_prefilter_sends_only_images_with_a_face(env, rekognition, sqlite_url, t
 
 
 def test_prefilter_is_for_the_paid_backend_only(env, tmp_path):
-    result = CliRunner().invoke(cli, ["scan", str(tmp_path), "--backend", "local", "--prefilter-faces"], env=env)
+    result = celebscan("scan", tmp_path, "--backend", "local", "--prefilter-faces", env=env, ok=False)
     assert result.exit_code == 2 and "--backend rekognition" in result.output

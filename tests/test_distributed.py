@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from producer.cli import cli
 from tests.celery_workers import celery_workers, wait_for_scan
+from tests.clirun import celebscan
 from tests.imagemaker import jpeg
 from tests.rekognition_standin import celebrity
 from worker.celery_config import QUEUE
@@ -44,10 +45,8 @@ def distributed_env(aws_env, rekognition, broker_url, postgres_url, **extra):
             "CELEBSCAN_BATCH_SIZE": "4", **extra}
 
 
-def scan(env, *args):
-    result = CliRunner().invoke(cli, ["scan", *args], env=env, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+def scan(env, *args) -> str:
+    return celebscan("scan", *args, env=env).output
 
 
 def answer_by_key(answers):

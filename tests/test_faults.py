@@ -14,7 +14,12 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from producer.cli import cli
-from tests.celery_workers import celery_workers, pid_with_port, pool_children, wait_for_scan
+from tests.celery_workers import (
+    celery_workers,
+    pid_with_port,
+    pool_children,
+    wait_for_scan,
+)
 from tests.imagemaker import jpeg
 from tests.rekognition_standin import celebrity
 from tests.servers import wait_until
@@ -163,11 +168,17 @@ def own_server(request):
         server.close()
 
 
-def test_redis_restarted_mid_scan_with_its_append_only_file(fault_scan, own_server):
+def own_broker(fault_scan, own_server, appendonly: bool):
+    """A Redis of the test's own, that the scan's producer and workers use."""
     from tests.servers import RedisServer
 
-    broker = own_server(RedisServer, appendonly=True)
+    broker = own_server(RedisServer, appendonly=appendonly)
     fault_scan.use(CELERY_BROKER_URL=broker.url)
+    return broker
+
+
+def test_redis_restarted_mid_scan_with_its_append_only_file(fault_scan, own_server):
+    broker = own_broker(fault_scan, own_server, appendonly=True)
     scan_id = fault_scan.start()
     with celery_workers(2, fault_scan.env, fault_scan.logs):
         fault_scan.until_under_way(scan_id)
@@ -178,10 +189,7 @@ def test_redis_restarted_mid_scan_with_its_append_only_file(fault_scan, own_serv
 
 
 def test_broker_data_lost_mid_scan_is_recovered_by_resume(fault_scan, own_server, rekognition):
-    from tests.servers import RedisServer
-
-    broker = own_server(RedisServer, appendonly=False)
-    fault_scan.use(CELERY_BROKER_URL=broker.url)
+    broker = own_broker(fault_scan, own_server, appendonly=False)
     scan_id = fault_scan.start()
     with celery_workers(2, fault_scan.env, fault_scan.logs):
         fault_scan.until_under_way(scan_id)

@@ -7,11 +7,10 @@ from datetime import datetime, timedelta, timezone
 import boto3
 import pytest
 import redis
-from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.cli import cli
 from tests.celery_workers import celery_workers, wait_for_scan
+from tests.clirun import celebscan
 from tests.imagemaker import jpeg
 from tests.rekognition_standin import celebrity
 from tests.servers import wait_until
@@ -23,9 +22,7 @@ IMAGES, BATCH = 10, 4  # 3 batches: 4 + 4 + 2
 
 
 def run(env, *args) -> str:
-    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-    assert result.exit_code == 0, result.output + result.stderr
-    return result.stdout
+    return celebscan(*args, env=env).stdout
 
 
 def reading(env) -> dict:

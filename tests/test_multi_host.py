@@ -12,11 +12,9 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from urllib.parse import urlsplit
 
-import boto3
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
@@ -27,7 +25,7 @@ from tests.conftest import unavailable
 from tests.imagemaker import jpeg
 from tests.netns import network
 from tests.servers import ServerUnavailable, wait_until
-from tests.stack import start_stack
+from tests.stack import fill_bucket, start_stack
 from worker.schema import faces, images
 from worker.store import ResultStore
 
@@ -51,11 +49,7 @@ def test_two_worker_hosts_and_one_cut_off_mid_scan(two_hosts, tmp_path):
     net, services = two_hosts
     env = services.worker_env(CELEBSCAN_BATCH_SIZE="10", CELEBSCAN_VISIBILITY_TIMEOUT="10",
                               CELEBSCAN_MAX_ATTEMPTS="10")
-    s3 = boto3.client("s3", endpoint_url=services.moto_url)
-    s3.create_bucket(Bucket="photos")
-    body = jpeg(200, 160)
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda n: s3.put_object(Bucket="photos", Key=f"p/{n:04d}.jpg", Body=body), range(IMAGES)))
+    fill_bucket("photos", [f"p/{n:04d}.jpg" for n in range(IMAGES)], jpeg(200, 160))
 
     result = CliRunner().invoke(cli, ["scan", "s3://photos/p/"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from producer.annotate import RECOGNIZED
-from producer.cli import cli
 from producer.demo import COLLINS, HOPPER
+from tests.clirun import celebscan
 from tests.conftest import unavailable
 
 pytestmark = pytest.mark.slow
@@ -23,15 +22,12 @@ pytestmark = pytest.mark.slow
 def demo_database(tmp_path_factory) -> str:
     """The demo's scan (local recognizer, 10 sample images, one broken) in its own database."""
     workdir = tmp_path_factory.mktemp("demo")
-    result = CliRunner().invoke(cli, ["demo", "--workdir", str(workdir)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    celebscan("demo", "--workdir", workdir)
     return f"sqlite:///{workdir / 'demo.db'}"
 
 
 def run(database: str, *args: str) -> str:
-    result = CliRunner().invoke(cli, ["--database-url", database, *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+    return celebscan("--database-url", database, *args).output
 
 
 def chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess:
@@ -110,9 +106,9 @@ def test_show_draws_a_box_and_name_on_each_face(demo_database, tmp_path):
 
 
 def test_show_refuses_images_without_a_result(demo_database, tmp_path):
-    result = CliRunner().invoke(cli, ["--database-url", demo_database, "show", "broken.jpg", "--output",
-                                      str(tmp_path / "x.jpg")])
+    result = celebscan("--database-url", demo_database, "show", "broken.jpg", "--output", tmp_path / "x.jpg",
+                       ok=False)
     assert result.exit_code == 1 and "CorruptImage" in result.output
-    result = CliRunner().invoke(cli, ["--database-url", demo_database, "show", "nope.jpg", "--output",
-                                      str(tmp_path / "x.jpg")])
+    result = celebscan("--database-url", demo_database, "show", "nope.jpg", "--output", tmp_path / "x.jpg",
+                       ok=False)
     assert result.exit_code == 1 and "no image 'nope.jpg'" in result.output

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from worker.errors import BackendMismatchError, CelebscanError
 from worker.images import ImageLimits, decode_image
 from worker.prefilter import FacePrefilter
-from worker.recognizers import Recognizer, build_recognizer
+from worker.recognizers import PAID_BACKENDS, Recognizer, build_recognizer
 from worker.results import RecognitionResult
 from worker.retry import call_with_retry
 from worker.schema import DONE, FAILED
@@ -95,7 +95,7 @@ def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key))
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height
-        paid = context.recognizer.paid
+        paid = context.recognizer.name in PAID_BACKENDS
         if paid and image.prefilter_faces and not context.prefilter.has_face(loaded.pixels):
             return ImageOutcome.done(image.id, width, height, RecognitionResult(), calls_saved=1)
         result = _with_retry(context, lambda: context.recognizer.recognize(loaded, location))

@@ -7,7 +7,6 @@ transaction that replaces the batch's faces, so a redelivered batch never double
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -259,13 +258,7 @@ class ResultStore:
     def done_objects(self, bucket: str, backend: str, keys: Sequence[str]) -> set[tuple[str, str]]:
         """(key, etag) of the given keys already ``done`` with this backend: what a scan would skip."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(images.c.key, images.c.etag).where(
-                    images.c.bucket == bucket, images.c.backend == backend, images.c.key.in_(list(keys)),
-                    images.c.status == DONE,
-                )
-            )
-            return {(row.key, row.etag) for row in rows}
+            return {known for known, row in _known_objects(conn, bucket, backend, keys).items() if row.status == DONE}
 
     def queue_images(
         self, scan_id: int, bucket: str, backend: str, listed: Iterable[Listed], *, force: bool = False
@@ -288,16 +281,8 @@ class ResultStore:
         return QueueReport(image_ids=image_ids, listed=total, skipped=skipped)
 
     def _queue_chunk(self, conn, scan_id, bucket, backend, chunk, force) -> tuple[list[int], int]:
-        same_object = (images.c.bucket == bucket) & (images.c.backend == backend)
         keys = [item.key for item in chunk]
-        known = {
-            (row.key, row.etag): row
-            for row in conn.execute(
-                select(images.c.id, images.c.key, images.c.etag, images.c.status).where(
-                    same_object, images.c.key.in_(keys)
-                )
-            )
-        }
+        known = _known_objects(conn, bucket, backend, keys)
         now = utcnow()
         new_rows, requeue, skipped = [], [], 0
         for item in chunk:
@@ -321,7 +306,8 @@ class ResultStore:
             )
         queued = conn.execute(
             select(images.c.id).where(
-                same_object, images.c.scan_id == scan_id, images.c.status == QUEUED, images.c.key.in_(keys)
+                images.c.bucket == bucket, images.c.backend == backend, images.c.scan_id == scan_id,
+                images.c.status == QUEUED, images.c.key.in_(keys),
             ).order_by(images.c.id)
         )
         return list(queued.scalars()), skipped
@@ -370,7 +356,7 @@ class ResultStore:
                     .values(attempts=images.c.attempts + 1)
                 )
         if poison:
-            self.finish_scan_ids({image.scan_id for image in poison})
+            self.finish_scans({image.scan_id for image in poison})
         return live
 
     @retry_database
@@ -388,16 +374,13 @@ class ResultStore:
         if self.engine.dialect.name != "postgresql":
             with self.engine.begin() as conn:
                 scan_ids = _save_outcomes_portable(conn, outcomes, ids, face_rows, now)
-            self.finish_scan_ids(scan_ids)
+            self.finish_scans(scan_ids)
             return
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             _finish_scans_if_drained(conn, _save_outcomes_postgresql(conn, outcomes, ids, face_rows, now))
 
-    def finish_scan(self, scan_id: int) -> None:
-        """Mark a scan finished when nothing of it is queued (also right away for an empty scan)."""
-        self.finish_scan_ids([scan_id])
-
-    def finish_scan_ids(self, scan_ids: Iterable[int]) -> None:
+    def finish_scans(self, scan_ids: Iterable[int]) -> None:
+        """Mark scans finished when nothing of them is queued (also right away for an empty scan)."""
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             _finish_scans_if_drained(conn, scan_ids)
 
@@ -419,14 +402,15 @@ class ResultStore:
                 .group_by(scans.c.id, scans.c.finished_at, images.c.status)
                 .order_by(scans.c.id)
             ).all()
-        found: dict[int, ScanProgress] = {}
-        for scan_id, finished_at, status, count, last in rows:
-            entry = found.setdefault(scan_id, ScanProgress(scan_id, finished_at is not None, dict.fromkeys(STATUSES, 0), None))
+        finished, counts, last = {}, {}, {}
+        for scan_id, finished_at, status, count, processed_at in rows:
+            finished[scan_id] = finished_at is not None
+            counts.setdefault(scan_id, dict.fromkeys(STATUSES, 0))
             if status is not None:
-                entry.counts[status] = count
-            if last is not None and (entry.last_processed_at is None or _aware(last) > _aware(entry.last_processed_at)):
-                found[scan_id] = dataclasses.replace(entry, last_processed_at=_aware(last))
-        return list(found.values())
+                counts[scan_id][status] = count
+            if processed_at is not None:
+                last[scan_id] = max(last.get(scan_id, _aware(processed_at)), _aware(processed_at))
+        return [ScanProgress(scan_id, finished[scan_id], counts[scan_id], last.get(scan_id)) for scan_id in finished]
 
     def scan_summary(self, scan_id: int) -> ScanSummary | None:
         with self.engine.connect() as conn:
@@ -436,7 +420,11 @@ class ResultStore:
             in_scan = images.c.scan_id == scan_id
             counts = dict.fromkeys(STATUSES, 0)
             counts.update(conn.execute(select(images.c.status, func.count()).where(in_scan).group_by(images.c.status)).all())
-            last = conn.execute(select(func.max(images.c.processed_at)).where(in_scan)).scalar()
+            last, paid_calls, calls_saved = conn.execute(
+                select(func.max(images.c.processed_at), func.coalesce(func.sum(images.c.paid_calls), 0),
+                       func.coalesce(func.sum(images.c.calls_saved), 0))
+                .where(in_scan)
+            ).one()
             failures = dict(
                 conn.execute(
                     select(images.c.error_code, func.count()).where(in_scan, images.c.status == FAILED)
@@ -445,10 +433,6 @@ class ResultStore:
             )
             face_join = faces.join(images, faces.c.image_id == images.c.id)
             face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar()
-            paid_calls, calls_saved = conn.execute(
-                select(func.coalesce(func.sum(images.c.paid_calls), 0), func.coalesce(func.sum(images.c.calls_saved), 0))
-                .where(in_scan)
-            ).one()
             people = dict(
                 conn.execute(
                     select(faces.c.name, func.count(func.distinct(faces.c.image_id)))
@@ -502,6 +486,16 @@ class ResultStore:
             for row in rows:
                 yield _record(row, faces_by_image.get(row.id, []))
             last_id = rows[-1].id
+
+
+def _known_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> dict[tuple[str, str], Any]:
+    """The rows (id, status) of the given keys already recorded for this bucket and backend, by (key, etag)."""
+    rows = conn.execute(
+        select(images.c.id, images.c.key, images.c.etag, images.c.status).where(
+            images.c.bucket == bucket, images.c.backend == backend, images.c.key.in_(list(keys))
+        )
+    )
+    return {(row.key, row.etag): row for row in rows}
 
 
 def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
@@ -568,7 +562,8 @@ def _finish_scans_if_drained(conn, scan_ids: Iterable[int]) -> None:
 _FACE_COLUMNS = ("image_id", "face_index", "name", "person_id", "match_confidence", "face_confidence", "box_left",
                  "box_top", "box_width", "box_height", "urls", "known_gender", "landmarks", "details")
 
-#: psycopg2 sends these statements as one message; they run in order in the caller's transaction.
+#: psycopg2 sends these statements as one message; sent in autocommit mode, PostgreSQL runs them in
+#: order as one implicit transaction (all or nothing).
 _POSTGRESQL_SAVE_OUTCOMES = f"""
 UPDATE images SET status = u.status, width = u.width, height = u.height, error_code = u.error_code,
        error_message = u.error_message, processed_at = %(now)s, paid_calls = images.paid_calls + u.paid_calls,

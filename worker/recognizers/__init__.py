@@ -25,9 +25,7 @@ PAID_BACKENDS = frozenset({"rekognition"})
 
 
 class Recognizer(Protocol):
-    name: str
-    #: True when each successful call is billed (the summary counts them and estimates the cost).
-    paid: bool
+    name: str  # one of BACKENDS (or "stub" in tests); in PAID_BACKENDS when each call is billed
 
     def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
         """Who is in ``image``; ``location`` is where it lives when it is in S3."""

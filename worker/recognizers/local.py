@@ -19,7 +19,6 @@ def match_confidence(distance: float, threshold: float) -> float:
 
 class LocalRecognizer:
     name = "local"
-    paid = False
 
     def __init__(self, embedder: FaceEmbedder, gallery: GalleryIndex, threshold: float = 0.6) -> None:
         self.embedder = embedder

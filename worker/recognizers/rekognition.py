@@ -27,7 +27,6 @@ RATE_LIMIT_KEY = "celebscan:rate:rekognition"
 
 class RekognitionRecognizer:
     name = "rekognition"
-    paid = True
 
     def __init__(self, rekognition_client, limiter=None) -> None:
         self.client = rekognition_client

@@ -16,7 +16,6 @@ class StubRecognizer:
     """
 
     name = "stub"
-    paid = False
 
     def __init__(self, answer: Callable[[LoadedImage], RecognitionResult] | None = None) -> None:
         self.answer = answer or (lambda image: RecognitionResult())
