@@ -432,7 +432,7 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
 def _embedder(settings: Settings):
     from worker.face_embeddings import FaceEmbedder
 
-    return FaceEmbedder(detect_max_side=settings.detect_max_side, min_score=settings.min_face_score)
+    return FaceEmbedder.from_settings(settings)
 
 
 def _report_enrollments(enrollments) -> None:

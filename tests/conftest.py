@@ -21,6 +21,12 @@ FACES_DEV = PROJECT.parent / "shared" / "datasets" / "faces-dev"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir_of_the_session(tmp_path_factory):
+    """Commands run by the tests keep dlib's detector cache in a temporary folder, not in ~/.cache."""
+    os.environ["CELEBSCAN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 def unavailable(reason: str):
     if IN_CI:
         pytest.fail(f"{reason} (required under CI)")

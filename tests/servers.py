@@ -89,12 +89,15 @@ class ServerProcess:
 class PostgresServer(ServerProcess):
     """A fresh PostgreSQL cluster (user postgres, trust auth); run as ``postgres`` under root.
 
-    ``trusted_network`` (a CIDR) is let in too, for clients on other (namespaced) hosts.
+    ``trusted_network`` (a CIDR) is let in too, for clients on other (namespaced) hosts. Tests run
+    it without flushing to disk (faster); ``durable`` keeps PostgreSQL's defaults (fsync, full page
+    writes), as a production server runs, for benchmarks.
     """
 
     name = "postgres"
 
-    def __init__(self, host: str = "127.0.0.1", trusted_network: str | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", trusted_network: str | None = None, durable: bool = False) -> None:
+        self.durable = durable
         initdb, self.binary = postgres_binary("initdb"), postgres_binary("postgres")
         self.run_as = _unprivileged_user()
         super().__init__(host)
@@ -110,7 +113,8 @@ class PostgresServer(ServerProcess):
     def command(self) -> list[str]:
         return _as_user(self.run_as, [
             self.binary, "-D", str(self.directory / "data"), "-p", str(self.port), "-h", self.host,
-            "-k", str(self.directory), "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
+            "-k", str(self.directory), "-c", "max_connections=200",
+            *([] if self.durable else ["-c", "fsync=off", "-c", "full_page_writes=off"]),
         ])
 
     def start(self) -> None:
@@ -147,9 +151,9 @@ def running(server: ServerProcess) -> Iterator[ServerProcess]:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
+def postgres_server(durable: bool = False) -> Iterator[str]:
     """A fresh PostgreSQL cluster for the duration; yields its SQLAlchemy URL."""
-    with running(PostgresServer()) as server:
+    with running(PostgresServer(durable=durable)) as server:
         yield server.url
 
 

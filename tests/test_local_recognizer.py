@@ -110,12 +110,13 @@ def test_match_confidence_scale():
     assert match_confidence(1.5, 0.6) == 0.0
 
 
-def test_a_missing_dlib_names_the_install_command(monkeypatch):
+@pytest.mark.parametrize("package", ["dlib", "face_recognition_models", "threadpoolctl"])
+def test_a_missing_dependency_names_the_install_command(monkeypatch, package):
     import sys
 
     from worker.errors import MissingDependencyError
     from worker.face_embeddings import FaceEmbedder
 
-    monkeypatch.setitem(sys.modules, "dlib", None)
-    with pytest.raises(MissingDependencyError, match=r"pip install 'celebscan\[local\]'"):
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(MissingDependencyError, match=rf"{package} is missing.*pip install 'celebscan\[local\]'"):
         FaceEmbedder()

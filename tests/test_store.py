@@ -150,18 +150,71 @@ def test_keys_are_stored_verbatim(store):
     assert sorted(i.key for i in store.pending(report.image_ids)) == sorted(odd)
 
 
-def test_a_batch_is_written_whole_or_not_at_all(store):
-    """A face row that cannot be written (its image is gone) rolls back the batch's image updates too."""
+def test_a_batch_with_an_image_the_store_lacks_writes_nothing(store):
+    """Faces never point at no image: a batch naming an unknown image is refused whole."""
     import pytest
-    from sqlalchemy.exc import IntegrityError
+
+    from worker.store import MissingImagesError
 
     _, report = queue(store, ["a.jpg"])
     [image_id] = report.image_ids
-    with pytest.raises(IntegrityError):
+    with pytest.raises(MissingImagesError, match="1 of the batch's 2 images"):
         store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama")),
                              ImageOutcome.done(image_id + 1000, 640, 480, result("biden"))])
     assert count(store, images, images.c.status == "queued") == 1
     assert count(store, faces) == 0
+    finish_all(store, report)  # the connection is still good
+    assert count(store, faces) == 1
+
+
+def test_a_face_row_the_server_refuses_rolls_back_the_whole_batch(pg_store):
+    """A value PostgreSQL cannot store (a NUL character) fails the COPY mid-stream: the image
+    updates already made in the transaction are undone, and the next batch writes normally."""
+    import pytest
+    from sqlalchemy.exc import DBAPIError
+
+    _, report = queue(pg_store, ["a.jpg", "b.jpg"])
+    a, b = report.image_ids
+    with pytest.raises(DBAPIError, match="0x00"):
+        pg_store.save_outcomes([ImageOutcome.done(a, 640, 480, result("obama")),
+                                ImageOutcome.done(b, 640, 480, result("bad\x00name"))])
+    assert count(pg_store, images, images.c.status == "queued") == 2
+    assert count(pg_store, faces) == 0
+    finish_all(pg_store, report)
+    assert count(pg_store, faces) == 2
+
+
+def test_a_result_that_cannot_be_encoded_rolls_back_and_leaves_the_connection_usable(pg_store):
+    """An error in our own code in the middle of the COPY (here: a value JSON cannot hold) must not
+    leave a half-open transaction on the pooled connection (the store's only one, used again next)."""
+    import pytest
+
+    bad = RecognitionResult(celebrities=(Celebrity(name="x", id="1", match_confidence=90.0,
+                                                   bounding_box=BoundingBox(0.1, 0.2, 0.3, 0.4),
+                                                   raw={"Odd": {1, 2}}),))
+    _, report = queue(pg_store, ["a.jpg", "b.jpg"])
+    a, b = report.image_ids
+    with pytest.raises(TypeError):
+        pg_store.save_outcomes([ImageOutcome.done(a, 640, 480, result("obama")), ImageOutcome.done(b, 640, 480, bad)])
+    assert count(pg_store, images, images.c.status == "queued") == 2
+    finish_all(pg_store, report)
+    assert count(pg_store, faces) == 2 and count(pg_store, images, images.c.status == "done") == 2
+
+
+def test_text_and_json_that_need_escaping_come_back_unchanged(store):
+    awkward = "tab\there, new\nline, back\\slash \\N, quote \" and 名前"
+    raw = {"Name": awkward, "Face": {"Pose": {"Roll": -1.5}, "Note": awkward, "Path": "C:\\x\\N"}}
+    answer = RecognitionResult(celebrities=(Celebrity(name=awkward, id="id\t1", match_confidence=90.0,
+                                                      bounding_box=BoundingBox(0.1, 0.2, 0.3, 0.4),
+                                                      urls=(awkward,), raw=raw),))
+    scan_id, report = queue(store, ["a.jpg"])
+    finish_all(store, report, answer)
+    [record] = store.result_records(scan_id)
+    [celebrity] = record["celebrities"]
+    assert (celebrity["name"], celebrity["id"], celebrity["urls"]) == (awkward, "id\t1", [awkward])
+    with store.engine.connect() as conn:
+        details = conn.execute(select(faces.c.details)).scalar_one()
+    assert details == {"Face": {"Pose": {"Roll": -1.5}, "Note": awkward, "Path": "C:\\x\\N"}}
 
 
 def test_a_database_from_an_older_version_gets_the_new_columns_and_indexes(store):

@@ -50,7 +50,7 @@ class WorkerContext:
             recognizer=build_recognizer(settings, store.engine),
             limits=ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side),
             max_attempts=settings.max_attempts,
-            prefilter=FacePrefilter(detect_max_side=settings.detect_max_side, min_score=settings.min_face_score),
+            prefilter=FacePrefilter(settings),
         )
 
 

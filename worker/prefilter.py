@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.settings import Settings
+
 
 class FacePrefilter:
-    def __init__(self, *, detect_max_side: int = 1024, min_score: float = 0.2) -> None:
-        self.detect_max_side, self.min_score = detect_max_side, min_score
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
         self._embedder = None
 
     def has_face(self, pixels: np.ndarray) -> bool:
         if self._embedder is None:  # dlib's models load on first use: Rekognition-only workers skip them
             from worker.face_embeddings import FaceEmbedder
 
-            self._embedder = FaceEmbedder(detect_max_side=self.detect_max_side, min_score=self.min_score)
+            self._embedder = FaceEmbedder.from_settings(self.settings)
         return bool(self._embedder.detect(pixels))

@@ -53,6 +53,10 @@ class Settings:
     detect_max_side: int = _setting(
         1024, "CELEBSCAN_DETECT_MAX_SIDE", "Local recognizer: images are downscaled to this side for detection."
     )
+    cache_dir: str = _setting(
+        "~/.cache/celebscan", "CELEBSCAN_CACHE_DIR",
+        "Local recognizer: where dlib's face detector is kept in binary form (loads in ms, not 0.6 s); empty: off.",
+    )
     max_image_pixels: int = _setting(
         100_000_000, "CELEBSCAN_MAX_IMAGE_PIXELS", "Images with more pixels are refused (decompression-bomb guard)."
     )

@@ -27,8 +27,7 @@ class LocalRecognizer:
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine) -> LocalRecognizer:
-        embedder = FaceEmbedder(detect_max_side=settings.detect_max_side, min_score=settings.min_face_score)
-        return cls(embedder, Gallery(engine).index(), settings.match_threshold)
+        return cls(FaceEmbedder.from_settings(settings), Gallery(engine).index(), settings.match_threshold)
 
     def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
         celebrities, unrecognized = [], []
