@@ -8,7 +8,7 @@ from skimage import data as skimage_data
 
 from tests.conftest import FACES_DEV
 from worker.face_embeddings import DESCRIPTOR_MODEL, LANDMARKS_MODEL, model_file
-from worker.face_net import CHIP_PADDING, CHIP_SIZE, FaceDescriptorNet, ModelFormatError
+from worker.face_net import CHIP_PADDING, CHIP_SIZE, CHIPS_AT_ONCE, FaceDescriptorNet, ModelFormatError
 
 dlib = pytest.importorskip("dlib", reason="the local recognizer's extra is not installed")
 DESCRIPTOR_MODEL_FILE = model_file(DESCRIPTOR_MODEL)
@@ -45,8 +45,8 @@ def test_descriptors_equal_dlibs_own(net, dlib_faces):
 
 
 def test_a_batch_of_chips_gives_each_chip_its_own_descriptor(net, dlib_faces):
-    chips = np.stack([dlib.get_face_chip(image, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
-                      for image, shape in dlib_faces])
+    faces = [dlib.get_face_chip(image, shape, size=CHIP_SIZE, padding=CHIP_PADDING) for image, shape in dlib_faces]
+    chips = np.stack((faces * CHIPS_AT_ONCE)[: CHIPS_AT_ONCE * 2 + 3])  # more than one pass through the network
     one_by_one = np.concatenate([net.descriptors(chip[None]) for chip in chips])
     np.testing.assert_allclose(net.descriptors(chips), one_by_one, atol=1e-5)
     assert np.linalg.norm(one_by_one[0] - one_by_one[1]) > 0.3  # different people, different vectors

@@ -235,3 +235,29 @@ def test_a_database_from_an_older_version_gets_the_new_columns_and_indexes(store
     upgraded.save_outcomes([ImageOutcome.done(report.image_ids[0], 10, 10, result("obama"), paid_calls=1)])
     assert upgraded.scan_summary(upgraded.latest_scan_id()).paid_calls == 1
     upgraded.engine.dispose()
+
+
+def test_two_writers_of_the_same_batch_at_once_leave_one_set_of_faces(pg_store):
+    """A redelivered batch can be written by two workers at the same moment: the second waits for
+    the first's row locks, then replaces its faces; neither fails and no face is doubled."""
+    import threading
+
+    _, report = queue(pg_store, [f"{i}.jpg" for i in range(20)])
+    for attempt in range(10):
+        outcomes = [ImageOutcome.done(i, 640, 480, result("obama", unknown=attempt % 3)) for i in report.image_ids]
+        start, errors = threading.Barrier(2), []
+
+        def write():
+            start.wait()
+            try:
+                pg_store.save_outcomes(outcomes)
+            except Exception as exc:  # reported below, with the attempt
+                errors.append(exc)
+
+        writers = [threading.Thread(target=write) for _ in range(2)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join()
+        assert errors == [], f"attempt {attempt}: {errors}"
+        assert count(pg_store, faces) == 20 * (1 + attempt % 3)

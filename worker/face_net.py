@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
+CHIPS_AT_ONCE = 8  # measured: 1 chip 23.8 ms, 2+ ~20 ms a chip; more gains nothing
 _LAYER_NAMES = (b"input_rgb_image_sized", b"con_4", b"affine_", b"fc_2")
 # A layer's name as dlib serializes a string: its length as an integer (1 byte long), then the bytes.
 _LAYER_NAME = re.compile(b"|".join(b"\x01" + bytes([len(name)]) + re.escape(name) for name in _LAYER_NAMES))
@@ -98,9 +99,17 @@ class FaceDescriptorNet:
         self._fc = fc_weights
 
     def descriptors(self, chips: np.ndarray) -> np.ndarray:
-        """(N, 128) float64 descriptors of (N, 150, 150, 3) uint8 RGB chips, as dlib computes them."""
+        """(N, 128) float64 descriptors of (N, 150, 150, 3) uint8 RGB chips, as dlib computes them.
+
+        Chips go through the network a few at a time: the first layer's windows take 3 MB a chip,
+        and a crowd photo can hold a hundred faces.
+        """
         if chips.ndim != 4 or chips.shape[1:] != (CHIP_SIZE, CHIP_SIZE, 3):
             raise ValueError(f"expected (N, {CHIP_SIZE}, {CHIP_SIZE}, 3) chips, got {chips.shape}")
+        parts = [self._forward(chips[start : start + CHIPS_AT_ONCE]) for start in range(0, len(chips), CHIPS_AT_ONCE)]
+        return np.concatenate(parts) if parts else np.empty((0, 128))
+
+    def _forward(self, chips: np.ndarray) -> np.ndarray:
         x = (chips.astype(np.float32) - self.channel_means) / np.float32(256.0)
         x = _relu(self._stem(x))
         x = sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::2, ::2].max(axis=(-2, -1))
