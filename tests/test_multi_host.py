@@ -90,3 +90,59 @@ def _reaches(host, url: str) -> bool:
     address = urlsplit(url)
     probe = f"import socket; socket.create_connection(({address.hostname!r}, {address.port}), timeout=2)"
     return subprocess.run(host.command([sys.executable, "-c", probe]), capture_output=True).returncode == 0
+
+
+def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_images(tmp_path):
+    """A worker host that vanishes while its batch's faces are being copied in leaves PostgreSQL
+    waiting for COPY data, holding the batch's image rows; that session counts as active, so no
+    idle timeout ends it. The server's TCP keepalives must, or the batch's next delivery waits forever."""
+    import threading
+
+    from producer.listing import ListedObject
+    from tests.servers import PostgresServer, running
+    from worker.results import BoundingBox, Celebrity, RecognitionResult
+    from worker.store import ImageOutcome
+
+    with ExitStack() as stack:
+        try:
+            net = stack.enter_context(network(1))
+        except ServerUnavailable as exc:
+            unavailable(str(exc))
+        postgres = stack.enter_context(running(PostgresServer(host=net.services_address, trusted_network=net.subnet)))
+        store = ResultStore.connect(postgres.url)
+        scan_id = store.create_scan("/photos", "local")
+        [image_id] = store.queue_images(scan_id, "/photos", "local", [ListedObject("a.jpg", "e1", 100)]).image_ids
+        writer = subprocess.Popen(net.hosts[0].command([sys.executable, "-c", _STALLING_WRITER.format(
+            url=postgres.url, image_id=image_id)]), stdout=subprocess.PIPE, text=True)
+        stack.callback(writer.kill)
+        assert writer.stdout.readline().strip() == "stalled in the COPY"
+        net.hosts[0].cut()
+        writer.kill()
+
+        box = BoundingBox(0.1, 0.1, 0.2, 0.2)
+        answer = RecognitionResult(celebrities=(Celebrity(name="again", id="2", match_confidence=90.0, bounding_box=box),))
+        written = threading.Event()
+        threading.Thread(target=lambda: (store.save_outcomes([ImageOutcome.done(image_id, 10, 10, answer)]),
+                                         written.set()), daemon=True).start()
+        wait_until(written.is_set, timeout=180, what="the batch written again after the cut")
+        [record] = store.result_records(scan_id)
+        assert [c["name"] for c in record["celebrities"]] == ["again"]
+        store.engine.dispose()
+
+
+#: Writes a batch of one image with two faces through the real store, but stops for good before
+#: the first COPY line is sent (after the images UPDATE has locked the row).
+_STALLING_WRITER = """
+import threading
+import worker.store as store
+from worker.results import BoundingBox, Celebrity, RecognitionResult
+
+def stall(values):
+    print("stalled in the COPY", flush=True)
+    threading.Event().wait()
+
+store._copy_line = stall
+box = BoundingBox(0.1, 0.1, 0.2, 0.2)
+answer = RecognitionResult(celebrities=(Celebrity(name="first", id="1", match_confidence=90.0, bounding_box=box),))
+store.ResultStore.connect({url!r}).save_outcomes([store.ImageOutcome.done({image_id}, 10, 10, answer)])
+"""

@@ -37,10 +37,20 @@ from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, metadat
 from worker.settings import Settings
 
 CHUNK_SIZE = 1000
-#: A worker host that vanishes mid-transaction (power loss, network cut) leaves its session idle in
-#: a transaction, holding row locks that would stall the workers retrying its batch; PostgreSQL ends
-#: such a session after this long. celebscan's own transactions last milliseconds.
-IDLE_TRANSACTION_TIMEOUT_MS = 60_000
+#: A worker host that vanishes mid-transaction (power loss, network cut) leaves its session holding
+#: row locks that would stall the workers retrying its batch. PostgreSQL ends such a session after
+#: about a minute: when it sits idle in the transaction, by a timeout; when it waits in the middle
+#: of a COPY ("active": no timeout applies), by TCP: keepalives the server sends and nobody answers
+#: (30 s idle, then 3 probes 10 s apart), or, when its last message was never acknowledged (then
+#: no keepalive is sent, and retransmissions go on for ~15 minutes), the TCP user timeout.
+#: celebscan's own transactions last milliseconds.
+SESSION_OPTIONS = " ".join(f"-c {name}={value}" for name, value in {
+    "idle_in_transaction_session_timeout": 60_000,
+    "tcp_keepalives_idle": 30,
+    "tcp_keepalives_interval": 10,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}.items())
 
 
 def utcnow() -> datetime:
@@ -101,7 +111,7 @@ def _engine_options(url: str) -> dict[str, Any]:
     # psycopg2's plain executemany is one round trip per row; batch the UPDATEs (execute_batch)
     # and the INSERTs (multi-row VALUES) instead.
     return {"pool_pre_ping": True, "executemany_mode": "values_plus_batch", "executemany_batch_page_size": 500,
-            "connect_args": {"options": f"-c idle_in_transaction_session_timeout={IDLE_TRANSACTION_TIMEOUT_MS}"}}
+            "connect_args": {"options": SESSION_OPTIONS}}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -381,15 +391,15 @@ class ResultStore:
             return
         ids = [outcome.image_id for outcome in outcomes]
         now = utcnow()
-        face_rows = (row for o in outcomes if o.result for row in _face_values(o.image_id, o.result))
         if self.engine.dialect.name != "postgresql":
+            face_rows = [row for o in outcomes if o.result for row in _face_rows(o.image_id, o.result)]
             with self.engine.begin() as conn:
-                rows = [dict(zip(_FACE_COLUMNS, values, strict=True)) for values in face_rows]
-                scan_ids = _save_outcomes_portable(conn, outcomes, ids, rows, now)
+                scan_ids = _save_outcomes_portable(conn, outcomes, ids, face_rows, now)
             self.finish_scans(scan_ids)
             return
+        face_values = (values for o in outcomes if o.result for values in _face_values(o.image_id, o.result))
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            _save_outcomes_postgresql(conn, outcomes, ids, face_rows, now)
+            _finish_scans_if_drained(conn, _save_outcomes_postgresql(conn, outcomes, ids, face_values, now))
 
     def finish_scans(self, scan_ids: Iterable[int]) -> None:
         """Mark scans finished when nothing of them is queued (also right away for an empty scan)."""
@@ -533,17 +543,16 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
     return set(conn.execute(select(images.c.scan_id).where(images.c.id.in_(ids)).distinct()).scalars())
 
 
-def _save_outcomes_postgresql(conn, outcomes, ids, face_rows, now) -> None:
-    """The same writes, and the finishing of drained scans, in three round trips.
+def _save_outcomes_postgresql(conn, outcomes, ids, face_values, now) -> set[int]:
+    """The same writes in three round trips; returns the batch's scan ids.
 
     1. Open the transaction and update the image rows (the batch travels as one JSON document that
-       PostgreSQL expands with ``json_to_recordset``); every image must be found, which is what
-       keeps a face from ever pointing at no image (``faces.image_id`` has no foreign key: see
-       ``worker/schema.py``).
+       PostgreSQL expands with ``json_to_recordset``), returning their scans; every image must be
+       found, which is what keeps a face from ever pointing at no image (``faces.image_id`` has no
+       foreign key: see ``worker/schema.py``).
     2. Delete the batch's faces and ``COPY`` the new ones in: the rows stream as COPY text, made
        while the server inserts the rows already sent, so its work and ours overlap.
-    3. Commit and, as its own statement after the commit, finish the batch's scans that have
-       nothing left queued.
+    3. Commit.
     """
     image_rows = [
         {"id": o.image_id, "status": o.status, "width": o.width, "height": o.height,
@@ -553,15 +562,17 @@ def _save_outcomes_postgresql(conn, outcomes, ids, face_rows, now) -> None:
     ]
     parameters = {"images": orjson.dumps(image_rows).decode(), "ids": ids, "now": now}
     dbapi_connection = conn.connection.dbapi_connection
-    statement, copy_text = _POSTGRESQL_UPDATE_IMAGES, _CopyText(face_rows)
+    statement, copy_text = _POSTGRESQL_UPDATE_IMAGES, _CopyText(face_values)
     try:
         with dbapi_connection.cursor() as cursor:
             cursor.execute(statement, parameters)
-            _check_all_found(cursor.rowcount, ids)
+            scan_ids = [scan_id for (scan_id,) in cursor.fetchall()]
+            _check_all_found(len(scan_ids), ids)
             statement = _POSTGRESQL_REPLACE_FACES
             cursor.copy_expert(cursor.mogrify(statement, parameters).decode(), copy_text, size=_COPY_CHUNK)
-            statement = _POSTGRESQL_COMMIT_AND_FINISH
-            cursor.execute(statement, parameters)
+            statement = "COMMIT"
+            cursor.execute(statement)
+        return set(scan_ids)
     except BaseException as exc:
         # The transaction was opened by hand, so SQLAlchemy does not know to end it: roll it back
         # here (or drop the connection), whatever failed, before the connection goes back to the pool.
@@ -676,6 +687,7 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
        AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
             paid_calls integer, calls_saved integer)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s)
+RETURNING images.scan_id
 """
 
 #: One message: COPY ends it and waits for the face rows.
@@ -683,16 +695,6 @@ _POSTGRESQL_REPLACE_FACES = f"""
 DELETE FROM faces WHERE image_id = ANY(%(ids)s);
 COPY faces ({", ".join(_FACE_COLUMNS)}) FROM STDIN
 """
-
-#: The scans are looked up once (``ARRAY(...)``) by the images' primary key, then each is finished
-#: when no image of it is queued (the ``(scan_id, status, id)`` index answers that).
-_POSTGRESQL_COMMIT_AND_FINISH = """
-COMMIT;
-UPDATE scans SET finished_at = %(now)s
- WHERE id = ANY(ARRAY(SELECT DISTINCT scan_id FROM images WHERE id = ANY(%(ids)s))) AND finished_at IS NULL
-   AND NOT EXISTS (SELECT 1 FROM images WHERE images.scan_id = scans.id AND images.status = 'queued')
-"""
-
 
 def _face_values(image_id: int, result: RecognitionResult) -> list[tuple]:
     """A result's face rows as tuples in ``_FACE_COLUMNS`` order."""
