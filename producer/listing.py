@@ -1,7 +1,8 @@
 """Listing the images under a source.
 
 An S3 prefix is listed with the ListObjectsV2 paginator, fanned out over the prefixes one level
-below the given one (delimiter ``/``) so a wide bucket lists in parallel. A local folder is walked recursively; each file's etag is the MD5 of its content (what S3 reports as
+below the given one (delimiter ``/``) so a wide bucket lists in parallel. A local folder is walked
+recursively; each file's etag is the MD5 of its content (what S3 reports as
 the ETag of an object uploaded in one part), so a rescan recognises unchanged files however they
 were copied. Symlinks are never followed out of the folder.
 """
@@ -25,12 +26,14 @@ from worker.images import is_image_name
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ListedObject:
     key: str
     etag: str
     size: int
+    #: (code, message) for an entry that is listed but can never be read (a symlink loop, a name that
+    #: is not UTF-8, an unreadable sub-folder): it is recorded ``failed`` at once, never handed out.
+    error: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,28 +62,68 @@ def parse_source(text: str) -> Source:
 
 
 def list_folder(folder: Path) -> Iterator[ListedObject]:
-    """Every image file under ``folder``, in a stable order, with its content hash."""
+    """Every image file under ``folder``, in a stable order, with its content hash.
+
+    A bad entry never stops the listing: a symlink loop, a dangling link, a name that is not valid
+    UTF-8 or a sub-folder that cannot be read is yielded with its error (and logged in one line),
+    so it is recorded ``failed`` and can be found with ``celebscan results``. Symlinks that lead
+    outside the folder are skipped.
+    """
     root = Path(folder).resolve()
-    for directory, subdirs, files in os.walk(root):
+    unreadable: list[OSError] = []
+    for directory, subdirs, files in os.walk(root, onerror=unreadable.append):
+        while unreadable:
+            yield _unreadable_folder(root, unreadable.pop())
         subdirs.sort()
         for name in sorted(files):
             path = Path(directory, name)
-            if not is_image_name(name) or not _inside(path, root):
-                continue
-            try:
-                yield ListedObject(key=path.relative_to(root).as_posix(), etag=_md5(path), size=path.stat().st_size)
-            except OSError as exc:
-                log.warning("cannot read %s while listing: %s", path, exc)
-                yield ListedObject(key=path.relative_to(root).as_posix(), etag="unreadable", size=0)
+            if is_image_name(name):
+                listed = _listed_file(root, path)
+                if listed is not None:
+                    yield listed
+    while unreadable:
+        yield _unreadable_folder(root, unreadable.pop())
 
 
-def _inside(path: Path, root: Path) -> bool:
-    if not path.is_symlink():
-        return True
-    inside = path.resolve().is_relative_to(root)
-    if not inside:
-        log.warning("skipping %s: a symlink that leads outside %s", path, root)
-    return inside
+def _listed_file(root: Path, path: Path) -> ListedObject | None:
+    key = path.relative_to(root).as_posix()
+    if not _is_utf8(key):
+        printable = os.fsencode(key).decode("utf-8", "backslashreplace")
+        return _bad_entry(printable, "InvalidFileName", "the file name is not valid UTF-8; rename the file")
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except FileNotFoundError:
+            return _bad_entry(key, "BrokenSymlink", f"the symlink points to {os.readlink(path)}, which does not exist")
+        except (RuntimeError, OSError) as exc:  # RuntimeError: Python < 3.13's "Symlink loop"
+            return _bad_entry(key, "SymlinkLoop", f"the symlink cannot be followed: {exc}")
+        if not target.is_relative_to(root):
+            log.warning("skipping %s: a symlink that leads outside %s", path, root)
+            return None
+    try:
+        return ListedObject(key=key, etag=_md5(path), size=path.stat().st_size)
+    except OSError as exc:
+        log.warning("cannot read %s while listing: %s", path, exc)
+        return ListedObject(key=key, etag="unreadable", size=0)
+
+
+def _unreadable_folder(root: Path, exc: OSError) -> ListedObject:
+    folder = Path(exc.filename or root)
+    key = folder.relative_to(root).as_posix() + "/" if folder != root else "./"
+    return _bad_entry(key, "UnreadableFolder", f"the folder cannot be listed: {exc.strerror or exc}")
+
+
+def _bad_entry(key: str, code: str, message: str) -> ListedObject:
+    log.warning("%s: %s (recorded as failed, %s)", key, message, code)
+    return ListedObject(key=key, etag="unreadable", size=0, error=(code, message))
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes come back from os.walk as lone surrogates
+        return False
+    return True
 
 
 def _md5(path: Path) -> str:

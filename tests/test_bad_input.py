@@ -5,6 +5,11 @@ Every object ends with one row: ``done`` for what can be read (after conversion 
 """
 
 import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +119,72 @@ def test_every_bad_input_ends_failed_with_its_code_and_the_worker_goes_on(
     assert shrunk, "the 32 MB, 40-megapixel JPEG is shrunk and sent as bytes"
     assert all(c.size <= 5 * 1024 * 1024 for c in rekognition.calls if c.kind == "Bytes")
     store.engine.dispose()
+
+
+def test_bad_folder_entries_are_recorded_failed_and_the_scan_goes_on(tmp_path, sqlite_url):
+    """A symlink loop, a dangling link and a name that is not UTF-8 each end one failed row."""
+    from tests.clirun import celebscan
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(jpeg(300, 200))
+    (folder / "loop.jpg").symlink_to("loop.jpg")
+    (folder / "dangling.jpg").symlink_to(folder / "deleted.jpg")
+    os.close(os.open(os.fsencode(folder) + b"/caf\xe9.jpg", os.O_CREAT | os.O_WRONLY))
+    result = celebscan("--database-url", sqlite_url, "scan", folder, "--workers", "1")
+    assert "Traceback" not in result.output and "listed 4 images" in result.output, result.output
+    records = {r["key"]: r for r in ResultStore.connect(sqlite_url).result_records()}
+    got = {key: (r["status"], (r["error"] or {}).get("code")) for key, r in records.items()}
+    assert got == {
+        "good.jpg": ("done", None),
+        "loop.jpg": ("failed", "SymlinkLoop"),
+        "dangling.jpg": ("failed", "BrokenSymlink"),
+        "caf\\xe9.jpg": ("failed", "InvalidFileName"),
+    }
+    assert "rename" in records["caf\\xe9.jpg"]["error"]["message"]
+    again = celebscan("--database-url", sqlite_url, "scan", folder, "--workers", "1")
+    assert "3 failed" in again.output, "a rescan records the bad entries again, not a crash"
+
+
+def list_as_unprivileged_user(folder: Path) -> list:
+    """``list_folder(folder)`` in a forked child that drops root first (root reads every folder)."""
+    from producer.listing import list_folder
+
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.close(read_end)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            listed = [[o.key, o.error and o.error[0], o.error and o.error[1]] for o in list_folder(folder)]
+            os.write(write_end, json.dumps(listed).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        output = pipe.read()
+    assert os.waitpid(child, 0)[1] == 0
+    return json.loads(output)
+
+
+def test_an_unreadable_sub_folder_is_recorded_and_the_listing_goes_on():
+    base = Path(tempfile.mkdtemp(prefix="celebscan-unreadable-"))
+    try:
+        folder = base / "photos"
+        (folder / "locked").mkdir(parents=True)
+        (folder / "locked" / "hidden.jpg").write_bytes(jpeg())
+        (folder / "open.jpg").write_bytes(jpeg())
+        for path in (base, folder, folder / "open.jpg"):
+            path.chmod(0o755)
+        (folder / "locked").chmod(0o000)
+        listed = list_as_unprivileged_user(folder)
+        assert [entry[:2] for entry in listed] == [["open.jpg", None], ["locked/", "UnreadableFolder"]]
+        assert listed[1][2].startswith("the folder cannot be listed: Permission denied")
+    finally:
+        (base / "photos" / "locked").chmod(0o755)
+        shutil.rmtree(base)

@@ -65,8 +65,26 @@ def masked_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
+#: The spellings users have (psql, RDS and most guides write ``postgresql://``, Heroku-style
+#: ``DATABASE_URL`` values ``postgres://``) name no driver; SQLAlchemy 2.1 would pick psycopg 3,
+#: which celebscan does not install, and knows no ``postgres`` dialect at all.
+_DRIVERLESS_POSTGRESQL = ("postgresql", "postgres")
+
+
+def with_driver(url: str) -> str:
+    """``url`` with the installed PostgreSQL driver (psycopg2) named; an explicit ``+driver`` is kept."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url
+    if parsed.drivername not in _DRIVERLESS_POSTGRESQL:
+        return url
+    return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+
+
 def connect(url: str) -> Engine:
     """An engine for ``url`` with the schema created; a clean ``ConfigurationError`` if unreachable."""
+    url = with_driver(url)
     try:
         engine = create_engine(url, **_engine_options(url))
     except (ArgumentError, ImportError) as exc:
@@ -304,14 +322,20 @@ class ResultStore:
         keys = [item.key for item in chunk]
         known = _known_objects(conn, bucket, backend, keys)
         now = utcnow()
-        new_rows, requeue, skipped = [], [], 0
+        new_rows, requeue, unreadable, skipped = [], [], [], 0
         for item in chunk:
             row = known.get((item.key, item.etag))
+            error = getattr(item, "error", None)
             if row is None:
                 new_rows.append(
                     dict(scan_id=scan_id, bucket=bucket, key=item.key, etag=item.etag, size=item.size,
-                         backend=backend, status=QUEUED, attempts=0, queued_at=now)
+                         backend=backend, status=QUEUED, attempts=0, queued_at=now, error_code=None,
+                         error_message=None, processed_at=None)
                 )
+                if error:
+                    new_rows[-1].update(status=FAILED, error_code=error[0], error_message=error[1], processed_at=now)
+            elif error:
+                unreadable.append(dict(b_id=row.id, b_code=error[0], b_message=error[1]))
             elif row.status == DONE and not force:
                 skipped += 1
             else:
@@ -323,6 +347,14 @@ class ResultStore:
                 update(images)
                 .where(images.c.id.in_(requeue))
                 .values(scan_id=scan_id, status=QUEUED, attempts=0, error_code=None, error_message=None, queued_at=now)
+            )
+        if unreadable:  # listed unreadable again: failed again, now in this scan
+            conn.execute(
+                update(images)
+                .where(images.c.id == bindparam("b_id"))
+                .values(scan_id=scan_id, status=FAILED, error_code=bindparam("b_code"),
+                        error_message=bindparam("b_message"), queued_at=now, processed_at=now),
+                unreadable,
             )
         queued = conn.execute(
             select(images.c.id).where(
