@@ -23,6 +23,7 @@ from producer.scan import split_batches
 from tests.imagemaker import encode, halves
 from tests.servers import postgres_server
 from worker.batch import WorkerContext, process_batch
+from worker.recognizers import Recognizers
 from worker.recognizers.stub import StubRecognizer
 from worker.results import BoundingBox, Celebrity, RecognitionResult
 from worker.settings import Settings
@@ -37,7 +38,7 @@ _context: WorkerContext | None = None
 def _init(database_url: str) -> None:
     global _context
     store = ResultStore.connect(database_url)
-    _context = WorkerContext(store=store, readers=build_readers(Settings()), recognizer=StubRecognizer(lambda image: ANSWER))
+    _context = WorkerContext(store=store, readers=build_readers(Settings()), recognizers=Recognizers.of(StubRecognizer(lambda image: ANSWER)))
 
 
 def _run(batch: list[int]) -> int:

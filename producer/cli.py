@@ -418,6 +418,12 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
         lines.append(f"  rate: {summary.rate:.2f} images/s{eta}")
     if summary.failures:
         lines.append("  failures: " + ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items())))
+    if summary.retrying:
+        lines.append("  retrying after transient errors (still queued): "
+                     + ", ".join(f"{code} {n}" for code, n in sorted(summary.retrying.items())))
+    if summary.unserved:
+        lines.append(f"  waiting: no worker has served this scan's batches: {summary.unserved}; "
+                     f"install what it names on the workers (pip install '.[local]') and restart them")
     people = ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in summary.people.items())
     lines.append(f"  faces: {summary.faces}; people found: {people or 'nobody'}")
     if summary.backend in PAID_BACKENDS or summary.paid_calls:

@@ -78,7 +78,7 @@ class Reading:
             "workers": self.workers,
             "stalled_scans": self.stalled_scans,
             "scans": [
-                {"scan_id": scan.scan_id, "finished": scan.finished, "images": scan.counts,
+                {"scan_id": scan.scan_id, "finished": scan.finished, "images": scan.counts, "unserved": scan.unserved,
                  "last_processed_at": scan.last_processed_at.timestamp() if scan.last_processed_at else None}
                 for scan in self.scans
             ],
@@ -169,6 +169,10 @@ def plain_text(reading: Reading) -> str:
             f"workers online: {reading.workers}",
             f"backlog per worker: {reading.backlog_per_worker:.1f} images",
         ]
+    for scan in reading.scans:
+        if scan.unserved:
+            lines.append(f"scan {scan.scan_id} is waiting: no worker has served its batches: {scan.unserved}; "
+                         f"install what it names on the workers (pip install '.[local]') and restart them")
     for scan_id in reading.stalled_scans:
         lines.append(f"scan {scan_id} is stalled (images queued, no batch in the broker): "
                      f"celebscan scan --resume {scan_id}")

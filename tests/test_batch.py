@@ -7,6 +7,7 @@ from tests.imagemaker import jpeg
 from worker.batch import MAX_DELIVERIES, WorkerContext, process_batch
 from worker.errors import AccessDeniedError, ThrottledError
 from worker.images import ImageLimits
+from worker.recognizers import Recognizers
 from worker.recognizers.stub import StubRecognizer
 from worker.results import BoundingBox, Celebrity, RecognitionResult
 from worker.sources import FolderReader
@@ -30,7 +31,7 @@ def queued(store, folder):
 
 
 def context(store, recognizer):
-    return WorkerContext(store=store, readers={"folder": FolderReader(10**8)}, recognizer=recognizer,
+    return WorkerContext(store=store, readers={"folder": FolderReader(10**8)}, recognizers=Recognizers.of(recognizer),
                          limits=ImageLimits(), max_attempts=4, retry_base_seconds=0.001)
 
 
@@ -60,14 +61,43 @@ def test_transient_errors_are_retried_until_they_pass(store, folder):
     assert {r["status"] for r in by_key(store).values()} == {"done"}
 
 
-def test_transient_errors_that_never_pass_fail_the_image_with_their_code(store, folder):
+def test_transient_errors_that_outlast_the_retries_leave_the_images_queued_until_the_deadline(store, folder):
     def answer(image):
         raise ThrottledError("still throttled")
 
     stub = StubRecognizer(answer)
-    report = process_batch(queued(store, folder), context(store, stub))
-    assert report.failed == 3 and stub.calls == 3 * 4
-    assert {r["error"]["code"] for r in by_key(store).values()} == {"ThrottlingException"}
+    ids = queued(store, folder)
+    ctx = context(store, stub)
+    for round in range(1, MAX_DELIVERIES + 2):  # more rounds than a poison image is allowed
+        report = process_batch(ids, ctx)
+        assert (report.done, report.failed, report.deferred) == (0, 0, tuple(ids))
+        assert 0 < report.resend_after <= 300
+        assert stub.calls == 3 * 4 * round
+        pending = store.pending(ids)
+        assert [(image.attempts, image.retries) for image in pending] == [(0, 4 * round)] * 3, \
+            "a deferral is not a delivery that may have crashed a worker"
+    summary = store.scan_summary(pending[0].scan_id)
+    assert summary.retrying == {"ThrottlingException": 3} and summary.failures == {}
+    assert summary.finished_at is None
+
+    ctx.retry_deadline = 0  # the deadline has passed
+    report = process_batch(ids, ctx)
+    assert (report.failed, report.deferred) == (3, ())
+    errors = [r["error"] for r in by_key(store).values()]
+    assert {e["code"] for e in errors} == {"ThrottlingException"}
+    rounds = MAX_DELIVERIES + 2
+    assert all(e["message"].startswith(f"gave up after {4 * rounds} tries over ") for e in errors), errors
+    assert store.scan_summary(pending[0].scan_id).finished_at is not None
+
+
+def test_resend_delays_grow_with_the_rounds_and_stay_short_of_the_deadline(store):
+    from worker.batch import _resend_delay
+
+    ctx = context(store, StubRecognizer())
+    ceilings = [max(_resend_delay(rounds, ctx) for _ in range(200)) for rounds in (1, 2, 3, 12)]
+    assert ceilings[0] <= 5 < ceilings[1] <= 10 < ceilings[2] <= 20 and 150 <= ceilings[3] <= 300
+    ctx.retry_deadline = 20
+    assert max(_resend_delay(12, ctx) for _ in range(200)) <= 5
 
 
 def test_permanent_errors_are_not_retried(store, folder):
@@ -138,21 +168,26 @@ def test_an_image_that_keeps_killing_workers_is_quarantined(store, folder):
     assert poison_id == min(ids)
 
 
-def test_context_from_settings_builds_the_local_recognizer(sqlite_url):
+def test_context_from_settings_builds_each_recognizer_when_a_batch_first_needs_it(sqlite_url, aws_env):
     from worker.settings import Settings
 
     ctx = WorkerContext.from_settings(Settings(database_url=sqlite_url))
-    assert ctx.recognizer.name == "local" and len(ctx.recognizer.gallery) == 0
+    local = ctx.recognizers.get("local")
+    assert local.name == "local" and len(local.gallery) == 0
+    assert ctx.recognizers.get("local") is local, "built once per process"
+    assert ctx.recognizers.get("rekognition").name == "rekognition", "the same worker serves the paid backend"
     assert isinstance(ctx.store, ResultStore)
 
 
-def test_a_batch_for_another_recognizer_is_failed_unread(store, folder):
-    """A worker started with another CELEBSCAN_BACKEND than the scan's records why, and reads nothing."""
+def test_a_batch_this_worker_cannot_serve_is_handed_back_untouched(store, folder):
+    """Which worker picked a batch up never decides its images' fate: nothing is read, started or failed."""
+    from worker.errors import RecognizerUnavailableError
+
     scan_id = store.create_scan(str(folder), "rekognition")
     ids = store.queue_images(scan_id, str(folder), "rekognition", list_folder(folder)).image_ids
     stub = StubRecognizer(lambda image: FOUND)
-    report = process_batch(ids, context(store, stub))
-    assert (report.done, report.failed, stub.calls) == (0, 3, 0)
-    errors = {r["error"]["code"] for r in by_key(store).values()}
-    assert errors == {"BackendMismatch"}
-    assert "CELEBSCAN_BACKEND=rekognition" in next(iter(by_key(store).values()))["error"]["message"]
+    with pytest.raises(RecognizerUnavailableError, match="rekognition"):
+        process_batch(ids, context(store, stub))
+    assert stub.calls == 0
+    assert {(r["status"], r["error"]) for r in by_key(store).values()} == {("queued", None)}
+    assert [image.attempts for image in store.pending(ids)] == [0, 0, 0]

@@ -76,7 +76,7 @@ def test_the_database_password_never_reaches_user_data(template):
     assert database["ManageMasterUserPassword"] is True and "MasterUserPassword" not in database
     script, variables = user_data(template)
     referenced = set(re.findall(r"\$\{([^}!]+)\}", script))
-    assert referenced <= {"CelebscanPackage", "Backend", "WorkerConcurrency", "RekognitionTps", "AWS::StackName",
+    assert referenced <= {"CelebscanPackage", "WorkerConcurrency", "RekognitionTps", "AWS::StackName",
                           "AWS::Region", *variables}
     assert set(variables) == {"BrokerUrl", "DatabaseUrl", "DatabaseSecretArn"}
     assert "password" not in str(variables).lower()
@@ -131,7 +131,7 @@ def test_systemd_units_verify(tmp_path):
 
 def test_the_units_run_the_real_commands():
     worker = (SYSTEMD / "celebscan-worker.service").read_text()
-    assert "ExecStart=/opt/celebscan/bin/celery -A worker.celery_app worker --queues celebscan" in worker
+    assert "ExecStart=/opt/celebscan/bin/celery -A worker.celery_app worker --hostname" in worker
     metrics = (SYSTEMD / "celebscan-metrics.service").read_text()
     assert "ExecStart=/opt/celebscan/bin/celebscan metrics --cloudwatch" in metrics
     assert textwrap.dedent(worker) == worker

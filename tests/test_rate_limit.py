@@ -51,3 +51,16 @@ def test_the_recognizer_paces_through_redis_when_a_rate_is_set(broker_url, aws_e
     assert RekognitionRecognizer.from_settings(Settings()).limiter is None
     with pytest.raises(ConfigurationError, match="needs Redis"):
         RekognitionRecognizer.from_settings(Settings(rekognition_tps=20))
+
+
+def test_persistent_throttling_backs_the_whole_fleet_off_further(client, broker_url):
+    """Each throttling answer in a streak doubles the fleet-wide pause, up to a ceiling; a quiet spell resets it."""
+    from worker.rate_limit import MAX_PENALTY_SECONDS
+
+    first = RedisRateLimiter.from_url(broker_url, "streak", rate=10)
+    second = RedisRateLimiter.from_url(broker_url, "streak", rate=10)
+    pauses = [limiter.penalize(seconds=1.0) for limiter in (first, second, first, second, first, second)]
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, MAX_PENALTY_SECONDS]
+    assert reserve(client, "streak", rate=10) >= sum(pauses) - 1
+    client.hset("streak", "struck_at", 0)  # the last answer long ago: a new streak starts small
+    assert first.penalize(seconds=1.0) == 1.0

@@ -7,26 +7,30 @@ This is the whole of a worker's job. The Celery task and the embedded process po
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from worker.errors import BackendMismatchError, CelebscanError
+from worker.errors import CelebscanError, TransientError
 from worker.images import ImageLimits, decode_image
 from worker.prefilter import FacePrefilter
-from worker.recognizers import PAID_BACKENDS, Recognizer, build_recognizer
+from worker.recognizers import PAID_BACKENDS, Recognizers
 from worker.results import RecognitionResult
 from worker.retry import call_with_retry
 from worker.schema import DONE, FAILED
 from worker.settings import Settings
 from worker.sources import ObjectReader, S3Location, build_readers, source_kind
-from worker.store import ImageOutcome, QueuedImage, ResultStore
+from worker.store import ImageOutcome, QueuedImage, ResultStore, aware_utc, utcnow
 
 log = logging.getLogger(__name__)
 
 #: How many times a batch may start on an image before it is quarantined as failed.
 MAX_DELIVERIES = 3
+#: A batch handed back for a transient cause waits this long, doubling per round, at most RESEND_MAX_SECONDS.
+RESEND_BASE_SECONDS = 5.0
+RESEND_MAX_SECONDS = 300.0
 
 
 @dataclass
@@ -35,10 +39,12 @@ class WorkerContext:
 
     store: ResultStore
     readers: dict[str, ObjectReader]  # by source kind: "folder", "s3"
-    recognizer: Recognizer
+    recognizers: Recognizers
     limits: ImageLimits = field(default_factory=ImageLimits)
     max_attempts: int = 5
     retry_base_seconds: float = 0.5
+    #: Seconds from an image's first transient failure until it is failed for good.
+    retry_deadline: float = 3600.0
     prefilter: FacePrefilter = field(default_factory=FacePrefilter)
 
     @classmethod
@@ -47,9 +53,10 @@ class WorkerContext:
         return cls(
             store=store,
             readers=build_readers(settings),
-            recognizer=build_recognizer(settings, store.engine),
+            recognizers=Recognizers(settings, store.engine),
             limits=ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side),
             max_attempts=settings.max_attempts,
+            retry_deadline=settings.retry_deadline,
             prefilter=FacePrefilter(settings),
         )
 
@@ -59,53 +66,96 @@ class BatchReport:
     done: int = 0
     failed: int = 0  # including images quarantined
     skipped: int = 0  # no longer queued: finished by an earlier delivery of the batch
+    #: Images left ``queued`` after a transient cause outlasted the in-process retries: send them
+    #: again after ``resend_after`` seconds.
+    deferred: tuple[int, ...] = ()
+    resend_after: float = 0.0
 
 
 def process_batch(image_ids: Sequence[int], context: WorkerContext) -> BatchReport:
     """Recognize every still-queued image of the batch and store the results.
 
-    A batch that was delivered before (some image already has an attempt) may hold an image that
-    kills workers; it is then processed and saved one image at a time, so the culprit alone is
-    quarantined and its neighbours' work is kept.
+    Raises :class:`RecognizerUnavailableError` before touching any image when this worker cannot
+    run what the batch needs. A batch that was delivered before (some image already has an
+    attempt) may hold an image that kills workers; it is then processed and saved one image at a
+    time, so the culprit alone is quarantined and its neighbours' work is kept.
     """
     pending = context.store.pending(image_ids)
+    for backend in sorted({image.backend for image in pending}):
+        context.recognizers.get(backend)
+    if any(image.prefilter_faces and image.backend in PAID_BACKENDS for image in pending):
+        context.prefilter.check_available()
     redelivered = any(image.attempts for image in pending)
     groups = [[image] for image in pending] if redelivered else [pending]
     done = failed = 0
+    deferred: list[ImageOutcome] = []
     for group in groups:
         started = context.store.start(group, MAX_DELIVERIES)
         outcomes = [process_image(image, context) for image in started]
         context.store.save_outcomes(outcomes)
         done += sum(outcome.status == DONE for outcome in outcomes)
         failed += len(group) - len(started) + sum(outcome.status == FAILED for outcome in outcomes)
-    return BatchReport(done=done, failed=failed, skipped=len(image_ids) - len(pending))
+        deferred += [outcome for outcome in outcomes if outcome.deferred]
+    resend_after = max((_resend_delay(outcome.retry_rounds, context) for outcome in deferred), default=0.0)
+    return BatchReport(done=done, failed=failed, skipped=len(image_ids) - len(pending),
+                       deferred=tuple(outcome.image_id for outcome in deferred), resend_after=resend_after)
 
 
 def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
-    """Read, decode and recognize one image. Never raises: a failure becomes a ``failed`` outcome."""
+    """Read, decode and recognize one image. Never raises: a failure becomes a ``failed`` outcome.
+
+    A transient cause that outlasts the in-process retries leaves the image ``queued`` (a deferred
+    outcome) until ``retry_deadline`` has passed since its first such round; then it fails with the
+    transient code and how long it was tried.
+    """
     width = height = None
     kind = source_kind(image.source)
     location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
     try:
-        if image.backend and image.backend != context.recognizer.name:
-            raise BackendMismatchError(
-                f"the scan asked for the {image.backend} recognizer but this worker runs {context.recognizer.name}: "
-                f"start workers with CELEBSCAN_BACKEND={image.backend}, then run the scan again"
-            )
+        recognizer = context.recognizers.get(image.backend)
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key))
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height
-        paid = context.recognizer.name in PAID_BACKENDS
+        paid = recognizer.name in PAID_BACKENDS
         if paid and image.prefilter_faces and not context.prefilter.has_face(loaded.pixels):
             return ImageOutcome.done(image.id, width, height, RecognitionResult(), calls_saved=1)
-        result = _with_retry(context, lambda: context.recognizer.recognize(loaded, location))
+        result = _with_retry(context, lambda: recognizer.recognize(loaded, location))
         return ImageOutcome.done(image.id, width, height, result, paid_calls=int(paid))
+    except TransientError as exc:
+        return _transient_outcome(image, exc, context, width, height)
     except CelebscanError as exc:
         log.info("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, exc)
         return ImageOutcome.failed(image.id, exc.code, str(exc), width, height)
     except Exception as exc:  # the task boundary: an unexpected error must not lose the image
         log.exception("unexpected error on %s/%s", image.bucket, image.key)
         return ImageOutcome.failed(image.id, "InternalError", f"{type(exc).__name__}: {exc}", width, height)
+
+
+def _transient_outcome(image: QueuedImage, exc: TransientError, context: WorkerContext,
+                       width: int | None, height: int | None) -> ImageOutcome:
+    now = utcnow()
+    since = image.retry_since or now
+    tries = image.retries + context.max_attempts
+    waited = (now - aware_utc(since)).total_seconds()
+    if waited >= context.retry_deadline:
+        message = f"gave up after {tries} tries over {_duration(waited)}: {exc}"
+        log.warning("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, message)
+        return ImageOutcome.failed(image.id, exc.code, message, width, height)
+    log.info("image deferred: %s/%s: %s (%d tries so far)", image.bucket, image.key, exc, tries)
+    return ImageOutcome.deferred_for(image, exc.code, str(exc), retries=tries, retry_since=since,
+                                     rounds=tries // max(1, context.max_attempts))
+
+
+def _resend_delay(rounds: int, context: WorkerContext) -> float:
+    """Growing with the rounds an image was deferred (full jitter), and short against the deadline."""
+    ceiling = min(RESEND_BASE_SECONDS * 2 ** max(0, rounds - 1), RESEND_MAX_SECONDS, context.retry_deadline / 4)
+    return max(0.5, random.uniform(ceiling / 2, ceiling))
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def _with_retry(context: WorkerContext, call):

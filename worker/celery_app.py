@@ -1,20 +1,28 @@
 """The Celery app workers run: ``celery -A worker.celery_app worker``.
 
 The task is a thin wrapper over :func:`worker.batch.process_batch`. Each worker process builds its
-:class:`WorkerContext` (database engine, boto3 clients, recognizer and its models) once, when the
-process starts (``worker_process_init``), from the environment's settings.
+:class:`WorkerContext` (database engine, boto3 clients) once, when the process starts
+(``worker_process_init``), from the environment's settings; a recognizer is built the first time
+a batch of a scan that uses it arrives, so any plain worker serves any scan.
+
+Two hand-backs send a batch to the broker again instead of failing images: a worker that cannot
+run what the batch needs (its scan is told, for ``status``), and images whose transient errors
+(throttling, 5xx) outlasted the in-process retries (re-sent with a growing countdown, kept short
+of Redis's visibility timeout).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 
 from celery.signals import worker_process_init
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker.batch import WorkerContext, process_batch
 from worker.celery_config import TASK_NAME, make_celery
+from worker.errors import RecognizerUnavailableError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,6 +30,8 @@ log = logging.getLogger(__name__)
 settings = Settings.from_env()
 app = make_celery(settings)
 _context: WorkerContext | None = None
+#: Seconds before a batch this worker could not serve is offered again (to any worker).
+HAND_BACK_SECONDS = 30
 
 
 def worker_context() -> WorkerContext:
@@ -39,14 +49,25 @@ def _build_context(**_) -> None:
 
 @app.task(
     name=TASK_NAME,
-    # The database being briefly unreachable is worth waiting for; the batch is re-sent with backoff.
-    autoretry_for=(OperationalError, DBAPIError),
+    bind=True,
+    # The database being briefly unreachable is worth waiting for; the batch is re-sent with
+    # backoff. Other database errors are bugs: the batch fails at once, its images stay queued.
+    autoretry_for=(OperationalError, InterfaceError),
     retry_backoff=2,
     retry_backoff_max=120,
     retry_jitter=True,
     max_retries=30,
 )
-def process_batch_task(image_ids: list[int]) -> dict:
-    report = process_batch(image_ids, worker_context())
+def process_batch_task(self, image_ids: list[int]) -> dict:
+    context = worker_context()
+    try:
+        report = process_batch(image_ids, context)
+    except RecognizerUnavailableError as exc:
+        log.warning("handing back a batch of %d: %s", len(image_ids), exc)
+        context.store.note_unserved(image_ids, str(exc))
+        raise self.retry(countdown=random.uniform(HAND_BACK_SECONDS / 2, HAND_BACK_SECONDS), max_retries=None) from exc
     log.info("batch of %d: %s", len(image_ids), report)
+    if report.deferred:
+        countdown = min(report.resend_after, settings.visibility_timeout / 2)  # an ETA past it would be redelivered
+        raise self.retry(args=[list(report.deferred)], countdown=countdown, max_retries=None)
     return dataclasses.asdict(report)

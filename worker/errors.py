@@ -31,10 +31,13 @@ class MissingDependencyError(ConfigurationError):
     code = "MissingDependency"
 
 
-class BackendMismatchError(ConfigurationError):
-    """A batch of a scan made for another recognizer reached this worker."""
+class RecognizerUnavailableError(ConfigurationError):
+    """This worker cannot run the recognizer a batch needs; the batch goes back for another worker.
 
-    code = "BackendMismatch"
+    Never stored on an image: which worker picked a batch up must not decide its images' fate.
+    """
+
+    code = "RecognizerUnavailable"
 
 
 class PermanentError(CelebscanError):

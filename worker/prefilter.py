@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.errors import ConfigurationError, RecognizerUnavailableError
 from worker.settings import Settings
 
 
@@ -17,9 +18,16 @@ class FacePrefilter:
         self.settings = settings or Settings()
         self._embedder = None
 
-    def has_face(self, pixels: np.ndarray) -> bool:
+    def check_available(self) -> None:
+        """Load dlib's detector now; :class:`RecognizerUnavailableError` when this worker cannot."""
         if self._embedder is None:  # dlib's models load on first use: Rekognition-only workers skip them
             from worker.face_embeddings import FaceEmbedder
 
-            self._embedder = FaceEmbedder.from_settings(self.settings)
+            try:
+                self._embedder = FaceEmbedder.from_settings(self.settings)
+            except ConfigurationError as exc:
+                raise RecognizerUnavailableError(f"this worker cannot run the face prefilter: {exc}") from exc
+
+    def has_face(self, pixels: np.ndarray) -> bool:
+        self.check_available()
         return bool(self._embedder.detect(pixels))

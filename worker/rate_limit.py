@@ -29,13 +29,27 @@ if tokens >= 0 then return '0' end
 return tostring(-tokens / rate)
 """
 
-# Take ``seconds`` worth of tokens away from everybody: the service said slow down.
+# Take tokens away from everybody: the service said slow down. A throttling answer within
+# STREAK_SECONDS of the previous one doubles the pause (up to ARGV[3] seconds): when throttling
+# persists, the whole fleet backs off further instead of its retries feeding the throttling.
 PENALIZE = """
-local rate = tonumber(ARGV[1])
-redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', -rate * tonumber(ARGV[2]))
+local rate, base, most = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'strikes', 'struck_at')
+local strikes = tonumber(state[1]) or 0
+if now - (tonumber(state[2]) or 0) > tonumber(ARGV[4]) then strikes = 0 end
+strikes = strikes + 1
+local pause = math.min(most, base * 2 ^ (strikes - 1))
+redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', -rate * pause)
+redis.call('HSET', KEYS[1], 'strikes', tostring(strikes), 'struck_at', tostring(now))
 redis.call('EXPIRE', KEYS[1], 3600)
-return 'ok'
+return tostring(pause)
 """
+#: Throttling answers closer together than this count as one streak.
+STREAK_SECONDS = 10.0
+#: The longest fleet-wide pause one throttling answer adds.
+MAX_PENALTY_SECONDS = 30.0
 
 
 class RedisRateLimiter:
@@ -61,7 +75,9 @@ class RedisRateLimiter:
             time.sleep(wait)
         return wait
 
-    def penalize(self, seconds: float = 1.0) -> None:
-        """Slow every caller down by ``seconds`` worth of calls (after a throttling answer)."""
-        log.info("throttled: pacing every worker down by %.1f s", seconds)
-        self._penalize(keys=[self.key], args=[self.rate, seconds])
+    def penalize(self, seconds: float = 1.0) -> float:
+        """Slow every caller down after a throttling answer: by ``seconds`` worth of calls, doubled
+        for each further answer in the same streak; returns the pause taken."""
+        pause = float(self._penalize(keys=[self.key], args=[self.rate, seconds, MAX_PENALTY_SECONDS, STREAK_SECONDS]))
+        log.info("throttled: pacing every worker down by %.1f s", pause)
+        return pause

@@ -39,6 +39,10 @@ scans = Table(
     Column("skipped", Integer, nullable=False, default=0),
     # Run the local face detector first and send only images with a face to the paid service.
     Column("prefilter_faces", Boolean, nullable=False, server_default=text("false")),
+    # The last time a worker handed a batch of this scan back because it could not run what the
+    # batch needs (e.g. the local recognizer without the local extra), and why: shown by status.
+    Column("unserved_at", DateTime(timezone=True)),
+    Column("unserved_reason", Text),
 )
 
 images = Table(
@@ -65,6 +69,10 @@ images = Table(
     # and calls the face prefilter saved (the image had no face and was not sent).
     Column("paid_calls", Integer, nullable=False, server_default=text("0")),
     Column("calls_saved", Integer, nullable=False, server_default=text("0")),
+    # Tries that ended in a transient error (throttling, 5xx, ...) and when the first did: the
+    # image stays queued and is handed out again until CELEBSCAN_RETRY_DEADLINE has passed since.
+    Column("retries", Integer, nullable=False, server_default=text("0")),
+    Column("retry_since", DateTime(timezone=True)),
     UniqueConstraint("bucket", "key", "etag", "backend", name="uq_images_natural_key"),
     # With the id last, "is anything of this scan still queued?" reads the index backwards from the
     # newest images, which stay queued longest, instead of wading through the entries that finished

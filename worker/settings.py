@@ -67,7 +67,12 @@ class Settings:
         80, "CELEBSCAN_MIN_IMAGE_SIDE", "Images with a smaller width or height are refused as too small."
     )
     max_attempts: int = _setting(
-        5, "CELEBSCAN_MAX_ATTEMPTS", "Recognizer calls per image before a transient error becomes a failure."
+        5, "CELEBSCAN_MAX_ATTEMPTS",
+        "Tries of a read or recognizer call in a row, with backoff, before a transient error hands the image back.",
+    )
+    retry_deadline: int = _setting(
+        3600, "CELEBSCAN_RETRY_DEADLINE",
+        "Seconds an image keeps being handed out again after transient errors (throttling, 5xx) before it fails.",
     )
 
     rekognition_tps: float = _setting(

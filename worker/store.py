@@ -15,7 +15,9 @@ from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import (
+    DateTime,
     Engine,
+    Integer,
     bindparam,
     create_engine,
     delete,
@@ -183,6 +185,8 @@ class QueuedImage:
     attempts: int
     backend: str = ""
     prefilter_faces: bool = False
+    retries: int = 0  # tries that ended in a transient error, over every delivery
+    retry_since: datetime | None = None  # the first of those; the retry deadline counts from it
 
 
 @dataclass(frozen=True)
@@ -198,11 +202,27 @@ class ImageOutcome:
     error_message: str | None = None
     paid_calls: int = 0  # calls a paid recognizer billed for this image
     calls_saved: int = 0  # 1 when the face prefilter kept the image from the paid recognizer
+    # A deferred image (status still ``queued``: a transient cause outlasted the in-process
+    # retries) gets its delivery count put back, as this delivery did not crash, and its retries.
+    attempts: int | None = None
+    retries: int | None = None
+    retry_since: datetime | None = None
+    retry_rounds: int = 0
+
+    @property
+    def deferred(self) -> bool:
+        return self.status == QUEUED
 
     @classmethod
     def done(cls, image_id: int, width: int, height: int, result: RecognitionResult, *, paid_calls: int = 0,
              calls_saved: int = 0) -> ImageOutcome:
         return cls(image_id, DONE, width, height, result, paid_calls=paid_calls, calls_saved=calls_saved)
+
+    @classmethod
+    def deferred_for(cls, image: QueuedImage, code: str, message: str, *, retries: int, retry_since: datetime,
+                     rounds: int) -> ImageOutcome:
+        return cls(image.id, QUEUED, error_code=code, error_message=message[:2000], attempts=image.attempts,
+                   retries=retries, retry_since=retry_since, retry_rounds=rounds)
 
     @classmethod
     def failed(cls, image_id: int, code: str, message: str, width: int | None = None, height: int | None = None) -> ImageOutcome:
@@ -235,6 +255,10 @@ class ScanSummary:
     last_processed_at: datetime | None = None
     paid_calls: int = 0
     calls_saved: int = 0
+    #: Queued images whose last try ended in a transient error, by its code: they are tried again.
+    retrying: dict[str, int] = field(default_factory=dict)
+    #: Why workers hand this scan's batches back (none could run its recognizer), while none is served.
+    unserved: str | None = None
 
     @property
     def processed(self) -> int:
@@ -245,7 +269,7 @@ class ScanSummary:
         """Images per second since the scan was created, or None before the first result."""
         if not self.processed or self.last_processed_at is None:
             return None
-        seconds = (_aware(self.last_processed_at) - _aware(self.created_at)).total_seconds()
+        seconds = (aware_utc(self.last_processed_at) - aware_utc(self.created_at)).total_seconds()
         return self.processed / seconds if seconds > 0 else None
 
     @property
@@ -262,9 +286,10 @@ class ScanProgress:
     finished: bool
     counts: dict[str, int]
     last_processed_at: datetime | None
+    unserved: str | None = None  # why workers hand its batches back, while none is served
 
 
-def _aware(moment: datetime) -> datetime:
+def aware_utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything celebscan writes is UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
@@ -346,7 +371,8 @@ class ResultStore:
             conn.execute(
                 update(images)
                 .where(images.c.id.in_(requeue))
-                .values(scan_id=scan_id, status=QUEUED, attempts=0, error_code=None, error_message=None, queued_at=now)
+                .values(scan_id=scan_id, status=QUEUED, attempts=0, error_code=None, error_message=None, queued_at=now,
+                        retries=0, retry_since=None)
             )
         if unreadable:  # listed unreadable again: failed again, now in this scan
             conn.execute(
@@ -377,7 +403,8 @@ class ResultStore:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(images.c.id, images.c.scan_id, scans.c.source, images.c.bucket, images.c.key,
-                       images.c.etag, images.c.size, images.c.attempts, images.c.backend, scans.c.prefilter_faces)
+                       images.c.etag, images.c.size, images.c.attempts, images.c.backend, scans.c.prefilter_faces,
+                       images.c.retries, images.c.retry_since)
                 .join(scans, images.c.scan_id == scans.c.id)
                 .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
                 .order_by(images.c.id)
@@ -433,6 +460,14 @@ class ResultStore:
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             _finish_scans_if_drained(conn, _save_outcomes_postgresql(conn, outcomes, ids, face_values, now))
 
+    @retry_database
+    def note_unserved(self, image_ids: Sequence[int], reason: str) -> None:
+        """Tell the batch's scans that a worker could not serve it (the batch goes back to the broker)."""
+        scan_ids = select(images.c.scan_id).where(images.c.id.in_(list(image_ids))).distinct()
+        with self.engine.begin() as conn:
+            conn.execute(update(scans).where(scans.c.id.in_(scan_ids))
+                         .values(unserved_at=utcnow(), unserved_reason=reason[:2000]))
+
     def finish_scans(self, scan_ids: Iterable[int]) -> None:
         """Mark scans finished when nothing of them is queued (also right away for an empty scan)."""
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -456,6 +491,9 @@ class ResultStore:
                 .group_by(scans.c.id, scans.c.finished_at, images.c.status)
                 .order_by(scans.c.id)
             ).all()
+            notes = conn.execute(
+                select(scans).where(scans.c.finished_at.is_(None), scans.c.unserved_at.is_not(None))
+            ).all()
         finished, counts, last = {}, {}, {}
         for scan_id, finished_at, status, count, processed_at in rows:
             finished[scan_id] = finished_at is not None
@@ -463,8 +501,10 @@ class ResultStore:
             if status is not None:
                 counts[scan_id][status] = count
             if processed_at is not None:
-                last[scan_id] = max(last.get(scan_id, _aware(processed_at)), _aware(processed_at))
-        return [ScanProgress(scan_id, finished[scan_id], counts[scan_id], last.get(scan_id)) for scan_id in finished]
+                last[scan_id] = max(last.get(scan_id, aware_utc(processed_at)), aware_utc(processed_at))
+        unserved = {scan.id: _unserved(scan, last.get(scan.id), counts.get(scan.id, {}).get(QUEUED, 0)) for scan in notes}
+        return [ScanProgress(scan_id, finished[scan_id], counts[scan_id], last.get(scan_id), unserved.get(scan_id))
+                for scan_id in finished]
 
     def scan_summary(self, scan_id: int) -> ScanSummary | None:
         with self.engine.connect() as conn:
@@ -479,12 +519,13 @@ class ResultStore:
                        func.coalesce(func.sum(images.c.calls_saved), 0))
                 .where(in_scan)
             ).one()
-            failures = dict(
-                conn.execute(
-                    select(images.c.error_code, func.count()).where(in_scan, images.c.status == FAILED)
-                    .group_by(images.c.error_code)
-                ).all()
-            )
+            failures, retrying = {}, {}
+            for status, code, count in conn.execute(
+                select(images.c.status, images.c.error_code, func.count())
+                .where(in_scan, images.c.status.in_([FAILED, QUEUED]), images.c.error_code.is_not(None))
+                .group_by(images.c.status, images.c.error_code)
+            ):
+                (failures if status == FAILED else retrying)[code] = count
             face_join = faces.join(images, faces.c.image_id == images.c.id)
             face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar()
             people = dict(
@@ -500,7 +541,8 @@ class ResultStore:
             id=scan.id, source=scan.source, backend=scan.backend, created_at=scan.created_at,
             finished_at=scan.finished_at, listed=scan.listed, skipped=scan.skipped, counts=counts,
             faces=face_count, people=people, failures=failures, last_processed_at=last,
-            paid_calls=int(paid_calls), calls_saved=int(calls_saved),
+            paid_calls=int(paid_calls), calls_saved=int(calls_saved), retrying=retrying,
+            unserved=_unserved(scan, last, counts[QUEUED]),
         )
 
     def result_records(self, scan_id: int | None = None, key: str | None = None) -> Iterator[dict[str, Any]]:
@@ -542,6 +584,15 @@ class ResultStore:
             last_id = rows[-1].id
 
 
+def _unserved(scan, last_processed_at: datetime | None, queued: int) -> str | None:
+    """Why a worker handed this scan's batches back, unless an image was processed since."""
+    if not queued or scan.unserved_at is None:
+        return None
+    if last_processed_at is not None and aware_utc(last_processed_at) > aware_utc(scan.unserved_at):
+        return None
+    return scan.unserved_reason
+
+
 def _known_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> dict[tuple[str, str], Any]:
     """The rows (id, status) of the given keys already recorded for this bucket and backend, by (key, etag)."""
     rows = conn.execute(
@@ -556,7 +607,8 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
     """SQLAlchemy Core statements that any dialect runs (SQLite); returns the batch's scan ids."""
     image_updates = [
         dict(b_id=o.image_id, b_status=o.status, b_width=o.width, b_height=o.height,
-             b_code=o.error_code, b_message=o.error_message, b_now=now, b_paid=o.paid_calls, b_saved=o.calls_saved)
+             b_code=o.error_code, b_message=o.error_message, b_now=None if o.deferred else now, b_paid=o.paid_calls,
+             b_saved=o.calls_saved, b_attempts=o.attempts, b_retries=o.retries, b_since=o.retry_since)
         for o in outcomes
     ]
     updated = conn.execute(
@@ -565,7 +617,10 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
         .values(status=bindparam("b_status"), width=bindparam("b_width"), height=bindparam("b_height"),
                 error_code=bindparam("b_code"), error_message=bindparam("b_message"), processed_at=bindparam("b_now"),
                 paid_calls=images.c.paid_calls + bindparam("b_paid"),
-                calls_saved=images.c.calls_saved + bindparam("b_saved")),
+                calls_saved=images.c.calls_saved + bindparam("b_saved"),
+                attempts=func.coalesce(bindparam("b_attempts", type_=Integer), images.c.attempts),
+                retries=func.coalesce(bindparam("b_retries", type_=Integer), images.c.retries),
+                retry_since=func.coalesce(bindparam("b_since", type_=DateTime(timezone=True)), images.c.retry_since)),
         image_updates,
     )
     _check_all_found(updated.rowcount, ids)
@@ -589,7 +644,7 @@ def _save_outcomes_postgresql(conn, outcomes, ids, face_values, now) -> set[int]
     image_rows = [
         {"id": o.image_id, "status": o.status, "width": o.width, "height": o.height,
          "error_code": o.error_code, "error_message": o.error_message, "paid_calls": o.paid_calls,
-         "calls_saved": o.calls_saved}
+         "calls_saved": o.calls_saved, "attempts": o.attempts, "retries": o.retries, "retry_since": o.retry_since}
         for o in outcomes
     ]
     parameters = {"images": orjson.dumps(image_rows).decode(), "ids": ids, "now": now}
@@ -713,11 +768,13 @@ _POSTGRESQL_UPDATE_IMAGES = """
 BEGIN;
 SET LOCAL enable_seqscan = off;
 UPDATE images SET status = u.status, width = u.width, height = u.height, error_code = u.error_code,
-       error_message = u.error_message, processed_at = %(now)s, paid_calls = images.paid_calls + u.paid_calls,
-       calls_saved = images.calls_saved + u.calls_saved
+       error_message = u.error_message, processed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE %(now)s END,
+       paid_calls = images.paid_calls + u.paid_calls, calls_saved = images.calls_saved + u.calls_saved,
+       attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
+       retry_since = COALESCE(u.retry_since, images.retry_since)
   FROM json_to_recordset(%(images)s::json)
        AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
-            paid_calls integer, calls_saved integer)
+            paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s)
 RETURNING images.scan_id
 """

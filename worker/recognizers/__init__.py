@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from worker.errors import ConfigurationError
+from worker.errors import ConfigurationError, RecognizerUnavailableError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -43,3 +43,33 @@ def build_recognizer(settings: Settings, engine: Engine) -> Recognizer:
 
         return RekognitionRecognizer.from_settings(settings)
     raise ConfigurationError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+class Recognizers:
+    """A worker process's recognizers by backend, each built the first time a batch asks for it.
+
+    The scan decides the recognizer, so any worker serves any scan: a fleet can run a ``local``
+    scan and a ``rekognition`` scan at once. A backend this process cannot build (the ``local``
+    extra missing, say) raises :class:`RecognizerUnavailableError`, which hands the batch back
+    rather than failing its images.
+    """
+
+    def __init__(self, settings: Settings | None, engine: Engine | None = None,
+                 built: dict[str, Recognizer] | None = None) -> None:
+        self._settings, self._engine = settings, engine
+        self._built: dict[str, Recognizer] = dict(built or {})
+
+    @classmethod
+    def of(cls, *recognizers: Recognizer) -> Recognizers:
+        """Exactly these recognizers and no others (tests and benchmarks)."""
+        return cls(None, built={recognizer.name: recognizer for recognizer in recognizers})
+
+    def get(self, backend: str) -> Recognizer:
+        if backend not in self._built:
+            if self._settings is None:
+                raise RecognizerUnavailableError(f"this worker runs only {', '.join(self._built)}, not {backend}")
+            try:
+                self._built[backend] = build_recognizer(self._settings.replace(backend=backend), self._engine)
+            except ConfigurationError as exc:
+                raise RecognizerUnavailableError(f"this worker cannot run the {backend} recognizer: {exc}") from exc
+        return self._built[backend]
