@@ -13,6 +13,7 @@ import base64
 import hashlib
 import itertools
 import json
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +73,9 @@ class RekognitionStandIn:
     answer: Callable[[str | None, bytes], dict] = lambda key, data: {"CelebrityFaces": [], "UnrecognizedFaces": []}
     throttle_every: int = 0  # every n-th call answers ThrottlingException (0: never)
     fail_every: int = 0  # every n-th call answers 500 InternalServerError
+    throttle_share: float = 0.0  # this share of calls, drawn at random, answers ThrottlingException
+    fail_share: float = 0.0  # this share of calls, drawn at random, answers 500 InternalServerError
+    seed: int = 7
     delay: float = 0.0
     quota_tps: float = 0.0  # like the account's quota: calls beyond it per second are throttled (0: none)
     calls: list[Call] = field(default_factory=list)
@@ -84,6 +88,7 @@ class RekognitionStandIn:
         #: ``request.client_port``: the caller's TCP port, readable from ``answer`` (tests find the caller's pid).
         self.request = threading.local()
         self._counter = itertools.count(1)
+        self._random = random.Random(self.seed)
         self._s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1",
                                 aws_access_key_id="testing", aws_secret_access_key="testing")
         self.port = free_port()
@@ -123,6 +128,12 @@ class RekognitionStandIn:
             if self.throttle_every and number % self.throttle_every == 0:
                 raise ServiceError(400, "ThrottlingException", "Rate exceeded")
             if self.fail_every and number % self.fail_every == 0:
+                raise ServiceError(500, "InternalServerError", "Internal server error")
+            with self._lock:
+                draw = self._random.random()
+            if draw < self.throttle_share:
+                raise ServiceError(400, "ThrottlingException", "Rate exceeded")
+            if draw < self.throttle_share + self.fail_share:
                 raise ServiceError(500, "InternalServerError", "Internal server error")
             _check_image(data, 15 * 1024 * 1024 if kind == "S3Object" else 5 * 1024 * 1024)
             response = self.answer(key, data)

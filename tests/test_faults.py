@@ -37,6 +37,7 @@ class FaultScan:
     env: dict
     source: str
     logs: object
+    images: int = IMAGES
 
     def start(self) -> int:
         result = CliRunner().invoke(cli, ["scan", self.source], env=self.env, catch_exceptions=False)
@@ -65,7 +66,7 @@ class FaultScan:
         duplicates = (rows - keys) + (face_rows - faced_images)
         print(f"\n{name}: listed {summary.listed} / done {counts['done']} / failed {counts['failed']} / "
               f"queued {counts['queued']} / duplicated {duplicates}")
-        assert summary.listed == counts["done"] + counts["failed"] == IMAGES
+        assert summary.listed == counts["done"] + counts["failed"] == self.images
         assert duplicates == 0 and face_rows == counts["done"]
         return counts
 
@@ -223,3 +224,44 @@ def test_postgres_stopped_for_30_seconds_mid_scan(fault_scan, own_server):
         database.start()
         wait_for_scan(fault_scan.store, scan_id, timeout=600)
     assert fault_scan.check(scan_id, "PostgreSQL down 30 s")["failed"] == 0
+
+
+def test_transient_errors_never_fail_an_image_through_a_worker_kill_and_a_redis_restart(
+        fault_scan, own_server, rekognition, s3, bucket):
+    """600 images; 30% throttling and 5% 500s, few enough tries in a row that many images outlast
+    them; a pool process SIGKILLed and Redis restarted mid-scan: every image done, once."""
+    fault_scan.images = 600
+    for i in range(IMAGES, fault_scan.images):
+        s3.put_object(Bucket=bucket, Key=f"f/{i:03d}.jpg", Body=jpeg(200 + i % 300, 160))
+    rekognition.throttle_share, rekognition.fail_share, rekognition.delay = 0.30, 0.05, 0
+    fault_scan.use(CELEBSCAN_MAX_ATTEMPTS="3", CELEBSCAN_BATCH_SIZE="16")
+    broker = own_broker(fault_scan, own_server, appendonly=True)
+    scan_id = fault_scan.start()
+    with celery_workers(2, fault_scan.env, fault_scan.logs) as nodes:
+        fault_scan.until_under_way(scan_id)
+        for pid in pool_children(nodes[0]):
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: fault_scan.processed(scan_id) >= 250, timeout=300, what="250 images")
+        broker.stop()
+        broker.start()
+        wait_for_scan(fault_scan.store, scan_id, timeout=900)
+    counts = fault_scan.check(scan_id, "throttle 30% + 5xx 5%, worker SIGKILL, Redis restart")
+    assert counts["failed"] == 0
+    with fault_scan.store.engine.connect() as conn:
+        outlasted = conn.execute(select(func.count()).where(images.c.retries >= 3)).scalar()
+    print(f"images that outlasted the tries in a row and were handed out again: {outlasted}")
+    assert outlasted > 0, "the test must make images outlast the in-process retries"
+
+
+def test_throttling_that_never_ends_fails_every_image_after_the_deadline(fault_scan, rekognition):
+    rekognition.throttle_every, rekognition.delay = 1, 0
+    fault_scan.use(CELEBSCAN_MAX_ATTEMPTS="2", CELEBSCAN_RETRY_DEADLINE="6")
+    scan_id = fault_scan.start()
+    with celery_workers(2, fault_scan.env, fault_scan.logs):
+        wait_for_scan(fault_scan.store, scan_id, timeout=600)
+    counts = fault_scan.check(scan_id, "throttled for ever, 6 s deadline")
+    assert counts["failed"] == IMAGES
+    errors = [r["error"] for r in fault_scan.store.result_records(scan_id)]
+    assert {e["code"] for e in errors} == {"ThrottlingException"}
+    assert all(e["message"].startswith("gave up after ") and " tries over " in e["message"] for e in errors)
+    assert all(int(e["message"].split()[3]) >= 4 for e in errors), "handed out again before giving up"

@@ -33,7 +33,9 @@ class Settings:
         "", "CELEBSCAN_DATABASE_SECRET_ARN",
         "Secrets Manager secret whose username/password (and host, port, dbname) complete the database URL.",
     )
-    backend: str = _setting("local", "CELEBSCAN_BACKEND", "Recognizer: local or rekognition.")
+    backend: str = _setting(
+        "local", "CELEBSCAN_BACKEND", "Default recognizer of `scan`: local or rekognition (workers serve every scan)."
+    )
     workers: int = _setting(
         0, "CELEBSCAN_WORKERS", "Processes for an embedded scan (0: one per CPU core)."
     )
