@@ -191,3 +191,49 @@ def test_a_batch_this_worker_cannot_serve_is_handed_back_untouched(store, folder
     assert stub.calls == 0
     assert {(r["status"], r["error"]) for r in by_key(store).values()} == {("queued", None)}
     assert [image.attempts for image in store.pending(ids)] == [0, 0, 0]
+
+
+def test_runs_that_ended_with_a_database_error_do_not_push_images_toward_quarantine(store, folder, monkeypatch):
+    """Celery re-sends a batch after a database error as a new message; only a redelivery of the
+    same message (its run never ended: it may have crashed the worker) counts toward quarantine."""
+    from sqlalchemy.exc import OperationalError
+
+    ids = queued(store, folder)
+    save = store.save_outcomes
+
+    def database_away(outcomes):
+        raise OperationalError("UPDATE images", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(store, "save_outcomes", database_away)
+    for retry in range(MAX_DELIVERIES + 2):
+        with pytest.raises(OperationalError):
+            process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)), delivery=f"task-1:{retry}")
+    monkeypatch.setattr(store, "save_outcomes", save)
+    process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)), delivery=f"task-1:{MAX_DELIVERIES + 2}")
+    assert {r["status"] for r in by_key(store).values()} == {"done"}
+
+
+def test_paid_calls_are_set_not_added_so_a_repeated_write_counts_once(store, folder, monkeypatch):
+    """The finish step failing after the write committed retries the finish step only, and
+    writing the same outcome twice leaves the same count."""
+    from sqlalchemy.exc import OperationalError
+
+    import worker.retry
+    import worker.store as store_module
+
+    monkeypatch.setattr(worker.retry, "wait_random_exponential", lambda **kw: lambda state: 0)
+    scan_id = store.create_scan(str(folder), "rekognition")
+    ids = store.queue_images(scan_id, str(folder), "rekognition", list_folder(folder)).image_ids
+    real_finish, failures = store_module._finish_scans_if_drained, iter([True])
+
+    def finish_after_a_hiccup(conn, scan_ids):
+        if next(failures, False):
+            raise OperationalError("UPDATE scans", {}, Exception("connection reset"))
+        real_finish(conn, scan_ids)
+
+    monkeypatch.setattr(store_module, "_finish_scans_if_drained", finish_after_a_hiccup)
+    [image] = store.pending(ids[:1])
+    outcome = store_module.ImageOutcome.done(image.id, 10, 10, FOUND, paid_calls=image.paid_calls + 1)
+    store.save_outcomes([outcome])
+    store.save_outcomes([outcome])
+    assert store.scan_summary(scan_id).paid_calls == 1

@@ -64,8 +64,9 @@ def test_faces_dev_scan_names_exactly_the_expected_people(faces_dev, expected_pe
 def photo_folder(tmp_path, faces_dev):
     folder = tmp_path / "photos"
     (folder / "nested").mkdir(parents=True)
-    shutil.copy(faces_dev / "test" / "obama1.jpg", folder / "obama1.jpg")
-    shutil.copy(faces_dev / "test" / "alex_lacamoire1.jpg", folder / "nested" / "alex.jpg")
+    # bytes, not shutil.copy: the shared photos are read-only, and a copy of their mode would be too
+    (folder / "obama1.jpg").write_bytes((faces_dev / "test" / "obama1.jpg").read_bytes())
+    (folder / "nested" / "alex.jpg").write_bytes((faces_dev / "test" / "alex_lacamoire1.jpg").read_bytes())
     (folder / "broken.png").write_bytes(b"<html>not found</html>")
     (folder / "readme.txt").write_text("not an image name, not listed")
     return folder
@@ -160,6 +161,48 @@ def test_unreachable_database_is_a_clean_error_with_the_password_masked():
 def test_bad_environment_value_is_a_clean_error():
     result = run("status", env={"CELEBSCAN_BATCH_SIZE": "many"}, ok=False)
     assert result.exit_code == 1 and "CELEBSCAN_BATCH_SIZE='many'" in result.output
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("CELEBSCAN_BATCH_SIZE", "0", "CELEBSCAN_BATCH_SIZE=0 is out of range: it must be at least 1"),
+    ("CELEBSCAN_MAX_ATTEMPTS", "-1", "CELEBSCAN_MAX_ATTEMPTS=-1 is out of range"),
+    ("CELEBSCAN_BACKEND", "rekogniton", "CELEBSCAN_BACKEND='rekogniton' is not one of: local, rekognition"),
+    ("CELEBSCAN_REKOGNITION_TPS", "fast", "CELEBSCAN_REKOGNITION_TPS='fast' is not a valid float"),
+    ("CELEBSCAN_RETRY_DEADLINE", "-5", "CELEBSCAN_RETRY_DEADLINE=-5 is out of range"),
+])
+def test_a_bad_setting_stops_a_scan_before_anything_is_written(tmp_path, name, value, message):
+    """Checked where it is read: one line, exit 1, no database made, nothing queued or enqueued."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    database = tmp_path / "celebscan.db"
+    env = {name: value, "CELEBSCAN_DATABASE_URL": f"sqlite:///{database}", "CELERY_BROKER_URL": "redis://127.0.0.1:9/0"}
+    result = run("scan", str(tmp_path / "photos"), env=env, ok=False)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not database.exists()
+
+
+def test_a_bad_option_value_is_refused_like_a_bad_setting(tmp_path):
+    from worker.errors import ConfigurationError
+    from worker.settings import Settings, _convert
+
+    with pytest.raises(ConfigurationError, match="CELEBSCAN_BATCH_SIZE=0 is out of range"):
+        Settings().replace(batch_size=0)
+    flag = next(f for f in __import__("dataclasses").fields(Settings) if f.type == "int")
+    assert _convert(flag, "12") == 12
+
+
+@pytest.mark.parametrize("text, value", [("false", False), ("0", False), ("no", False), ("True", True), ("on", True)])
+def test_bool_settings_read_false_as_false(text, value):
+    import dataclasses
+
+    from worker.settings import _convert
+
+    @dataclasses.dataclass
+    class Flags:
+        verbose: bool = dataclasses.field(default=False, metadata={"env": "CELEBSCAN_VERBOSE"})
+
+    [flag] = dataclasses.fields(Flags)
+    assert _convert(flag, text) is value
 
 
 def test_the_producer_never_imports_dlib():

@@ -1,5 +1,6 @@
 """The results store on SQLite and on a real PostgreSQL server."""
 
+import pytest
 from sqlalchemy import func, select
 
 from producer.listing import ListedObject
@@ -261,3 +262,61 @@ def test_two_writers_of_the_same_batch_at_once_leave_one_set_of_faces(pg_store):
             writer.join()
         assert errors == [], f"attempt {attempt}: {errors}"
         assert count(pg_store, faces) == 20 * (1 + attempt % 3)
+
+
+def _open_at_once(barrier, url: str, errors) -> None:
+    from worker.store import ResultStore
+
+    barrier.wait(timeout=60)
+    try:
+        ResultStore.connect(url).engine.dispose()
+    except BaseException as exc:  # reported to the test
+        errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def _schema(url: str) -> dict:
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    inspector = inspect(engine)
+    schema = {table: (sorted(c["name"] for c in inspector.get_columns(table)),
+                      sorted(i["name"] for i in inspector.get_indexes(table)))
+              for table in inspector.get_table_names()}
+    engine.dispose()
+    return schema
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("starting_from", ["an empty database", "an older schema"])
+def test_eight_processes_opening_the_database_at_once_make_one_schema(postgres_url, starting_from):
+    """A fleet scaling out from zero: every worker process creates or upgrades the schema at start."""
+    import multiprocessing
+
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import _reset_postgres
+    from worker.store import ResultStore
+
+    _reset_postgres(postgres_url)
+    ResultStore.connect(postgres_url).engine.dispose()
+    expected = _schema(postgres_url)
+    _reset_postgres(postgres_url)
+    if starting_from == "an older schema":
+        ResultStore.connect(postgres_url).engine.dispose()
+        engine = create_engine(postgres_url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP INDEX ix_images_scan_status_id"))
+            conn.execute(text("ALTER TABLE images DROP COLUMN paid_calls, DROP COLUMN retries, DROP COLUMN started_by"))
+            conn.execute(text("ALTER TABLE scans DROP COLUMN unserved_at"))
+        engine.dispose()
+    spawn = multiprocessing.get_context("spawn")
+    barrier, errors = spawn.Barrier(8), spawn.Queue()
+    processes = [spawn.Process(target=_open_at_once, args=(barrier, postgres_url, errors)) for _ in range(8)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0] * 8
+    assert errors.empty(), errors.get()
+    assert _schema(postgres_url) == expected
+    _reset_postgres(postgres_url)

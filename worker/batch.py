@@ -72,25 +72,26 @@ class BatchReport:
     resend_after: float = 0.0
 
 
-def process_batch(image_ids: Sequence[int], context: WorkerContext) -> BatchReport:
+def process_batch(image_ids: Sequence[int], context: WorkerContext, delivery: str = "") -> BatchReport:
     """Recognize every still-queued image of the batch and store the results.
 
     Raises :class:`RecognizerUnavailableError` before touching any image when this worker cannot
-    run what the batch needs. A batch that was delivered before (some image already has an
-    attempt) may hold an image that kills workers; it is then processed and saved one image at a
-    time, so the culprit alone is quarantined and its neighbours' work is kept.
+    run what the batch needs. ``delivery`` names the message (see ``ResultStore.start``). A message
+    delivered again after a run that never ended may hold an image that kills workers; it is then
+    processed and saved one image at a time, so the culprit alone is quarantined and its
+    neighbours' work is kept.
     """
     pending = context.store.pending(image_ids)
     for backend in sorted({image.backend for image in pending}):
         context.recognizers.get(backend)
     if any(image.prefilter_faces and image.backend in PAID_BACKENDS for image in pending):
         context.prefilter.check_available()
-    redelivered = any(image.attempts for image in pending)
+    redelivered = any(image.attempts and image.started_by == delivery for image in pending)
     groups = [[image] for image in pending] if redelivered else [pending]
     done = failed = 0
     deferred: list[ImageOutcome] = []
     for group in groups:
-        started = context.store.start(group, MAX_DELIVERIES)
+        started = context.store.start(group, MAX_DELIVERIES, delivery)
         outcomes = [process_image(image, context) for image in started]
         context.store.save_outcomes(outcomes)
         done += sum(outcome.status == DONE for outcome in outcomes)
@@ -118,9 +119,9 @@ def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
         width, height = loaded.width, loaded.height
         paid = recognizer.name in PAID_BACKENDS
         if paid and image.prefilter_faces and not context.prefilter.has_face(loaded.pixels):
-            return ImageOutcome.done(image.id, width, height, RecognitionResult(), calls_saved=1)
+            return ImageOutcome.done(image.id, width, height, RecognitionResult(), calls_saved=image.calls_saved + 1)
         result = _with_retry(context, lambda: recognizer.recognize(loaded, location))
-        return ImageOutcome.done(image.id, width, height, result, paid_calls=int(paid))
+        return ImageOutcome.done(image.id, width, height, result, paid_calls=image.paid_calls + int(paid))
     except TransientError as exc:
         return _transient_outcome(image, exc, context, width, height)
     except CelebscanError as exc:

@@ -61,7 +61,8 @@ def _build_context(**_) -> None:
 def process_batch_task(self, image_ids: list[int]) -> dict:
     context = worker_context()
     try:
-        report = process_batch(image_ids, context)
+        # A message redelivered after a crash keeps its id and retry number; a retry is a new message.
+        report = process_batch(image_ids, context, delivery=f"{self.request.id}:{self.request.retries}")
     except RecognizerUnavailableError as exc:
         log.warning("handing back a batch of %d: %s", len(image_ids), exc)
         context.store.note_unserved(image_ids, str(exc))

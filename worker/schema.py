@@ -60,7 +60,9 @@ images = Table(
     Column("status", String(16), nullable=False),
     Column("error_code", String(64)),
     Column("error_message", Text),
+    # Deliveries of one message that started this image (see ResultStore.start), and that message.
     Column("attempts", Integer, nullable=False, default=0),
+    Column("started_by", String(100)),
     Column("width", Integer),
     Column("height", Integer),
     Column("queued_at", DateTime(timezone=True)),

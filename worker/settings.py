@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.errors import ConfigurationError
+from worker.recognizers import BACKENDS
 
 DEFAULT_DATABASE_URL = "sqlite:///celebscan.db"
 #: US East (N. Virginia) list price of Rekognition's Group 2 image calls (RecognizeCelebrities), per
@@ -20,8 +21,9 @@ DEFAULT_DATABASE_URL = "sqlite:///celebscan.db"
 DEFAULT_REKOGNITION_PRICES = "0.001:1000000,0.0008:4000000,0.0006:30000000,0.00025"
 
 
-def _setting(default: Any, env: str, help: str) -> Any:
-    return field(default=default, metadata={"env": env, "help": help})
+def _setting(default: Any, env: str, help: str, *, minimum: float | None = None,
+             choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "minimum": minimum, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,14 @@ class Settings:
         "Secrets Manager secret whose username/password (and host, port, dbname) complete the database URL.",
     )
     backend: str = _setting(
-        "local", "CELEBSCAN_BACKEND", "Default recognizer of `scan`: local or rekognition (workers serve every scan)."
+        "local", "CELEBSCAN_BACKEND", "Default recognizer of `scan`: local or rekognition (workers serve every scan).",
+        choices=BACKENDS,
     )
     workers: int = _setting(
-        0, "CELEBSCAN_WORKERS", "Processes for an embedded scan (0: one per CPU core)."
+        0, "CELEBSCAN_WORKERS", "Processes for an embedded scan (0: one per CPU core).",
+        minimum=0,
     )
-    batch_size: int = _setting(16, "CELEBSCAN_BATCH_SIZE", "Images per batch (per task).")
+    batch_size: int = _setting(16, "CELEBSCAN_BATCH_SIZE", "Images per batch (per task).", minimum=1)
     broker_url: str = _setting(
         "", "CELERY_BROKER_URL", "Celery broker; when set, `scan` enqueues instead of running."
     )
@@ -47,39 +51,47 @@ class Settings:
         "", "CELEBSCAN_ENDPOINT_URL", "Endpoint for S3-compatible stores and local AWS stand-ins."
     )
     match_threshold: float = _setting(
-        0.6, "CELEBSCAN_MATCH_THRESHOLD", "Local recognizer: largest euclidean distance that names a face."
+        0.6, "CELEBSCAN_MATCH_THRESHOLD", "Local recognizer: largest euclidean distance that names a face.",
+        minimum=0.001,
     )
     min_face_score: float = _setting(
         0.2, "CELEBSCAN_MIN_FACE_SCORE", "Local recognizer: dlib detector score below which a detection is ignored."
     )
     detect_max_side: int = _setting(
-        1024, "CELEBSCAN_DETECT_MAX_SIDE", "Local recognizer: images are downscaled to this side for detection."
+        1024, "CELEBSCAN_DETECT_MAX_SIDE", "Local recognizer: images are downscaled to this side for detection.",
+        minimum=32,
     )
     cache_dir: str = _setting(
         "~/.cache/celebscan", "CELEBSCAN_CACHE_DIR",
         "Local recognizer: where dlib's face detector is kept in binary form (loads in ms, not 0.6 s); empty: off.",
     )
     max_image_pixels: int = _setting(
-        100_000_000, "CELEBSCAN_MAX_IMAGE_PIXELS", "Images with more pixels are refused (decompression-bomb guard)."
+        100_000_000, "CELEBSCAN_MAX_IMAGE_PIXELS", "Images with more pixels are refused (decompression-bomb guard).",
+        minimum=1,
     )
     max_image_bytes: int = _setting(
-        100 * 1024 * 1024, "CELEBSCAN_MAX_IMAGE_BYTES", "Objects larger than this are refused without reading."
+        100 * 1024 * 1024, "CELEBSCAN_MAX_IMAGE_BYTES", "Objects larger than this are refused without reading.",
+        minimum=1,
     )
     min_image_side: int = _setting(
-        80, "CELEBSCAN_MIN_IMAGE_SIDE", "Images with a smaller width or height are refused as too small."
+        80, "CELEBSCAN_MIN_IMAGE_SIDE", "Images with a smaller width or height are refused as too small.",
+        minimum=1,
     )
     max_attempts: int = _setting(
         5, "CELEBSCAN_MAX_ATTEMPTS",
         "Tries of a read or recognizer call in a row, with backoff, before a transient error hands the image back.",
+        minimum=1,
     )
     retry_deadline: int = _setting(
         3600, "CELEBSCAN_RETRY_DEADLINE",
         "Seconds an image keeps being handed out again after transient errors (throttling, 5xx) before it fails.",
+        minimum=0,
     )
 
     rekognition_tps: float = _setting(
         0.0, "CELEBSCAN_REKOGNITION_TPS",
         "Rekognition calls per second shared by all workers (the account's quota); 0: no pacing.",
+        minimum=0,
     )
     rate_limit_url: str = _setting(
         "", "CELEBSCAN_RATE_LIMIT_URL", "Redis for the shared rate limit (default: CELERY_BROKER_URL when it is Redis).",
@@ -87,6 +99,7 @@ class Settings:
     visibility_timeout: int = _setting(
         3600, "CELEBSCAN_VISIBILITY_TIMEOUT",
         "Seconds before Redis hands an unacknowledged batch to another worker (longer than any batch).",
+        minimum=1,
     )
 
     rekognition_prices: str = _setting(
@@ -95,6 +108,7 @@ class Settings:
     )
     rekognition_billed_this_month: int = _setting(
         0, "CELEBSCAN_REKOGNITION_BILLED_THIS_MONTH", "Images already billed this month: where the price tiers start.",
+        minimum=0,
     )
     cloudwatch_namespace: str = _setting(
         "", "CELEBSCAN_CLOUDWATCH_NAMESPACE",
@@ -111,6 +125,18 @@ class Settings:
                 values[f.name] = _convert(f, raw)
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        """Every value checked where it is read, before anything is written: a one-line error."""
+        for f in dataclasses.fields(self):
+            value, name, meta = getattr(self, f.name), f.metadata["env"], f.metadata
+            kind = _type_name(f)
+            if not isinstance(value, _TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
+                raise ConfigurationError(f"{name}={value!r} is not a valid {kind}")
+            if meta["minimum"] is not None and value < meta["minimum"]:
+                raise ConfigurationError(f"{name}={value!r} is out of range: it must be at least {meta['minimum']}")
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise ConfigurationError(f"{name}={value!r} is not one of: {', '.join(meta['choices'])}")
+
     def replace(self, **overrides: Any) -> Settings:
         """A copy with the given fields changed; ``None`` values are ignored (option not given)."""
         given = {name: value for name, value in overrides.items() if value is not None}
@@ -122,12 +148,25 @@ class Settings:
         return not self.broker_url
 
 
+#: The Python types of settings fields (annotations are strings here), and what each accepts.
+_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float), "bool": bool}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _convert(f: dataclasses.Field, raw: str) -> Any:
-    kind = type(f.default)
+    """An environment variable's text as the field's type (``int``, ``float``, ``bool`` or ``str``)."""
+    kind = _type_name(f)
     try:
-        return kind(raw)
-    except ValueError as exc:
-        raise ConfigurationError(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from exc
+        if kind == "bool":
+            return _BOOLS[raw.strip().lower()]
+        return {"int": int, "float": float, "str": str}[kind](raw)
+    except (KeyError, ValueError) as exc:
+        raise ConfigurationError(f"{f.metadata['env']}={raw!r} is not a valid {kind}") from exc
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    """The field's type as a name: annotations are strings where ``from __future__ import annotations`` is on."""
+    return f.type if isinstance(f.type, str) else f.type.__name__
 
 
 def env_var(name: str) -> str:

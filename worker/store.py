@@ -94,35 +94,52 @@ def connect(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        metadata.create_all(engine)
-        _add_missing_columns_and_indexes(engine)
+        create_or_upgrade_schema(engine)
     except OperationalError as exc:
         reason = " ".join(str(exc.orig).split())
         raise ConfigurationError(f"cannot reach database {masked_url(url)}: {reason}") from exc
     return engine
 
 
-def _add_missing_columns_and_indexes(engine: Engine) -> None:
-    """Bring a database made by an older celebscan up to date: add new columns and indexes.
+#: The PostgreSQL advisory lock (an arbitrary constant: "celebscan") held while the schema is made.
+SCHEMA_LOCK = 0x63656C6562
 
-    Every column added since the first release has a server default, so adding it is all the
-    migration needed; ``create_all`` already makes new tables.
+
+def create_or_upgrade_schema(engine: Engine) -> None:
+    """Create the tables, or bring a database made by an older celebscan up to date.
+
+    Every process that opens the database runs this (a fleet scaling out from zero starts many at
+    once), so on PostgreSQL it runs in one transaction holding an advisory lock: the first process
+    creates or upgrades, the others wait, then find nothing left to do. DDL is transactional there,
+    so an upgrade is all or nothing.
     """
-    inspector = inspect(engine)
     with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            existing = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in existing:
-                    continue
-                column_type = column.type.compile(engine.dialect)
-                default = f" DEFAULT {column.server_default.arg.text}" if column.server_default is not None else ""
-                required = "" if column.nullable else " NOT NULL"
-                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column_type}{required}{default}"))
-            indexes = {index["name"] for index in inspector.get_indexes(table.name)}
-            for index in table.indexes:
-                if index.name not in indexes:
-                    index.create(conn)
+        if engine.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+        metadata.create_all(conn)
+        _add_missing_columns_and_indexes(conn)
+
+
+def _add_missing_columns_and_indexes(conn) -> None:
+    """Add the columns and indexes a database made by an older celebscan lacks.
+
+    Every column added since the first release is nullable or has a server default, so adding it
+    is all the migration needed; ``create_all`` already makes new tables.
+    """
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        existing = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            column_type = column.type.compile(conn.dialect)
+            default = f" DEFAULT {column.server_default.arg.text}" if column.server_default is not None else ""
+            required = "" if column.nullable else " NOT NULL"
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column_type}{required}{default}"))
+        indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexes:
+                index.create(conn)
 
 
 def _engine_options(url: str) -> dict[str, Any]:
@@ -185,6 +202,9 @@ class QueuedImage:
     attempts: int
     backend: str = ""
     prefilter_faces: bool = False
+    paid_calls: int = 0  # billed calls so far (a lost batch redone is billed again)
+    calls_saved: int = 0
+    started_by: str | None = None  # the delivery (message) that last started it
     retries: int = 0  # tries that ended in a transient error, over every delivery
     retry_since: datetime | None = None  # the first of those; the retry deadline counts from it
 
@@ -200,8 +220,10 @@ class ImageOutcome:
     result: RecognitionResult | None = None
     error_code: str | None = None
     error_message: str | None = None
-    paid_calls: int = 0  # calls a paid recognizer billed for this image
-    calls_saved: int = 0  # 1 when the face prefilter kept the image from the paid recognizer
+    # The image's totals after this outcome (None: unchanged): set, never added, so writing the
+    # same outcome twice (a retried write) counts nothing twice.
+    paid_calls: int | None = None  # calls a paid recognizer billed for this image
+    calls_saved: int | None = None  # calls the face prefilter kept from the paid recognizer
     # A deferred image (status still ``queued``: a transient cause outlasted the in-process
     # retries) gets its delivery count put back, as this delivery did not crash, and its retries.
     attempts: int | None = None
@@ -214,8 +236,8 @@ class ImageOutcome:
         return self.status == QUEUED
 
     @classmethod
-    def done(cls, image_id: int, width: int, height: int, result: RecognitionResult, *, paid_calls: int = 0,
-             calls_saved: int = 0) -> ImageOutcome:
+    def done(cls, image_id: int, width: int, height: int, result: RecognitionResult, *,
+             paid_calls: int | None = None, calls_saved: int | None = None) -> ImageOutcome:
         return cls(image_id, DONE, width, height, result, paid_calls=paid_calls, calls_saved=calls_saved)
 
     @classmethod
@@ -404,7 +426,8 @@ class ResultStore:
             rows = conn.execute(
                 select(images.c.id, images.c.scan_id, scans.c.source, images.c.bucket, images.c.key,
                        images.c.etag, images.c.size, images.c.attempts, images.c.backend, scans.c.prefilter_faces,
-                       images.c.retries, images.c.retry_since)
+                       images.c.paid_calls, images.c.calls_saved, images.c.started_by, images.c.retries,
+                       images.c.retry_since)
                 .join(scans, images.c.scan_id == scans.c.id)
                 .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
                 .order_by(images.c.id)
@@ -412,14 +435,18 @@ class ResultStore:
             return [QueuedImage(**row._mapping) for row in rows]
 
     @retry_database
-    def start(self, batch: Sequence[QueuedImage], max_deliveries: int) -> list[QueuedImage]:
-        """Count an attempt on each image before work starts, and quarantine repeat offenders.
+    def start(self, batch: Sequence[QueuedImage], max_deliveries: int, delivery: str = "") -> list[QueuedImage]:
+        """Count a delivery on each image before work starts, and quarantine repeat offenders.
 
-        The count is committed first, so a worker killed by an image still leaves a mark; an image
-        that has already been started ``max_deliveries`` times is failed instead of tried again.
+        ``delivery`` names the message being run (Celery: task id and retry number). A message
+        delivered again with the same name means its earlier run never ended: it may have crashed
+        the worker, and counts. A new message (a retry after a handled error, a deferred image sent
+        again, ``--resume``) follows runs that ended, so the count starts over at one. The count is
+        committed first, so a worker killed by an image still leaves a mark; an image started
+        ``max_deliveries`` times by one message is failed instead of tried again.
         """
-        poison = [image for image in batch if image.attempts >= max_deliveries]
-        live = [image for image in batch if image.attempts < max_deliveries]
+        poison = [image for image in batch if image.started_by == delivery and image.attempts >= max_deliveries]
+        live = [image for image in batch if image not in poison]
         with self.engine.begin() as conn:
             if poison:
                 message = f"processing was interrupted {max_deliveries} times (the image may crash workers)"
@@ -428,37 +455,41 @@ class ResultStore:
                     .where(images.c.id.in_([image.id for image in poison]), images.c.status == QUEUED)
                     .values(status=FAILED, error_code="Quarantined", error_message=message, processed_at=utcnow())
                 )
-            if live:
+            if live:  # absolute values: a retried start counts once
                 conn.execute(
-                    update(images)
-                    .where(images.c.id.in_([image.id for image in live]))
-                    .values(attempts=images.c.attempts + 1)
+                    update(images).where(images.c.id == bindparam("b_id"))
+                    .values(attempts=bindparam("b_attempts"), started_by=delivery),
+                    [{"b_id": image.id, "b_attempts": image.attempts + 1 if image.started_by == delivery else 1}
+                     for image in live],
                 )
         if poison:
             self.finish_scans({image.scan_id for image in poison})
         return live
 
-    @retry_database
     def save_outcomes(self, outcomes: Sequence[ImageOutcome]) -> None:
         """Write a batch's results in one transaction: image rows updated, faces replaced.
 
         Then, in its own statement after that commit, finish the batch's scans that have nothing
         left queued: of two workers writing a scan's last batches at once, the later one sees both.
+        Each step is retried on its own while the database is unreachable, and every value is set,
+        never added, so a step written twice counts nothing twice.
         """
         outcomes = list({outcome.image_id: outcome for outcome in outcomes}.values())  # an image once
-        if not outcomes:
-            return
+        if outcomes:
+            self.finish_scans(self._write_outcomes(outcomes))
+
+    @retry_database
+    def _write_outcomes(self, outcomes: Sequence[ImageOutcome]) -> set[int]:
+        """The write transaction; returns the batch's scan ids."""
         ids = [outcome.image_id for outcome in outcomes]
         now = utcnow()
         if self.engine.dialect.name != "postgresql":
             face_rows = [row for o in outcomes if o.result for row in _face_rows(o.image_id, o.result)]
             with self.engine.begin() as conn:
-                scan_ids = _save_outcomes_portable(conn, outcomes, ids, face_rows, now)
-            self.finish_scans(scan_ids)
-            return
+                return _save_outcomes_portable(conn, outcomes, ids, face_rows, now)
         face_values = (values for o in outcomes if o.result for values in _face_values(o.image_id, o.result))
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            _finish_scans_if_drained(conn, _save_outcomes_postgresql(conn, outcomes, ids, face_values, now))
+            return _save_outcomes_postgresql(conn, outcomes, ids, face_values, now)
 
     @retry_database
     def note_unserved(self, image_ids: Sequence[int], reason: str) -> None:
@@ -468,6 +499,7 @@ class ResultStore:
             conn.execute(update(scans).where(scans.c.id.in_(scan_ids))
                          .values(unserved_at=utcnow(), unserved_reason=reason[:2000]))
 
+    @retry_database
     def finish_scans(self, scan_ids: Iterable[int]) -> None:
         """Mark scans finished when nothing of them is queued (also right away for an empty scan)."""
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -616,8 +648,8 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
         .where(images.c.id == bindparam("b_id"))
         .values(status=bindparam("b_status"), width=bindparam("b_width"), height=bindparam("b_height"),
                 error_code=bindparam("b_code"), error_message=bindparam("b_message"), processed_at=bindparam("b_now"),
-                paid_calls=images.c.paid_calls + bindparam("b_paid"),
-                calls_saved=images.c.calls_saved + bindparam("b_saved"),
+                paid_calls=func.coalesce(bindparam("b_paid", type_=Integer), images.c.paid_calls),
+                calls_saved=func.coalesce(bindparam("b_saved", type_=Integer), images.c.calls_saved),
                 attempts=func.coalesce(bindparam("b_attempts", type_=Integer), images.c.attempts),
                 retries=func.coalesce(bindparam("b_retries", type_=Integer), images.c.retries),
                 retry_since=func.coalesce(bindparam("b_since", type_=DateTime(timezone=True)), images.c.retry_since)),
@@ -769,7 +801,7 @@ BEGIN;
 SET LOCAL enable_seqscan = off;
 UPDATE images SET status = u.status, width = u.width, height = u.height, error_code = u.error_code,
        error_message = u.error_message, processed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE %(now)s END,
-       paid_calls = images.paid_calls + u.paid_calls, calls_saved = images.calls_saved + u.calls_saved,
+       paid_calls = COALESCE(u.paid_calls, images.paid_calls), calls_saved = COALESCE(u.calls_saved, images.calls_saved),
        attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
        retry_since = COALESCE(u.retry_since, images.retry_since)
   FROM json_to_recordset(%(images)s::json)
