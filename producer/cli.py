@@ -408,11 +408,15 @@ def _summary(store: ResultStore, scan_id: int | None) -> ScanSummary:
 def format_summary(summary: ScanSummary, settings: Settings) -> str:
     counts = summary.counts
     state = "finished" if summary.finished_at else "running"
+    listed = f"{summary.listed} listed" if summary.listing == "listed" else f"{summary.listed} listed so far"
     lines = [
         f"scan {summary.id} ({state}): {summary.source}, backend {summary.backend}",
-        f"  images: {summary.listed} listed, {summary.skipped} skipped (already done), "
+        f"  images: {listed}, {summary.skipped} skipped (already done), "
         f"{counts['queued']} queued, {counts['done']} done, {counts['failed']} failed",
     ]
+    if summary.listing == "listing failed":
+        lines.append(f"  listing failed: {summary.listing_error}; the images listed before are resumable: "
+                     f"celebscan scan --resume {summary.id}")
     if summary.rate:
         eta = f", ETA {summary.eta_seconds:.0f} s" if counts["queued"] else ""
         lines.append(f"  rate: {summary.rate:.2f} images/s{eta}")

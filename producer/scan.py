@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from producer.cost import Estimate
 from producer.listing import ListedObject, Source, check_bucket, list_folder, list_s3
+from worker.errors import ConfigurationError, ListingFailedError
 from worker.settings import Settings
 from worker.store import CHUNK_SIZE, QueueReport, ResultStore, chunks
 
@@ -35,7 +36,15 @@ def plan_scan(store: ResultStore, source: Source, settings: Settings, *, force: 
     listing = list_source(source, settings)
     backend = settings.backend
     scan_id = store.create_scan(source.url, backend, prefilter_faces=prefilter_faces)
-    report = store.queue_images(scan_id, source.bucket, backend, listing, force=force)
+    try:
+        report = store.queue_images(scan_id, source.bucket, backend, listing, force=force)
+    except ConfigurationError as exc:  # the listing stopped part-way (access denied, endpoint gone)
+        store.record_listing_error(scan_id, str(exc))
+        listed = store.scan_summary(scan_id).listed
+        raise ListingFailedError(
+            f"{exc}; scan {scan_id} recorded the {listed} images listed before that as queued: "
+            f"`celebscan scan --resume {scan_id}` scans them, or fix the cause and scan {source.url} again"
+        ) from exc
     if not report.image_ids:
         store.finish_scans([scan_id])
     return PlannedScan(scan_id=scan_id, source=source, queue=report)

@@ -65,3 +65,44 @@ def test_reader_reads_and_types_its_errors(filled):
     with pytest.raises(Exception) as too_big:
         small.read(filled, "2024/a.jpg")
     assert too_big.value.code == "ImageTooLarge"
+
+
+def test_a_listing_that_fails_part_way_leaves_a_resumable_scan_that_says_so(s3, bucket, aws_env, sqlite_url,
+                                                                           monkeypatch):
+    """Page 3 of the listing is refused (access denied): the pages before it are recorded queued,
+    the scan says the listing failed and why, and ``--resume`` scans what was listed."""
+    import functools
+
+    from botocore.exceptions import ClientError
+
+    import producer.listing
+    import producer.scan
+    from tests.clirun import celebscan
+    from worker.aws import translate
+    from worker.store import ResultStore
+
+    for i in range(30):
+        s3.put_object(Bucket=bucket, Key=f"img{i:03d}.jpg", Body=jpeg())
+    real_pages = producer.listing._pages
+
+    def refused_at_page_three(s3_client, **arguments):
+        for number, page in enumerate(real_pages(s3_client, **arguments), start=1):
+            if number == 3:
+                denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "ListObjectsV2")
+                raise ConfigurationError(str(translate(denied, f"listing s3://{bucket}/")))
+            yield page
+
+    monkeypatch.setattr(producer.listing, "_pages", refused_at_page_three)
+    monkeypatch.setattr(producer.scan, "list_s3", functools.partial(list_s3, page_size=10))
+    failed = celebscan("--database-url", sqlite_url, "scan", f"s3://{bucket}/", "--backend", "rekognition", ok=False)
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    [message] = failed.output.strip().splitlines()
+    assert "AccessDenied" in message and "recorded the 20 images listed before that as queued" in message
+    assert "celebscan scan --resume 1" in message
+
+    store = ResultStore.connect(sqlite_url)
+    summary = store.scan_summary(1)
+    assert (summary.listing, summary.listed, summary.counts["queued"]) == ("listing failed", 20, 20)
+    status = celebscan("--database-url", sqlite_url, "status", "1").output
+    assert "20 listed so far" in status and "listing failed: " in status and "--resume 1" in status
+    store.engine.dispose()

@@ -31,6 +31,12 @@ class MissingDependencyError(ConfigurationError):
     code = "MissingDependency"
 
 
+class ListingFailedError(ConfigurationError):
+    """Listing a source stopped part-way; what was listed is recorded and the scan can be resumed."""
+
+    code = "ListingFailed"
+
+
 class RecognizerUnavailableError(ConfigurationError):
     """This worker cannot run the recognizer a batch needs; the batch goes back for another worker.
 

@@ -42,6 +42,9 @@ scans = Table(
     # The last time a worker handed a batch of this scan back because it could not run what the
     # batch needs (e.g. the local recognizer without the local extra), and why: shown by status.
     Column("unserved_at", DateTime(timezone=True)),
+    # When listing the source ended, or why it stopped part-way (the images listed stay queued).
+    Column("listing_finished_at", DateTime(timezone=True)),
+    Column("listing_error", Text),
     Column("unserved_reason", Text),
 )
 

@@ -161,9 +161,21 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def chunks(iterable: Iterable, size: int) -> Iterator[list]:
+    """Lists of ``size`` items; when the iterable fails part-way, the items before the failure are
+    handed out as a last chunk before the error is raised (a listing's pages already read are kept)."""
     iterator = iter(iterable)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
+    while True:
+        chunk, error = [], None
+        try:
+            chunk.extend(itertools.islice(iterator, size))
+        except Exception as exc:
+            error = exc
+        if chunk:
+            yield chunk
+        if error is not None:
+            raise error
+        if len(chunk) < size:
+            return
 
 
 def dialect_insert(engine: Engine, table):
@@ -281,6 +293,9 @@ class ScanSummary:
     retrying: dict[str, int] = field(default_factory=dict)
     #: Why workers hand this scan's batches back (none could run its recognizer), while none is served.
     unserved: str | None = None
+    #: "listing" while the source is being listed, "listed" after, "listing failed" (see listing_error).
+    listing: str = "listed"
+    listing_error: str | None = None
 
     @property
     def processed(self) -> int:
@@ -358,12 +373,18 @@ class ResultStore:
         for chunk in chunks(listed, CHUNK_SIZE):
             with self.engine.begin() as conn:
                 ids, chunk_skipped = self._queue_chunk(conn, scan_id, bucket, backend, chunk, force)
+                total, skipped = total + len(chunk), skipped + chunk_skipped
+                # the counts so far, with the chunk: status shows the listing's progress
+                conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=total, skipped=skipped))
             image_ids += ids
-            total += len(chunk)
-            skipped += chunk_skipped
         with self.engine.begin() as conn:
-            conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=total, skipped=skipped))
+            conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_finished_at=utcnow()))
         return QueueReport(image_ids=image_ids, listed=total, skipped=skipped)
+
+    def record_listing_error(self, scan_id: int, reason: str) -> None:
+        """The listing stopped part-way: what was listed stays queued (``scan --resume``)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_error=reason[:2000]))
 
     def _queue_chunk(self, conn, scan_id, bucket, backend, chunk, force) -> tuple[list[int], int]:
         keys = [item.key for item in chunk]
@@ -574,7 +595,8 @@ class ResultStore:
             finished_at=scan.finished_at, listed=scan.listed, skipped=scan.skipped, counts=counts,
             faces=face_count, people=people, failures=failures, last_processed_at=last,
             paid_calls=int(paid_calls), calls_saved=int(calls_saved), retrying=retrying,
-            unserved=_unserved(scan, last, counts[QUEUED]),
+            unserved=_unserved(scan, last, counts[QUEUED]), listing=_listing_state(scan),
+            listing_error=scan.listing_error,
         )
 
     def result_records(self, scan_id: int | None = None, key: str | None = None) -> Iterator[dict[str, Any]]:
@@ -614,6 +636,13 @@ class ResultStore:
             for row in rows:
                 yield _record(row, faces_by_image.get(row.id, []))
             last_id = rows[-1].id
+
+
+def _listing_state(scan) -> str:
+    if scan.listing_error:
+        return "listing failed"
+    # scans made before listing_finished_at existed were listed in full before anything ran
+    return "listed" if scan.listing_finished_at or scan.finished_at else "listing"
 
 
 def _unserved(scan, last_processed_at: datetime | None, queued: int) -> str | None:
