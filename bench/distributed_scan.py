@@ -55,9 +55,11 @@ def main() -> None:
             elapsed = time.perf_counter() - first
         summary = store.scan_summary(planned.scan_id)
         assert summary.counts["done"] == args.images, summary.counts
-        print(f"scan: {args.images} images with {args.workers} worker processes in {elapsed:.1f} s "
-              f"(worker start-up included) = {args.images / elapsed:.1f} images/s; "
-              f"{len(standin.calls)} Rekognition calls")
+        print(
+            f"scan: {args.images} images with {args.workers} worker processes in {elapsed:.1f} s "
+            f"(worker start-up included) = {args.images / elapsed:.1f} images/s; "
+            f"{len(standin.calls)} Rekognition calls"
+        )
 
 
 if __name__ == "__main__":

@@ -59,15 +59,21 @@ def main() -> int:
         count = len(truth)
 
         started = time.perf_counter()
-        baseline_out = subprocess.run(["face_recognition", "--cpus", str(args.workers), str(known), str(unknown)],
-                                      capture_output=True, text=True, check=True).stdout
+        baseline_out = subprocess.run(
+            ["face_recognition", "--cpus", str(args.workers), str(known), str(unknown)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         baseline_seconds = time.perf_counter() - started
 
         database = f"sqlite:///{work / 'bench.db'}"
         celebscan = [sys.executable, "-m", "producer.cli", "--database-url", database]
         subprocess.run([*celebscan, "gallery", "import", str(gallery)], capture_output=True, check=True)
         started = time.perf_counter()
-        subprocess.run([*celebscan, "scan", str(unknown), "--workers", str(args.workers)], capture_output=True, check=True)
+        subprocess.run(
+            [*celebscan, "scan", str(unknown), "--workers", str(args.workers)], capture_output=True, check=True
+        )
         ours_seconds = time.perf_counter() - started
         results = subprocess.run([*celebscan, "results"], capture_output=True, text=True, check=True).stdout
 
@@ -82,7 +88,10 @@ def main() -> int:
     ours_rate, baseline_rate = count / ours_seconds, count / baseline_seconds
     ratio = ours_rate / baseline_rate
     print(f"{count} images ({len(expected)} x {args.copies} copies), {args.workers} processes, start-up included")
-    print(f"baseline face_recognition --cpus {args.workers}: {baseline_rate:.2f} images/s ({baseline_seconds:.1f} s); {baseline_ok}")
+    print(
+        f"baseline face_recognition --cpus {args.workers}: {baseline_rate:.2f} images/s "
+        f"({baseline_seconds:.1f} s); {baseline_ok}"
+    )
     print(f"celebscan scan --workers {args.workers}: {ours_rate:.2f} images/s ({ours_seconds:.1f} s); {ours_ok}")
     met = ratio >= TARGET and ours_ok == "all names right"
     print(f"ratio: {ratio:.1f}x (target >= {TARGET:.0f}x with all names right) {'OK' if met else 'MISSED'}")

@@ -35,8 +35,12 @@ TARGET_RATIO = 1.6
 def timed_scan(env: dict[str, str], prefix: str, store: ResultStore) -> float:
     """Enqueue the scan of ``prefix`` with the CLI and wait until it finishes; images/s."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "producer.cli", "scan", f"s3://bench/{prefix}/"], env={**os.environ, **env}, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "producer.cli", "scan", f"s3://bench/{prefix}/"],
+        env={**os.environ, **env},
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     scan_id = store.latest_scan_id()
     wait_for_scan(store, scan_id, timeout=1800)
     summary = store.scan_summary(scan_id)
@@ -64,15 +68,22 @@ def main() -> None:
         for hosts in (1, 2):
             with ExitStack() as workers:
                 for host in net.hosts[:hosts]:
-                    workers.enter_context(celery_workers(1, env, logs, args.concurrency, host=host,
-                                                         name=f"{host.namespace}-"))
-                wait_until(lambda count=hosts: online_workers(settings, 1.0) == count, timeout=120, what="workers online")
+                    workers.enter_context(
+                        celery_workers(1, env, logs, args.concurrency, host=host, name=f"{host.namespace}-")
+                    )
+                wait_until(
+                    lambda count=hosts: online_workers(settings, 1.0) == count, timeout=120, what="workers online"
+                )
                 rates[hosts] = timed_scan(env, "one" if hosts == 1 else "two", store)
-            print(f"{hosts} worker host{'s' if hosts > 1 else ''} x {args.concurrency} processes: "
-                  f"{rates[hosts]:.1f} images/s")
+            print(
+                f"{hosts} worker host{'s' if hosts > 1 else ''} x {args.concurrency} processes: "
+                f"{rates[hosts]:.1f} images/s"
+            )
         ratio = rates[2] / rates[1]
-        print(f"two hosts / one host: {ratio:.2f}x (expected >= {TARGET_RATIO}x; "
-              f"Rekognition latency {args.latency * 1000:.0f} ms; this machine's cores are shared by both hosts)")
+        print(
+            f"two hosts / one host: {ratio:.2f}x (expected >= {TARGET_RATIO}x; "
+            f"Rekognition latency {args.latency * 1000:.0f} ms; this machine's cores are shared by both hosts)"
+        )
         store.engine.dispose()
     sys.exit(0 if ratio >= TARGET_RATIO else 1)
 

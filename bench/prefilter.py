@@ -25,15 +25,34 @@ from worker.settings import DEFAULT_REKOGNITION_PRICES
 
 FACES_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "faces-dev"
 #: scikit-image pictures with no person in them ("camera" and "astronaut" show people).
-NO_PEOPLE_SKIMAGE = ("brick", "chelsea", "coffee", "coins", "colorwheel", "grass", "gravel", "horse",
-                     "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "rocket", "text",
-                     "clock", "checkerboard")
+NO_PEOPLE_SKIMAGE = (
+    "brick",
+    "chelsea",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "moon",
+    "page",
+    "rocket",
+    "text",
+    "clock",
+    "checkerboard",
+)
 PRICE = float(DEFAULT_REKOGNITION_PRICES.split(":")[0])
 
 
 def people_images() -> dict[str, bytes]:
-    return {str(path.relative_to(FACES_DEV)): path.read_bytes()
-            for path in sorted(FACES_DEV.rglob("*")) if path.suffix.lower() in (".jpg", ".jpeg", ".png")}
+    return {
+        str(path.relative_to(FACES_DEV)): path.read_bytes()
+        for path in sorted(FACES_DEV.rglob("*"))
+        if path.suffix.lower() in (".jpg", ".jpeg", ".png")
+    }
 
 
 def no_people_images() -> dict[str, bytes]:
@@ -80,13 +99,19 @@ def main() -> int:
     saved = len(no_people) - len(false_faces) + len(missed)
     total = len(with_people) + len(no_people)
     print(f"images of people (faces-dev): {len(with_people)}; judged face-less (MISSED): {len(missed)} {missed}")
-    print(f"images without people: {len(no_people)}; judged to have a face (sent anyway): {len(false_faces)} "
-          f"{false_faces}")
+    print(
+        f"images without people: {len(no_people)}; judged to have a face (sent anyway): {len(false_faces)} "
+        f"{false_faces}"
+    )
     print(f"baseline, no prefilter: {total} paid calls, ${total * PRICE:.4f} at ${PRICE}/image")
-    print(f"with the prefilter: {total - saved} paid calls; saved {saved} calls = {saved / total:.0%}, "
-          f"${saved * PRICE:.4f} ({saved * PRICE * 1e6 / total:,.0f} USD per million images of this mix)")
-    print(f"time: {seconds_people * 1000:.0f} ms per image of people, {seconds_none * 1000:.0f} ms per image "
-          f"without (one core, decoding included)")
+    print(
+        f"with the prefilter: {total - saved} paid calls; saved {saved} calls = {saved / total:.0%}, "
+        f"${saved * PRICE:.4f} ({saved * PRICE * 1e6 / total:,.0f} USD per million images of this mix)"
+    )
+    print(
+        f"time: {seconds_people * 1000:.0f} ms per image of people, {seconds_none * 1000:.0f} ms per image "
+        f"without (one core, decoding included)"
+    )
     return 1 if missed else 0
 
 

@@ -37,8 +37,9 @@ def main() -> int:
     with ExitStack() as stack:
         parts = start_stack(stack, delay=args.latency, quota_tps=args.quota)
         fill_bucket("quota", [f"q/{i:06d}.jpg" for i in range(args.images)], jpeg(200, 150))
-        env = parts.worker_env(CELEBSCAN_REKOGNITION_TPS="0" if args.no_pacing else str(args.quota),
-                               CELEBSCAN_MAX_ATTEMPTS="20")
+        env = parts.worker_env(
+            CELEBSCAN_REKOGNITION_TPS="0" if args.no_pacing else str(args.quota), CELEBSCAN_MAX_ATTEMPTS="20"
+        )
         standin, postgres_url = parts.standin, parts.postgres_url
         settings = Settings.from_env(env)
         store = ResultStore.connect(postgres_url)
@@ -54,8 +55,11 @@ def main() -> int:
     share, rejected_share = rate / args.quota, rejected / len(standin.calls)
     lost = args.images - summary.counts["done"]
     met = share >= 0.95 and rejected_share < 0.01 and lost == 0
-    print(f"{args.images} images, 4 worker processes, quota {args.quota:.0f} calls/s, latency {args.latency * 1000:.0f} ms, "
-          f"pacing {'off' if args.no_pacing else 'on'}")
+    print(
+        f"{args.images} images, 4 worker processes, quota {args.quota:.0f} calls/s, "
+        f"latency {args.latency * 1000:.0f} ms, "
+        f"pacing {'off' if args.no_pacing else 'on'}"
+    )
     print(f"sustained {rate:.2f} calls/s = {share:.1%} of the quota (target >= 95%)")
     print(f"rejected for quota: {rejected} of {len(standin.calls)} calls = {rejected_share:.2%} (target < 1%)")
     print(f"images lost: {lost} (done {summary.counts['done']}, failed {summary.counts['failed']})")

@@ -34,8 +34,14 @@ TARGET = 40.0
 FACES_PER_IMAGE = 5
 RESPONSE = {
     "CelebrityFaces": [celebrity(f"person {i}", left=0.15 * i) for i in range(3)],
-    "UnrecognizedFaces": [{"BoundingBox": {"Width": 0.1, "Height": 0.1, "Left": 0.8, "Top": 0.1 * i},
-                           "Confidence": 99.0, "Pose": {"Roll": 1, "Yaw": 2, "Pitch": 3}} for i in range(2)],
+    "UnrecognizedFaces": [
+        {
+            "BoundingBox": {"Width": 0.1, "Height": 0.1, "Left": 0.8, "Top": 0.1 * i},
+            "Confidence": 99.0,
+            "Pose": {"Roll": 1, "Yaw": 2, "Pitch": 3},
+        }
+        for i in range(2)
+    ],
 }
 
 
@@ -77,9 +83,15 @@ def main() -> int:
     print(f"baseline (ORM, commit per image): {baseline_rate:,.0f} face rows/s")
     for size in batch_sizes:
         rate = statistics.median(ours[size])
-        print(f"celebscan save_outcomes, batches of {size:>4} images: {rate:>7,.0f} face rows/s = {rate / baseline_rate:5.1f}x")
+        print(
+            f"celebscan save_outcomes, batches of {size:>4} images: {rate:>7,.0f} face rows/s "
+            f"= {rate / baseline_rate:5.1f}x"
+        )
     ratio = statistics.median(ours[args.batch_size]) / baseline_rate
-    print(f"ratio at batches of {args.batch_size}: {ratio:.1f}x (target >= {TARGET:.0f}x) {'OK' if ratio >= TARGET else 'MISSED'}")
+    print(
+        f"ratio at batches of {args.batch_size}: {ratio:.1f}x (target >= {TARGET:.0f}x) "
+        f"{'OK' if ratio >= TARGET else 'MISSED'}"
+    )
     return 0 if ratio >= TARGET else 1
 
 

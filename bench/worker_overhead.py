@@ -38,7 +38,9 @@ _context: WorkerContext | None = None
 def _init(database_url: str) -> None:
     global _context
     store = ResultStore.connect(database_url)
-    _context = WorkerContext(store=store, readers=build_readers(Settings()), recognizers=Recognizers.of(StubRecognizer(lambda image: ANSWER)))
+    _context = WorkerContext(
+        store=store, readers=build_readers(Settings()), recognizers=Recognizers.of(StubRecognizer(lambda image: ANSWER))
+    )
 
 
 def _run(batch: list[int]) -> int:
@@ -62,7 +64,9 @@ def main() -> int:
         folder.mkdir()
         for i in range(args.images):
             (folder / f"{i:06d}.jpg").write_bytes(encode(halves(320 + i % 7, 240), "JPEG", quality=85))
-        url = stack.enter_context(postgres_server()) if args.database == "postgresql" else f"sqlite:///{scratch}/bench.db"
+        url = (
+            stack.enter_context(postgres_server()) if args.database == "postgresql" else f"sqlite:///{scratch}/bench.db"
+        )
         store = ResultStore.connect(url)
         scan_id = store.create_scan(str(folder), "stub")
         ids = store.queue_images(scan_id, str(folder), "stub", list_folder(folder)).image_ids
@@ -80,8 +84,10 @@ def main() -> int:
 
     rate = args.images / elapsed
     print(f"{args.images} images, {args.processes} processes, {args.database}, batches of {Settings().batch_size}")
-    print(f"worker overhead: {1000 * args.processes / rate:.2f} ms/image per process; {rate:,.0f} images/s "
-          f"(target >= {TARGET:.0f}) {'OK' if rate >= TARGET else 'MISSED'}")
+    print(
+        f"worker overhead: {1000 * args.processes / rate:.2f} ms/image per process; {rate:,.0f} images/s "
+        f"(target >= {TARGET:.0f}) {'OK' if rate >= TARGET else 'MISSED'}"
+    )
     return 0 if rate >= TARGET else 1
 
 

@@ -56,14 +56,18 @@ def setting_option(*decls: str, setting: str, help: str, **kwargs):
 
 @click.group(cls=CelebscanGroup)
 @setting_option("--database-url", setting="database_url", help="Results database URL (default sqlite:///celebscan.db).")
-@setting_option("--endpoint-url", setting="endpoint_url", help="Endpoint URL for S3-compatible stores and AWS stand-ins.")
+@setting_option(
+    "--endpoint-url", setting="endpoint_url", help="Endpoint URL for S3-compatible stores and AWS stand-ins."
+)
 @click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
 @click.version_option(package_name="celebscan")
 @click.pass_context
 def cli(ctx: click.Context, database_url: str | None, endpoint_url: str | None, verbose: int) -> None:
     """Scan a folder or bucket of images for well-known people and keep every result in a database."""
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         settings = Settings.from_env().replace(database_url=database_url, endpoint_url=endpoint_url)
     except CelebscanError as exc:
@@ -74,20 +78,43 @@ def cli(ctx: click.Context, database_url: str | None, endpoint_url: str | None, 
 @cli.command()
 @click.argument("source", required=False)
 @setting_option("--backend", setting="backend", type=click.Choice(BACKENDS), help="Recognizer to use.")
-@setting_option("--workers", setting="workers", type=click.IntRange(min=0), help="Processes for an embedded scan (0: one per core).")
+@setting_option(
+    "--workers", setting="workers", type=click.IntRange(min=0), help="Processes for an embedded scan (0: one per core)."
+)
 @setting_option("--batch-size", setting="batch_size", type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--force", is_flag=True, help="Scan images again even when an identical copy is already done.")
-@click.option("--resume", "resume_id", type=int, metavar="SCAN_ID",
-              help="Hand out again the images of SCAN_ID still queued (after an interruption, a broker loss or --max-cost).")
-@click.option("--max-cost", type=click.FloatRange(min=0), metavar="USD",
-              help="Send only as many images as this budget pays for (Rekognition's tiered price); the rest stay "
-                   "queued for --resume.")
-@click.option("--prefilter-faces", is_flag=True,
-              help="rekognition: run the local face detector first; images with no face are recorded with no "
-                   "faces and never sent (never billed). Needs the local extra on the workers.")
+@click.option(
+    "--resume",
+    "resume_id",
+    type=int,
+    metavar="SCAN_ID",
+    help="Hand out again the images of SCAN_ID still queued (after an interruption, a broker loss or --max-cost).",
+)
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    metavar="USD",
+    help="Send only as many images as this budget pays for (Rekognition's tiered price); the rest stay "
+    "queued for --resume.",
+)
+@click.option(
+    "--prefilter-faces",
+    is_flag=True,
+    help="rekognition: run the local face detector first; images with no face are recorded with no "
+    "faces and never sent (never billed). Needs the local extra on the workers.",
+)
 @click.pass_obj
-def scan(app: App, source: str | None, backend: str | None, workers: int | None, batch_size: int | None,
-         force: bool, resume_id: int | None, max_cost: float | None, prefilter_faces: bool) -> None:
+def scan(
+    app: App,
+    source: str | None,
+    backend: str | None,
+    workers: int | None,
+    batch_size: int | None,
+    force: bool,
+    resume_id: int | None,
+    max_cost: float | None,
+    prefilter_faces: bool,
+) -> None:
     """Scan SOURCE (a folder, or s3://bucket/prefix/) and store who is in each image.
 
     With CELERY_BROKER_URL set, the batches are enqueued for Celery workers; otherwise they run
@@ -102,13 +129,21 @@ def scan(app: App, source: str | None, backend: str | None, workers: int | None,
         from worker.face_embeddings import FaceEmbedder
 
         FaceEmbedder.check_installed()
-    run_scan(app, source, settings, force=force, resume_id=resume_id, max_cost=max_cost,
-             prefilter_faces=prefilter_faces)
+    run_scan(
+        app, source, settings, force=force, resume_id=resume_id, max_cost=max_cost, prefilter_faces=prefilter_faces
+    )
 
 
-def run_scan(app: App, source: str | None, settings: Settings, *, force: bool = False,
-             resume_id: int | None = None, max_cost: float | None = None,
-             prefilter_faces: bool = False) -> ScanSummary:
+def run_scan(
+    app: App,
+    source: str | None,
+    settings: Settings,
+    *,
+    force: bool = False,
+    resume_id: int | None = None,
+    max_cost: float | None = None,
+    prefilter_faces: bool = False,
+) -> ScanSummary:
     """Plan (or resume) a scan, then run its batches here or enqueue them; print and return the summary."""
     if not settings.embedded:
         check_broker(settings)
@@ -120,16 +155,20 @@ def run_scan(app: App, source: str | None, settings: Settings, *, force: bool = 
     else:
         planned = plan_scan(app.store, parse_source(source), settings, force=force, prefilter_faces=prefilter_faces)
         scan_id, image_ids, queue = planned.scan_id, planned.queue.image_ids, planned.queue
-        click.echo(f"scan {scan_id}: {planned.source.url} (backend {settings.backend}, "
-                   f"database {masked_url(settings.database_url)})")
+        click.echo(
+            f"scan {scan_id}: {planned.source.url} (backend {settings.backend}, "
+            f"database {masked_url(settings.database_url)})"
+        )
         click.echo(f"listed {queue.listed} images; {queue.skipped} already done, {len(image_ids)} to scan")
     if max_cost is not None:
         image_ids = _within_budget(image_ids, max_cost, settings, scan_id)
     if image_ids and not settings.embedded:
         batches = split_batches(image_ids, settings.batch_size, workers=1, balance=False)
         enqueue_batches(settings, batches)
-        click.echo(f"enqueued {len(batches)} batches to {masked_broker(settings.broker_url)}; "
-                   f"watch with: celebscan status {scan_id} --watch")
+        click.echo(
+            f"enqueued {len(batches)} batches to {masked_broker(settings.broker_url)}; "
+            f"watch with: celebscan status {scan_id} --watch"
+        )
         if settings.cloudwatch_namespace:
             _publish_backlog(app, settings)
         return app.store.scan_summary(scan_id)
@@ -146,8 +185,13 @@ def run_scan(app: App, source: str | None, settings: Settings, *, force: bool = 
 @cli.command()
 @click.argument("scan_id", type=int, required=False)
 @click.option("--watch", is_flag=True, help="Follow the scan with a progress bar until it finishes.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
-              help="Seconds between looks at the database with --watch.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between looks at the database with --watch.",
+)
 @click.pass_obj
 def status(app: App, scan_id: int | None, watch: bool, interval: float) -> None:
     """Progress of a scan (the latest when SCAN_ID is not given): counts by status, rate, ETA."""
@@ -168,9 +212,11 @@ def _within_budget(image_ids: list[int], max_cost: float, settings: Settings, sc
     if affordable == len(image_ids):
         click.echo(f"budget {usd(max_cost)} covers all {affordable} images (at most {usd(cost)})")
         return image_ids
-    click.echo(f"budget {usd(max_cost)} covers {affordable} of {len(image_ids)} images (at most {usd(cost)}); "
-               f"{len(image_ids) - affordable} left out, still queued: when this part is done, continue with "
-               f"celebscan scan --resume {scan_id} --max-cost USD")
+    click.echo(
+        f"budget {usd(max_cost)} covers {affordable} of {len(image_ids)} images (at most {usd(cost)}); "
+        f"{len(image_ids) - affordable} left out, still queued: when this part is done, continue with "
+        f"celebscan scan --resume {scan_id} --max-cost USD"
+    )
     return image_ids[:affordable]
 
 
@@ -184,14 +230,18 @@ def estimate(app: App, source: str) -> None:
     cost = paid_cost(settings, found.billable)
     click.echo(f"{source}: {found.listed} images, {found.total_bytes / 1e6:,.1f} MB")
     click.echo(f"  already done with rekognition (skipped): {found.already_done}")
-    click.echo(f"  to scan: {found.to_scan}; over the service's limits: {found.converted} to be converted "
-               f"(shrunk and re-encoded before the call), {found.refused} to be refused "
-               f"(larger than {env_var('max_image_bytes')}={settings.max_image_bytes:,} bytes)")
+    click.echo(
+        f"  to scan: {found.to_scan}; over the service's limits: {found.converted} to be converted "
+        f"(shrunk and re-encoded before the call), {found.refused} to be refused "
+        f"(larger than {env_var('max_image_bytes')}={settings.max_image_bytes:,} bytes)"
+    )
     start = settings.rekognition_billed_this_month
     tiers = f" after {start:,} images billed this month" if start else ""
-    click.echo(f"  estimated Rekognition cost: {usd(cost)} for {found.billable} calls at most{tiers} "
-               f"(prices: {env_var('rekognition_prices')}={settings.rekognition_prices}); "
-               f"--prefilter-faces sends only images with a face")
+    click.echo(
+        f"  estimated Rekognition cost: {usd(cost)} for {found.billable} calls at most{tiers} "
+        f"(prices: {env_var('rekognition_prices')}={settings.rekognition_prices}); "
+        f"--prefilter-faces sends only images with a face"
+    )
 
 
 def _watch(store: ResultStore, summary: ScanSummary, interval: float) -> ScanSummary:
@@ -219,12 +269,19 @@ def _publish_backlog(app: App, settings: Settings) -> None:
 
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="text", show_default=True)
-@click.option("--cloudwatch", is_flag=True,
-              help=f"Also publish PendingImages, BacklogImages, BacklogPerWorker, QueueLength (batches) and "
-                   f"WorkersOnline to CloudWatch "
-                   f"[namespace: {env_var('cloudwatch_namespace')}, default Celebscan].")
-@click.option("--every", type=click.FloatRange(min=1), metavar="SECONDS",
-              help="Take a reading every SECONDS until interrupted (a sidecar for an autoscaler).")
+@click.option(
+    "--cloudwatch",
+    is_flag=True,
+    help=f"Also publish PendingImages, BacklogImages, BacklogPerWorker, QueueLength (batches) and "
+    f"WorkersOnline to CloudWatch "
+    f"[namespace: {env_var('cloudwatch_namespace')}, default Celebscan].",
+)
+@click.option(
+    "--every",
+    type=click.FloatRange(min=1),
+    metavar="SECONDS",
+    help="Take a reading every SECONDS until interrupted (a sidecar for an autoscaler).",
+)
 @click.pass_obj
 def metrics(app: App, fmt: str, cloudwatch: bool, every: float | None) -> None:
     """Work left: queued images per unfinished scan, batches in the broker, workers online.
@@ -263,10 +320,16 @@ def results(app: App, scan_id: int | None, fmt: str, output: str | None) -> None
 
 @cli.command()
 @click.option("--scan", "scan_id", type=int, help="The scan to show (default: the latest).")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), default="report.html",
-              show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Images shown as thumbnails (every failure is listed).")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), default="report.html", show_default=True
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Images shown as thumbnails (every failure is listed).",
+)
 @click.pass_obj
 def report(app: App, scan_id: int | None, output: Path, limit: int) -> None:
     """One self-contained HTML page: thumbnails with boxes and names, failures, a filter by person."""
@@ -283,8 +346,12 @@ def report(app: App, scan_id: int | None, output: Path, limit: int) -> None:
 @cli.command()
 @click.argument("key")
 @click.option("--scan", "scan_id", type=int, help="The image as scanned by this scan (default: its latest result).")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), required=True,
-              help="Where to write the picture (.jpg or .png).")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    required=True,
+    help="Where to write the picture (.jpg or .png).",
+)
 @click.pass_obj
 def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
     """Draw the faces found in the image KEY (boxes, names and confidence) into one picture."""
@@ -347,8 +414,12 @@ def gallery_remove(app: App, name: str) -> None:
 
 
 @cli.command()
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the sample images and the demo database here (default: a temporary folder).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the sample images and the demo database here (default: a temporary folder).",
+)
 @setting_option("--workers", setting="workers", type=click.IntRange(min=0), help="Processes (0: one per core).")
 @click.pass_obj
 def demo(app: App, workdir: Path | None, workers: int | None) -> None:
@@ -357,6 +428,7 @@ def demo(app: App, workdir: Path | None, workers: int | None) -> None:
     Uses its own database in the work folder, never the one in --database-url.
     """
     from producer.demo import build_demo_set
+
     with tempfile.TemporaryDirectory(prefix="celebscan-demo-") as scratch:
         folder = (workdir or Path(scratch)).resolve()
         folder.mkdir(parents=True, exist_ok=True)
@@ -401,7 +473,9 @@ def _summary(store: ResultStore, scan_id: int | None) -> ScanSummary:
     scan_id = scan_id if scan_id is not None else store.latest_scan_id()
     summary = store.scan_summary(scan_id) if scan_id is not None else None
     if summary is None:
-        raise click.ClickException("no such scan" if scan_id is not None else "no scan yet; run `celebscan scan SOURCE`")
+        raise click.ClickException(
+            "no such scan" if scan_id is not None else "no scan yet; run `celebscan scan SOURCE`"
+        )
     return summary
 
 
@@ -415,26 +489,34 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
         f"{counts['queued']} queued, {counts['done']} done, {counts['failed']} failed",
     ]
     if summary.listing == "listing failed":
-        lines.append(f"  listing failed: {summary.listing_error}; the images listed before are resumable: "
-                     f"celebscan scan --resume {summary.id}")
+        lines.append(
+            f"  listing failed: {summary.listing_error}; the images listed before are resumable: "
+            f"celebscan scan --resume {summary.id}"
+        )
     if summary.rate:
         eta = f", ETA {summary.eta_seconds:.0f} s" if counts["queued"] else ""
         lines.append(f"  rate: {summary.rate:.2f} images/s{eta}")
     if summary.failures:
         lines.append("  failures: " + ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items())))
     if summary.retrying:
-        lines.append("  retrying after transient errors (still queued): "
-                     + ", ".join(f"{code} {n}" for code, n in sorted(summary.retrying.items())))
+        lines.append(
+            "  retrying after transient errors (still queued): "
+            + ", ".join(f"{code} {n}" for code, n in sorted(summary.retrying.items()))
+        )
     if summary.unserved:
-        lines.append(f"  waiting: no worker has served this scan's batches: {summary.unserved}; "
-                     f"install what it names on the workers (pip install '.[local]') and restart them")
+        lines.append(
+            f"  waiting: no worker has served this scan's batches: {summary.unserved}; "
+            f"install what it names on the workers (pip install '.[local]') and restart them"
+        )
     people = ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in summary.people.items())
     lines.append(f"  faces: {summary.faces}; people found: {people or 'nobody'}")
     if summary.backend in PAID_BACKENDS or summary.paid_calls:
         line = f"  paid calls: {summary.paid_calls} (estimated {usd(paid_cost(settings, summary.paid_calls))})"
         if summary.calls_saved:
-            line += (f"; the face prefilter saved {summary.calls_saved} calls "
-                     f"({usd(paid_cost(settings, summary.calls_saved))})")
+            line += (
+                f"; the face prefilter saved {summary.calls_saved} calls "
+                f"({usd(paid_cost(settings, summary.calls_saved))})"
+            )
         lines.append(line)
     return "\n".join(lines)
 

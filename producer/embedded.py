@@ -49,8 +49,9 @@ def run_batches(
         return _drain(_Submitting(pool, _run_in_process), batches, on_batch_done)
 
 
-def _drain(runner: _Runner, batches: Sequence[Sequence[int]],
-           on_batch_done: Callable[[int, BatchReport], None]) -> BatchReport:
+def _drain(
+    runner: _Runner, batches: Sequence[Sequence[int]], on_batch_done: Callable[[int, BatchReport], None]
+) -> BatchReport:
     total = BatchReport()
     order = itertools.count()
     later: list[tuple[float, int, list[int]]] = []  # (due, tie-breaker, image ids) to run again
@@ -67,8 +68,11 @@ def _drain(runner: _Runner, batches: Sequence[Sequence[int]],
         for future in finished:
             batch = running.pop(future)
             report = future.result()
-            total = BatchReport(done=total.done + report.done, failed=total.failed + report.failed,
-                                skipped=total.skipped + report.skipped)
+            total = BatchReport(
+                done=total.done + report.done,
+                failed=total.failed + report.failed,
+                skipped=total.skipped + report.skipped,
+            )
             on_batch_done(len(batch) - len(report.deferred), report)
             if report.deferred:
                 log.info("%d images deferred for %.0f s", len(report.deferred), report.resend_after)

@@ -42,8 +42,13 @@ def enqueue_batches(settings: Settings, batches: Sequence[Sequence[int]]) -> int
         try:
             with app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE_SIZE):
                 for batch in batches:
-                    app.send_task(TASK_NAME, args=[list(batch)], producer=producer,
-                                  argsrepr=f"[{len(batch)} image ids from {batch[0]}]", kwargsrepr="{}")
+                    app.send_task(
+                        TASK_NAME,
+                        args=[list(batch)],
+                        producer=producer,
+                        argsrepr=f"[{len(batch)} image ids from {batch[0]}]",
+                        kwargsrepr="{}",
+                    )
                     sent += 1
         except (BrokerError, OSError) as exc:
             raise ConfigurationError(f"enqueueing to {masked_broker(settings.broker_url)} failed: {exc}") from exc

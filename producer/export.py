@@ -8,8 +8,19 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 CSV_COLUMNS = (
-    "scan_id", "source", "key", "etag", "status", "error_code", "error_message", "backend",
-    "width", "height", "people", "celebrities", "unrecognized_faces",
+    "scan_id",
+    "source",
+    "key",
+    "etag",
+    "status",
+    "error_code",
+    "error_message",
+    "backend",
+    "width",
+    "height",
+    "people",
+    "celebrities",
+    "unrecognized_faces",
 )
 
 

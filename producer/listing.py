@@ -51,7 +51,7 @@ class Source:
 
 def parse_source(text: str) -> Source:
     if text.startswith("s3://"):
-        bucket, _, prefix = text[len("s3://"):].partition("/")
+        bucket, _, prefix = text[len("s3://") :].partition("/")
         if not bucket:
             raise ConfigurationError(f"{text!r} names no bucket; use s3://bucket/prefix/")
         return Source(url=text, bucket=bucket, prefix=prefix)
@@ -167,7 +167,9 @@ def _pages(s3_client, **arguments) -> Iterator[dict]:
     try:
         yield from s3_client.get_paginator("list_objects_v2").paginate(**arguments)
     except AWS_ERRORS as exc:
-        raise ConfigurationError(str(translate(exc, f"listing s3://{arguments['Bucket']}/{arguments['Prefix']}"))) from exc
+        raise ConfigurationError(
+            str(translate(exc, f"listing s3://{arguments['Bucket']}/{arguments['Prefix']}"))
+        ) from exc
 
 
 def _images_in(page: dict) -> Iterator[ListedObject]:
@@ -181,7 +183,9 @@ def _images_in(page: dict) -> Iterator[ListedObject]:
 _DONE = object()
 
 
-def _list_in_parallel(s3_client, bucket: str, prefixes: list[str], threads: int, paging: dict) -> Iterator[ListedObject]:
+def _list_in_parallel(
+    s3_client, bucket: str, prefixes: list[str], threads: int, paging: dict
+) -> Iterator[ListedObject]:
     """Stream the listings of several prefixes through a bounded queue (memory stays flat)."""
     pages: queue.Queue = queue.Queue(maxsize=4 * threads)
     stop = threading.Event()

@@ -78,8 +78,13 @@ class Reading:
             "workers": self.workers,
             "stalled_scans": self.stalled_scans,
             "scans": [
-                {"scan_id": scan.scan_id, "finished": scan.finished, "images": scan.counts, "unserved": scan.unserved,
-                 "last_processed_at": scan.last_processed_at.timestamp() if scan.last_processed_at else None}
+                {
+                    "scan_id": scan.scan_id,
+                    "finished": scan.finished,
+                    "images": scan.counts,
+                    "unserved": scan.unserved,
+                    "last_processed_at": scan.last_processed_at.timestamp() if scan.last_processed_at else None,
+                }
                 for scan in self.scans
             ],
         }
@@ -129,17 +134,24 @@ def prometheus_text(reading: Reading) -> str:
         "# TYPE celebscan_images gauge",
     ]
     for scan in reading.scans:
-        lines += [f'celebscan_images{{scan="{scan.scan_id}",status="{status}"}} {scan.counts[status]}'
-                  for status in STATUSES]
+        lines += [
+            f'celebscan_images{{scan="{scan.scan_id}",status="{status}"}} {scan.counts[status]}' for status in STATUSES
+        ]
     lines += [
         "# HELP celebscan_scan_finished 1 when the scan has finished.",
         "# TYPE celebscan_scan_finished gauge",
         *(f'celebscan_scan_finished{{scan="{scan.scan_id}"}} {int(scan.finished)}' for scan in reading.scans),
-        ("# HELP celebscan_scan_last_processed_timestamp_seconds When the scan last finished an image: "
-         "alert when it stops moving while images are queued."),
+        (
+            "# HELP celebscan_scan_last_processed_timestamp_seconds When the scan last finished an image: "
+            "alert when it stops moving while images are queued."
+        ),
         "# TYPE celebscan_scan_last_processed_timestamp_seconds gauge",
-        *(f'celebscan_scan_last_processed_timestamp_seconds{{scan="{scan.scan_id}"}} {scan.last_processed_at.timestamp():.3f}'
-          for scan in reading.scans if scan.last_processed_at),
+        *(
+            f'celebscan_scan_last_processed_timestamp_seconds{{scan="{scan.scan_id}"}} '
+            f"{scan.last_processed_at.timestamp():.3f}"
+            for scan in reading.scans
+            if scan.last_processed_at
+        ),
         "# HELP celebscan_backlog_images Queued images that workers can still receive.",
         "# TYPE celebscan_backlog_images gauge",
         f"celebscan_backlog_images {reading.backlog_images}",
@@ -171,11 +183,14 @@ def plain_text(reading: Reading) -> str:
         ]
     for scan in reading.scans:
         if scan.unserved:
-            lines.append(f"scan {scan.scan_id} is waiting: no worker has served its batches: {scan.unserved}; "
-                         f"install what it names on the workers (pip install '.[local]') and restart them")
+            lines.append(
+                f"scan {scan.scan_id} is waiting: no worker has served its batches: {scan.unserved}; "
+                f"install what it names on the workers (pip install '.[local]') and restart them"
+            )
     for scan_id in reading.stalled_scans:
-        lines.append(f"scan {scan_id} is stalled (images queued, no batch in the broker): "
-                     f"celebscan scan --resume {scan_id}")
+        lines.append(
+            f"scan {scan_id} is stalled (images queued, no batch in the broker): celebscan scan --resume {scan_id}"
+        )
     return "\n".join(lines)
 
 
@@ -185,14 +200,27 @@ FORMATS = {"text": plain_text, "json": lambda reading: json.dumps(reading.as_dic
 def publish_to_cloudwatch(reading: Reading, settings: Settings) -> str:
     """Put the reading's scaling figures as custom metrics; returns the namespace used."""
     namespace = settings.cloudwatch_namespace or DEFAULT_NAMESPACE
-    figures = dict(zip(CLOUDWATCH_METRICS, (reading.pending_images, reading.backlog_images, reading.backlog_per_worker,
-                                            reading.broker_batches, reading.workers), strict=True))
+    figures = dict(
+        zip(
+            CLOUDWATCH_METRICS,
+            (
+                reading.pending_images,
+                reading.backlog_images,
+                reading.backlog_per_worker,
+                reading.broker_batches,
+                reading.workers,
+            ),
+            strict=True,
+        )
+    )
     figures = {name: value for name, value in figures.items() if value is not None}  # no broker: no queue
     try:
         client("cloudwatch", settings).put_metric_data(
             Namespace=namespace,
-            MetricData=[{"MetricName": name, "Value": float(value), "Unit": "Count", "Timestamp": reading.taken_at}
-                        for name, value in figures.items()],
+            MetricData=[
+                {"MetricName": name, "Value": float(value), "Unit": "Count", "Timestamp": reading.taken_at}
+                for name, value in figures.items()
+            ],
         )
     except AWS_ERRORS as exc:
         raise translate(exc, f"publishing metrics to CloudWatch namespace {namespace}") from exc

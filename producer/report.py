@@ -27,7 +27,7 @@ THUMBNAIL_SIDE = 360
 def read_picture(record: dict, readers: dict[str, ObjectReader], limits: ImageLimits | None = None) -> Image.Image:
     """The record's image, decoded and upright, read from where the scan found it."""
     kind = source_kind(record["source"])
-    bucket = record["source"][len("s3://"):].partition("/")[0] if kind == "s3" else record["source"]
+    bucket = record["source"][len("s3://") :].partition("/")[0] if kind == "s3" else record["source"]
     loaded = decode_image(readers[kind].read(bucket, record["key"]), limits or ImageLimits())
     return Image.fromarray(loaded.pixels)
 
@@ -41,8 +41,13 @@ def thumbnail(record: dict, readers: dict[str, ObjectReader]) -> tuple[bytes | N
     return jpeg_bytes(picture, quality=75), ""
 
 
-def render(summary: ScanSummary, records: Iterable[dict], readers: dict[str, ObjectReader], limit: int,
-           progress: Callable[[], None] = lambda: None) -> str:
+def render(
+    summary: ScanSummary,
+    records: Iterable[dict],
+    readers: dict[str, ObjectReader],
+    limit: int,
+    progress: Callable[[], None] = lambda: None,
+) -> str:
     """The page; images past ``limit`` are counted (and their people listed) but not shown or read."""
     shown, failures, people, total = [], [], Counter(), 0
     for record in records:
@@ -56,22 +61,29 @@ def render(summary: ScanSummary, records: Iterable[dict], readers: dict[str, Obj
         if len(shown) < limit:
             shown.append(_figure(record, names, *thumbnail(record, readers)))
     truncated = f"<p class=note>Showing the first {limit} of {total} images.</p>" if total > limit else ""
-    options = "".join(f'<option value="{html.escape(name)}">{html.escape(name)} ({count})</option>'
-                      for name, count in sorted(people.items()))
+    options = "".join(
+        f'<option value="{html.escape(name)}">{html.escape(name)} ({count})</option>'
+        for name, count in sorted(people.items())
+    )
     failure_rows = "".join(
         f"<tr><td>{html.escape(r['key'])}</td><td><code>{html.escape(r['error']['code'] or '')}</code></td>"
-        f"<td>{html.escape(r['error']['message'] or '')}</td></tr>" for r in failures
+        f"<td>{html.escape(r['error']['message'] or '')}</td></tr>"
+        for r in failures
     )
     failures_html = (
         f"<h2 id=failures>Could not be read ({len(failures)})</h2><table><tr><th>image</th><th>code</th>"
-        f"<th>reason</th></tr>{failure_rows}</table>" if failures else "<h2 id=failures>No failures</h2>"
+        f"<th>reason</th></tr>{failure_rows}</table>"
+        if failures
+        else "<h2 id=failures>No failures</h2>"
     )
     title = f"celebscan scan {summary.id}: {summary.source}"
     counts = summary.counts
     return _PAGE.format(
         title=html.escape(title),
-        summary=html.escape(f"{summary.listed} images listed, {counts['done']} done, {counts['failed']} failed, "
-                            f"{summary.faces} faces, backend {summary.backend}"),
+        summary=html.escape(
+            f"{summary.listed} images listed, {counts['done']} done, {counts['failed']} failed, "
+            f"{summary.faces} faces, backend {summary.backend}"
+        ),
         options=options,
         figures="".join(shown),
         truncated=truncated,
@@ -91,8 +103,10 @@ def _figure(record: dict, names: list[str], picture_bytes: bytes | None, problem
     else:
         picture = f"<div class=missing>{html.escape(problem or 'no picture')}</div>"
     people = html.escape(json.dumps(names))
-    return (f"<figure data-people='{people}'>{picture}<figcaption><b>{html.escape(record['key'])}</b>"
-            f"<br>{caption}</figcaption></figure>")
+    return (
+        f"<figure data-people='{people}'>{picture}<figcaption><b>{html.escape(record['key'])}</b>"
+        f"<br>{caption}</figcaption></figure>"
+    )
 
 
 _PAGE = """<!DOCTYPE html>

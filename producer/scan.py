@@ -30,8 +30,9 @@ def list_source(source: Source, settings: Settings) -> Iterator[ListedObject]:
     return list_folder(source.bucket)
 
 
-def plan_scan(store: ResultStore, source: Source, settings: Settings, *, force: bool = False,
-              prefilter_faces: bool = False) -> PlannedScan:
+def plan_scan(
+    store: ResultStore, source: Source, settings: Settings, *, force: bool = False, prefilter_faces: bool = False
+) -> PlannedScan:
     """Create the scan row and queue every listed image that is not already done."""
     listing = list_source(source, settings)
     backend = settings.backend
@@ -56,8 +57,12 @@ def estimate_source(store: ResultStore, source: Source, settings: Settings) -> E
     for chunk in chunks(list_source(source, settings), CHUNK_SIZE):
         done = store.done_objects(source.bucket, "rekognition", [item.key for item in chunk])
         for item in chunk:
-            estimate.add(item.size, done=(item.key, item.etag) in done, in_s3=source.is_s3,
-                         max_image_bytes=settings.max_image_bytes)
+            estimate.add(
+                item.size,
+                done=(item.key, item.etag) in done,
+                in_s3=source.is_s3,
+                max_image_bytes=settings.max_image_bytes,
+            )
     return estimate
 
 

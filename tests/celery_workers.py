@@ -15,8 +15,9 @@ from worker.store import ResultStore
 
 
 @contextlib.contextmanager
-def celery_workers(count: int, env: dict[str, str], logs: Path, concurrency: int = 1, *,
-                   host=None, name: str = "worker") -> Iterator[list[subprocess.Popen]]:
+def celery_workers(
+    count: int, env: dict[str, str], logs: Path, concurrency: int = 1, *, host=None, name: str = "worker"
+) -> Iterator[list[subprocess.Popen]]:
     """``count`` worker nodes, each with ``concurrency`` prefork processes; stopped warm at exit.
 
     With ``host`` (a :class:`tests.netns.Host`) they run inside that host's network namespace.
@@ -26,13 +27,32 @@ def celery_workers(count: int, env: dict[str, str], logs: Path, concurrency: int
         try:
             for number in range(count):
                 log = log_files.enter_context(open(logs / f"{name}{number}.log", "wb"))
-                command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                           "-n", f"{name}{number}@%h", "--concurrency", str(concurrency), "--pool", "prefork",
-                           "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
-                processes.append(subprocess.Popen(
-                    host.command(command) if host else command,
-                    env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                ))
+                command = [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "worker.celery_app",
+                    "worker",
+                    "-n",
+                    f"{name}{number}@%h",
+                    "--concurrency",
+                    str(concurrency),
+                    "--pool",
+                    "prefork",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--loglevel",
+                    "INFO",
+                ]
+                processes.append(
+                    subprocess.Popen(
+                        host.command(command) if host else command,
+                        env={**os.environ, **env},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
             yield processes
         finally:
             for process in processes:
@@ -70,5 +90,6 @@ def pid_with_port(port: int, candidates: list[int]) -> int | None:
 
 
 def wait_for_scan(store: ResultStore, scan_id: int, timeout: float = 300) -> None:
-    wait_until(lambda: store.scan_summary(scan_id).finished_at is not None, timeout=timeout,
-               what=f"scan {scan_id} to finish")
+    wait_until(
+        lambda: store.scan_summary(scan_id).finished_at is not None, timeout=timeout, what=f"scan {scan_id} to finish"
+    )

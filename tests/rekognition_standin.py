@@ -53,7 +53,10 @@ def celebrity(name: str, *, left: float = 0.3, confidence: float = 98.5, gender:
         "Face": {
             "BoundingBox": box,
             "Confidence": 99.9,
-            "Landmarks": [{"Type": "eyeLeft", "X": left + 0.05, "Y": 0.3}, {"Type": "eyeRight", "X": left + 0.15, "Y": 0.3}],
+            "Landmarks": [
+                {"Type": "eyeLeft", "X": left + 0.05, "Y": 0.3},
+                {"Type": "eyeRight", "X": left + 0.15, "Y": 0.3},
+            ],
             "Pose": {"Roll": 1.5, "Yaw": -3.0, "Pitch": 4.2},
             "Quality": {"Brightness": 80.1, "Sharpness": 92.3},
             "Emotions": [{"Type": "HAPPY", "Confidence": 90.0}],
@@ -89,8 +92,13 @@ class RekognitionStandIn:
         self.request = threading.local()
         self._counter = itertools.count(1)
         self._random = random.Random(self.seed)
-        self._s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1",
-                                aws_access_key_id="testing", aws_secret_access_key="testing")
+        self._s3 = boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         self.port = free_port()
         self.url = f"http://{self.host}:{self.port}"
         self._server = ThreadingHTTPServer((self.host, self.port), self._handler())
@@ -121,7 +129,10 @@ class RekognitionStandIn:
         key, data = self._image(image)
         kind = "S3Object" if "S3Object" in image else "Bytes"
         client = getattr(self.request, "client_host", "")
-        call = lambda answered: Call(kind, key, hashlib.md5(data).hexdigest(), len(data), answered, client)
+
+        def call(answered: str) -> Call:
+            return Call(kind, key, hashlib.md5(data).hexdigest(), len(data), answered, client)
+
         try:
             if not within_quota:
                 raise ServiceError(400, "ProvisionedThroughputExceededException", "Provisioned rate exceeded")
@@ -168,7 +179,9 @@ class RekognitionStandIn:
             try:
                 body = self._s3.get_object(Bucket=location["Bucket"], Key=location["Name"])["Body"].read()
             except self._s3.exceptions.ClientError as exc:
-                raise ServiceError(400, "InvalidS3ObjectException", f"Unable to get object metadata from S3: {exc}") from exc
+                raise ServiceError(
+                    400, "InvalidS3ObjectException", f"Unable to get object metadata from S3: {exc}"
+                ) from exc
             return location["Name"], body
         if "Bytes" in image:
             return None, base64.b64decode(image["Bytes"])

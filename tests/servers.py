@@ -66,8 +66,9 @@ class ServerProcess:
     def start(self) -> None:
         with open(self.directory / "server.log", "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log)
-        wait_until(lambda: _accepts(self.host, self.port) or self.process.poll() is not None, timeout=60,
-                   what=self.name)
+        wait_until(
+            lambda: _accepts(self.host, self.port) or self.process.poll() is not None, timeout=60, what=self.name
+        )
         if self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited: {(self.directory / 'server.log').read_text()[-2000:]}")
 
@@ -111,11 +112,23 @@ class PostgresServer(ServerProcess):
         self.url = f"postgresql+psycopg2://postgres@{host}:{self.port}/postgres"
 
     def command(self) -> list[str]:
-        return _as_user(self.run_as, [
-            self.binary, "-D", str(self.directory / "data"), "-p", str(self.port), "-h", self.host,
-            "-k", str(self.directory), "-c", "max_connections=200",
-            *([] if self.durable else ["-c", "fsync=off", "-c", "full_page_writes=off"]),
-        ])
+        return _as_user(
+            self.run_as,
+            [
+                self.binary,
+                "-D",
+                str(self.directory / "data"),
+                "-p",
+                str(self.port),
+                "-h",
+                self.host,
+                "-k",
+                str(self.directory),
+                "-c",
+                "max_connections=200",
+                *([] if self.durable else ["-c", "fsync=off", "-c", "full_page_writes=off"]),
+            ],
+        )
 
     def start(self) -> None:
         super().start()
@@ -136,9 +149,23 @@ class RedisServer(ServerProcess):
         self.url = f"redis://{host}:{self.port}/0"
 
     def command(self) -> list[str]:
-        return [self.binary, "--port", str(self.port), "--bind", self.host, "--protected-mode", "no", "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-                "--dir", str(self.directory)]
+        return [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(self.directory),
+        ]
 
 
 @contextlib.contextmanager

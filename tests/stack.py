@@ -30,13 +30,21 @@ class Stack:
 
     def worker_env(self, **settings: str) -> dict[str, str]:
         """The environment of a worker (or producer) that uses every part, plus ``settings``."""
-        return {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_S3": self.moto_url, "AWS_ENDPOINT_URL_REKOGNITION": self.standin.url,
-                "AWS_ENDPOINT_URL_CLOUDWATCH": self.moto_url, "CELERY_BROKER_URL": self.redis_url,
-                "CELEBSCAN_DATABASE_URL": self.postgres_url, "CELEBSCAN_BACKEND": "rekognition", **settings}
+        return {
+            **AWS_TEST_ENV,
+            "AWS_ENDPOINT_URL_S3": self.moto_url,
+            "AWS_ENDPOINT_URL_REKOGNITION": self.standin.url,
+            "AWS_ENDPOINT_URL_CLOUDWATCH": self.moto_url,
+            "CELERY_BROKER_URL": self.redis_url,
+            "CELEBSCAN_DATABASE_URL": self.postgres_url,
+            "CELEBSCAN_BACKEND": "rekognition",
+            **settings,
+        }
 
 
-def start_stack(stack: ExitStack, host: str = "127.0.0.1", trusted_network: str | None = None,
-                **standin_options) -> Stack:
+def start_stack(
+    stack: ExitStack, host: str = "127.0.0.1", trusted_network: str | None = None, **standin_options
+) -> Stack:
     """Every part listening on ``host``; PostgreSQL also lets in clients from ``trusted_network``."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     postgres = stack.enter_context(running(PostgresServer(host, trusted_network)))

@@ -31,8 +31,14 @@ def queued(store, folder):
 
 
 def context(store, recognizer):
-    return WorkerContext(store=store, readers={"folder": FolderReader(10**8)}, recognizers=Recognizers.of(recognizer),
-                         limits=ImageLimits(), max_attempts=4, retry_base_seconds=0.001)
+    return WorkerContext(
+        store=store,
+        readers={"folder": FolderReader(10**8)},
+        recognizers=Recognizers.of(recognizer),
+        limits=ImageLimits(),
+        max_attempts=4,
+        retry_base_seconds=0.001,
+    )
 
 
 def by_key(store):
@@ -43,7 +49,9 @@ def test_every_image_gets_a_result(store, folder):
     ids = queued(store, folder)
     report = process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)))
     assert (report.done, report.failed) == (3, 0)
-    assert {k: r["celebrities"][0]["name"] for k, r in by_key(store).items()} == dict.fromkeys(["a.jpg", "b.jpg", "c.jpg"], "obama")
+    assert {k: r["celebrities"][0]["name"] for k, r in by_key(store).items()} == dict.fromkeys(
+        ["a.jpg", "b.jpg", "c.jpg"], "obama"
+    )
 
 
 def test_transient_errors_are_retried_until_they_pass(store, folder):
@@ -74,8 +82,9 @@ def test_transient_errors_that_outlast_the_retries_leave_the_images_queued_until
         assert 0 < report.resend_after <= 300
         assert stub.calls == 3 * 4 * round
         pending = store.pending(ids)
-        assert [(image.attempts, image.retries) for image in pending] == [(0, 4 * round)] * 3, \
+        assert [(image.attempts, image.retries) for image in pending] == [(0, 4 * round)] * 3, (
             "a deferral is not a delivery that may have crashed a worker"
+        )
     summary = store.scan_summary(pending[0].scan_id)
     assert summary.retrying == {"ThrottlingException": 3} and summary.failures == {}
     assert summary.finished_at is None
@@ -131,8 +140,13 @@ def test_bad_files_and_vanished_files_fail_with_codes(store, folder):
     (folder / "c.jpg").unlink()
     process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)))
     codes = {k: (r["error"] or {}).get("code") for k, r in by_key(store).items()}
-    assert codes == {"a.jpg": None, "b.jpg": None, "c.jpg": "ObjectNotFound",
-                     "notes.jpg": "InvalidImageFormat", "tiny.jpg": "ImageTooSmall"}
+    assert codes == {
+        "a.jpg": None,
+        "b.jpg": None,
+        "c.jpg": "ObjectNotFound",
+        "notes.jpg": "InvalidImageFormat",
+        "tiny.jpg": "ImageTooSmall",
+    }
 
 
 def test_a_redelivered_batch_only_does_what_is_left(store, folder):

@@ -89,6 +89,7 @@ def test_rescan_of_an_unchanged_folder_does_no_work_twice(enrolled_url, photo_fo
     second = run("--database-url", enrolled_url, "scan", str(photo_folder)).output
     assert "2 already done, 1 to scan" in second  # the failed one is tried again, the done ones are not
     from sqlalchemy import create_engine, select
+
     from worker.schema import images
 
     with create_engine(enrolled_url).connect() as conn:
@@ -120,8 +121,15 @@ def test_gallery_commands(sqlite_url, faces_dev):
     photo = str(faces_dev / "train" / "obama" / "obama.jpg")
     assert "enrolled: obama" in run("--database-url", sqlite_url, "gallery", "add", "obama", photo).output
     assert run("--database-url", sqlite_url, "gallery", "list").output == "obama\t1 photo\n"
-    refused = run("--database-url", sqlite_url, "gallery", "add", "crowd",
-                  str(faces_dev / "test" / "obama_and_biden.jpg"), ok=False)
+    refused = run(
+        "--database-url",
+        sqlite_url,
+        "gallery",
+        "add",
+        "crowd",
+        str(faces_dev / "test" / "obama_and_biden.jpg"),
+        ok=False,
+    )
     assert refused.exit_code == 1 and "3 faces found" in refused.output
     run("--database-url", sqlite_url, "gallery", "remove", "obama")
     assert "empty" in run("--database-url", sqlite_url, "gallery", "list").output
@@ -163,13 +171,16 @@ def test_bad_environment_value_is_a_clean_error():
     assert result.exit_code == 1 and "CELEBSCAN_BATCH_SIZE='many'" in result.output
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("CELEBSCAN_BATCH_SIZE", "0", "CELEBSCAN_BATCH_SIZE=0 is out of range: it must be at least 1"),
-    ("CELEBSCAN_MAX_ATTEMPTS", "-1", "CELEBSCAN_MAX_ATTEMPTS=-1 is out of range"),
-    ("CELEBSCAN_BACKEND", "rekogniton", "CELEBSCAN_BACKEND='rekogniton' is not one of: local, rekognition"),
-    ("CELEBSCAN_REKOGNITION_TPS", "fast", "CELEBSCAN_REKOGNITION_TPS='fast' is not a valid float"),
-    ("CELEBSCAN_RETRY_DEADLINE", "-5", "CELEBSCAN_RETRY_DEADLINE=-5 is out of range"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("CELEBSCAN_BATCH_SIZE", "0", "CELEBSCAN_BATCH_SIZE=0 is out of range: it must be at least 1"),
+        ("CELEBSCAN_MAX_ATTEMPTS", "-1", "CELEBSCAN_MAX_ATTEMPTS=-1 is out of range"),
+        ("CELEBSCAN_BACKEND", "rekogniton", "CELEBSCAN_BACKEND='rekogniton' is not one of: local, rekognition"),
+        ("CELEBSCAN_REKOGNITION_TPS", "fast", "CELEBSCAN_REKOGNITION_TPS='fast' is not a valid float"),
+        ("CELEBSCAN_RETRY_DEADLINE", "-5", "CELEBSCAN_RETRY_DEADLINE=-5 is out of range"),
+    ],
+)
 def test_a_bad_setting_stops_a_scan_before_anything_is_written(tmp_path, name, value, message):
     """Checked where it is read: one line, exit 1, no database made, nothing queued or enqueued."""
     (tmp_path / "photos").mkdir()
@@ -209,7 +220,9 @@ def test_the_producer_never_imports_dlib():
     import subprocess
     import sys
 
-    check = ("import sys, producer.cli, producer.enqueue, producer.scan; "
-             "loaded = [m for m in ('dlib', 'face_recognition_models', 'worker.recognizers.local') if m in sys.modules]; "
-             "assert not loaded, loaded")
+    check = (
+        "import sys, producer.cli, producer.enqueue, producer.scan; "
+        "loaded = [m for m in ('dlib', 'face_recognition_models', 'worker.recognizers.local') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
     subprocess.run([sys.executable, "-c", check], check=True)

@@ -39,8 +39,12 @@ def invoke(env, *args) -> str:
 @pytest.fixture
 def env(aws_env, rekognition, sqlite_url):
     rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
-    return {**aws_env, "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url, "CELEBSCAN_DATABASE_URL": sqlite_url,
-            "CELEBSCAN_WORKERS": "1"}
+    return {
+        **aws_env,
+        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
+        "CELEBSCAN_DATABASE_URL": sqlite_url,
+        "CELEBSCAN_WORKERS": "1",
+    }
 
 
 def test_estimate_counts_sizes_skips_and_cost_without_calling(env, rekognition, s3, bucket):

@@ -20,16 +20,25 @@ def secrets(aws_env, moto_url, monkeypatch):
 
 
 def test_an_rds_managed_secret_completes_the_url_and_odd_passwords_survive():
-    url = complete_url(make_url("postgresql+psycopg2://db.internal:5432/celebscan"),
-                       {"username": "celebscan", "password": "p@ss:w/rd%?#"})
+    url = complete_url(
+        make_url("postgresql+psycopg2://db.internal:5432/celebscan"),
+        {"username": "celebscan", "password": "p@ss:w/rd%?#"},
+    )
     parsed = make_url(url.render_as_string(hide_password=False))
-    assert (parsed.username, parsed.password, parsed.host, parsed.port, parsed.database) == \
-        ("celebscan", "p@ss:w/rd%?#", "db.internal", 5432, "celebscan")
+    assert (parsed.username, parsed.password, parsed.host, parsed.port, parsed.database) == (
+        "celebscan",
+        "p@ss:w/rd%?#",
+        "db.internal",
+        5432,
+        "celebscan",
+    )
 
 
 def test_a_full_secret_overrides_the_url():
-    url = complete_url(make_url("postgresql+psycopg2://"),
-                       {"username": "u", "password": "p", "host": "h", "port": "6543", "dbname": "d"})
+    url = complete_url(
+        make_url("postgresql+psycopg2://"),
+        {"username": "u", "password": "p", "host": "h", "port": "6543", "dbname": "d"},
+    )
     assert (url.username, url.host, url.port, url.database) == ("u", "h", 6543, "d")
 
 
@@ -41,9 +50,18 @@ def test_a_secret_without_a_password_is_refused():
 @pytest.mark.slow
 def test_the_cli_connects_with_the_secret(secrets, postgres_url):
     server = make_url(postgres_url)
-    arn = secrets.create_secret(Name="celebscan/db", SecretString=json.dumps(
-        {"username": server.username, "password": "not-needed-with-trust-auth", "host": server.host,
-         "port": server.port, "dbname": server.database}))["ARN"]
+    arn = secrets.create_secret(
+        Name="celebscan/db",
+        SecretString=json.dumps(
+            {
+                "username": server.username,
+                "password": "not-needed-with-trust-auth",
+                "host": server.host,
+                "port": server.port,
+                "dbname": server.database,
+            }
+        ),
+    )["ARN"]
     env = {"CELEBSCAN_DATABASE_SECRET_ARN": arn, "CELEBSCAN_DATABASE_URL": ""}
     result = CliRunner().invoke(cli, ["metrics"], env=env)
     assert result.exit_code == 0, result.output

@@ -26,4 +26,5 @@ def test_an_explicit_driver_and_other_databases_are_kept_as_given():
     assert with_driver("postgresql+pg8000://u:pw@h/db") == "postgresql+pg8000://u:pw@h/db"
     assert with_driver("sqlite:///celebscan.db") == "sqlite:///celebscan.db"
     assert with_driver("postgres://u:p%40ss@h:5433/db?sslmode=require") == (
-        "postgresql+psycopg2://u:p%40ss@h:5433/db?sslmode=require")
+        "postgresql+psycopg2://u:p%40ss@h:5433/db?sslmode=require"
+    )

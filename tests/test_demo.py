@@ -12,11 +12,16 @@ pytestmark = pytest.mark.slow
 def test_demo_names_each_person_where_they_are_and_nobody_elsewhere(tmp_path):
     own_database = tmp_path / "own.db"
     result = CliRunner().invoke(
-        cli, ["--database-url", f"sqlite:///{own_database}", "demo", "--workdir", str(tmp_path / "demo")],
+        cli,
+        ["--database-url", f"sqlite:///{own_database}", "demo", "--workdir", str(tmp_path / "demo")],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
-    table = dict(line.split(maxsplit=1) for line in result.output.split("who is in it\n", 1)[1].splitlines() if line.strip() and not line.startswith("see "))
+    table = dict(
+        line.split(maxsplit=1)
+        for line in result.output.split("who is in it\n", 1)[1].splitlines()
+        if line.strip() and not line.startswith("see ")
+    )
     assert table["hopper_and_collins.jpg"].startswith(f"{COLLINS} (") and HOPPER in table["hopper_and_collins.jpg"]
     for image in ("hopper_half_size.jpg", "hopper_reencoded.png"):
         assert table[image].startswith(HOPPER) and COLLINS not in table[image]

@@ -50,24 +50,42 @@ def test_the_worker_role_grants_exactly_the_listed_actions(template):
     assert all(s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s for s in statements)
     by_action = {s["Action"]: s for s in statements}
     assert len(by_action) == len(statements), "one statement per action"
-    assert set(by_action) == {"s3:ListBucket", "s3:GetObject", "rekognition:RecognizeCelebrities",
-                              "cloudwatch:PutMetricData", "secretsmanager:GetSecretValue"}
+    assert set(by_action) == {
+        "s3:ListBucket",
+        "s3:GetObject",
+        "rekognition:RecognizeCelebrities",
+        "cloudwatch:PutMetricData",
+        "secretsmanager:GetSecretValue",
+    }
 
     listing = by_action["s3:ListBucket"]
     assert listing["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ImageBucket}"}
     assert listing["Condition"] == {"StringLike": {"s3:prefix": {"Fn::Sub": "${ImagePrefix}*"}}}
-    assert by_action["s3:GetObject"]["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ImageBucket}/${ImagePrefix}*"}
+    assert by_action["s3:GetObject"]["Resource"] == {
+        "Fn::Sub": "arn:${AWS::Partition}:s3:::${ImageBucket}/${ImagePrefix}*"
+    }
     namespace = {"Fn::Sub": "Celebscan/${AWS::StackName}"}
     assert by_action["cloudwatch:PutMetricData"]["Condition"] == {"StringEquals": {"cloudwatch:namespace": namespace}}
-    assert by_action["secretsmanager:GetSecretValue"]["Resource"] == {"Fn::If": [
-        "CreateDatabase", {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]}, {"Ref": "ExistingDatabaseSecretArn"}]}
+    assert by_action["secretsmanager:GetSecretValue"]["Resource"] == {
+        "Fn::If": [
+            "CreateDatabase",
+            {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]},
+            {"Ref": "ExistingDatabaseSecretArn"},
+        ]
+    }
 
 
 def test_only_the_workers_reach_redis_and_postgresql(template):
     for group, port in (("RedisSecurityGroup", 6379), ("DatabaseSecurityGroup", 5432)):
         rules = template["Resources"][group]["Properties"]["SecurityGroupIngress"]
-        assert rules == [{"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
-                          "SourceSecurityGroupId": {"Ref": "WorkerSecurityGroup"}}], group
+        assert rules == [
+            {
+                "IpProtocol": "tcp",
+                "FromPort": port,
+                "ToPort": port,
+                "SourceSecurityGroupId": {"Ref": "WorkerSecurityGroup"},
+            }
+        ], group
     assert template["Resources"]["Database"]["Properties"]["PubliclyAccessible"] is False
 
 
@@ -76,8 +94,14 @@ def test_the_database_password_never_reaches_user_data(template):
     assert database["ManageMasterUserPassword"] is True and "MasterUserPassword" not in database
     script, variables = user_data(template)
     referenced = set(re.findall(r"\$\{([^}!]+)\}", script))
-    assert referenced <= {"CelebscanPackage", "WorkerConcurrency", "RekognitionTps", "AWS::StackName",
-                          "AWS::Region", *variables}
+    assert referenced <= {
+        "CelebscanPackage",
+        "WorkerConcurrency",
+        "RekognitionTps",
+        "AWS::StackName",
+        "AWS::Region",
+        *variables,
+    }
     assert set(variables) == {"BrokerUrl", "DatabaseUrl", "DatabaseSecretArn"}
     assert "password" not in str(variables).lower()
 
@@ -111,8 +135,7 @@ def test_user_data_passes_shellcheck(template, tmp_path):
     (tmp_path / "user-data.sh").write_text(rendered)
     wrapper = re.search(r"<<'WRAPPER'\n(.*?)\nWRAPPER\n", rendered, re.S).group(1)
     (tmp_path / "celebscan").write_text(wrapper + "\n")
-    result = subprocess.run(["shellcheck", "user-data.sh", "celebscan"], cwd=tmp_path,
-                            capture_output=True, text=True)
+    result = subprocess.run(["shellcheck", "user-data.sh", "celebscan"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 

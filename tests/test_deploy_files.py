@@ -29,7 +29,9 @@ def test_compose_file_is_valid_compose():
 )
 def test_docker_compose_config_accepts_the_file():
     env = {"POSTGRES_PASSWORD": "x", "FLOWER_BASIC_AUTH": "u:p", "PATH": "/usr/bin:/bin:/usr/local/bin"}
-    subprocess.run(["docker", "compose", "-f", str(PROJECT / "docker-compose.yml"), "config", "-q"], env=env, check=True)
+    subprocess.run(
+        ["docker", "compose", "-f", str(PROJECT / "docker-compose.yml"), "config", "-q"], env=env, check=True
+    )
 
 
 def test_compose_services_use_the_real_commands_and_keep_secrets_out():
@@ -53,12 +55,22 @@ def test_procfile_runs_worker_and_flower():
 @pytest.mark.slow
 def test_flower_requires_the_basic_auth_and_serves_prometheus_metrics(broker_url, tmp_path):
     port = free_port()
-    env = {"CELERY_BROKER_URL": broker_url, "FLOWER_BASIC_AUTH": "operator:correct-horse",
-           "PATH": "/usr/bin:/bin"}
+    env = {"CELERY_BROKER_URL": broker_url, "FLOWER_BASIC_AUTH": "operator:correct-horse", "PATH": "/usr/bin:/bin"}
     with open(tmp_path / "flower.log", "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", "--address=127.0.0.1", f"--port={port}"],
-            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "flower",
+                "--address=127.0.0.1",
+                f"--port={port}",
+            ],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         url = f"http://127.0.0.1:{port}/"

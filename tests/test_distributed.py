@@ -31,8 +31,12 @@ def photo_bucket(s3, bucket, faces_dev, expected_people):
     copy_key = "2024/ünïcode dir/obama + friends %20.jpg"
     s3.put_object(Bucket=bucket, Key=copy_key, Body=(faces_dev / "test" / "obama1.jpg").read_bytes())
     answers[copy_key] = ["obama"]
-    bad = {"2024/bad/notes.jpg": b"just notes", "2024/bad/empty.png": b"", "2024/bad/tiny.jpg": jpeg(40, 40),
-           "2024/bad/page.png": b"<!DOCTYPE html><html>403</html>"}
+    bad = {
+        "2024/bad/notes.jpg": b"just notes",
+        "2024/bad/empty.png": b"",
+        "2024/bad/tiny.jpg": jpeg(40, 40),
+        "2024/bad/page.png": b"<!DOCTYPE html><html>403</html>",
+    }
     for key, body in bad.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     s3.put_object(Bucket=bucket, Key="2024/readme.txt", Body=b"not listed")
@@ -40,9 +44,15 @@ def photo_bucket(s3, bucket, faces_dev, expected_people):
 
 
 def distributed_env(aws_env, rekognition, broker_url, postgres_url, **extra):
-    return {**aws_env, "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url, "CELERY_BROKER_URL": broker_url,
-            "CELEBSCAN_DATABASE_URL": postgres_url, "CELEBSCAN_BACKEND": "rekognition",
-            "CELEBSCAN_BATCH_SIZE": "4", **extra}
+    return {
+        **aws_env,
+        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
+        "CELERY_BROKER_URL": broker_url,
+        "CELEBSCAN_DATABASE_URL": postgres_url,
+        "CELEBSCAN_BACKEND": "rekognition",
+        "CELEBSCAN_BATCH_SIZE": "4",
+        **extra,
+    }
 
 
 def scan(env, *args) -> str:
@@ -52,13 +62,17 @@ def scan(env, *args) -> str:
 def answer_by_key(answers):
     def answer(key, data):
         names = answers.get(key, [])
-        return {"CelebrityFaces": [celebrity(n, left=0.1 + 0.4 * i) for i, n in enumerate(names)],
-                "UnrecognizedFaces": []}
+        return {
+            "CelebrityFaces": [celebrity(n, left=0.1 + 0.4 * i) for i, n in enumerate(names)],
+            "UnrecognizedFaces": [],
+        }
+
     return answer
 
 
-def test_bucket_scan_through_redis_and_two_workers(aws_env, rekognition, broker_url, postgres_url, pg_store,
-                                                   bucket, photo_bucket, tmp_path):
+def test_bucket_scan_through_redis_and_two_workers(
+    aws_env, rekognition, broker_url, postgres_url, pg_store, bucket, photo_bucket, tmp_path
+):
     answers, bad_keys = photo_bucket
     rekognition.answer = answer_by_key(answers)
     env = distributed_env(aws_env, rekognition, broker_url, postgres_url)
@@ -70,8 +84,12 @@ def test_bucket_scan_through_redis_and_two_workers(aws_env, rekognition, broker_
     scan_id = pg_store.latest_scan_id()
 
     watch = []
-    watcher = threading.Thread(target=lambda: watch.append(
-        CliRunner().invoke(cli, ["status", str(scan_id), "--watch", "--interval", "0.2"], env=env)), daemon=True)
+    watcher = threading.Thread(
+        target=lambda: watch.append(
+            CliRunner().invoke(cli, ["status", str(scan_id), "--watch", "--interval", "0.2"], env=env)
+        ),
+        daemon=True,
+    )
     with celery_workers(2, env, tmp_path):
         watcher.start()
         wait_for_scan(pg_store, scan_id)
@@ -90,8 +108,12 @@ def test_bucket_scan_through_redis_and_two_workers(aws_env, rekognition, broker_
         assert records[key]["status"] == "done"
         assert sorted(c["name"] for c in records[key]["celebrities"]) == names, key
     codes = {key: records[key]["error"]["code"] for key in bad_keys}
-    assert codes == {"2024/bad/notes.jpg": "InvalidImageFormat", "2024/bad/empty.png": "EmptyObject",
-                     "2024/bad/tiny.jpg": "ImageTooSmall", "2024/bad/page.png": "InvalidImageFormat"}
+    assert codes == {
+        "2024/bad/notes.jpg": "InvalidImageFormat",
+        "2024/bad/empty.png": "EmptyObject",
+        "2024/bad/tiny.jpg": "ImageTooSmall",
+        "2024/bad/page.png": "InvalidImageFormat",
+    }
     assert len(rekognition.calls) == len(answers), "bad images must be refused before paying"
     assert {c.kind for c in rekognition.calls} == {"S3Object"}
     with pg_store.engine.connect() as conn:
@@ -110,7 +132,8 @@ def test_bucket_scan_through_redis_and_two_workers(aws_env, rekognition, broker_
 
 
 def test_every_image_ends_done_while_the_service_throttles_half_the_calls(
-        aws_env, rekognition, broker_url, postgres_url, pg_store, s3, bucket, tmp_path):
+    aws_env, rekognition, broker_url, postgres_url, pg_store, s3, bucket, tmp_path
+):
     for i in range(24):
         s3.put_object(Bucket=bucket, Key=f"t/{i:02d}.jpg", Body=jpeg(200 + i, 150))
     rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
@@ -160,8 +183,12 @@ def test_workers_refuse_pickled_messages(broker_url, postgres_url, pg_store, tmp
         exchange = Exchange(QUEUE, type="direct")
         producer = Producer(connection, exchange=exchange, routing_key=QUEUE)
         headers = {"task": TASK_NAME, "id": "pickled-1", "lang": "py"}
-        producer.publish((([first],), {}, {}), serializer="pickle", headers=headers,
-                         declare=[Queue(QUEUE, exchange, routing_key=QUEUE)])
+        producer.publish(
+            (([first],), {}, {}),
+            serializer="pickle",
+            headers=headers,
+            declare=[Queue(QUEUE, exchange, routing_key=QUEUE)],
+        )
     from worker.celery_config import make_celery
     from worker.settings import Settings
 
@@ -177,8 +204,9 @@ def test_workers_refuse_pickled_messages(broker_url, postgres_url, pg_store, tmp
 
 
 def test_unreachable_endpoint_is_a_clean_error_and_creates_no_scan(aws_env, sqlite_url):
-    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "--endpoint-url", "http://127.0.0.1:1",
-                                      "scan", "s3://photos/2024/"])
+    result = CliRunner().invoke(
+        cli, ["--database-url", sqlite_url, "--endpoint-url", "http://127.0.0.1:1", "scan", "s3://photos/2024/"]
+    )
     assert result.exit_code == 1 and "Could not connect" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert ResultStore.connect(sqlite_url).latest_scan_id() is None

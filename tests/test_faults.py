@@ -64,8 +64,10 @@ class FaultScan:
             faced_images = conn.execute(select(func.count(func.distinct(faces.c.image_id)))).scalar()
         counts = summary.counts
         duplicates = (rows - keys) + (face_rows - faced_images)
-        print(f"\n{name}: listed {summary.listed} / done {counts['done']} / failed {counts['failed']} / "
-              f"queued {counts['queued']} / duplicated {duplicates}")
+        print(
+            f"\n{name}: listed {summary.listed} / done {counts['done']} / failed {counts['failed']} / "
+            f"queued {counts['queued']} / duplicated {duplicates}"
+        )
         assert summary.listed == counts["done"] + counts["failed"] == self.images
         assert duplicates == 0 and face_rows == counts["done"]
         return counts
@@ -80,9 +82,16 @@ def fault_scan(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_p
         s3.put_object(Bucket=bucket, Key=f"f/{i:03d}.jpg", Body=jpeg(200 + i, 160))
     rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
     rekognition.delay = 0.1
-    env = {**aws_env, "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url, "CELERY_BROKER_URL": broker_url,
-           "CELEBSCAN_DATABASE_URL": postgres_url, "CELEBSCAN_BACKEND": "rekognition",
-           "CELEBSCAN_BATCH_SIZE": "4", "CELEBSCAN_VISIBILITY_TIMEOUT": "5", "CELEBSCAN_MAX_ATTEMPTS": "10"}
+    env = {
+        **aws_env,
+        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
+        "CELERY_BROKER_URL": broker_url,
+        "CELEBSCAN_DATABASE_URL": postgres_url,
+        "CELEBSCAN_BACKEND": "rekognition",
+        "CELEBSCAN_BATCH_SIZE": "4",
+        "CELEBSCAN_VISIBILITY_TIMEOUT": "5",
+        "CELEBSCAN_MAX_ATTEMPTS": "10",
+    }
     store = ResultStore.connect(postgres_url)
     yield FaultScan(store, env, f"s3://{bucket}/f/", tmp_path)
     store.engine.dispose()
@@ -197,8 +206,9 @@ def test_broker_data_lost_mid_scan_is_recovered_by_resume(fault_scan, own_server
         broker.stop()
         finished_before = {r["key"] for r in fault_scan.store.result_records(scan_id) if r["status"] == "done"}
         broker.start()
-        resumed = CliRunner().invoke(cli, ["scan", "--resume", str(scan_id)], env=fault_scan.env,
-                                 catch_exceptions=False)
+        resumed = CliRunner().invoke(
+            cli, ["scan", "--resume", str(scan_id)], env=fault_scan.env, catch_exceptions=False
+        )
         assert resumed.exit_code == 0 and "resuming" in resumed.output, resumed.output
         wait_for_scan(fault_scan.store, scan_id, timeout=300)
     assert fault_scan.check(scan_id, "Redis lost its data; scan --resume")["failed"] == 0
@@ -227,7 +237,8 @@ def test_postgres_stopped_for_30_seconds_mid_scan(fault_scan, own_server):
 
 
 def test_transient_errors_never_fail_an_image_through_a_worker_kill_and_a_redis_restart(
-        fault_scan, own_server, rekognition, s3, bucket):
+    fault_scan, own_server, rekognition, s3, bucket
+):
     """600 images; 30% throttling and 5% 500s, few enough tries in a row that many images outlast
     them; a pool process SIGKILLed and Redis restarted mid-scan: every image done, once."""
     fault_scan.images = 600

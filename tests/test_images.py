@@ -14,7 +14,7 @@ def colour_at(pixels, x, y):
 
 
 def assert_close(actual, expected, tolerance=40):
-    assert all(abs(a - e) <= tolerance for a, e in zip(actual, expected)), (actual, expected)
+    assert all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True)), (actual, expected)
 
 
 def test_jpeg_decodes_to_rgb_array():

@@ -45,11 +45,15 @@ def test_enrolling_the_same_photo_again_changes_nothing(enrolled, faces_dev, emb
 def test_photos_with_no_face_or_several_faces_are_refused(gallery, faces_dev, embedder):
     from tests.imagemaker import jpeg
 
-    results = gallery.enroll("someone", [
-        ("blank.jpg", jpeg(300, 300)),
-        ("pair.jpg", (faces_dev / "test" / "obama_and_biden.jpg").read_bytes()),
-        ("notes.jpg", b"not an image"),
-    ], embedder)
+    results = gallery.enroll(
+        "someone",
+        [
+            ("blank.jpg", jpeg(300, 300)),
+            ("pair.jpg", (faces_dev / "test" / "obama_and_biden.jpg").read_bytes()),
+            ("notes.jpg", b"not an image"),
+        ],
+        embedder,
+    )
     reasons = {r.source: (r.status, r.reason) for r in results}
     assert reasons["blank.jpg"] == ("refused", reasons["blank.jpg"][1]) and "no face" in reasons["blank.jpg"][1]
     assert "faces found" in reasons["pair.jpg"][1] and reasons["pair.jpg"][0] == "refused"
@@ -97,8 +101,9 @@ def test_an_empty_gallery_names_nobody(gallery, faces_dev, embedder):
 
 def test_a_picture_without_people_has_no_faces(enrolled, embedder):
     pixels = np.random.default_rng(7).integers(0, 255, (400, 600, 3), dtype=np.uint8)
-    from tests.imagemaker import encode
     from PIL import Image
+
+    from tests.imagemaker import encode
 
     result = LocalRecognizer(embedder, enrolled.index()).recognize(decode_image(encode(Image.fromarray(pixels), "PNG")))
     assert result.celebrities == () and result.unrecognized_faces == ()

@@ -47,8 +47,7 @@ def two_hosts():
 
 def test_two_worker_hosts_and_one_cut_off_mid_scan(two_hosts, tmp_path):
     net, services = two_hosts
-    env = services.worker_env(CELEBSCAN_BATCH_SIZE="10", CELEBSCAN_VISIBILITY_TIMEOUT="10",
-                              CELEBSCAN_MAX_ATTEMPTS="10")
+    env = services.worker_env(CELEBSCAN_BATCH_SIZE="10", CELEBSCAN_VISIBILITY_TIMEOUT="10", CELEBSCAN_MAX_ATTEMPTS="10")
     fill_bucket("photos", [f"p/{n:04d}.jpg" for n in range(IMAGES)], jpeg(200, 160))
 
     result = CliRunner().invoke(cli, ["scan", "s3://photos/p/"], env=env, catch_exceptions=False)
@@ -59,10 +58,11 @@ def test_two_worker_hosts_and_one_cut_off_mid_scan(two_hosts, tmp_path):
     calls_from = lambda host: sum(call.client == host.address for call in services.standin.calls)  # noqa: E731
 
     started = time.monotonic()
-    with celery_workers(1, env, tmp_path, concurrency=2, host=first, name="first") as first_nodes, \
-            celery_workers(1, env, tmp_path, concurrency=2, host=second, name="second"):
-        wait_until(lambda: calls_from(first) >= 30 and calls_from(second) >= 30, timeout=180,
-                   what="both hosts working")
+    with (
+        celery_workers(1, env, tmp_path, concurrency=2, host=first, name="first") as first_nodes,
+        celery_workers(1, env, tmp_path, concurrency=2, host=second, name="second"),
+    ):
+        wait_until(lambda: calls_from(first) >= 30 and calls_from(second) >= 30, timeout=180, what="both hosts working")
         assert _reaches(first, services.redis_url)
         first.cut()
         assert not _reaches(first, services.redis_url), "the cut-off host still reaches the services"
@@ -77,8 +77,10 @@ def test_two_worker_hosts_and_one_cut_off_mid_scan(two_hosts, tmp_path):
         keys = conn.execute(select(func.count(func.distinct(images.c.key)))).scalar()
         face_rows = conn.execute(select(func.count()).select_from(faces)).scalar()
     store.engine.dispose()
-    print(f"\nanswered calls: first host {calls_from(first)} (cut off), second {calls_from(second)}; "
-          f"done {summary.counts['done']}, failed {summary.counts['failed']} in {elapsed:.1f} s")
+    print(
+        f"\nanswered calls: first host {calls_from(first)} (cut off), second {calls_from(second)}; "
+        f"done {summary.counts['done']}, failed {summary.counts['failed']} in {elapsed:.1f} s"
+    )
     assert calls_from(first) > 0 and calls_from(second) > 0
     assert summary.counts == {"queued": 0, "done": IMAGES, "failed": 0}
     assert rows == keys == face_rows == IMAGES
@@ -112,18 +114,25 @@ def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_image
         store = ResultStore.connect(postgres.url)
         scan_id = store.create_scan("/photos", "local")
         [image_id] = store.queue_images(scan_id, "/photos", "local", [ListedObject("a.jpg", "e1", 100)]).image_ids
-        writer = subprocess.Popen(net.hosts[0].command([sys.executable, "-c", _STALLING_WRITER.format(
-            url=postgres.url, image_id=image_id)]), stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen(
+            net.hosts[0].command([sys.executable, "-c", _STALLING_WRITER.format(url=postgres.url, image_id=image_id)]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         stack.callback(writer.kill)
         assert writer.stdout.readline().strip() == "stalled in the COPY"
         net.hosts[0].cut()
         writer.kill()
 
         box = BoundingBox(0.1, 0.1, 0.2, 0.2)
-        answer = RecognitionResult(celebrities=(Celebrity(name="again", id="2", match_confidence=90.0, bounding_box=box),))
+        answer = RecognitionResult(
+            celebrities=(Celebrity(name="again", id="2", match_confidence=90.0, bounding_box=box),)
+        )
         written = threading.Event()
-        threading.Thread(target=lambda: (store.save_outcomes([ImageOutcome.done(image_id, 10, 10, answer)]),
-                                         written.set()), daemon=True).start()
+        threading.Thread(
+            target=lambda: (store.save_outcomes([ImageOutcome.done(image_id, 10, 10, answer)]), written.set()),
+            daemon=True,
+        ).start()
         wait_until(written.is_set, timeout=180, what="the batch written again after the cut")
         [record] = store.result_records(scan_id)
         assert [c["name"] for c in record["celebrities"]] == ["again"]

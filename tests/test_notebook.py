@@ -16,7 +16,9 @@ def test_the_notebook_runs_and_shows_results(tmp_path, monkeypatch):
     for name in ("CELEBSCAN_NOTEBOOK_SOURCE", "CELEBSCAN_NOTEBOOK_GALLERY", "CELEBSCAN_BACKEND", "CELERY_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

@@ -22,7 +22,7 @@ def reserve(client, key, rate, burst=1):
 def test_callers_queue_for_tokens_at_the_rate(client):
     waits = [reserve(client, "bucket", rate=10) for _ in range(5)]
     assert waits[0] == 0
-    for expected, wait in zip((0.1, 0.2, 0.3, 0.4), waits[1:]):
+    for expected, wait in zip((0.1, 0.2, 0.3, 0.4), waits[1:], strict=True):
         assert expected - 0.05 <= wait <= expected + 0.001
 
 

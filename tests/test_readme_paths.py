@@ -8,7 +8,6 @@ instance role and the real endpoints take their place). No celebscan setting is 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shlex
 import signal
@@ -29,8 +28,13 @@ pytestmark = pytest.mark.slow
 
 README = (PROJECT / "README.md").read_text()
 PROCFILE = dict(line.split(": ", 1) for line in (PROJECT / "Procfile").read_text().splitlines() if line)
-WORKER_FILES = ["Procfile", "docker-compose.yml", "Dockerfile", "deploy/systemd/celebscan-worker.service",
-                "deploy/aws/celebscan.yaml"]
+WORKER_FILES = [
+    "Procfile",
+    "docker-compose.yml",
+    "Dockerfile",
+    "deploy/systemd/celebscan-worker.service",
+    "deploy/aws/celebscan.yaml",
+]
 
 
 def distributed_block() -> list[str]:
@@ -46,7 +50,7 @@ def readme_line(starting: str) -> str:
 
 
 def readme_exports() -> dict[str, str]:
-    return dict(line[len("export "):].split("=", 1) for line in distributed_block() if line.startswith("export "))
+    return dict(line[len("export ") :].split("=", 1) for line in distributed_block() if line.startswith("export "))
 
 
 def user_env(home: Path, broker_url: str, postgres_url: str, aws_env: dict, rekognition_url: str) -> dict[str, str]:
@@ -63,8 +67,16 @@ def user_env(home: Path, broker_url: str, postgres_url: str, aws_env: dict, reko
         "CELEBSCAN_DATABASE_URL": database_url,
         "AWS_DEFAULT_REGION": exported["AWS_DEFAULT_REGION"],
         # credentials and endpoints: an instance role and AWS itself in production
-        **{name: aws_env[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE",
-                                            "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL_S3")},
+        **{
+            name: aws_env[name]
+            for name in (
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_CONFIG_FILE",
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "AWS_ENDPOINT_URL_S3",
+            )
+        },
         "AWS_ENDPOINT_URL_REKOGNITION": rekognition_url,
     }
 
@@ -73,8 +85,9 @@ def user_env(home: Path, broker_url: str, postgres_url: str, aws_env: dict, reko
 def shell_command(command: str, env: dict[str, str], cwd: Path, log: Path):
     """``command`` run by bash as a user types it; stopped warm (SIGTERM) at exit."""
     with open(log, "wb") as output:
-        process = subprocess.Popen(["bash", "-c", f"exec {command}"], env=env, cwd=cwd, stdout=output,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            ["bash", "-c", f"exec {command}"], env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT
+        )
         try:
             yield process
         finally:
@@ -97,12 +110,15 @@ def test_worker_files_start_workers_the_same_plain_way():
         text = (PROJECT / name).read_text()
         assert "CELEBSCAN_BACKEND" not in text, f"{name} must not need a backend setting"
         assert "--queues" not in text and " -Q " not in text, f"{name} must consume what a plain worker does"
-    assert readme_line("celery -A worker.celery_app worker").startswith("celery -A worker.celery_app worker --concurrency")
+    assert readme_line("celery -A worker.celery_app worker").startswith(
+        "celery -A worker.celery_app worker --concurrency"
+    )
     assert PROCFILE["worker"].startswith("celery -A worker.celery_app worker --concurrency")
 
 
 def test_workers_started_as_readme_says_serve_readmes_rekognition_scan(
-        aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_path):
+    aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_path
+):
     _reset_postgres(postgres_url)
     for number in range(24):
         s3.put_object(Bucket=bucket, Key=f"photos/{number:02d}.jpg", Body=jpeg(300 + number, 200))
@@ -116,8 +132,9 @@ def test_workers_started_as_readme_says_serve_readmes_rekognition_scan(
         assert "listed 24 images" in output, output
         store = ResultStore.connect(postgres_url)
         scan_id = store.latest_scan_id()
-        wait_until(lambda: store.scan_summary(scan_id).finished_at is not None, timeout=180,
-                   what="README's scan to finish")
+        wait_until(
+            lambda: store.scan_summary(scan_id).finished_at is not None, timeout=180, what="README's scan to finish"
+        )
     summary = store.scan_summary(scan_id)
     assert summary.counts == {"queued": 0, "done": 24, "failed": 0}, (tmp_path / "worker.log").read_text()[-3000:]
     assert summary.people == {"someone": 24}
@@ -127,7 +144,8 @@ def test_workers_started_as_readme_says_serve_readmes_rekognition_scan(
 
 
 def test_one_procfile_worker_serves_a_local_and_a_rekognition_scan_at_once(
-        aws_env, rekognition, broker_url, postgres_url, s3, bucket, faces_dev, expected_people, tmp_path):
+    aws_env, rekognition, broker_url, postgres_url, s3, bucket, faces_dev, expected_people, tmp_path
+):
     _reset_postgres(postgres_url)
     local_images = ["test/obama1.jpg", "test/obama_and_biden.jpg", "extra/lin-manuel-miranda.png"]
     for image in local_images:
@@ -147,8 +165,11 @@ def test_one_procfile_worker_serves_a_local_and_a_rekognition_scan_at_once(
     worker = PROCFILE["worker"]
     assert "CELEBSCAN_WORKER_CONCURRENCY:-2" in worker  # unset here: the Procfile's two processes
     with shell_command(worker, env, tmp_path, tmp_path / "worker.log") as node:
-        wait_until(lambda: all(store.scan_summary(i).finished_at for i in (local_id, paid_id)), timeout=300,
-                   what="both scans to finish")
+        wait_until(
+            lambda: all(store.scan_summary(i).finished_at for i in (local_id, paid_id)),
+            timeout=300,
+            what="both scans to finish",
+        )
         processes = Path(f"/proc/{node.pid}/task/{node.pid}/children").read_text().split()
     assert len(processes) == 2
     paid = store.scan_summary(paid_id)
@@ -176,8 +197,11 @@ def test_a_scan_no_worker_can_serve_waits_and_says_why(aws_env, broker_url, post
     (hidden / "dlib.py").write_text("raise ModuleNotFoundError(\"No module named 'dlib'\", name='dlib')\n")
     worker_env = {**env, "PYTHONPATH": str(hidden)}  # this machine lacks the local extra
     with shell_command(readme_line("celery -A worker.celery_app worker"), worker_env, tmp_path, tmp_path / "w.log"):
-        wait_until(lambda: store.scan_summary(scan_id).unserved is not None, timeout=120,
-                   what="the worker to hand the batch back")
+        wait_until(
+            lambda: store.scan_summary(scan_id).unserved is not None,
+            timeout=120,
+            what="the worker to hand the batch back",
+        )
     summary = store.scan_summary(scan_id)
     assert summary.counts == {"queued": 6, "done": 0, "failed": 0}, "no image fails for the worker it reached"
     status = run_as_user(f"celebscan status {scan_id}", env, tmp_path)

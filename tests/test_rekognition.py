@@ -21,8 +21,13 @@ def recognizer(rekognition):
 def test_every_response_field_is_kept(rekognition, recognizer):
     rekognition.answer = lambda key, data: {
         "CelebrityFaces": [celebrity("Jeff Bezos", gender="Male")],
-        "UnrecognizedFaces": [{"BoundingBox": {"Width": 0.1, "Height": 0.1, "Left": 0.7, "Top": 0.1},
-                               "Confidence": 97.0, "Pose": {"Roll": 0, "Yaw": 0, "Pitch": 0}}],
+        "UnrecognizedFaces": [
+            {
+                "BoundingBox": {"Width": 0.1, "Height": 0.1, "Left": 0.7, "Top": 0.1},
+                "Confidence": 97.0,
+                "Pose": {"Roll": 0, "Yaw": 0, "Pitch": 0},
+            }
+        ],
         "OrientationCorrection": "ROTATE_0",
     }
     result = recognizer.recognize(decode_image(jpeg(300, 200)))

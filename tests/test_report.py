@@ -34,9 +34,17 @@ def chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if not binary:
         unavailable("Chromium is not installed: apt-get install chromium")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={user_data}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={user_data}",
+    ]
     return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
 
 
@@ -88,8 +96,13 @@ def test_the_report_in_a_real_browser(demo_database, tmp_path):
     assert re.search(r'id="count">3 images<', dom)
 
     screenshot = tmp_path / "report.png"
-    chromium(f"--screenshot={screenshot}", "--window-size=1280,1000", "--hide-scrollbars", page.as_uri(),
-             user_data=tmp_path / "chromium")
+    chromium(
+        f"--screenshot={screenshot}",
+        "--window-size=1280,1000",
+        "--hide-scrollbars",
+        page.as_uri(),
+        user_data=tmp_path / "chromium",
+    )
     pixels = np.asarray(Image.open(screenshot).convert("RGB"))
     assert pixels.shape[:2] == (1000, 1280) and pixels.std() > 30, "the screenshot shows the page"
 
@@ -106,9 +119,7 @@ def test_show_draws_a_box_and_name_on_each_face(demo_database, tmp_path):
 
 
 def test_show_refuses_images_without_a_result(demo_database, tmp_path):
-    result = celebscan("--database-url", demo_database, "show", "broken.jpg", "--output", tmp_path / "x.jpg",
-                       ok=False)
+    result = celebscan("--database-url", demo_database, "show", "broken.jpg", "--output", tmp_path / "x.jpg", ok=False)
     assert result.exit_code == 1 and "CorruptImage" in result.output
-    result = celebscan("--database-url", demo_database, "show", "nope.jpg", "--output", tmp_path / "x.jpg",
-                       ok=False)
+    result = celebscan("--database-url", demo_database, "show", "nope.jpg", "--output", tmp_path / "x.jpg", ok=False)
     assert result.exit_code == 1 and "no image 'nope.jpg'" in result.output

@@ -13,8 +13,15 @@ from worker.sources import S3Reader
 @pytest.fixture
 def filled(s3, bucket):
     keys = [
-        "2024/a.jpg", "2024/b.PNG", "2024/notes.txt", "2024/sub/c.jpeg", "2024/sub/deeper/d.jpg",
-        "2024/other/e.webp", "2024/ünïcode dir/f g+h%20.jpg", "2023/old.jpg", "2024/folder-marker/",
+        "2024/a.jpg",
+        "2024/b.PNG",
+        "2024/notes.txt",
+        "2024/sub/c.jpeg",
+        "2024/sub/deeper/d.jpg",
+        "2024/other/e.webp",
+        "2024/ünïcode dir/f g+h%20.jpg",
+        "2023/old.jpg",
+        "2024/folder-marker/",
     ]
     for key in keys:
         s3.put_object(Bucket=bucket, Key=key, Body=b"" if key.endswith("/") else jpeg())
@@ -24,8 +31,14 @@ def filled(s3, bucket):
 def test_lists_image_objects_under_the_prefix_in_parallel(filled):
     s3 = client("s3", Settings())
     listed = {o.key: o for o in list_s3(s3, filled, "2024/", threads=3)}
-    assert set(listed) == {"2024/a.jpg", "2024/b.PNG", "2024/sub/c.jpeg", "2024/sub/deeper/d.jpg",
-                           "2024/other/e.webp", "2024/ünïcode dir/f g+h%20.jpg"}
+    assert set(listed) == {
+        "2024/a.jpg",
+        "2024/b.PNG",
+        "2024/sub/c.jpeg",
+        "2024/sub/deeper/d.jpg",
+        "2024/other/e.webp",
+        "2024/ünïcode dir/f g+h%20.jpg",
+    }
     size = len(jpeg())
     assert all(o.size == size and len(o.etag) == 32 and '"' not in o.etag for o in listed.values())
 
@@ -67,8 +80,9 @@ def test_reader_reads_and_types_its_errors(filled):
     assert too_big.value.code == "ImageTooLarge"
 
 
-def test_a_listing_that_fails_part_way_leaves_a_resumable_scan_that_says_so(s3, bucket, aws_env, sqlite_url,
-                                                                           monkeypatch):
+def test_a_listing_that_fails_part_way_leaves_a_resumable_scan_that_says_so(
+    s3, bucket, aws_env, sqlite_url, monkeypatch
+):
     """Page 3 of the listing is refused (access denied): the pages before it are recorded queued,
     the scan says the listing failed and why, and ``--resume`` scans what was listed."""
     import functools

@@ -62,8 +62,9 @@ def test_aws_errors_get_celebscan_codes(code, status, expected):
 
 
 @pytest.mark.slow
-def test_no_secret_in_cli_output_worker_logs_or_results(aws_env, rekognition, broker_url, postgres_url, s3,
-                                                        bucket, tmp_path, monkeypatch):
+def test_no_secret_in_cli_output_worker_logs_or_results(
+    aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_path, monkeypatch
+):
     from tests.conftest import _reset_postgres
 
     _reset_postgres(postgres_url)
@@ -73,9 +74,14 @@ def test_no_secret_in_cli_output_worker_logs_or_results(aws_env, rekognition, br
     url_with_password = postgres_url.replace("postgres@", f"postgres:{db_secret}@")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
     s3.put_object(Bucket=bucket, Key="a.jpg", Body=jpeg())
-    env = {**aws_env, "AWS_SECRET_ACCESS_KEY": aws_secret, "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
-           "CELERY_BROKER_URL": broker_url.replace("redis://", "redis://:redis-Secret-1@"),
-           "CELEBSCAN_DATABASE_URL": url_with_password, "CELEBSCAN_BACKEND": "rekognition"}
+    env = {
+        **aws_env,
+        "AWS_SECRET_ACCESS_KEY": aws_secret,
+        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
+        "CELERY_BROKER_URL": broker_url.replace("redis://", "redis://:redis-Secret-1@"),
+        "CELEBSCAN_DATABASE_URL": url_with_password,
+        "CELEBSCAN_BACKEND": "rekognition",
+    }
     runner = CliRunner()
     outputs = [runner.invoke(cli, ["scan", f"s3://{bucket}/"], env=env, catch_exceptions=False).output]
     assert "enqueued 1 batches" in outputs[0]

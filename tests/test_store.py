@@ -33,7 +33,8 @@ def queue(store, names, **kwargs):
     return scan_id, store.queue_images(scan_id, BUCKET, "local", listing(*names), **kwargs)
 
 
-def finish_all(store, report, answer=result("obama")):
+def finish_all(store, report, answer=None):
+    answer = answer or result("obama")
     store.save_outcomes([ImageOutcome.done(i, 640, 480, answer) for i in report.image_ids])
 
 
@@ -94,19 +95,35 @@ def test_reprocessed_image_replaces_its_faces(store):
 def test_records_have_the_design_shape(store):
     scan_id, report = queue(store, ["ok.jpg", "bad.jpg"])
     ok, bad = report.image_ids
-    store.save_outcomes([
-        ImageOutcome.done(ok, 1480, 832, result("obama", unknown=1)),
-        ImageOutcome.failed(bad, "InvalidImageFormat", "not an image"),
-    ])
+    store.save_outcomes(
+        [
+            ImageOutcome.done(ok, 1480, 832, result("obama", unknown=1)),
+            ImageOutcome.failed(bad, "InvalidImageFormat", "not an image"),
+        ]
+    )
     records = {r["key"]: r for r in store.result_records(scan_id)}
     assert set(records["ok.jpg"]) == {
-        "scan_id", "source", "key", "etag", "status", "error", "backend", "width", "height",
-        "celebrities", "unrecognized_faces",
+        "scan_id",
+        "source",
+        "key",
+        "etag",
+        "status",
+        "error",
+        "backend",
+        "width",
+        "height",
+        "celebrities",
+        "unrecognized_faces",
     }
-    assert records["ok.jpg"]["celebrities"] == [{
-        "name": "obama", "id": "id-obama", "match_confidence": 90.0,
-        "bounding_box": {"left": 0.1, "top": 0.2, "width": 0.3, "height": 0.4}, "urls": [],
-    }]
+    assert records["ok.jpg"]["celebrities"] == [
+        {
+            "name": "obama",
+            "id": "id-obama",
+            "match_confidence": 90.0,
+            "bounding_box": {"left": 0.1, "top": 0.2, "width": 0.3, "height": 0.4},
+            "urls": [],
+        }
+    ]
     assert records["ok.jpg"]["unrecognized_faces"][0]["confidence"] == 99.0
     assert records["ok.jpg"]["error"] is None and records["ok.jpg"]["width"] == 1480
     assert records["bad.jpg"]["status"] == "failed"
@@ -145,8 +162,14 @@ def test_many_images_are_written_in_chunks(store):
 
 
 def test_keys_are_stored_verbatim(store):
-    odd = ["héllo wörld.jpg", "a+b%20c.jpg", "x'; DROP TABLE images; --.jpg", "日本/写真.png",
-           "$(rm -rf ~); ls `id` | cat.jpg", 'quote"s\\back.jpg']
+    odd = [
+        "héllo wörld.jpg",
+        "a+b%20c.jpg",
+        "x'; DROP TABLE images; --.jpg",
+        "日本/写真.png",
+        "$(rm -rf ~); ls `id` | cat.jpg",
+        'quote"s\\back.jpg',
+    ]
     _, report = queue(store, odd)
     assert sorted(i.key for i in store.pending(report.image_ids)) == sorted(odd)
 
@@ -160,8 +183,12 @@ def test_a_batch_with_an_image_the_store_lacks_writes_nothing(store):
     _, report = queue(store, ["a.jpg"])
     [image_id] = report.image_ids
     with pytest.raises(MissingImagesError, match="1 of the batch's 2 images"):
-        store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama")),
-                             ImageOutcome.done(image_id + 1000, 640, 480, result("biden"))])
+        store.save_outcomes(
+            [
+                ImageOutcome.done(image_id, 640, 480, result("obama")),
+                ImageOutcome.done(image_id + 1000, 640, 480, result("biden")),
+            ]
+        )
     assert count(store, images, images.c.status == "queued") == 1
     assert count(store, faces) == 0
     finish_all(store, report)  # the connection is still good
@@ -177,8 +204,9 @@ def test_a_face_row_the_server_refuses_rolls_back_the_whole_batch(pg_store):
     _, report = queue(pg_store, ["a.jpg", "b.jpg"])
     a, b = report.image_ids
     with pytest.raises(DBAPIError, match="0x00"):
-        pg_store.save_outcomes([ImageOutcome.done(a, 640, 480, result("obama")),
-                                ImageOutcome.done(b, 640, 480, result("bad\x00name"))])
+        pg_store.save_outcomes(
+            [ImageOutcome.done(a, 640, 480, result("obama")), ImageOutcome.done(b, 640, 480, result("bad\x00name"))]
+        )
     assert count(pg_store, images, images.c.status == "queued") == 2
     assert count(pg_store, faces) == 0
     finish_all(pg_store, report)
@@ -190,9 +218,17 @@ def test_a_result_that_cannot_be_encoded_rolls_back_and_leaves_the_connection_us
     leave a half-open transaction on the pooled connection (the store's only one, used again next)."""
     import pytest
 
-    bad = RecognitionResult(celebrities=(Celebrity(name="x", id="1", match_confidence=90.0,
-                                                   bounding_box=BoundingBox(0.1, 0.2, 0.3, 0.4),
-                                                   raw={"Odd": {1, 2}}),))
+    bad = RecognitionResult(
+        celebrities=(
+            Celebrity(
+                name="x",
+                id="1",
+                match_confidence=90.0,
+                bounding_box=BoundingBox(0.1, 0.2, 0.3, 0.4),
+                raw={"Odd": {1, 2}},
+            ),
+        )
+    )
     _, report = queue(pg_store, ["a.jpg", "b.jpg"])
     a, b = report.image_ids
     with pytest.raises(TypeError):
@@ -203,11 +239,20 @@ def test_a_result_that_cannot_be_encoded_rolls_back_and_leaves_the_connection_us
 
 
 def test_text_and_json_that_need_escaping_come_back_unchanged(store):
-    awkward = "tab\there, new\nline, back\\slash \\N, quote \" and 名前"
+    awkward = 'tab\there, new\nline, back\\slash \\N, quote " and 名前'
     raw = {"Name": awkward, "Face": {"Pose": {"Roll": -1.5}, "Note": awkward, "Path": "C:\\x\\N"}}
-    answer = RecognitionResult(celebrities=(Celebrity(name=awkward, id="id\t1", match_confidence=90.0,
-                                                      bounding_box=BoundingBox(0.1, 0.2, 0.3, 0.4),
-                                                      urls=(awkward,), raw=raw),))
+    answer = RecognitionResult(
+        celebrities=(
+            Celebrity(
+                name=awkward,
+                id="id\t1",
+                match_confidence=90.0,
+                bounding_box=BoundingBox(0.1, 0.2, 0.3, 0.4),
+                urls=(awkward,),
+                raw=raw,
+            ),
+        )
+    )
     scan_id, report = queue(store, ["a.jpg"])
     finish_all(store, report, answer)
     [record] = store.result_records(scan_id)
@@ -248,7 +293,7 @@ def test_two_writers_of_the_same_batch_at_once_leave_one_set_of_faces(pg_store):
         outcomes = [ImageOutcome.done(i, 640, 480, result("obama", unknown=attempt % 3)) for i in report.image_ids]
         start, errors = threading.Barrier(2), []
 
-        def write():
+        def write(start=start, outcomes=outcomes, errors=errors):
             start.wait()
             try:
                 pg_store.save_outcomes(outcomes)
@@ -279,9 +324,13 @@ def _schema(url: str) -> dict:
 
     engine = create_engine(url)
     inspector = inspect(engine)
-    schema = {table: (sorted(c["name"] for c in inspector.get_columns(table)),
-                      sorted(i["name"] for i in inspector.get_indexes(table)))
-              for table in inspector.get_table_names()}
+    schema = {
+        table: (
+            sorted(c["name"] for c in inspector.get_columns(table)),
+            sorted(i["name"] for i in inspector.get_indexes(table)),
+        )
+        for table in inspector.get_table_names()
+    }
     engine.dispose()
     return schema
 

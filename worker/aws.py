@@ -32,16 +32,30 @@ from worker.errors import (
 )
 from worker.settings import Settings
 
-THROTTLING_CODES = frozenset({
-    "ThrottlingException", "Throttling", "ThrottledException", "ProvisionedThroughputExceededException",
-    "RequestLimitExceeded", "TooManyRequestsException", "SlowDown", "LimitExceededException",
-})
+THROTTLING_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "ThrottledException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "SlowDown",
+        "LimitExceededException",
+    }
+)
 ACCESS_CODES = frozenset({"AccessDenied", "AccessDeniedException", "Forbidden", "403"})
 MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
-CREDENTIAL_CODES = frozenset({
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "UnrecognizedClientException", "InvalidClientTokenId",
-    "ExpiredToken", "ExpiredTokenException",
-})
+CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "ExpiredToken",
+        "ExpiredTokenException",
+    }
+)
 
 
 def client(service: str, settings: Settings, **config):
@@ -52,8 +66,11 @@ def client(service: str, settings: Settings, **config):
     if service == "s3" and settings.endpoint_url:
         options["endpoint_url"] = settings.endpoint_url
     botocore_config = Config(
-        retries={"total_max_attempts": 1}, connect_timeout=10, read_timeout=60,
-        max_pool_connections=32, **config,
+        retries={"total_max_attempts": 1},
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+        **config,
     )
     try:
         return boto3.session.Session().client(service, config=botocore_config, **options)

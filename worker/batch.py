@@ -98,8 +98,13 @@ def process_batch(image_ids: Sequence[int], context: WorkerContext, delivery: st
         failed += len(group) - len(started) + sum(outcome.status == FAILED for outcome in outcomes)
         deferred += [outcome for outcome in outcomes if outcome.deferred]
     resend_after = max((_resend_delay(outcome.retry_rounds, context) for outcome in deferred), default=0.0)
-    return BatchReport(done=done, failed=failed, skipped=len(image_ids) - len(pending),
-                       deferred=tuple(outcome.image_id for outcome in deferred), resend_after=resend_after)
+    return BatchReport(
+        done=done,
+        failed=failed,
+        skipped=len(image_ids) - len(pending),
+        deferred=tuple(outcome.image_id for outcome in deferred),
+        resend_after=resend_after,
+    )
 
 
 def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
@@ -132,8 +137,9 @@ def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
         return ImageOutcome.failed(image.id, "InternalError", f"{type(exc).__name__}: {exc}", width, height)
 
 
-def _transient_outcome(image: QueuedImage, exc: TransientError, context: WorkerContext,
-                       width: int | None, height: int | None) -> ImageOutcome:
+def _transient_outcome(
+    image: QueuedImage, exc: TransientError, context: WorkerContext, width: int | None, height: int | None
+) -> ImageOutcome:
     now = utcnow()
     since = image.retry_since or now
     tries = image.retries + context.max_attempts
@@ -143,8 +149,9 @@ def _transient_outcome(image: QueuedImage, exc: TransientError, context: WorkerC
         log.warning("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, message)
         return ImageOutcome.failed(image.id, exc.code, message, width, height)
     log.info("image deferred: %s/%s: %s (%d tries so far)", image.bucket, image.key, exc, tries)
-    return ImageOutcome.deferred_for(image, exc.code, str(exc), retries=tries, retry_since=since,
-                                     rounds=tries // max(1, context.max_attempts))
+    return ImageOutcome.deferred_for(
+        image, exc.code, str(exc), retries=tries, retry_since=since, rounds=tries // max(1, context.max_attempts)
+    )
 
 
 def _resend_delay(rounds: int, context: WorkerContext) -> float:

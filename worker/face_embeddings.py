@@ -74,8 +74,9 @@ class FaceEmbedder:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FaceEmbedder:
-        return cls(detect_max_side=settings.detect_max_side, min_score=settings.min_face_score,
-                   cache_dir=settings.cache_dir)
+        return cls(
+            detect_max_side=settings.detect_max_side, min_score=settings.min_face_score, cache_dir=settings.cache_dir
+        )
 
     def detect(self, pixels: np.ndarray) -> list[tuple[object, float]]:
         """(dlib rectangle in ``pixels``' coordinates, detector score) of every face, strongest first.
@@ -88,8 +89,15 @@ class FaceEmbedder:
         small = pixels if scale == 1.0 else _resize(pixels, scale)
         rects, scores, _ = self._detector.run(small, _upsample_times(small), self.min_score)
         return [
-            (self._dlib.rectangle(round(rect.left() / scale), round(rect.top() / scale),
-                                  round(rect.right() / scale), round(rect.bottom() / scale)), float(score))
+            (
+                self._dlib.rectangle(
+                    round(rect.left() / scale),
+                    round(rect.top() / scale),
+                    round(rect.right() / scale),
+                    round(rect.bottom() / scale),
+                ),
+                float(score),
+            )
             for rect, score in sorted(zip(rects, scores, strict=True), key=lambda pair: -pair[1])
         ]
 

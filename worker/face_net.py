@@ -78,7 +78,7 @@ class FaceDescriptorNet:
                 if size != size_x or stride != stride_x or padding != padding_x:
                     raise ModelFormatError("only square convolutions are supported")
                 channels_in = (params.size - filters) // (filters * size * size)
-                weights = params[: -filters].reshape(filters, channels_in, size, size).transpose(2, 3, 1, 0)
+                weights = params[:-filters].reshape(filters, channels_in, size, size).transpose(2, 3, 1, 0)
                 weights = weights.reshape(size * size * channels_in, filters)
                 pending = (weights, params[-filters:], size, stride, padding)
             elif name == b"affine_":
@@ -86,8 +86,9 @@ class FaceDescriptorNet:
                     raise ModelFormatError("an affine layer without a convolution before it")
                 weights, bias, size, stride, padding = pending
                 gamma, beta = np.split(reader.tensor(), 2)
-                convolutions.append(_Convolution(np.ascontiguousarray(weights * gamma), bias * gamma + beta,
-                                                 size, stride, padding))
+                convolutions.append(
+                    _Convolution(np.ascontiguousarray(weights * gamma), bias * gamma + beta, size, stride, padding)
+                )
                 pending = None
             else:
                 outputs, inputs = reader.int(), reader.int()

@@ -132,8 +132,13 @@ class Gallery:
             person_id = conn.execute(select(people.c.id).where(people.c.name == name)).scalar_one()
             inserted = conn.execute(
                 dialect_insert(self.engine, gallery_faces)
-                .values(person_id=person_id, embedding=embedding.astype(np.float64).tobytes(),
-                        source=source, image_hash=image_hash, created_at=utcnow())
+                .values(
+                    person_id=person_id,
+                    embedding=embedding.astype(np.float64).tobytes(),
+                    source=source,
+                    image_hash=image_hash,
+                    created_at=utcnow(),
+                )
                 .on_conflict_do_nothing()
             )
             return inserted.rowcount == 1

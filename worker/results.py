@@ -21,7 +21,9 @@ class BoundingBox:
     height: float
 
     @classmethod
-    def from_pixels(cls, left: int, top: int, right: int, bottom: int, image_width: int, image_height: int) -> BoundingBox:
+    def from_pixels(
+        cls, left: int, top: int, right: int, bottom: int, image_width: int, image_height: int
+    ) -> BoundingBox:
         """Clip a pixel rectangle to the image and express it as ratios."""
         left, right = max(0, left), min(image_width, right)
         top, bottom = max(0, top), min(image_height, bottom)

@@ -7,11 +7,10 @@ already paid for are kept through a database restart.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TypeVar
-
-import functools
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import (

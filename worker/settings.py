@@ -21,8 +21,9 @@ DEFAULT_DATABASE_URL = "sqlite:///celebscan.db"
 DEFAULT_REKOGNITION_PRICES = "0.001:1000000,0.0008:4000000,0.0006:30000000,0.00025"
 
 
-def _setting(default: Any, env: str, help: str, *, minimum: float | None = None,
-             choices: tuple[str, ...] | None = None) -> Any:
+def _setting(
+    default: Any, env: str, help: str, *, minimum: float | None = None, choices: tuple[str, ...] | None = None
+) -> Any:
     return field(default=default, metadata={"env": env, "help": help, "minimum": minimum, "choices": choices})
 
 
@@ -32,87 +33,112 @@ class Settings:
         DEFAULT_DATABASE_URL, "CELEBSCAN_DATABASE_URL", "SQLAlchemy URL of the results database."
     )
     database_secret_arn: str = _setting(
-        "", "CELEBSCAN_DATABASE_SECRET_ARN",
+        "",
+        "CELEBSCAN_DATABASE_SECRET_ARN",
         "Secrets Manager secret whose username/password (and host, port, dbname) complete the database URL.",
     )
     backend: str = _setting(
-        "local", "CELEBSCAN_BACKEND", "Default recognizer of `scan`: local or rekognition (workers serve every scan).",
+        "local",
+        "CELEBSCAN_BACKEND",
+        "Default recognizer of `scan`: local or rekognition (workers serve every scan).",
         choices=BACKENDS,
     )
     workers: int = _setting(
-        0, "CELEBSCAN_WORKERS", "Processes for an embedded scan (0: one per CPU core).",
+        0,
+        "CELEBSCAN_WORKERS",
+        "Processes for an embedded scan (0: one per CPU core).",
         minimum=0,
     )
     batch_size: int = _setting(16, "CELEBSCAN_BATCH_SIZE", "Images per batch (per task).", minimum=1)
-    broker_url: str = _setting(
-        "", "CELERY_BROKER_URL", "Celery broker; when set, `scan` enqueues instead of running."
-    )
+    broker_url: str = _setting("", "CELERY_BROKER_URL", "Celery broker; when set, `scan` enqueues instead of running.")
     endpoint_url: str = _setting(
         "", "CELEBSCAN_ENDPOINT_URL", "Endpoint for S3-compatible stores and local AWS stand-ins."
     )
     match_threshold: float = _setting(
-        0.6, "CELEBSCAN_MATCH_THRESHOLD", "Local recognizer: largest euclidean distance that names a face.",
+        0.6,
+        "CELEBSCAN_MATCH_THRESHOLD",
+        "Local recognizer: largest euclidean distance that names a face.",
         minimum=0.001,
     )
     min_face_score: float = _setting(
         0.2, "CELEBSCAN_MIN_FACE_SCORE", "Local recognizer: dlib detector score below which a detection is ignored."
     )
     detect_max_side: int = _setting(
-        1024, "CELEBSCAN_DETECT_MAX_SIDE", "Local recognizer: images are downscaled to this side for detection.",
+        1024,
+        "CELEBSCAN_DETECT_MAX_SIDE",
+        "Local recognizer: images are downscaled to this side for detection.",
         minimum=32,
     )
     cache_dir: str = _setting(
-        "~/.cache/celebscan", "CELEBSCAN_CACHE_DIR",
+        "~/.cache/celebscan",
+        "CELEBSCAN_CACHE_DIR",
         "Local recognizer: where dlib's face detector is kept in binary form (loads in ms, not 0.6 s); empty: off.",
     )
     max_image_pixels: int = _setting(
-        100_000_000, "CELEBSCAN_MAX_IMAGE_PIXELS", "Images with more pixels are refused (decompression-bomb guard).",
+        100_000_000,
+        "CELEBSCAN_MAX_IMAGE_PIXELS",
+        "Images with more pixels are refused (decompression-bomb guard).",
         minimum=1,
     )
     max_image_bytes: int = _setting(
-        100 * 1024 * 1024, "CELEBSCAN_MAX_IMAGE_BYTES", "Objects larger than this are refused without reading.",
+        100 * 1024 * 1024,
+        "CELEBSCAN_MAX_IMAGE_BYTES",
+        "Objects larger than this are refused without reading.",
         minimum=1,
     )
     min_image_side: int = _setting(
-        80, "CELEBSCAN_MIN_IMAGE_SIDE", "Images with a smaller width or height are refused as too small.",
+        80,
+        "CELEBSCAN_MIN_IMAGE_SIDE",
+        "Images with a smaller width or height are refused as too small.",
         minimum=1,
     )
     max_attempts: int = _setting(
-        5, "CELEBSCAN_MAX_ATTEMPTS",
+        5,
+        "CELEBSCAN_MAX_ATTEMPTS",
         "Tries of a read or recognizer call in a row, with backoff, before a transient error hands the image back.",
         minimum=1,
     )
     retry_deadline: int = _setting(
-        3600, "CELEBSCAN_RETRY_DEADLINE",
+        3600,
+        "CELEBSCAN_RETRY_DEADLINE",
         "Seconds an image keeps being handed out again after transient errors (throttling, 5xx) before it fails.",
         minimum=0,
     )
 
     rekognition_tps: float = _setting(
-        0.0, "CELEBSCAN_REKOGNITION_TPS",
+        0.0,
+        "CELEBSCAN_REKOGNITION_TPS",
         "Rekognition calls per second shared by all workers (the account's quota); 0: no pacing.",
         minimum=0,
     )
     rate_limit_url: str = _setting(
-        "", "CELEBSCAN_RATE_LIMIT_URL", "Redis for the shared rate limit (default: CELERY_BROKER_URL when it is Redis).",
+        "",
+        "CELEBSCAN_RATE_LIMIT_URL",
+        "Redis for the shared rate limit (default: CELERY_BROKER_URL when it is Redis).",
     )
     visibility_timeout: int = _setting(
-        3600, "CELEBSCAN_VISIBILITY_TIMEOUT",
+        3600,
+        "CELEBSCAN_VISIBILITY_TIMEOUT",
         "Seconds before Redis hands an unacknowledged batch to another worker (longer than any batch).",
         minimum=1,
     )
 
     rekognition_prices: str = _setting(
-        DEFAULT_REKOGNITION_PRICES, "CELEBSCAN_REKOGNITION_PRICES",
+        DEFAULT_REKOGNITION_PRICES,
+        "CELEBSCAN_REKOGNITION_PRICES",
         "Rekognition's price per image by monthly tier: PRICE:IMAGES,... and a last PRICE for the rest.",
     )
     rekognition_billed_this_month: int = _setting(
-        0, "CELEBSCAN_REKOGNITION_BILLED_THIS_MONTH", "Images already billed this month: where the price tiers start.",
+        0,
+        "CELEBSCAN_REKOGNITION_BILLED_THIS_MONTH",
+        "Images already billed this month: where the price tiers start.",
         minimum=0,
     )
     cloudwatch_namespace: str = _setting(
-        "", "CELEBSCAN_CLOUDWATCH_NAMESPACE",
-        "CloudWatch namespace of `metrics --cloudwatch` (default Celebscan); when set, `scan` publishes after enqueueing.",
+        "",
+        "CELEBSCAN_CLOUDWATCH_NAMESPACE",
+        "CloudWatch namespace of `metrics --cloudwatch` (default Celebscan); "
+        "when set, `scan` publishes after enqueueing.",
     )
 
     @classmethod
@@ -176,6 +202,4 @@ def env_var(name: str) -> str:
 
 def documented_settings() -> list[tuple[str, str, str]]:
     """(environment variable, default, help) for every setting: the README's configuration table."""
-    return [
-        (f.metadata["env"], repr(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)
-    ]
+    return [(f.metadata["env"], repr(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)]

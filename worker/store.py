@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
@@ -46,17 +46,20 @@ CHUNK_SIZE = 1000
 #: (30 s idle, then 3 probes 10 s apart), or, when its last message was never acknowledged (then
 #: no keepalive is sent, and retransmissions go on for ~15 minutes), the TCP user timeout.
 #: celebscan's own transactions last milliseconds.
-SESSION_OPTIONS = " ".join(f"-c {name}={value}" for name, value in {
-    "idle_in_transaction_session_timeout": 60_000,
-    "tcp_keepalives_idle": 30,
-    "tcp_keepalives_interval": 10,
-    "tcp_keepalives_count": 3,
-    "tcp_user_timeout": 60_000,
-}.items())
+SESSION_OPTIONS = " ".join(
+    f"-c {name}={value}"
+    for name, value in {
+        "idle_in_transaction_session_timeout": 60_000,
+        "tcp_keepalives_idle": 30,
+        "tcp_keepalives_interval": 10,
+        "tcp_keepalives_count": 3,
+        "tcp_user_timeout": 60_000,
+    }.items()
+)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def masked_url(url: str) -> str:
@@ -147,8 +150,12 @@ def _engine_options(url: str) -> dict[str, Any]:
         return {"connect_args": {"timeout": 60}}
     # psycopg2's plain executemany is one round trip per row; batch the UPDATEs (execute_batch)
     # and the INSERTs (multi-row VALUES) instead.
-    return {"pool_pre_ping": True, "executemany_mode": "values_plus_batch", "executemany_batch_page_size": 500,
-            "connect_args": {"options": SESSION_OPTIONS}}
+    return {
+        "pool_pre_ping": True,
+        "executemany_mode": "values_plus_batch",
+        "executemany_batch_page_size": 500,
+        "connect_args": {"options": SESSION_OPTIONS},
+    }
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -248,18 +255,37 @@ class ImageOutcome:
         return self.status == QUEUED
 
     @classmethod
-    def done(cls, image_id: int, width: int, height: int, result: RecognitionResult, *,
-             paid_calls: int | None = None, calls_saved: int | None = None) -> ImageOutcome:
+    def done(
+        cls,
+        image_id: int,
+        width: int,
+        height: int,
+        result: RecognitionResult,
+        *,
+        paid_calls: int | None = None,
+        calls_saved: int | None = None,
+    ) -> ImageOutcome:
         return cls(image_id, DONE, width, height, result, paid_calls=paid_calls, calls_saved=calls_saved)
 
     @classmethod
-    def deferred_for(cls, image: QueuedImage, code: str, message: str, *, retries: int, retry_since: datetime,
-                     rounds: int) -> ImageOutcome:
-        return cls(image.id, QUEUED, error_code=code, error_message=message[:2000], attempts=image.attempts,
-                   retries=retries, retry_since=retry_since, retry_rounds=rounds)
+    def deferred_for(
+        cls, image: QueuedImage, code: str, message: str, *, retries: int, retry_since: datetime, rounds: int
+    ) -> ImageOutcome:
+        return cls(
+            image.id,
+            QUEUED,
+            error_code=code,
+            error_message=message[:2000],
+            attempts=image.attempts,
+            retries=retries,
+            retry_since=retry_since,
+            retry_rounds=rounds,
+        )
 
     @classmethod
-    def failed(cls, image_id: int, code: str, message: str, width: int | None = None, height: int | None = None) -> ImageOutcome:
+    def failed(
+        cls, image_id: int, code: str, message: str, width: int | None = None, height: int | None = None
+    ) -> ImageOutcome:
         return cls(image_id, FAILED, width, height, error_code=code, error_message=message[:2000])
 
 
@@ -269,8 +295,10 @@ class MissingImagesError(LookupError):
 
 def _check_all_found(found: int, ids: Sequence[int]) -> None:
     if found != len(ids):
-        raise MissingImagesError(f"{len(ids) - found} of the batch's {len(ids)} images are not in the images table "
-                                 "(deleted while the batch ran?); nothing of the batch was written")
+        raise MissingImagesError(
+            f"{len(ids) - found} of the batch's {len(ids)} images are not in the images table "
+            "(deleted while the batch ran?); nothing of the batch was written"
+        )
 
 
 @dataclass(frozen=True)
@@ -328,7 +356,7 @@ class ScanProgress:
 
 def aware_utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything celebscan writes is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class ResultStore:
@@ -351,8 +379,14 @@ class ResultStore:
     def create_scan(self, source: str, backend: str, *, prefilter_faces: bool = False) -> int:
         with self.engine.begin() as conn:
             return conn.execute(
-                scans.insert().values(source=source, backend=backend, created_at=utcnow(), listed=0, skipped=0,
-                                      prefilter_faces=prefilter_faces)
+                scans.insert().values(
+                    source=source,
+                    backend=backend,
+                    created_at=utcnow(),
+                    listed=0,
+                    skipped=0,
+                    prefilter_faces=prefilter_faces,
+                )
             ).inserted_primary_key[0]
 
     def done_objects(self, bucket: str, backend: str, keys: Sequence[str]) -> set[tuple[str, str]]:
@@ -396,9 +430,20 @@ class ResultStore:
             error = getattr(item, "error", None)
             if row is None:
                 new_rows.append(
-                    dict(scan_id=scan_id, bucket=bucket, key=item.key, etag=item.etag, size=item.size,
-                         backend=backend, status=QUEUED, attempts=0, queued_at=now, error_code=None,
-                         error_message=None, processed_at=None)
+                    dict(
+                        scan_id=scan_id,
+                        bucket=bucket,
+                        key=item.key,
+                        etag=item.etag,
+                        size=item.size,
+                        backend=backend,
+                        status=QUEUED,
+                        attempts=0,
+                        queued_at=now,
+                        error_code=None,
+                        error_message=None,
+                        processed_at=None,
+                    )
                 )
                 if error:
                     new_rows[-1].update(status=FAILED, error_code=error[0], error_message=error[1], processed_at=now)
@@ -414,22 +459,41 @@ class ResultStore:
             conn.execute(
                 update(images)
                 .where(images.c.id.in_(requeue))
-                .values(scan_id=scan_id, status=QUEUED, attempts=0, error_code=None, error_message=None, queued_at=now,
-                        retries=0, retry_since=None)
+                .values(
+                    scan_id=scan_id,
+                    status=QUEUED,
+                    attempts=0,
+                    error_code=None,
+                    error_message=None,
+                    queued_at=now,
+                    retries=0,
+                    retry_since=None,
+                )
             )
         if unreadable:  # listed unreadable again: failed again, now in this scan
             conn.execute(
                 update(images)
                 .where(images.c.id == bindparam("b_id"))
-                .values(scan_id=scan_id, status=FAILED, error_code=bindparam("b_code"),
-                        error_message=bindparam("b_message"), queued_at=now, processed_at=now),
+                .values(
+                    scan_id=scan_id,
+                    status=FAILED,
+                    error_code=bindparam("b_code"),
+                    error_message=bindparam("b_message"),
+                    queued_at=now,
+                    processed_at=now,
+                ),
                 unreadable,
             )
         queued = conn.execute(
-            select(images.c.id).where(
-                images.c.bucket == bucket, images.c.backend == backend, images.c.scan_id == scan_id,
-                images.c.status == QUEUED, images.c.key.in_(keys),
-            ).order_by(images.c.id)
+            select(images.c.id)
+            .where(
+                images.c.bucket == bucket,
+                images.c.backend == backend,
+                images.c.scan_id == scan_id,
+                images.c.status == QUEUED,
+                images.c.key.in_(keys),
+            )
+            .order_by(images.c.id)
         )
         return list(queued.scalars()), skipped
 
@@ -445,10 +509,23 @@ class ResultStore:
         """The images of a batch that are still ``queued`` (a redelivered batch may be half done)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(images.c.id, images.c.scan_id, scans.c.source, images.c.bucket, images.c.key,
-                       images.c.etag, images.c.size, images.c.attempts, images.c.backend, scans.c.prefilter_faces,
-                       images.c.paid_calls, images.c.calls_saved, images.c.started_by, images.c.retries,
-                       images.c.retry_since)
+                select(
+                    images.c.id,
+                    images.c.scan_id,
+                    scans.c.source,
+                    images.c.bucket,
+                    images.c.key,
+                    images.c.etag,
+                    images.c.size,
+                    images.c.attempts,
+                    images.c.backend,
+                    scans.c.prefilter_faces,
+                    images.c.paid_calls,
+                    images.c.calls_saved,
+                    images.c.started_by,
+                    images.c.retries,
+                    images.c.retry_since,
+                )
                 .join(scans, images.c.scan_id == scans.c.id)
                 .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
                 .order_by(images.c.id)
@@ -478,10 +555,13 @@ class ResultStore:
                 )
             if live:  # absolute values: a retried start counts once
                 conn.execute(
-                    update(images).where(images.c.id == bindparam("b_id"))
+                    update(images)
+                    .where(images.c.id == bindparam("b_id"))
                     .values(attempts=bindparam("b_attempts"), started_by=delivery),
-                    [{"b_id": image.id, "b_attempts": image.attempts + 1 if image.started_by == delivery else 1}
-                     for image in live],
+                    [
+                        {"b_id": image.id, "b_attempts": image.attempts + 1 if image.started_by == delivery else 1}
+                        for image in live
+                    ],
                 )
         if poison:
             self.finish_scans({image.scan_id for image in poison})
@@ -517,8 +597,11 @@ class ResultStore:
         """Tell the batch's scans that a worker could not serve it (the batch goes back to the broker)."""
         scan_ids = select(images.c.scan_id).where(images.c.id.in_(list(image_ids))).distinct()
         with self.engine.begin() as conn:
-            conn.execute(update(scans).where(scans.c.id.in_(scan_ids))
-                         .values(unserved_at=utcnow(), unserved_reason=reason[:2000]))
+            conn.execute(
+                update(scans)
+                .where(scans.c.id.in_(scan_ids))
+                .values(unserved_at=utcnow(), unserved_reason=reason[:2000])
+            )
 
     @retry_database
     def finish_scans(self, scan_ids: Iterable[int]) -> None:
@@ -537,8 +620,13 @@ class ResultStore:
         with self.engine.connect() as conn:
             latest = select(func.max(scans.c.id)).scalar_subquery()
             rows = conn.execute(
-                select(scans.c.id, scans.c.finished_at, images.c.status, func.count(images.c.id),
-                       func.max(images.c.processed_at))
+                select(
+                    scans.c.id,
+                    scans.c.finished_at,
+                    images.c.status,
+                    func.count(images.c.id),
+                    func.max(images.c.processed_at),
+                )
                 .select_from(scans.outerjoin(images, images.c.scan_id == scans.c.id))
                 .where(scans.c.finished_at.is_(None) | (scans.c.id == latest))
                 .group_by(scans.c.id, scans.c.finished_at, images.c.status)
@@ -555,9 +643,13 @@ class ResultStore:
                 counts[scan_id][status] = count
             if processed_at is not None:
                 last[scan_id] = max(last.get(scan_id, aware_utc(processed_at)), aware_utc(processed_at))
-        unserved = {scan.id: _unserved(scan, last.get(scan.id), counts.get(scan.id, {}).get(QUEUED, 0)) for scan in notes}
-        return [ScanProgress(scan_id, finished[scan_id], counts[scan_id], last.get(scan_id), unserved.get(scan_id))
-                for scan_id in finished]
+        unserved = {
+            scan.id: _unserved(scan, last.get(scan.id), counts.get(scan.id, {}).get(QUEUED, 0)) for scan in notes
+        }
+        return [
+            ScanProgress(scan_id, finished[scan_id], counts[scan_id], last.get(scan_id), unserved.get(scan_id))
+            for scan_id in finished
+        ]
 
     def scan_summary(self, scan_id: int) -> ScanSummary | None:
         with self.engine.connect() as conn:
@@ -566,11 +658,15 @@ class ResultStore:
                 return None
             in_scan = images.c.scan_id == scan_id
             counts = dict.fromkeys(STATUSES, 0)
-            counts.update(conn.execute(select(images.c.status, func.count()).where(in_scan).group_by(images.c.status)).all())
+            counts.update(
+                conn.execute(select(images.c.status, func.count()).where(in_scan).group_by(images.c.status)).all()
+            )
             last, paid_calls, calls_saved = conn.execute(
-                select(func.max(images.c.processed_at), func.coalesce(func.sum(images.c.paid_calls), 0),
-                       func.coalesce(func.sum(images.c.calls_saved), 0))
-                .where(in_scan)
+                select(
+                    func.max(images.c.processed_at),
+                    func.coalesce(func.sum(images.c.paid_calls), 0),
+                    func.coalesce(func.sum(images.c.calls_saved), 0),
+                ).where(in_scan)
             ).one()
             failures, retrying = {}, {}
             for status, code, count in conn.execute(
@@ -591,11 +687,23 @@ class ResultStore:
                 ).all()
             )
         return ScanSummary(
-            id=scan.id, source=scan.source, backend=scan.backend, created_at=scan.created_at,
-            finished_at=scan.finished_at, listed=scan.listed, skipped=scan.skipped, counts=counts,
-            faces=face_count, people=people, failures=failures, last_processed_at=last,
-            paid_calls=int(paid_calls), calls_saved=int(calls_saved), retrying=retrying,
-            unserved=_unserved(scan, last, counts[QUEUED]), listing=_listing_state(scan),
+            id=scan.id,
+            source=scan.source,
+            backend=scan.backend,
+            created_at=scan.created_at,
+            finished_at=scan.finished_at,
+            listed=scan.listed,
+            skipped=scan.skipped,
+            counts=counts,
+            faces=face_count,
+            people=people,
+            failures=failures,
+            last_processed_at=last,
+            paid_calls=int(paid_calls),
+            calls_saved=int(calls_saved),
+            retrying=retrying,
+            unserved=_unserved(scan, last, counts[QUEUED]),
+            listing=_listing_state(scan),
             listing_error=scan.listing_error,
         )
 
@@ -606,11 +714,7 @@ class ResultStore:
         per etag; only the newest is reported). With ``key``, only images of that key.
         """
         newer = images.alias("newer")
-        query = (
-            select(images, scans.c.source)
-            .join(scans, images.c.scan_id == scans.c.id)
-            .order_by(images.c.id)
-        )
+        query = select(images, scans.c.source).join(scans, images.c.scan_id == scans.c.id).order_by(images.c.id)
         if key is not None:
             query = query.where(images.c.key == key)
         if scan_id is not None:
@@ -618,8 +722,10 @@ class ResultStore:
         else:
             query = query.where(
                 ~exists().where(
-                    newer.c.bucket == images.c.bucket, newer.c.key == images.c.key,
-                    newer.c.backend == images.c.backend, newer.c.id > images.c.id,
+                    newer.c.bucket == images.c.bucket,
+                    newer.c.key == images.c.key,
+                    newer.c.backend == images.c.backend,
+                    newer.c.id > images.c.id,
                 )
             )
         last_id = 0
@@ -667,21 +773,38 @@ def _known_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> dict
 def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
     """SQLAlchemy Core statements that any dialect runs (SQLite); returns the batch's scan ids."""
     image_updates = [
-        dict(b_id=o.image_id, b_status=o.status, b_width=o.width, b_height=o.height,
-             b_code=o.error_code, b_message=o.error_message, b_now=None if o.deferred else now, b_paid=o.paid_calls,
-             b_saved=o.calls_saved, b_attempts=o.attempts, b_retries=o.retries, b_since=o.retry_since)
+        dict(
+            b_id=o.image_id,
+            b_status=o.status,
+            b_width=o.width,
+            b_height=o.height,
+            b_code=o.error_code,
+            b_message=o.error_message,
+            b_now=None if o.deferred else now,
+            b_paid=o.paid_calls,
+            b_saved=o.calls_saved,
+            b_attempts=o.attempts,
+            b_retries=o.retries,
+            b_since=o.retry_since,
+        )
         for o in outcomes
     ]
     updated = conn.execute(
         update(images)
         .where(images.c.id == bindparam("b_id"))
-        .values(status=bindparam("b_status"), width=bindparam("b_width"), height=bindparam("b_height"),
-                error_code=bindparam("b_code"), error_message=bindparam("b_message"), processed_at=bindparam("b_now"),
-                paid_calls=func.coalesce(bindparam("b_paid", type_=Integer), images.c.paid_calls),
-                calls_saved=func.coalesce(bindparam("b_saved", type_=Integer), images.c.calls_saved),
-                attempts=func.coalesce(bindparam("b_attempts", type_=Integer), images.c.attempts),
-                retries=func.coalesce(bindparam("b_retries", type_=Integer), images.c.retries),
-                retry_since=func.coalesce(bindparam("b_since", type_=DateTime(timezone=True)), images.c.retry_since)),
+        .values(
+            status=bindparam("b_status"),
+            width=bindparam("b_width"),
+            height=bindparam("b_height"),
+            error_code=bindparam("b_code"),
+            error_message=bindparam("b_message"),
+            processed_at=bindparam("b_now"),
+            paid_calls=func.coalesce(bindparam("b_paid", type_=Integer), images.c.paid_calls),
+            calls_saved=func.coalesce(bindparam("b_saved", type_=Integer), images.c.calls_saved),
+            attempts=func.coalesce(bindparam("b_attempts", type_=Integer), images.c.attempts),
+            retries=func.coalesce(bindparam("b_retries", type_=Integer), images.c.retries),
+            retry_since=func.coalesce(bindparam("b_since", type_=DateTime(timezone=True)), images.c.retry_since),
+        ),
         image_updates,
     )
     _check_all_found(updated.rowcount, ids)
@@ -703,9 +826,19 @@ def _save_outcomes_postgresql(conn, outcomes, ids, face_values, now) -> set[int]
     3. Commit.
     """
     image_rows = [
-        {"id": o.image_id, "status": o.status, "width": o.width, "height": o.height,
-         "error_code": o.error_code, "error_message": o.error_message, "paid_calls": o.paid_calls,
-         "calls_saved": o.calls_saved, "attempts": o.attempts, "retries": o.retries, "retry_since": o.retry_since}
+        {
+            "id": o.image_id,
+            "status": o.status,
+            "width": o.width,
+            "height": o.height,
+            "error_code": o.error_code,
+            "error_message": o.error_message,
+            "paid_calls": o.paid_calls,
+            "calls_saved": o.calls_saved,
+            "attempts": o.attempts,
+            "retries": o.retries,
+            "retry_since": o.retry_since,
+        }
         for o in outcomes
     ]
     parameters = {"images": orjson.dumps(image_rows).decode(), "ids": ids, "now": now}
@@ -728,8 +861,9 @@ def _save_outcomes_postgresql(conn, outcomes, ids, face_values, now) -> set[int]
         if copy_text.error is not None:  # psycopg2 reports it as a cancelled query, which would be retried
             raise copy_text.error from None
         if isinstance(exc, dbapi_connection.Error):  # as SQLAlchemy reports it: what the retries catch
-            raise DBAPIError.instance(statement, None, exc, dbapi_connection.Error,
-                                      connection_invalidated=disconnected, dialect=conn.dialect) from exc
+            raise DBAPIError.instance(
+                statement, None, exc, dbapi_connection.Error, connection_invalidated=disconnected, dialect=conn.dialect
+            ) from exc
         raise
 
 
@@ -767,10 +901,14 @@ def _copy_json(value: Any) -> str:
 
 def _copy_line(values: tuple) -> str:
     """One face row (``_FACE_COLUMNS`` order) as a COPY text line; written out for speed."""
-    image_id, index, name, person_id, match, confidence, left, top, width, height, urls, gender, landmarks, details = values
-    return (f"{image_id}\t{index}\t{_copy_text(name)}\t{_copy_text(person_id)}\t{_copy_number(match)}\t"
-            f"{_copy_number(confidence)}\t{left!r}\t{top!r}\t{width!r}\t{height!r}\t{_copy_json(urls)}\t"
-            f"{_copy_text(gender)}\t{_copy_json(landmarks)}\t{_copy_json(details)}\n")
+    image_id, index, name, person_id, match, confidence, left, top, width, height, urls, gender, landmarks, details = (
+        values
+    )
+    return (
+        f"{image_id}\t{index}\t{_copy_text(name)}\t{_copy_text(person_id)}\t{_copy_number(match)}\t"
+        f"{_copy_number(confidence)}\t{left!r}\t{top!r}\t{width!r}\t{height!r}\t{_copy_json(urls)}\t"
+        f"{_copy_text(gender)}\t{_copy_json(landmarks)}\t{_copy_json(details)}\n"
+    )
 
 
 class _CopyText:
@@ -799,13 +937,19 @@ class _CopyText:
 
 def _finish_scans_statement():
     newest_queued = (
-        select(images.c.id).where(images.c.scan_id == scans.c.id, images.c.status == QUEUED)
-        .order_by(images.c.id.desc()).limit(1).scalar_subquery()
+        select(images.c.id)
+        .where(images.c.scan_id == scans.c.id, images.c.status == QUEUED)
+        .order_by(images.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
     )
     return (
         update(scans)
-        .where(scans.c.id.in_(bindparam("scan_ids", expanding=True)), scans.c.finished_at.is_(None),
-               newest_queued.is_(None))
+        .where(
+            scans.c.id.in_(bindparam("scan_ids", expanding=True)),
+            scans.c.finished_at.is_(None),
+            newest_queued.is_(None),
+        )
         .values(finished_at=bindparam("now"))
     )
 
@@ -819,8 +963,22 @@ def _finish_scans_if_drained(conn, scan_ids: Iterable[int]) -> None:
     conn.execute(_FINISH_SCANS, {"scan_ids": list(scan_ids), "now": utcnow()})
 
 
-_FACE_COLUMNS = ("image_id", "face_index", "name", "person_id", "match_confidence", "face_confidence", "box_left",
-                 "box_top", "box_width", "box_height", "urls", "known_gender", "landmarks", "details")
+_FACE_COLUMNS = (
+    "image_id",
+    "face_index",
+    "name",
+    "person_id",
+    "match_confidence",
+    "face_confidence",
+    "box_left",
+    "box_top",
+    "box_width",
+    "box_height",
+    "urls",
+    "known_gender",
+    "landmarks",
+    "details",
+)
 
 #: Sent on an autocommit connection, so the transaction is opened here. A batch touches its own
 #: rows by key, where a sequential scan is never right; without statistics (a young table, before
@@ -830,7 +988,8 @@ BEGIN;
 SET LOCAL enable_seqscan = off;
 UPDATE images SET status = u.status, width = u.width, height = u.height, error_code = u.error_code,
        error_message = u.error_message, processed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE %(now)s END,
-       paid_calls = COALESCE(u.paid_calls, images.paid_calls), calls_saved = COALESCE(u.calls_saved, images.calls_saved),
+       paid_calls = COALESCE(u.paid_calls, images.paid_calls),
+       calls_saved = COALESCE(u.calls_saved, images.calls_saved),
        attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
        retry_since = COALESCE(u.retry_since, images.retry_since)
   FROM json_to_recordset(%(images)s::json)
@@ -846,20 +1005,51 @@ DELETE FROM faces WHERE image_id = ANY(%(ids)s);
 COPY faces ({", ".join(_FACE_COLUMNS)}) FROM STDIN
 """
 
+
 def _face_values(image_id: int, result: RecognitionResult) -> list[tuple]:
     """A result's face rows as tuples in ``_FACE_COLUMNS`` order."""
     rows = []
     for index, celebrity in enumerate(result.celebrities):
         box = celebrity.bounding_box
-        rows.append((image_id, index, celebrity.name, celebrity.id, celebrity.match_confidence,
-                     celebrity.face_confidence, box.left, box.top, box.width, box.height, list(celebrity.urls),
-                     celebrity.known_gender, (celebrity.raw.get("Face") or {}).get("Landmarks"),
-                     _celebrity_details(celebrity.raw)))
+        rows.append(
+            (
+                image_id,
+                index,
+                celebrity.name,
+                celebrity.id,
+                celebrity.match_confidence,
+                celebrity.face_confidence,
+                box.left,
+                box.top,
+                box.width,
+                box.height,
+                list(celebrity.urls),
+                celebrity.known_gender,
+                (celebrity.raw.get("Face") or {}).get("Landmarks"),
+                _celebrity_details(celebrity.raw),
+            )
+        )
     offset = len(rows)
     for index, face in enumerate(result.unrecognized_faces, start=offset):
         box = face.bounding_box
-        rows.append((image_id, index, None, None, None, face.confidence, box.left, box.top, box.width, box.height,
-                     None, None, face.raw.get("Landmarks"), _without(face.raw, _FACE_FIELDS_IN_COLUMNS)))
+        rows.append(
+            (
+                image_id,
+                index,
+                None,
+                None,
+                None,
+                face.confidence,
+                box.left,
+                box.top,
+                box.width,
+                box.height,
+                None,
+                None,
+                face.raw.get("Landmarks"),
+                _without(face.raw, _FACE_FIELDS_IN_COLUMNS),
+            )
+        )
     return rows
 
 
@@ -901,12 +1091,19 @@ def _record(row, face_rows) -> dict[str, Any]:
         "width": row.width,
         "height": row.height,
         "celebrities": [
-            {"name": f.name, "id": f.person_id, "match_confidence": round(f.match_confidence, 2),
-             "bounding_box": _stored_box(f), "urls": f.urls or []}
-            for f in face_rows if f.name is not None
+            {
+                "name": f.name,
+                "id": f.person_id,
+                "match_confidence": round(f.match_confidence, 2),
+                "bounding_box": _stored_box(f),
+                "urls": f.urls or [],
+            }
+            for f in face_rows
+            if f.name is not None
         ],
         "unrecognized_faces": [
             {"bounding_box": _stored_box(f), "confidence": round(f.face_confidence or 0.0, 2)}
-            for f in face_rows if f.name is None
+            for f in face_rows
+            if f.name is None
         ],
     }

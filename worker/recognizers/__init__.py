@@ -54,8 +54,9 @@ class Recognizers:
     rather than failing its images.
     """
 
-    def __init__(self, settings: Settings | None, engine: Engine | None = None,
-                 built: dict[str, Recognizer] | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None, engine: Engine | None = None, built: dict[str, Recognizer] | None = None
+    ) -> None:
         self._settings, self._engine = settings, engine
         self._built: dict[str, Recognizer] = dict(built or {})
 

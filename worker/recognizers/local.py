@@ -7,9 +7,9 @@ from sqlalchemy import Engine
 from worker.face_embeddings import DetectedFace, FaceEmbedder
 from worker.gallery import Gallery, GalleryIndex
 from worker.images import LoadedImage
-from worker.sources import S3Location
 from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
 from worker.settings import Settings
+from worker.sources import S3Location
 
 
 def match_confidence(distance: float, threshold: float) -> float:
@@ -43,7 +43,9 @@ class LocalRecognizer:
                 unrecognized.append(UnrecognizedFace(bounding_box=box, confidence=face.confidence, raw=details))
         return RecognitionResult(celebrities=tuple(celebrities), unrecognized_faces=tuple(unrecognized))
 
-    def _celebrity(self, face: DetectedFace, box: BoundingBox, person: int, distance: float, details: dict) -> Celebrity:
+    def _celebrity(
+        self, face: DetectedFace, box: BoundingBox, person: int, distance: float, details: dict
+    ) -> Celebrity:
         return Celebrity(
             name=self.gallery.names[person],
             id=self.gallery.person_ids[person],

@@ -66,7 +66,9 @@ def _limiter(settings: Settings):
         return None
     url = settings.rate_limit_url or settings.broker_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigurationError("CELEBSCAN_REKOGNITION_TPS needs Redis: set CELEBSCAN_RATE_LIMIT_URL or a Redis broker")
+        raise ConfigurationError(
+            "CELEBSCAN_REKOGNITION_TPS needs Redis: set CELEBSCAN_RATE_LIMIT_URL or a Redis broker"
+        )
     from worker.rate_limit import RedisRateLimiter
 
     # A quarter second of calls may go at once: a moment when no worker was ready is not lost, and

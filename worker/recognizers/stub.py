@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from worker.images import LoadedImage
-from worker.sources import S3Location
 from worker.results import RecognitionResult
+from worker.sources import S3Location
 
 
 class StubRecognizer:
