@@ -15,7 +15,7 @@ def annotate(image: Image.Image, record: dict, max_side: int | None = None) -> I
     """A copy of ``image`` (upright RGB), shrunk to ``max_side``, with the record's faces drawn on it."""
     picture = image.convert("RGB")
     if max_side and max(picture.size) > max_side:
-        picture.thumbnail((max_side, max_side), Image.LANCZOS)
+        picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(picture)
     width, height = picture.size
     line = max(2, round(max(width, height) / 300))
@@ -49,5 +49,5 @@ def _pixels(box: dict, width: int, height: int) -> tuple[int, int, int, int]:
 
 
 @lru_cache(maxsize=16)
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)

@@ -153,6 +153,7 @@ def run_scan(
         image_ids = app.store.queued_image_ids(scan_id)
         click.echo(f"scan {scan_id}: resuming {len(image_ids)} queued images (backend {settings.backend})")
     else:
+        assert source is not None, "the scan command asks for SOURCE or --resume"
         planned = plan_scan(app.store, parse_source(source), settings, force=force, prefilter_faces=prefilter_faces)
         scan_id, image_ids, queue = planned.scan_id, planned.queue.image_ids, planned.queue
         click.echo(
@@ -171,13 +172,13 @@ def run_scan(
         )
         if settings.cloudwatch_namespace:
             _publish_backlog(app, settings)
-        return app.store.scan_summary(scan_id)
+        return app.store.summary(scan_id)
     if image_ids:
         worker_count = min(settings.workers or default_workers(), len(image_ids))
         batches = split_batches(image_ids, settings.batch_size, worker_count)
         with tqdm(total=len(image_ids), unit="img", desc="scanning", disable=None, file=sys.stderr) as bar:
             run_batches(batches, settings, worker_count, lambda size, report: bar.update(size))
-    summary = app.store.scan_summary(scan_id)
+    summary = app.store.summary(scan_id)
     click.echo(format_summary(summary, settings))
     return summary
 
@@ -249,7 +250,7 @@ def _watch(store: ResultStore, summary: ScanSummary, interval: float) -> ScanSum
     with tqdm(total=total, initial=summary.processed, unit="img", desc=f"scan {summary.id}", file=sys.stderr) as bar:
         while not summary.finished_at:
             time.sleep(interval)
-            summary = store.scan_summary(summary.id)
+            summary = store.summary(summary.id)
             bar.update(summary.processed - bar.n)
             if summary.failures:
                 codes = ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items()))
@@ -315,7 +316,7 @@ def results(app: App, scan_id: int | None, fmt: str, output: str | None) -> None
             count = WRITERS[fmt](records, handle)
         click.echo(f"wrote {count} records to {output}", err=True)
     else:
-        WRITERS[fmt](records, click.get_text_stream("stdout"))
+        WRITERS[fmt](records, sys.stdout)
 
 
 @cli.command()

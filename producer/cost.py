@@ -47,7 +47,8 @@ class PriceList:
 
     def cost(self, images: int, already_billed: int = 0) -> float:
         """USD for ``images`` more images after ``already_billed`` this month."""
-        total, start, remaining = 0.0, 0.0, images
+        total, start = 0.0, 0.0
+        remaining: float = images
         for tier in self.tiers:
             end = start + tier.images
             if already_billed < end and remaining > 0:
@@ -59,7 +60,8 @@ class PriceList:
 
     def images_within(self, budget: float, already_billed: int = 0) -> int:
         """The most images whose cost stays within ``budget`` USD."""
-        count, start, left = 0, 0.0, budget
+        count: float = 0
+        start, left = 0.0, budget
         for tier in self.tiers:
             end = start + tier.images
             if already_billed < end:

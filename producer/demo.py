@@ -37,7 +37,7 @@ def build_demo_set(folder: Path) -> DemoSet:
     hopper.save(gallery / HOPPER / "grace_hopper.jpg", quality=95)
     collins.save(gallery / COLLINS / "astronaut.png")
 
-    makers: dict[str, tuple[Callable[[Path], None], frozenset[str]]] = {
+    makers: dict[str, tuple[Callable[[Path], object], set[str] | None]] = {
         "hopper_half_size.jpg": (lambda p: _resized(hopper, 0.5).save(p, quality=90), {HOPPER}),
         "hopper_reencoded.png": (lambda p: hopper.save(p), {HOPPER}),
         "collins_exif_rotated.jpg": (lambda p: _save_exif_rotated(collins, p), {COLLINS}),
@@ -63,8 +63,7 @@ def _sample_photos() -> tuple[Image.Image, Image.Image]:
         import skimage.data
     except ImportError as exc:
         raise MissingDependencyError(f"the demo's sample images need {exc.name}: {DEMO_INSTALL_HINT}") from exc
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
-        hopper = Image.open(handle).convert("RGB")
+    hopper = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     return hopper, Image.fromarray(skimage.data.astronaut())
 
 
@@ -75,7 +74,7 @@ def _skimage_picture(name: str) -> Image.Image:
 
 
 def _resized(image: Image.Image, scale: float) -> Image.Image:
-    return image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
 
 
 def _save_exif_rotated(image: Image.Image, path: Path) -> None:

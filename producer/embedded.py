@@ -54,14 +54,14 @@ def _drain(
 ) -> BatchReport:
     total = BatchReport()
     order = itertools.count()
-    later: list[tuple[float, int, list[int]]] = []  # (due, tie-breaker, image ids) to run again
+    later: list[tuple[float, int, Sequence[int]]] = []  # (due, tie-breaker, image ids) to run again
     running: dict[Future, Sequence[int]] = {runner.submit(batch): batch for batch in batches}
     while running or later:
         while later and later[0][0] <= time.monotonic():
             batch = heapq.heappop(later)[2]
             running[runner.submit(batch)] = batch
         timeout = max(0.0, later[0][0] - time.monotonic()) if later else None
-        if not running:
+        if not running and timeout is not None:
             time.sleep(timeout)  # every image left is waiting out its backoff
             continue
         finished, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -128,4 +128,5 @@ def _init_process(settings: Settings) -> None:
 def _run_in_process(batch: Sequence[int]) -> BatchReport:
     if _process_error is not None:
         raise _process_error
+    assert _process_context is not None
     return process_batch(batch, _process_context)

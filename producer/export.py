@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 CSV_COLUMNS = (
@@ -56,4 +56,4 @@ def write_csv(records: Iterable[dict[str, Any]], out: TextIO) -> int:
     return count
 
 
-WRITERS = {"jsonl": write_jsonl, "csv": write_csv}
+WRITERS: dict[str, Callable[[Iterable[dict[str, Any]], TextIO], int]] = {"jsonl": write_jsonl, "csv": write_csv}

@@ -44,7 +44,9 @@ class Reading:
     @property
     def broker_batches(self) -> int | None:
         """Batches in the broker, waiting or delivered and not yet acknowledged; None with no broker."""
-        return None if self.waiting_batches is None else self.waiting_batches + self.unacked_batches
+        if self.waiting_batches is None:
+            return None
+        return self.waiting_batches + (self.unacked_batches or 0)
 
     @property
     def backlog_images(self) -> int:
@@ -220,6 +222,7 @@ def publish_to_cloudwatch(reading: Reading, settings: Settings) -> str:
             MetricData=[
                 {"MetricName": name, "Value": float(value), "Unit": "Count", "Timestamp": reading.taken_at}
                 for name, value in figures.items()
+                if value is not None
             ],
         )
     except AWS_ERRORS as exc:

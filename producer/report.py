@@ -49,7 +49,10 @@ def render(
     progress: Callable[[], None] = lambda: None,
 ) -> str:
     """The page; images past ``limit`` are counted (and their people listed) but not shown or read."""
-    shown, failures, people, total = [], [], Counter(), 0
+    shown: list[str] = []
+    failures: list[dict] = []
+    people: Counter[str] = Counter()
+    total = 0
     for record in records:
         progress()
         if record["status"] == "failed":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from producer.cost import Estimate
 from producer.listing import ListedObject, Source, check_bucket, list_folder, list_s3
@@ -27,7 +28,7 @@ def list_source(source: Source, settings: Settings) -> Iterator[ListedObject]:
         s3 = client("s3", settings)
         check_bucket(s3, source.bucket, source.prefix)
         return list_s3(s3, source.bucket, source.prefix)
-    return list_folder(source.bucket)
+    return list_folder(Path(source.bucket))
 
 
 def plan_scan(
@@ -41,7 +42,7 @@ def plan_scan(
         report = store.queue_images(scan_id, source.bucket, backend, listing, force=force)
     except ConfigurationError as exc:  # the listing stopped part-way (access denied, endpoint gone)
         store.record_listing_error(scan_id, str(exc))
-        listed = store.scan_summary(scan_id).listed
+        listed = store.summary(scan_id).listed
         raise ListingFailedError(
             f"{exc}; scan {scan_id} recorded the {listed} images listed before that as queued: "
             f"`celebscan scan --resume {scan_id}` scans them, or fix the cause and scan {source.url} again"

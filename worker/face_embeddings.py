@@ -21,6 +21,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -78,7 +79,7 @@ class FaceEmbedder:
             detect_max_side=settings.detect_max_side, min_score=settings.min_face_score, cache_dir=settings.cache_dir
         )
 
-    def detect(self, pixels: np.ndarray) -> list[tuple[object, float]]:
+    def detect(self, pixels: np.ndarray) -> list[tuple[Any, float]]:
         """(dlib rectangle in ``pixels``' coordinates, detector score) of every face, strongest first.
 
         Detection alone, without embeddings: what the face prefilter needs (~0.1 s an image).
@@ -156,7 +157,7 @@ def _upsample_times(pixels: np.ndarray) -> int:
 def _resize(pixels: np.ndarray, scale: float) -> np.ndarray:
     height, width = pixels.shape[:2]
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(pixels).resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
 
 
 def model_file(name: str) -> Path:

@@ -63,7 +63,7 @@ class FaceDescriptorNet:
     def __init__(self, model_path: str | Path) -> None:
         data = Path(model_path).read_bytes()
         reader = _Reader(data)
-        self.channel_means = None
+        self.channel_means: np.ndarray | None = None
         convolutions: list[_Convolution] = []
         pending: tuple[np.ndarray, np.ndarray, int, int, int] | None = None
         fc_weights = None
@@ -79,8 +79,8 @@ class FaceDescriptorNet:
                     raise ModelFormatError("only square convolutions are supported")
                 channels_in = (params.size - filters) // (filters * size * size)
                 weights = params[:-filters].reshape(filters, channels_in, size, size).transpose(2, 3, 1, 0)
-                weights = weights.reshape(size * size * channels_in, filters)
-                pending = (weights, params[-filters:], size, stride, padding)
+                matrix = weights.reshape(size * size * channels_in, filters)
+                pending = (matrix, params[-filters:], size, stride, padding)
             elif name == b"affine_":
                 if pending is None:
                     raise ModelFormatError("an affine layer without a convolution before it")
@@ -111,6 +111,7 @@ class FaceDescriptorNet:
         return np.concatenate(parts) if parts else np.empty((0, 128))
 
     def _forward(self, chips: np.ndarray) -> np.ndarray:
+        assert self.channel_means is not None  # checked when the model was read
         x = (chips.astype(np.float32) - self.channel_means) / np.float32(256.0)
         x = _relu(self._stem(x))
         x = sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::2, ::2].max(axis=(-2, -1))

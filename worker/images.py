@@ -161,4 +161,6 @@ def encode_jpeg_within(pixels: np.ndarray, max_bytes: int, quality: int = 90) ->
         if buffer.tell() <= max_bytes:
             return buffer.getvalue()
         scale = 0.9 * (max_bytes / buffer.tell()) ** 0.5
-        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)
+        image = image.resize(
+            (max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.LANCZOS
+        )

@@ -7,16 +7,21 @@ to the paid recognizer (so never billed). The detector misses some faces the ser
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from worker.errors import ConfigurationError, RecognizerUnavailableError
 from worker.settings import Settings
 
+if TYPE_CHECKING:
+    from worker.face_embeddings import FaceEmbedder
+
 
 class FacePrefilter:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self._embedder = None
+        self._embedder: FaceEmbedder | None = None
 
     def check_available(self) -> None:
         """Load dlib's detector now; :class:`RecognizerUnavailableError` when this worker cannot."""
@@ -30,4 +35,5 @@ class FacePrefilter:
 
     def has_face(self, pixels: np.ndarray) -> bool:
         self.check_available()
+        assert self._embedder is not None
         return bool(self._embedder.detect(pixels))

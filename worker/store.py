@@ -8,7 +8,7 @@ transaction that replaces the batch's faces, so a redelivered batch never double
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import orjson
 from sqlalchemy import (
     DateTime,
+    DefaultClause,
     Engine,
     Integer,
     bindparam,
@@ -136,13 +137,18 @@ def _add_missing_columns_and_indexes(conn) -> None:
             if column.name in existing:
                 continue
             column_type = column.type.compile(conn.dialect)
-            default = f" DEFAULT {column.server_default.arg.text}" if column.server_default is not None else ""
+            server_default = column.server_default
+            default = f" DEFAULT {_sql_text(server_default.arg)}" if isinstance(server_default, DefaultClause) else ""
             required = "" if column.nullable else " NOT NULL"
             conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column_type}{required}{default}"))
         indexes = {index["name"] for index in inspector.get_indexes(table.name)}
         for index in table.indexes:
             if index.name not in indexes:
                 index.create(conn)
+
+
+def _sql_text(clause) -> str:
+    return clause if isinstance(clause, str) else str(clause.compile(compile_kwargs={"literal_binds": True}))
 
 
 def _engine_options(url: str) -> dict[str, Any]:
@@ -172,7 +178,8 @@ def chunks(iterable: Iterable, size: int) -> Iterator[list]:
     handed out as a last chunk before the error is raised (a listing's pages already read are kept)."""
     iterator = iter(iterable)
     while True:
-        chunk, error = [], None
+        chunk: list = []
+        error: Exception | None = None
         try:
             chunk.extend(itertools.islice(iterator, size))
         except Exception as exc:
@@ -187,19 +194,27 @@ def chunks(iterable: Iterable, size: int) -> Iterator[list]:
 
 def dialect_insert(engine: Engine, table):
     """An INSERT that supports ``on_conflict_do_nothing`` on the engine's dialect."""
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 class Listed(Protocol):
     """What a source listing yields for each object."""
 
-    key: str
-    etag: str
-    size: int
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def etag(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def error(self) -> tuple[str, str] | None:
+        """(code, message) of an entry that can never be read: recorded failed at once."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -379,7 +394,8 @@ class ResultStore:
     def create_scan(self, source: str, backend: str, *, prefilter_faces: bool = False) -> int:
         with self.engine.begin() as conn:
             return conn.execute(
-                scans.insert().values(
+                scans.insert()
+                .values(
                     source=source,
                     backend=backend,
                     created_at=utcnow(),
@@ -387,7 +403,8 @@ class ResultStore:
                     skipped=0,
                     prefilter_faces=prefilter_faces,
                 )
-            ).inserted_primary_key[0]
+                .returning(scans.c.id)
+            ).scalar_one()
 
     def done_objects(self, bucket: str, backend: str, keys: Sequence[str]) -> set[tuple[str, str]]:
         """(key, etag) of the given keys already ``done`` with this backend: what a scan would skip."""
@@ -427,7 +444,7 @@ class ResultStore:
         new_rows, requeue, unreadable, skipped = [], [], [], 0
         for item in chunk:
             row = known.get((item.key, item.etag))
-            error = getattr(item, "error", None)
+            error = item.error
             if row is None:
                 new_rows.append(
                     dict(
@@ -635,7 +652,9 @@ class ResultStore:
             notes = conn.execute(
                 select(scans).where(scans.c.finished_at.is_(None), scans.c.unserved_at.is_not(None))
             ).all()
-        finished, counts, last = {}, {}, {}
+        finished: dict[int, bool] = {}
+        counts: dict[int, dict[str, int]] = {}
+        last: dict[int, datetime] = {}
         for scan_id, finished_at, status, count, processed_at in rows:
             finished[scan_id] = finished_at is not None
             counts.setdefault(scan_id, dict.fromkeys(STATUSES, 0))
@@ -650,6 +669,13 @@ class ResultStore:
             ScanProgress(scan_id, finished[scan_id], counts[scan_id], last.get(scan_id), unserved.get(scan_id))
             for scan_id in finished
         ]
+
+    def summary(self, scan_id: int) -> ScanSummary:
+        """The summary of a scan that must exist."""
+        summary = self.scan_summary(scan_id)
+        if summary is None:
+            raise ConfigurationError(f"there is no scan {scan_id}")
+        return summary
 
     def scan_summary(self, scan_id: int) -> ScanSummary | None:
         with self.engine.connect() as conn:
@@ -668,7 +694,8 @@ class ResultStore:
                     func.coalesce(func.sum(images.c.calls_saved), 0),
                 ).where(in_scan)
             ).one()
-            failures, retrying = {}, {}
+            failures: dict[str, int] = {}
+            retrying: dict[str, int] = {}
             for status, code, count in conn.execute(
                 select(images.c.status, images.c.error_code, func.count())
                 .where(in_scan, images.c.status.in_([FAILED, QUEUED]), images.c.error_code.is_not(None))
@@ -676,9 +703,9 @@ class ResultStore:
             ):
                 (failures if status == FAILED else retrying)[code] = count
             face_join = faces.join(images, faces.c.image_id == images.c.id)
-            face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar()
-            people = dict(
-                conn.execute(
+            face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar_one()
+            people: dict[str, int] = dict(
+                conn.execute(  # type: ignore[arg-type]  # rows of (name, count)
                     select(faces.c.name, func.count(func.distinct(faces.c.image_id)))
                     .select_from(face_join)
                     .where(in_scan, faces.c.name.is_not(None))
@@ -1008,7 +1035,7 @@ COPY faces ({", ".join(_FACE_COLUMNS)}) FROM STDIN
 
 def _face_values(image_id: int, result: RecognitionResult) -> list[tuple]:
     """A result's face rows as tuples in ``_FACE_COLUMNS`` order."""
-    rows = []
+    rows: list[tuple] = []
     for index, celebrity in enumerate(result.celebrities):
         box = celebrity.bounding_box
         rows.append(
@@ -1063,11 +1090,11 @@ _CELEBRITY_FIELDS_IN_COLUMNS = frozenset({"Name", "Id", "Urls", "MatchConfidence
 _FACE_FIELDS_IN_COLUMNS = frozenset({"BoundingBox", "Confidence", "Landmarks"})
 
 
-def _without(record: dict, fields: frozenset) -> dict:
+def _without(record: Mapping[str, Any], fields: frozenset) -> dict:
     return {key: value for key, value in record.items() if key not in fields}
 
 
-def _celebrity_details(raw: dict) -> dict:
+def _celebrity_details(raw: Mapping[str, Any]) -> dict:
     details = _without(raw, _CELEBRITY_FIELDS_IN_COLUMNS)
     if isinstance(details.get("Face"), dict):
         details["Face"] = _without(details["Face"], _FACE_FIELDS_IN_COLUMNS)

@@ -67,7 +67,7 @@ class Recognizers:
 
     def get(self, backend: str) -> Recognizer:
         if backend not in self._built:
-            if self._settings is None:
+            if self._settings is None or self._engine is None:
                 raise RecognizerUnavailableError(f"this worker runs only {', '.join(self._built)}, not {backend}")
             try:
                 self._built[backend] = build_recognizer(self._settings.replace(backend=backend), self._engine)
