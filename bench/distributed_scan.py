@@ -1,7 +1,7 @@
 """Distributed scan throughput: N images from moto's S3, through Redis, to 2 Celery worker processes,
 against the Rekognition stand-in with no latency, into PostgreSQL.
 
-Prints the producer's enqueue rate (keys/s, listing excluded) and the end-to-end images/s.
+Prints the listing and recording time and the end-to-end images/s.
 
     python -m bench.distributed_scan [--images 500] [--workers 2] [--batch-size 16]
 """
@@ -14,9 +14,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from producer.enqueue import enqueue_batches
-from producer.listing import parse_source
-from producer.scan import plan_scan, split_batches
+from producer.scan import ScanRequest, run_scan
 from tests.celery_workers import celery_workers, wait_for_scan
 from tests.imagemaker import jpeg
 from tests.stack import fill_bucket, start_stack
@@ -39,21 +37,15 @@ def main() -> None:
         store = ResultStore.connect(postgres_url)
 
         started = time.perf_counter()
-        planned = plan_scan(store, parse_source("s3://bench/"), settings)
-        planned_at = time.perf_counter()
-        batches = split_batches(planned.queue.image_ids, settings.batch_size, 1, balance=False)
-        enqueue_batches(settings, batches)
-        enqueued_at = time.perf_counter()
-        keys = len(planned.queue.image_ids)
-        print(f"listing + recording {keys} images: {planned_at - started:.2f} s")
-        print(f"enqueue: {keys / (enqueued_at - planned_at):,.0f} keys/s ({len(batches)} messages)")
+        scan_id = run_scan(store, settings, ScanRequest("s3://bench/"), say=lambda line: None).id
+        print(f"listing + recording {args.images} images: {time.perf_counter() - started:.2f} s")
 
         logs = Path(tempfile.mkdtemp(prefix="celebscan-bench-"))
         with celery_workers(args.workers, env, logs):
             first = time.perf_counter()
-            wait_for_scan(store, planned.scan_id, timeout=1800)
+            wait_for_scan(store, scan_id, timeout=1800)
             elapsed = time.perf_counter() - first
-        summary = store.scan_summary(planned.scan_id)
+        summary = store.summary(scan_id)
         assert summary.counts["done"] == args.images, summary.counts
         print(
             f"scan: {args.images} images with {args.workers} worker processes in {elapsed:.1f} s "

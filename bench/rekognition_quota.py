@@ -17,9 +17,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from producer.enqueue import enqueue_batches
-from producer.listing import parse_source
-from producer.scan import plan_scan, split_batches
+from producer.scan import ScanRequest, run_scan
 from tests.celery_workers import celery_workers, wait_for_scan
 from tests.imagemaker import jpeg
 from tests.stack import fill_bucket, start_stack
@@ -43,11 +41,10 @@ def main() -> int:
         standin, postgres_url = parts.standin, parts.postgres_url
         settings = Settings.from_env(env)
         store = ResultStore.connect(postgres_url)
-        planned = plan_scan(store, parse_source("s3://quota/"), settings)
-        enqueue_batches(settings, split_batches(planned.queue.image_ids, settings.batch_size, 1, balance=False))
+        scan_id = run_scan(store, settings, ScanRequest("s3://quota/"), say=lambda line: None).id
         with celery_workers(2, env, Path(tempfile.mkdtemp(prefix="celebscan-quota-")), concurrency=2):
-            wait_for_scan(store, planned.scan_id, timeout=3600)
-        summary = store.scan_summary(planned.scan_id)
+            wait_for_scan(store, scan_id, timeout=3600)
+        summary = store.summary(scan_id)
 
     accepted = sorted(standin.accepted_at)
     rejected = sum(c.answered == "ProvisionedThroughputExceededException" for c in standin.calls)

@@ -19,7 +19,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from producer.listing import list_folder
-from producer.scan import split_batches
 from tests.imagemaker import encode, halves
 from tests.servers import postgres_server
 from worker.batch import WorkerContext, process_batch
@@ -70,7 +69,8 @@ def main() -> int:
         store = ResultStore.connect(url)
         scan_id = store.create_scan(str(folder), "stub")
         ids = store.queue_images(scan_id, str(folder), "stub", list_folder(folder)).image_ids
-        batches = split_batches(ids, Settings().batch_size, args.processes, balance=False)
+        size = Settings().batch_size
+        batches = [ids[i : i + size] for i in range(0, len(ids), size)]
 
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.processes, mp_context=spawn, initializer=_init, initargs=(url,)) as pool:

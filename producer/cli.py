@@ -13,19 +13,17 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from producer.cost import paid_cost, price_list, usd
-from producer.embedded import default_workers, run_batches
-from producer.enqueue import check_broker, enqueue_batches, masked_broker
+from producer.cost import paid_cost, usd
 from producer.export import WRITERS
 from producer.listing import parse_source
 from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
-from producer.scan import estimate_source, plan_scan, split_batches
+from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
 from worker.recognizers import BACKENDS, PAID_BACKENDS
 from worker.settings import Settings, env_var
 from worker.sources import build_readers
-from worker.store import ResultStore, ScanSummary, masked_url
+from worker.store import ResultStore, ScanSummary
 
 
 @dataclass
@@ -98,6 +96,12 @@ def cli(ctx: click.Context, database_url: str | None, endpoint_url: str | None, 
     "queued for --resume.",
 )
 @click.option(
+    "--inventory",
+    metavar="S3_URL",
+    help="Read the objects from this S3 Inventory report (s3://.../manifest.json, CSV) instead of listing the "
+    "bucket; SOURCE, if given, narrows it to a prefix of the inventoried bucket.",
+)
+@click.option(
     "--prefilter-faces",
     is_flag=True,
     help="rekognition: run the local face detector first; images with no face are recorded with no "
@@ -114,14 +118,15 @@ def scan(
     resume_id: int | None,
     max_cost: float | None,
     prefilter_faces: bool,
+    inventory: str | None,
 ) -> None:
     """Scan SOURCE (a folder, or s3://bucket/prefix/) and store who is in each image.
 
     With CELERY_BROKER_URL set, the batches are enqueued for Celery workers; otherwise they run
     here, in a pool of local processes.
     """
-    if (source is None) == (resume_id is None):
-        raise click.UsageError("give either SOURCE or --resume SCAN_ID")
+    if (source is None and inventory is None) == (resume_id is None):
+        raise click.UsageError("give either SOURCE (or --inventory) or --resume SCAN_ID")
     settings = app.settings.replace(backend=backend, workers=workers, batch_size=batch_size)
     if prefilter_faces and settings.backend not in PAID_BACKENDS:
         raise click.UsageError("--prefilter-faces saves paid calls: use it with --backend rekognition")
@@ -129,58 +134,18 @@ def scan(
         from worker.face_embeddings import FaceEmbedder
 
         FaceEmbedder.check_installed()
-    run_scan(
-        app, source, settings, force=force, resume_id=resume_id, max_cost=max_cost, prefilter_faces=prefilter_faces
+    summary = run_scan(
+        app.store,
+        settings,
+        ScanRequest(
+            source, resume_id, force=force, max_cost=max_cost, prefilter_faces=prefilter_faces, inventory=inventory
+        ),
+        say=click.echo,
     )
-
-
-def run_scan(
-    app: App,
-    source: str | None,
-    settings: Settings,
-    *,
-    force: bool = False,
-    resume_id: int | None = None,
-    max_cost: float | None = None,
-    prefilter_faces: bool = False,
-) -> ScanSummary:
-    """Plan (or resume) a scan, then run its batches here or enqueue them; print and return the summary."""
-    if not settings.embedded:
-        check_broker(settings)
-    if resume_id is not None:
-        resumed = _summary(app.store, resume_id)
-        scan_id, settings = resumed.id, settings.replace(backend=resumed.backend)  # the scan's own backend
-        image_ids = app.store.queued_image_ids(scan_id)
-        click.echo(f"scan {scan_id}: resuming {len(image_ids)} queued images (backend {settings.backend})")
-    else:
-        assert source is not None, "the scan command asks for SOURCE or --resume"
-        planned = plan_scan(app.store, parse_source(source), settings, force=force, prefilter_faces=prefilter_faces)
-        scan_id, image_ids, queue = planned.scan_id, planned.queue.image_ids, planned.queue
-        click.echo(
-            f"scan {scan_id}: {planned.source.url} (backend {settings.backend}, "
-            f"database {masked_url(settings.database_url)})"
-        )
-        click.echo(f"listed {queue.listed} images; {queue.skipped} already done, {len(image_ids)} to scan")
-    if max_cost is not None:
-        image_ids = _within_budget(image_ids, max_cost, settings, scan_id)
-    if image_ids and not settings.embedded:
-        batches = split_batches(image_ids, settings.batch_size, workers=1, balance=False)
-        enqueue_batches(settings, batches)
-        click.echo(
-            f"enqueued {len(batches)} batches to {masked_broker(settings.broker_url)}; "
-            f"watch with: celebscan status {scan_id} --watch"
-        )
-        if settings.cloudwatch_namespace:
-            _publish_backlog(app, settings)
-        return app.store.summary(scan_id)
-    if image_ids:
-        worker_count = min(settings.workers or default_workers(), len(image_ids))
-        batches = split_batches(image_ids, settings.batch_size, worker_count)
-        with tqdm(total=len(image_ids), unit="img", desc="scanning", disable=None, file=sys.stderr) as bar:
-            run_batches(batches, settings, worker_count, lambda size, report: bar.update(size))
-    summary = app.store.summary(scan_id)
-    click.echo(format_summary(summary, settings))
-    return summary
+    if settings.embedded:
+        click.echo(format_summary(summary, settings))
+    elif settings.cloudwatch_namespace:
+        _publish_backlog(app, settings)
 
 
 @cli.command()
@@ -200,25 +165,6 @@ def status(app: App, scan_id: int | None, watch: bool, interval: float) -> None:
     if watch and not summary.finished_at:
         summary = _watch(app.store, summary, interval)
     click.echo(format_summary(summary, app.settings))
-
-
-def _within_budget(image_ids: list[int], max_cost: float, settings: Settings, scan_id: int) -> list[int]:
-    """The first images that ``max_cost`` pays for, saying what is left out."""
-    if settings.backend not in PAID_BACKENDS:
-        click.echo(f"--max-cost: backend {settings.backend} costs nothing; every image is sent")
-        return image_ids
-    prices = price_list(settings)
-    affordable = min(len(image_ids), prices.images_within(max_cost, settings.rekognition_billed_this_month))
-    cost = prices.cost(affordable, settings.rekognition_billed_this_month)
-    if affordable == len(image_ids):
-        click.echo(f"budget {usd(max_cost)} covers all {affordable} images (at most {usd(cost)})")
-        return image_ids
-    click.echo(
-        f"budget {usd(max_cost)} covers {affordable} of {len(image_ids)} images (at most {usd(cost)}); "
-        f"{len(image_ids) - affordable} left out, still queued: when this part is done, continue with "
-        f"celebscan scan --resume {scan_id} --max-cost USD"
-    )
-    return image_ids[:affordable]
 
 
 @cli.command()
@@ -440,7 +386,9 @@ def demo(app: App, workdir: Path | None, workers: int | None) -> None:
         sample = build_demo_set(folder)
         click.echo(f"enrolling one photo each of 2 people from {sample.gallery}")
         _report_enrollments(Gallery(demo_app.store.engine).import_folder(sample.gallery, _embedder(settings)))
-        summary = run_scan(demo_app, str(sample.images), settings.replace(broker_url=""))
+        embedded = settings.replace(broker_url="")
+        summary = run_scan(demo_app.store, embedded, ScanRequest(str(sample.images)), say=click.echo)
+        click.echo(format_summary(summary, embedded))
         click.echo("")
         mismatches = _print_demo_table(demo_app.store.result_records(summary.id), sample.expected)
         if workdir:

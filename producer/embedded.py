@@ -1,26 +1,29 @@
-"""Running a scan's batches without a broker: a local process pool calling the same batch function.
+"""Running a scan without a broker: a local process pool claiming batches from the database.
 
 Each pool process builds its :class:`WorkerContext` once (models, engine) in the initializer, as a
-Celery worker does in ``worker_process_init``. dlib uses one core per process, so the default is
-one process per core.
+Celery worker does in ``worker_process_init``, then takes the scan's batches one after another
+(the same :func:`worker.batch.take_next_batch` a Celery window slot runs) until nothing is left to
+wait for. dlib uses one core per process, so the default is one process per core.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
-from typing import Protocol
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-from worker.batch import BatchReport, WorkerContext, process_batch
+from worker.batch import BatchReport, WorkerContext, take_next_batch
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: An embedded drain never sleeps longer than this when it finds nothing to claim: the listing
+#: runs beside it, and a drain that slept long would only delay the end of the scan.
+EMBEDDED_MAX_IDLE_SECONDS = 0.5
 
 _process_context: WorkerContext | None = None
 _process_error: BaseException | None = None
@@ -30,81 +33,41 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_batches(
-    batches: Sequence[Sequence[int]],
-    settings: Settings,
-    workers: int,
-    on_batch_done: Callable[[int, BatchReport], None] = lambda size, report: None,
+def drain_scan(
+    settings: Settings, scan_id: int, workers: int, on_progress: Callable[[], None] = lambda: None
 ) -> BatchReport:
-    """Process every batch; ``workers == 1`` runs in this process, more in a process pool.
-
-    ``on_batch_done`` is told how many images a batch settled (done or failed). Images deferred by
-    a transient cause are run again after the delay their batch asked for, until they settle.
-    """
+    """Process the scan's images until it is finished (or nothing is left that may come);
+    ``workers == 1`` runs in this process, more in a process pool. ``on_progress`` is called
+    every half second or so, for a progress bar."""
     if workers <= 1:
         context = WorkerContext.from_settings(settings)
         context.recognizers.get(settings.backend)  # a missing extra stops the scan before any image
-        return _drain(_InThisProcess(lambda batch: process_batch(batch, context)), batches, on_batch_done)
+        return drain(context, scan_id, on_progress)
     with _pool(settings, workers) as pool:
-        return _drain(_Submitting(pool, _run_in_process), batches, on_batch_done)
+        futures = [pool.submit(_drain_in_process, scan_id) for _ in range(workers)]
+        while True:
+            _, running = wait(futures, timeout=EMBEDDED_MAX_IDLE_SECONDS, return_when=FIRST_EXCEPTION)
+            on_progress()
+            if not running or any(future.done() and future.exception() for future in futures):
+                break
+        total = BatchReport()
+        for future in futures:
+            total = _add(total, future.result())  # raises what a pool process raised
+        return total
 
 
-def _drain(
-    runner: _Runner, batches: Sequence[Sequence[int]], on_batch_done: Callable[[int, BatchReport], None]
-) -> BatchReport:
-    total = BatchReport()
-    order = itertools.count()
-    later: list[tuple[float, int, Sequence[int]]] = []  # (due, tie-breaker, image ids) to run again
-    running: dict[Future, Sequence[int]] = {runner.submit(batch): batch for batch in batches}
-    while running or later:
-        while later and later[0][0] <= time.monotonic():
-            batch = heapq.heappop(later)[2]
-            running[runner.submit(batch)] = batch
-        timeout = max(0.0, later[0][0] - time.monotonic()) if later else None
-        if not running and timeout is not None:
-            time.sleep(timeout)  # every image left is waiting out its backoff
-            continue
-        finished, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
-        for future in finished:
-            batch = running.pop(future)
-            report = future.result()
-            total = BatchReport(
-                done=total.done + report.done,
-                failed=total.failed + report.failed,
-                skipped=total.skipped + report.skipped,
-            )
-            on_batch_done(len(batch) - len(report.deferred), report)
-            if report.deferred:
-                log.info("%d images deferred for %.0f s", len(report.deferred), report.resend_after)
-                heapq.heappush(later, (time.monotonic() + report.resend_after, next(order), list(report.deferred)))
-    return total
-
-
-class _Runner(Protocol):
-    def submit(self, batch: Sequence[int]) -> Future: ...
-
-
-class _Submitting:
-    def __init__(self, executor: Executor, function: Callable[[Sequence[int]], BatchReport]) -> None:
-        self.executor, self.function = executor, function
-
-    def submit(self, batch: Sequence[int]) -> Future:
-        return self.executor.submit(self.function, batch)
-
-
-class _InThisProcess:
-    """Runs each batch as it is submitted and hands back its finished future."""
-
-    def __init__(self, function: Callable[[Sequence[int]], BatchReport]) -> None:
-        self.function = function
-
-    def submit(self, batch: Sequence[int]) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(self.function(batch))
-        except BaseException as exc:
-            future.set_exception(exc)
-        return future
+def drain(context: WorkerContext, scan_id: int, on_step: Callable[[], None] = lambda: None) -> BatchReport:
+    """Take the scan's batches until there is nothing left to wait for; returns what was done."""
+    token = f"embedded:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    total, idle_rounds, turn = BatchReport(), 0, 0
+    while True:
+        step = take_next_batch(scan_id, context, f"{token}:{turn}", idle_rounds, max_idle=EMBEDDED_MAX_IDLE_SECONDS)
+        total, turn, idle_rounds = _add(total, step.report), turn + 1, step.idle_rounds
+        on_step()
+        if step.next_in is None:
+            return total
+        if step.next_in:
+            time.sleep(step.next_in)  # nothing to claim yet: the listing or a deferred image is due then
 
 
 def _pool(settings: Settings, workers: int) -> ProcessPoolExecutor:
@@ -125,8 +88,12 @@ def _init_process(settings: Settings) -> None:
         _process_error = exc
 
 
-def _run_in_process(batch: Sequence[int]) -> BatchReport:
+def _drain_in_process(scan_id: int) -> BatchReport:
     if _process_error is not None:
         raise _process_error
     assert _process_context is not None
-    return process_batch(batch, _process_context)
+    return drain(_process_context, scan_id)
+
+
+def _add(a: BatchReport, b: BatchReport) -> BatchReport:
+    return BatchReport(done=a.done + b.done, failed=a.failed + b.failed, skipped=a.skipped + b.skipped)

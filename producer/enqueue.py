@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from kombu.exceptions import OperationalError as BrokerError
 
-from worker.celery_config import TASK_NAME, make_celery
+from worker.celery_config import make_celery, send_window_slots
 from worker.errors import ConfigurationError
 from worker.settings import Settings
 
@@ -31,25 +29,13 @@ def check_broker(settings: Settings) -> None:
 PIPELINE_SIZE = 1000
 
 
-def enqueue_batches(settings: Settings, batches: Sequence[Sequence[int]]) -> int:
-    """Send one task message per batch, pipelined over one connection; returns the number sent.
-
-    ``Producer.batch`` (kombu ≥ 5.7) buffers the publishes in Redis pipelines; a short ``argsrepr``
-    spares Celery from repr-ing every id (a third of the cost) and reads better in Flower.
-    """
-    sent = 0
-    with make_celery(settings) as app:  # closing it closes its connection pool
+def open_window(settings: Settings, scan_id: int) -> int:
+    """Put the scan's window slots into the broker: ``settings.window`` small messages, each of
+    which a worker turns into the scan's next batch, then sends on (see ``worker/claims.py``)."""
+    with make_celery(settings) as app:
         try:
             with app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE_SIZE):
-                for batch in batches:
-                    app.send_task(
-                        TASK_NAME,
-                        args=[list(batch)],
-                        producer=producer,
-                        argsrepr=f"[{len(batch)} image ids from {batch[0]}]",
-                        kwargsrepr="{}",
-                    )
-                    sent += 1
+                send_window_slots(app, scan_id, settings.window, producer=producer)
         except (BrokerError, OSError) as exc:
             raise ConfigurationError(f"enqueueing to {masked_broker(settings.broker_url)} failed: {exc}") from exc
-    return sent
+    return settings.window

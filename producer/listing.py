@@ -1,7 +1,7 @@
 """Listing the images under a source.
 
-An S3 prefix is listed with the ListObjectsV2 paginator, fanned out over the prefixes one level
-below the given one (delimiter ``/``) so a wide bucket lists in parallel. A local folder is walked
+An S3 prefix is listed with the ListObjectsV2 paginator, its key space first split by the keys'
+characters into parts listed in parallel, so flat buckets and wide ones both list fast. A local folder is walked
 recursively; each file's etag is the MD5 of its content (what S3 reports as
 the ETag of an object uploaded in one part), so a rescan recognises unchanged files however they
 were copied. Symlinks are never followed out of the folder.
@@ -135,20 +135,73 @@ def _md5(path: Path) -> str:
 
 
 def list_s3(
-    s3_client, bucket: str, prefix: str = "", *, threads: int = 8, page_size: int = 1000
+    s3_client, bucket: str, prefix: str = "", *, threads: int = 8, page_size: int = 1000, parts: int = 32
 ) -> Iterator[ListedObject]:
-    """Every image object under ``s3://bucket/prefix``; sub-prefixes are listed in parallel.
+    """Every image object under ``s3://bucket/prefix``, its key space split into ``parts`` listed
+    in parallel (see :func:`split_key_space`), flat buckets and folders alike.
 
     A listing error (no such bucket, access denied, unreachable endpoint) is a ``ConfigurationError``.
     """
+    exact, prefixes = split_key_space(s3_client, bucket, prefix, parts)
+    yield from exact
     paging = {"PageSize": page_size}
-    top = _pages(s3_client, Bucket=bucket, Prefix=prefix, Delimiter="/", PaginationConfig=paging)
-    subprefixes: list[str] = []
-    for page in top:
-        yield from _images_in(page)
-        subprefixes += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
-    if subprefixes:
-        yield from _list_in_parallel(s3_client, bucket, subprefixes, threads, paging)
+    if len(prefixes) == 1:
+        for page in _pages(s3_client, Bucket=bucket, Prefix=prefixes[0], PaginationConfig=paging):
+            yield from _images_in(page)
+    elif prefixes:
+        yield from _list_in_parallel(s3_client, bucket, prefixes, threads, paging)
+
+
+#: Sorts after every character a key can hold: ``StartAfter=p + c + PAST`` skips every key under ``p + c``.
+PAST = "\U0010ffff"
+#: A prefix with more populated next characters than this is listed whole rather than probed further.
+MAX_CHILDREN = 64
+
+
+def split_key_space(s3_client, bucket: str, prefix: str, parts: int) -> tuple[list[ListedObject], list[str]]:
+    """Split the keys under ``prefix`` into about ``parts`` disjoint prefixes, by their characters.
+
+    The populated next characters of a prefix are found with one-key listings that start after
+    each child in turn (``StartAfter=prefix + c + PAST``), so a child costs one request whatever its
+    size. A prefix with one child is followed down (``img000`` of ``img000123.jpg``), so a flat
+    bucket of numbered or hashed names splits as well as one with folders (a ``/`` is just another
+    character). Returns the objects whose key is exactly a split prefix, and the prefixes to list.
+    """
+    exact: list[ListedObject] = []
+    leaves: list[str] = []
+    pending = [prefix]
+    while pending and len(leaves) + len(pending) < parts:
+        current = pending.pop(0)
+        children = _children(s3_client, bucket, current, exact)
+        if children is None:
+            leaves.append(current)
+        else:
+            pending += children
+    return exact, leaves + pending
+
+
+def _children(s3_client, bucket: str, prefix: str, exact: list[ListedObject]) -> list[str] | None:
+    """``prefix`` + each populated next character, or None when there are too many to probe."""
+    children: list[str] = []
+    after = None
+    while len(children) <= MAX_CHILDREN:
+        arguments = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1}
+        if after is not None:
+            arguments["StartAfter"] = after
+        try:
+            contents = s3_client.list_objects_v2(**arguments).get("Contents", [])
+        except AWS_ERRORS as exc:
+            raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}/{prefix}"))) from exc
+        if not contents:
+            return children
+        key = contents[0]["Key"]
+        if key == prefix:  # an object named exactly like the prefix: it has no next character
+            exact.extend(_images_in({"Contents": contents}))
+            after = prefix
+            continue
+        children.append(key[: len(prefix) + 1])
+        after = children[-1] + PAST
+    return None
 
 
 def check_bucket(s3_client, bucket: str, prefix: str = "") -> None:

@@ -1,23 +1,43 @@
-"""Planning a scan: list the source, record every image as queued, then run or enqueue batches."""
+"""Running a scan: list the source into the database while the work is handed out.
+
+The database is the queue of record. Listing streams into ``queued`` rows, a thousand at a time,
+and the work starts with the first thousand: with a broker, ``scan`` puts a fixed window of slots
+into it (see ``worker/claims.py``) and returns once the listing is recorded; without one, a local
+process pool claims batches from the database while this process lists. Nothing here holds a list
+of the scan's images, so memory is flat in the bucket size.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.cost import Estimate
-from producer.listing import ListedObject, Source, check_bucket, list_folder, list_s3
+from producer.cost import Estimate, price_list, usd
+from producer.embedded import default_workers, drain_scan
+from producer.enqueue import check_broker, masked_broker, open_window
+from producer.listing import ListedObject, Source, check_bucket, list_folder, list_s3, parse_source
+from worker.claims import ClaimQueue
 from worker.errors import ConfigurationError, ListingFailedError
+from worker.recognizers import PAID_BACKENDS
 from worker.settings import Settings
-from worker.store import CHUNK_SIZE, QueueReport, ResultStore, chunks
+from worker.store import CHUNK_SIZE, QueueReport, ResultStore, ScanSummary, chunks, masked_url
+
+Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class PlannedScan:
-    scan_id: int
-    source: Source
-    queue: QueueReport
+class ScanRequest:
+    """What the user asked for: a new scan of ``source``, or more of scan ``resume_id``."""
+
+    source: str | None = None
+    resume_id: int | None = None
+    force: bool = False
+    max_cost: float | None = None
+    prefilter_faces: bool = False
+    inventory: str | None = None  # s3:// URL of an S3 Inventory manifest.json to read instead of listing
 
 
 def list_source(source: Source, settings: Settings) -> Iterator[ListedObject]:
@@ -25,31 +45,159 @@ def list_source(source: Source, settings: Settings) -> Iterator[ListedObject]:
     if source.is_s3:
         from worker.aws import client
 
-        s3 = client("s3", settings)
+        s3 = client("s3", settings, raw_timestamps=True)
         check_bucket(s3, source.bucket, source.prefix)
         return list_s3(s3, source.bucket, source.prefix)
     return list_folder(Path(source.bucket))
 
 
-def plan_scan(
-    store: ResultStore, source: Source, settings: Settings, *, force: bool = False, prefilter_faces: bool = False
-) -> PlannedScan:
-    """Create the scan row and queue every listed image that is not already done."""
-    listing = list_source(source, settings)
-    backend = settings.backend
-    scan_id = store.create_scan(source.url, backend, prefilter_faces=prefilter_faces)
+def open_listing(request: ScanRequest, settings: Settings) -> tuple[Source, Iterator[ListedObject]]:
+    """Where the scan's images are and what lists them: the source itself, or its S3 Inventory."""
+    if request.inventory is None:
+        source = parse_source(request.source or "")
+        return source, list_source(source, settings)
+    from producer.inventory import list_inventory, read_manifest
+    from worker.aws import client
+
+    s3 = client("s3", settings)
+    manifest = read_manifest(s3, request.inventory)
+    source = parse_source(request.source or f"s3://{manifest.source_bucket}/")
+    if not source.is_s3 or source.bucket != manifest.source_bucket:
+        raise ConfigurationError(
+            f"the inventory {request.inventory} lists s3://{manifest.source_bucket}/, not {request.source}"
+        )
+    return source, list_inventory(s3, manifest, source.prefix)
+
+
+def run_scan(store: ResultStore, settings: Settings, request: ScanRequest, say: Say = print) -> ScanSummary:
+    """Create (or resume) a scan and hand its images out; returns its summary.
+
+    With a broker, returns once the listing is recorded (the workers go on); without one, when
+    every image is done. ``say`` receives the lines a user reads (the CLI prints them).
+    """
+    if not settings.embedded:
+        check_broker(settings)
+    if request.resume_id is not None:
+        return _resume(store, settings, request, say)
+    source, listing = open_listing(request, settings)
+    budget = _budget(settings, request.max_cost, say)
+    scan_id = store.create_scan(
+        source.url,
+        settings.backend,
+        prefilter_faces=request.prefilter_faces,
+        budget_images=budget,
+        batch_size=settings.batch_size,
+    )
+    say(f"scan {scan_id}: {source.url} (backend {settings.backend}, database {masked_url(settings.database_url)})")
+
+    def record() -> QueueReport:
+        return _record_listing(store, scan_id, source, settings, listing, request.force)
+
+    if settings.embedded:
+        report = _drain_while_listing(store, settings, scan_id, record, say)
+    else:
+        open_window(settings, scan_id)
+        report = record()
+    say(f"listed {report.listed} images; {report.skipped} already done, {report.listed - report.skipped} to scan")
+    if budget is not None and report.listed - report.skipped > budget:
+        left = report.listed - report.skipped - budget
+        say(
+            f"budget {usd(request.max_cost or 0)} covers {budget} of {report.listed - report.skipped} images; "
+            f"{left} left out, still queued: when this part is done, continue with "
+            f"celebscan scan --resume {scan_id} --max-cost USD"
+        )
+    if not settings.embedded:
+        say(
+            f"handing out batches through {masked_broker(settings.broker_url)} "
+            f"(at most {settings.window} at a time); watch with: celebscan status {scan_id} --watch"
+        )
+    return store.summary(scan_id)
+
+
+def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: Say) -> ScanSummary:
+    """Hand out again what a scan still has queued: its claims are released (their messages may be
+    lost), the budget is renewed (``--max-cost``: the next part; without it: everything)."""
+    scan = store.summary(request.resume_id or 0)
+    settings = settings.replace(backend=scan.backend)  # the scan's own backend
+    ClaimQueue(store.engine).release_scan(scan.id)
+    budget = _budget(settings, request.max_cost, say)
+    store.renew_budget(scan.id, budget)
+    say(f"scan {scan.id}: resuming {scan.counts['queued']} queued images (backend {settings.backend})")
+    if settings.embedded:
+        _drain_while_listing(store, settings, scan.id, None, say)
+    else:
+        open_window(settings, scan.id)
+        say(
+            f"handing out batches through {masked_broker(settings.broker_url)}; watch with: "
+            f"celebscan status {scan.id} --watch"
+        )
+    return store.summary(scan.id)
+
+
+def _budget(settings: Settings, max_cost: float | None, say: Say) -> int | None:
+    """The images ``max_cost`` pays for, or None (no limit)."""
+    if max_cost is None:
+        return None
+    if settings.backend not in PAID_BACKENDS:
+        say(f"--max-cost: backend {settings.backend} costs nothing; every image is sent")
+        return None
+    prices = price_list(settings)
+    affordable = prices.images_within(max_cost, settings.rekognition_billed_this_month)
+    cost = prices.cost(affordable, settings.rekognition_billed_this_month)
+    say(f"budget {usd(max_cost)} pays for {affordable} images (at most {usd(cost)})")
+    return affordable
+
+
+def _record_listing(
+    store: ResultStore, scan_id: int, source: Source, settings: Settings, listing: Iterator[ListedObject], force: bool
+) -> QueueReport:
     try:
-        report = store.queue_images(scan_id, source.bucket, backend, listing, force=force)
+        return store.queue_images(scan_id, source.bucket, settings.backend, listing, force=force, keep_ids=False)
     except ConfigurationError as exc:  # the listing stopped part-way (access denied, endpoint gone)
         store.record_listing_error(scan_id, str(exc))
         listed = store.summary(scan_id).listed
         raise ListingFailedError(
-            f"{exc}; scan {scan_id} recorded the {listed} images listed before that as queued: "
-            f"`celebscan scan --resume {scan_id}` scans them, or fix the cause and scan {source.url} again"
+            f"{exc}; scan {scan_id} recorded the {listed} images listed before that (they are scanned as usual; "
+            f"`celebscan scan --resume {scan_id}` hands them out again if needed): fix the cause and scan "
+            f"{source.url} again for the rest"
         ) from exc
-    if not report.image_ids:
-        store.finish_scans([scan_id])
-    return PlannedScan(scan_id=scan_id, source=source, queue=report)
+
+
+def _drain_while_listing(
+    store: ResultStore,
+    settings: Settings,
+    scan_id: int,
+    record: Callable[[], QueueReport] | None,
+    say: Say,
+) -> QueueReport:
+    """Embedded: a local process pool claims batches while this process lists (in a thread)."""
+    from tqdm import tqdm
+
+    outcome: dict[str, object] = {}
+
+    def list_in_background() -> None:
+        try:
+            outcome["report"] = record() if record else None
+        except BaseException as exc:  # raised here, in the caller's thread, after the pool stops
+            outcome["error"] = exc
+
+    lister = threading.Thread(target=list_in_background, name="celebscan-listing", daemon=True)
+    lister.start()
+    with tqdm(unit="img", desc="scanning", disable=None, file=sys.stderr) as bar:
+
+        def show_progress() -> None:
+            summary = store.summary(scan_id)
+            bar.total = summary.listed - summary.skipped
+            bar.update(summary.processed - bar.n)
+
+        drain_scan(settings, scan_id, settings.workers or default_workers(), show_progress)
+        lister.join()
+        show_progress()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    summary = store.summary(scan_id)
+    report = outcome.get("report")
+    return report if isinstance(report, QueueReport) else QueueReport([], summary.listed, summary.skipped)
 
 
 def estimate_source(store: ResultStore, source: Source, settings: Settings) -> Estimate:
@@ -65,13 +213,3 @@ def estimate_source(store: ResultStore, source: Source, settings: Settings) -> E
                 max_image_bytes=settings.max_image_bytes,
             )
     return estimate
-
-
-def split_batches(image_ids: Sequence[int], batch_size: int, workers: int, *, balance: bool = True) -> list[list[int]]:
-    """Batches of at most ``batch_size``; with ``balance``, small enough that every worker gets several."""
-    if not image_ids:
-        return []
-    size = batch_size
-    if balance:
-        size = max(1, min(batch_size, -(-len(image_ids) // (workers * 4))))
-    return [list(image_ids[i : i + size]) for i in range(0, len(image_ids), size)]

@@ -71,7 +71,8 @@ def test_max_cost_sends_what_the_budget_pays_for_and_resume_continues(env, rekog
         s3.put_object(Bucket=bucket, Key=f"b/{number}.jpg", Body=jpeg(200 + number, 160))
     env = {**env, "CELEBSCAN_REKOGNITION_PRICES": "0.25"}
     output = invoke(env, "scan", f"s3://{bucket}/b/", "--backend", "rekognition", "--max-cost", "1")
-    assert "budget $1.00 covers 4 of 10 images (at most $1.00); 6 left out, still queued" in output
+    assert "budget $1.00 pays for 4 images (at most $1.00)" in output
+    assert "budget $1.00 covers 4 of 10 images; 6 left out, still queued" in output
     assert len(rekognition.calls) == 4
     assert "4 done, 0 failed" in output and "6 queued" in output
     assert "paid calls: 4 (estimated $1.00)" in output

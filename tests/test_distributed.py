@@ -80,7 +80,7 @@ def test_bucket_scan_through_redis_and_two_workers(
     output = scan(env, f"s3://{bucket}/2024/")
     listed = len(answers) + len(bad_keys)
     assert f"listed {listed} images; 0 already done, {listed} to scan" in output
-    assert "enqueued 5 batches" in output
+    assert "handing out batches through redis://" in output and "(at most 256 at a time)" in output
     scan_id = pg_store.latest_scan_id()
 
     watch = []
@@ -127,7 +127,9 @@ def test_bucket_scan_through_redis_and_two_workers(
     calls_before = len(rekognition.calls)
     again = scan(env, f"s3://{bucket}/2024/")
     assert f"{len(answers)} already done, {len(bad_keys)} to scan" in again
-    assert redis.Redis.from_url(broker_url).llen(QUEUE) == 1  # only the failed images, one batch
+    again_id = pg_store.latest_scan_id()
+    assert pg_store.summary(again_id).counts["queued"] == len(bad_keys)  # only the failed images go out again
+    assert redis.Redis.from_url(broker_url).llen(QUEUE) <= 2 * 256  # the new window, and slots the first one left
     assert len(rekognition.calls) == calls_before
 
 

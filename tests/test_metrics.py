@@ -41,6 +41,7 @@ def scan_env(aws_env, moto_url, rekognition, broker_url, pg_store, s3, bucket):
         "CELEBSCAN_DATABASE_URL": pg_store.engine.url.render_as_string(False),
         "CELEBSCAN_BACKEND": "rekognition",
         "CELEBSCAN_BATCH_SIZE": str(BATCH),
+        "CELEBSCAN_WINDOW": str(IMAGES // BATCH),  # as many slots as batches: one look shows each state
         "BUCKET": bucket,
     }
 
@@ -81,6 +82,7 @@ def test_metrics_before_during_and_after_a_scan(scan_env, rekognition, pg_store,
         ]
         release.set()
         wait_for_scan(pg_store, scan_id, timeout=120)
+        wait_until(lambda: reading(scan_env)["waiting_batches"] == 0, timeout=60, what="the window's slots to end")
 
     after = reading(scan_env)
     assert (after["pending_images"], after["backlog_images"], after["waiting_batches"], after["unacked_batches"]) == (

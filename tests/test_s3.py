@@ -80,11 +80,11 @@ def test_reader_reads_and_types_its_errors(filled):
     assert too_big.value.code == "ImageTooLarge"
 
 
-def test_a_listing_that_fails_part_way_leaves_a_resumable_scan_that_says_so(
-    s3, bucket, aws_env, sqlite_url, monkeypatch
+def test_a_listing_that_fails_part_way_keeps_what_it_listed_and_says_so(
+    s3, bucket, aws_env, rekognition, sqlite_url, monkeypatch
 ):
-    """Page 3 of the listing is refused (access denied): the pages before it are recorded queued,
-    the scan says the listing failed and why, and ``--resume`` scans what was listed."""
+    """Page 3 of the listing is refused (access denied): the images of the pages before it are
+    recorded and scanned, the scan says the listing failed and why, and the command exits 1."""
     import functools
 
     from botocore.exceptions import ClientError
@@ -107,16 +107,18 @@ def test_a_listing_that_fails_part_way_leaves_a_resumable_scan_that_says_so(
             yield page
 
     monkeypatch.setattr(producer.listing, "_pages", refused_at_page_three)
-    monkeypatch.setattr(producer.scan, "list_s3", functools.partial(list_s3, page_size=10))
+    monkeypatch.setattr(producer.scan, "list_s3", functools.partial(list_s3, page_size=10, parts=1))
     failed = celebscan("--database-url", sqlite_url, "scan", f"s3://{bucket}/", "--backend", "rekognition", ok=False)
     assert failed.exit_code == 1 and "Traceback" not in failed.output
-    [message] = failed.output.strip().splitlines()
-    assert "AccessDenied" in message and "recorded the 20 images listed before that as queued" in message
+    started, message = failed.output.strip().splitlines()  # the scan's line, then one line of error
+    assert started.startswith("scan 1: s3://")
+    assert "AccessDenied" in message and "recorded the 20 images listed before that" in message
     assert "celebscan scan --resume 1" in message
 
     store = ResultStore.connect(sqlite_url)
-    summary = store.scan_summary(1)
-    assert (summary.listing, summary.listed, summary.counts["queued"]) == ("listing failed", 20, 20)
+    summary = store.summary(1)
+    assert (summary.listing, summary.listed, summary.counts["done"]) == ("listing failed", 20, 20)
+    assert summary.finished_at is not None, "what was listed is done: the scan ends, marked by its failed listing"
     status = celebscan("--database-url", sqlite_url, "status", "1").output
-    assert "20 listed so far" in status and "listing failed: " in status and "--resume 1" in status
+    assert "20 listed so far" in status and "listing failed: " in status
     store.engine.dispose()

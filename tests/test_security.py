@@ -84,7 +84,7 @@ def test_no_secret_in_cli_output_worker_logs_or_results(
     }
     runner = CliRunner()
     outputs = [runner.invoke(cli, ["scan", f"s3://{bucket}/"], env=env, catch_exceptions=False).output]
-    assert "enqueued 1 batches" in outputs[0]
+    assert "handing out batches through redis://" in outputs[0]
     store = ResultStore.connect(postgres_url)
     with celery_workers(1, env, tmp_path):
         wait_for_scan(store, store.latest_scan_id())

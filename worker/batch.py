@@ -10,10 +10,12 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import Engine
 
-from worker.errors import CelebscanError, TransientError
+from worker.claims import ClaimQueue
+from worker.errors import CelebscanError, RecognizerUnavailableError, TransientError
 from worker.images import ImageLimits, decode_image
 from worker.prefilter import FacePrefilter
 from worker.recognizers import PAID_BACKENDS, Recognizers
@@ -46,6 +48,12 @@ class WorkerContext:
     #: Seconds from an image's first transient failure until it is failed for good.
     retry_deadline: float = 3600.0
     prefilter: FacePrefilter = field(default_factory=FacePrefilter)
+    batch_size: int = 16  # images a window slot claims when its scan names no batch size
+    lease_seconds: float = 3600.0  # a claim whose message was lost is taken over after this
+
+    @property
+    def claims(self) -> ClaimQueue:
+        return ClaimQueue(self.store.engine, self.lease_seconds)
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine | None = None) -> WorkerContext:
@@ -58,6 +66,8 @@ class WorkerContext:
             max_attempts=settings.max_attempts,
             retry_deadline=settings.retry_deadline,
             prefilter=FacePrefilter(settings),
+            batch_size=settings.batch_size,
+            lease_seconds=settings.visibility_timeout,
         )
 
 
@@ -97,7 +107,8 @@ def process_batch(image_ids: Sequence[int], context: WorkerContext, delivery: st
         done += sum(outcome.status == DONE for outcome in outcomes)
         failed += len(group) - len(started) + sum(outcome.status == FAILED for outcome in outcomes)
         deferred += [outcome for outcome in outcomes if outcome.deferred]
-    resend_after = max((_resend_delay(outcome.retry_rounds, context) for outcome in deferred), default=0.0)
+    now = utcnow()
+    resend_after = max(((o.not_before - now).total_seconds() for o in deferred if o.not_before), default=0.0)
     return BatchReport(
         done=done,
         failed=failed,
@@ -149,8 +160,16 @@ def _transient_outcome(
         log.warning("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, message)
         return ImageOutcome.failed(image.id, exc.code, message, width, height)
     log.info("image deferred: %s/%s: %s (%d tries so far)", image.bucket, image.key, exc, tries)
+    rounds = tries // max(1, context.max_attempts)
+    delay = _resend_delay(rounds, context)
     return ImageOutcome.deferred_for(
-        image, exc.code, str(exc), retries=tries, retry_since=since, rounds=tries // max(1, context.max_attempts)
+        image,
+        exc.code,
+        str(exc),
+        retries=tries,
+        retry_since=since,
+        rounds=rounds,
+        not_before=now + timedelta(seconds=delay),
     )
 
 
@@ -168,3 +187,42 @@ def _duration(seconds: float) -> str:
 
 def _with_retry(context: WorkerContext, call):
     return call_with_retry(call, attempts=context.max_attempts, base=context.retry_base_seconds)
+
+
+#: A window slot that finds nothing to claim waits this long, doubling while it finds nothing.
+IDLE_BASE_SECONDS = 0.5
+IDLE_MAX_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class SlotStep:
+    """What one turn of a window slot did, and when the slot should come back (None: it ends)."""
+
+    report: BatchReport
+    next_in: float | None
+    idle_rounds: int = 0
+
+
+def take_next_batch(
+    scan_id: int, context: WorkerContext, token: str, idle_rounds: int = 0, max_idle: float = IDLE_MAX_SECONDS
+) -> SlotStep:
+    """One turn of a window slot: claim the scan's next batch and process it, or say how long to wait.
+
+    Raises :class:`RecognizerUnavailableError` (after releasing the claim) when this worker cannot
+    run what the batch needs.
+    """
+    claims = context.claims
+    image_ids = claims.claim(scan_id, context.batch_size, token)
+    if image_ids:
+        try:
+            return SlotStep(process_batch(image_ids, context, delivery=token), next_in=0.0)
+        except RecognizerUnavailableError:
+            claims.release(token)
+            raise
+    state = claims.state(scan_id)
+    if not state.worth_waiting and state.next_due is None:
+        return SlotStep(BatchReport(), next_in=None)
+    wait = min(IDLE_BASE_SECONDS * 2**idle_rounds, max_idle)
+    if state.next_due is not None:
+        wait = min(wait, max(0.0, (state.next_due - utcnow()).total_seconds()))
+    return SlotStep(BatchReport(), next_in=wait, idle_rounds=idle_rounds + 1)

@@ -20,8 +20,8 @@ import random
 from celery.signals import worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from worker.batch import WorkerContext, process_batch
-from worker.celery_config import TASK_NAME, make_celery
+from worker.batch import WorkerContext, process_batch, take_next_batch
+from worker.celery_config import SLOT_TASK_NAME, TASK_NAME, make_celery, send_window_slots
 from worker.errors import RecognizerUnavailableError
 from worker.settings import Settings
 
@@ -72,3 +72,27 @@ def process_batch_task(self, image_ids: list[int]) -> dict:
         countdown = min(report.resend_after, settings.visibility_timeout / 2)  # an ETA past it would be redelivered
         raise self.retry(args=[list(report.deferred)], countdown=countdown, max_retries=None)
     return dataclasses.asdict(report)
+
+
+@app.task(
+    name=SLOT_TASK_NAME,
+    bind=True,
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=2,
+    retry_backoff_max=120,
+    retry_jitter=True,
+    max_retries=30,
+)
+def take_next_batch_task(self, scan_id: int, idle_rounds: int = 0) -> dict:
+    """A window slot: claim and process the scan's next batch, then send the slot on (or end it)."""
+    context = worker_context()
+    try:
+        step = take_next_batch(scan_id, context, f"{self.request.id}:{self.request.retries}", idle_rounds)
+    except RecognizerUnavailableError as exc:
+        log.warning("handing back a batch of scan %d: %s", scan_id, exc)
+        context.store.note_unserved_scan(scan_id, str(exc))
+        raise self.retry(countdown=random.uniform(HAND_BACK_SECONDS / 2, HAND_BACK_SECONDS), max_retries=None) from exc
+    if step.next_in is not None:
+        countdown = min(step.next_in, settings.visibility_timeout / 2)
+        send_window_slots(app, scan_id, countdown=countdown, idle_rounds=step.idle_rounds)
+    return dataclasses.asdict(step.report)

@@ -10,7 +10,9 @@ from celery import Celery
 
 from worker.settings import Settings
 
-TASK_NAME = "celebscan.process_batch"
+TASK_NAME = "celebscan.process_batch"  # a list of image ids (messages from before the window)
+#: A window slot: "take the next batch of scan N" (see worker/claims.py).
+SLOT_TASK_NAME = "celebscan.take_next_batch"
 QUEUE = "celebscan"
 #: Worker processes are replaced after this many batches, returning dlib's and Pillow's memory.
 MAX_TASKS_PER_CHILD = 200
@@ -44,3 +46,18 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=False,
     )
     return app
+
+
+def send_window_slots(
+    app: Celery, scan_id: int, count: int = 1, *, countdown: float = 0.0, idle_rounds: int = 0, producer=None
+) -> None:
+    """Put ``count`` window slots of the scan into the broker (each a message of a few hundred bytes)."""
+    for _ in range(count):
+        app.send_task(
+            SLOT_TASK_NAME,
+            args=[scan_id],
+            kwargs={"idle_rounds": idle_rounds},
+            countdown=countdown or None,
+            producer=producer,
+            argsrepr=f"[scan {scan_id}]",
+        )

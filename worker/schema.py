@@ -39,6 +39,12 @@ scans = Table(
     Column("skipped", Integer, nullable=False, default=0),
     # Run the local face detector first and send only images with a face to the paid service.
     Column("prefilter_faces", Boolean, nullable=False, server_default=text("false")),
+    # Images a worker claims at a time (NULL: the worker's CELEBSCAN_BATCH_SIZE).
+    Column("batch_size", Integer),
+    # --max-cost: how many images may be handed out to the paid recognizer (NULL: no limit), and
+    # how many have been (each image counts once, when it is first claimed).
+    Column("budget_images", BigInteger),
+    Column("handed_out", BigInteger, nullable=False, server_default=text("0")),
     # The last time a worker handed a batch of this scan back because it could not run what the
     # batch needs (e.g. the local recognizer without the local extra), and why: shown by status.
     Column("unserved_at", DateTime(timezone=True)),
@@ -66,6 +72,11 @@ images = Table(
     # Deliveries of one message that started this image (see ResultStore.start), and that message.
     Column("attempts", Integer, nullable=False, default=0),
     Column("started_by", String(100)),
+    # The broker is a window onto the queued images: a worker claims a batch of them (the message
+    # that claimed, and when), and releases the claim when it defers images until ``not_before``.
+    Column("claimed_by", String(100)),
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("not_before", DateTime(timezone=True)),
     Column("width", Integer),
     Column("height", Integer),
     Column("queued_at", DateTime(timezone=True)),
@@ -83,6 +94,13 @@ images = Table(
     # newest images, which stay queued longest, instead of wading through the entries that finished
     # images leave behind until vacuum (a cost that grew with every batch of a big scan).
     Index("ix_images_scan_status_id", "scan_id", "status", "id"),
+    # Only the claims in flight (a claim is cleared when its image is written): small at any size.
+    Index(
+        "ix_images_claimed_by",
+        "claimed_by",
+        postgresql_where=text("claimed_by IS NOT NULL"),
+        sqlite_where=text("claimed_by IS NOT NULL"),
+    ),
 )
 
 faces = Table(

@@ -116,6 +116,12 @@ class Settings:
         "CELEBSCAN_RATE_LIMIT_URL",
         "Redis for the shared rate limit (default: CELERY_BROKER_URL when it is Redis).",
     )
+    window: int = _setting(
+        256,
+        "CELEBSCAN_WINDOW",
+        "Batches of a scan in the broker at most (each a few hundred bytes); at least the worker processes.",
+        minimum=1,
+    )
     visibility_timeout: int = _setting(
         3600,
         "CELEBSCAN_VISIBILITY_TIMEOUT",

@@ -109,6 +109,11 @@ def connect(url: str) -> Engine:
 SCHEMA_LOCK = 0x63656C6562
 
 
+#: Values for columns added to existing rows: scans made before listings were streamed were listed
+#: in full before they started.
+_BACKFILL = {("scans", "listing_finished_at"): "UPDATE scans SET listing_finished_at = created_at"}
+
+
 def create_or_upgrade_schema(engine: Engine) -> None:
     """Create the tables, or bring a database made by an older celebscan up to date.
 
@@ -141,6 +146,8 @@ def _add_missing_columns_and_indexes(conn) -> None:
             default = f" DEFAULT {_sql_text(server_default.arg)}" if isinstance(server_default, DefaultClause) else ""
             required = "" if column.nullable else " NOT NULL"
             conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column_type}{required}{default}"))
+            if (table.name, column.name) in _BACKFILL:
+                conn.execute(text(_BACKFILL[table.name, column.name]))
         indexes = {index["name"] for index in inspector.get_indexes(table.name)}
         for index in table.indexes:
             if index.name not in indexes:
@@ -264,6 +271,7 @@ class ImageOutcome:
     retries: int | None = None
     retry_since: datetime | None = None
     retry_rounds: int = 0
+    not_before: datetime | None = None  # a deferred image is not claimed again before this
 
     @property
     def deferred(self) -> bool:
@@ -284,7 +292,15 @@ class ImageOutcome:
 
     @classmethod
     def deferred_for(
-        cls, image: QueuedImage, code: str, message: str, *, retries: int, retry_since: datetime, rounds: int
+        cls,
+        image: QueuedImage,
+        code: str,
+        message: str,
+        *,
+        retries: int,
+        retry_since: datetime,
+        rounds: int,
+        not_before: datetime | None = None,
     ) -> ImageOutcome:
         return cls(
             image.id,
@@ -295,6 +311,7 @@ class ImageOutcome:
             retries=retries,
             retry_since=retry_since,
             retry_rounds=rounds,
+            not_before=not_before,
         )
 
     @classmethod
@@ -391,7 +408,15 @@ class ResultStore:
 
     # -- producer side -------------------------------------------------------------------------
 
-    def create_scan(self, source: str, backend: str, *, prefilter_faces: bool = False) -> int:
+    def create_scan(
+        self,
+        source: str,
+        backend: str,
+        *,
+        prefilter_faces: bool = False,
+        budget_images: int | None = None,
+        batch_size: int | None = None,
+    ) -> int:
         with self.engine.begin() as conn:
             return conn.execute(
                 scans.insert()
@@ -402,6 +427,8 @@ class ResultStore:
                     listed=0,
                     skipped=0,
                     prefilter_faces=prefilter_faces,
+                    budget_images=budget_images,
+                    batch_size=batch_size,
                 )
                 .returning(scans.c.id)
             ).scalar_one()
@@ -412,32 +439,49 @@ class ResultStore:
             return {known for known, row in _known_objects(conn, bucket, backend, keys).items() if row.status == DONE}
 
     def queue_images(
-        self, scan_id: int, bucket: str, backend: str, listed: Iterable[Listed], *, force: bool = False
+        self,
+        scan_id: int,
+        bucket: str,
+        backend: str,
+        listed: Iterable[Listed],
+        *,
+        force: bool = False,
+        keep_ids: bool = True,
     ) -> QueueReport:
         """Record every listed object as ``queued`` in this scan, except those already done.
 
         An object already done with the same etag is skipped (never paid for twice) unless
-        ``force``; one that failed or was left queued by an interrupted scan is queued again.
+        ``force``; one that failed or was left queued by an interrupted scan is queued again. Each
+        chunk is committed as it is listed, so workers claim images while the listing goes on; at
+        the end the listing is marked finished (and the scan too, if nothing is left queued).
+        ``keep_ids`` returns the queued ids (tests and small jobs; a scan keeps none in memory).
         """
         image_ids: list[int] = []
         total = skipped = 0
         for chunk in chunks(listed, CHUNK_SIZE):
             with self.engine.begin() as conn:
-                ids, chunk_skipped = self._queue_chunk(conn, scan_id, bucket, backend, chunk, force)
+                ids, chunk_skipped = self._queue_chunk(conn, scan_id, bucket, backend, chunk, force, keep_ids)
                 total, skipped = total + len(chunk), skipped + chunk_skipped
                 # the counts so far, with the chunk: status shows the listing's progress
                 conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=total, skipped=skipped))
             image_ids += ids
         with self.engine.begin() as conn:
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_finished_at=utcnow()))
+        self.finish_scans([scan_id])
         return QueueReport(image_ids=image_ids, listed=total, skipped=skipped)
+
+    def renew_budget(self, scan_id: int, images_more: int | None) -> None:
+        """``--resume``: allow ``images_more`` further images to be handed out (None: all of them)."""
+        budget = None if images_more is None else scans.c.handed_out + images_more
+        with self.engine.begin() as conn:
+            conn.execute(update(scans).where(scans.c.id == scan_id).values(budget_images=budget))
 
     def record_listing_error(self, scan_id: int, reason: str) -> None:
         """The listing stopped part-way: what was listed stays queued (``scan --resume``)."""
         with self.engine.begin() as conn:
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_error=reason[:2000]))
 
-    def _queue_chunk(self, conn, scan_id, bucket, backend, chunk, force) -> tuple[list[int], int]:
+    def _queue_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids) -> tuple[list[int], int]:
         keys = [item.key for item in chunk]
         known = _known_objects(conn, bucket, backend, keys)
         now = utcnow()
@@ -485,6 +529,9 @@ class ResultStore:
                     queued_at=now,
                     retries=0,
                     retry_since=None,
+                    claimed_by=None,
+                    claimed_at=None,
+                    not_before=None,
                 )
             )
         if unreadable:  # listed unreadable again: failed again, now in this scan
@@ -501,6 +548,8 @@ class ResultStore:
                 ),
                 unreadable,
             )
+        if not keep_ids:
+            return [], skipped
         queued = conn.execute(
             select(images.c.id)
             .where(
@@ -608,6 +657,14 @@ class ResultStore:
         face_values = (values for o in outcomes if o.result for values in _face_values(o.image_id, o.result))
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             return _save_outcomes_postgresql(conn, outcomes, ids, face_values, now)
+
+    @retry_database
+    def note_unserved_scan(self, scan_id: int, reason: str) -> None:
+        """Tell the scan that a worker could not serve its next batch (the slot goes back to the broker)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(scans).where(scans.c.id == scan_id).values(unserved_at=utcnow(), unserved_reason=reason[:2000])
+            )
 
     @retry_database
     def note_unserved(self, image_ids: Sequence[int], reason: str) -> None:
@@ -813,6 +870,7 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
             b_attempts=o.attempts,
             b_retries=o.retries,
             b_since=o.retry_since,
+            b_not_before=o.not_before,
         )
         for o in outcomes
     ]
@@ -831,6 +889,8 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
             attempts=func.coalesce(bindparam("b_attempts", type_=Integer), images.c.attempts),
             retries=func.coalesce(bindparam("b_retries", type_=Integer), images.c.retries),
             retry_since=func.coalesce(bindparam("b_since", type_=DateTime(timezone=True)), images.c.retry_since),
+            not_before=bindparam("b_not_before", type_=DateTime(timezone=True)),
+            claimed_by=None,
         ),
         image_updates,
     )
@@ -865,6 +925,7 @@ def _save_outcomes_postgresql(conn, outcomes, ids, face_values, now) -> set[int]
             "attempts": o.attempts,
             "retries": o.retries,
             "retry_since": o.retry_since,
+            "not_before": o.not_before,
         }
         for o in outcomes
     ]
@@ -975,6 +1036,7 @@ def _finish_scans_statement():
         .where(
             scans.c.id.in_(bindparam("scan_ids", expanding=True)),
             scans.c.finished_at.is_(None),
+            scans.c.listing_finished_at.is_not(None) | scans.c.listing_error.is_not(None),
             newest_queued.is_(None),
         )
         .values(finished_at=bindparam("now"))
@@ -1018,10 +1080,11 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
        paid_calls = COALESCE(u.paid_calls, images.paid_calls),
        calls_saved = COALESCE(u.calls_saved, images.calls_saved),
        attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
-       retry_since = COALESCE(u.retry_since, images.retry_since)
+       retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL
   FROM json_to_recordset(%(images)s::json)
        AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
-            paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz)
+            paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz,
+            not_before timestamptz)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s)
 RETURNING images.scan_id
 """
