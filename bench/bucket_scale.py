@@ -94,6 +94,9 @@ def measure(size: int, layout: str, workdir: Path) -> dict[str, float]:
         engine = create_engine(postgres.url)
         with engine.connect() as conn:
             images_bytes = conn.execute(text("SELECT pg_total_relation_size('images')")).scalar_one()
+            faces_bytes, face_rows = conn.execute(
+                text("SELECT pg_total_relation_size('faces'), (SELECT count(*) FROM faces)")
+            ).one()
         engine.dispose()
     return {
         "first_call_s": first_call,
@@ -101,6 +104,7 @@ def measure(size: int, layout: str, workdir: Path) -> dict[str, float]:
         "producer_rss_mb": peak_rss_kb / 1024,
         "redis_peak_mb": redis_peak / 1e6,
         "pg_bytes_per_image": images_bytes / size,
+        "pg_bytes_per_face": faces_bytes / max(face_rows, 1),
         "baseline_keys_per_s": baseline,
     }
 
@@ -120,6 +124,7 @@ def main() -> int:
         ("producer peak RSS (MB)", "producer_rss_mb", "{:.0f}"),
         ("Redis peak memory (MB)", "redis_peak_mb", "{:.1f}"),
         ("PostgreSQL bytes per image", "pg_bytes_per_image", "{:.0f}"),
+        ("PostgreSQL bytes per face row", "pg_bytes_per_face", "{:.0f}"),
     ]
     for label, name, fmt in rows:
         print(f"{label:<34}" + "".join(f"{fmt.format(r[name]):>20}" for r in results.values()))

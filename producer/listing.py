@@ -170,13 +170,15 @@ def split_key_space(s3_client, bucket: str, prefix: str, parts: int) -> tuple[li
     exact: list[ListedObject] = []
     leaves: list[str] = []
     pending = [prefix]
-    while pending and len(leaves) + len(pending) < parts:
-        current = pending.pop(0)
-        children = _children(s3_client, bucket, current, exact)
-        if children is None:
-            leaves.append(current)
-        else:
-            pending += children
+    with ThreadPoolExecutor(max_workers=8) as pool:  # the prefixes of one depth are probed at once
+        while pending and len(leaves) + len(pending) < parts:
+            frontier, pending = pending, []
+            probes = pool.map(lambda current: _children(s3_client, bucket, current, exact), frontier)
+            for current, children in zip(frontier, probes, strict=True):
+                if children is None:
+                    leaves.append(current)
+                else:
+                    pending += children
     return exact, leaves + pending
 
 

@@ -482,9 +482,29 @@ class ResultStore:
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_error=reason[:2000]))
 
     def _queue_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids) -> tuple[list[int], int]:
-        keys = [item.key for item in chunk]
-        known = _known_objects(conn, bucket, backend, keys)
         now = utcnow()
+        listed_keys = [item.key for item in chunk]
+        if conn.dialect.name == "postgresql" and not any(item.error for item in chunk):
+            # One statement inserts what is new (a fresh bucket: everything) and says what it took;
+            # only the rest is looked up, to skip what is done or queue again what failed.
+            inserted = {
+                (key, etag)
+                for key, etag in conn.execute(
+                    _POSTGRESQL_INSERT_NEW,
+                    {
+                        "scan_id": scan_id,
+                        "bucket": bucket,
+                        "backend": backend,
+                        "now": now,
+                        "keys": [item.key for item in chunk],
+                        "etags": [item.etag for item in chunk],
+                        "sizes": [item.size for item in chunk],
+                    },
+                )
+            }
+            chunk = [item for item in chunk if (item.key, item.etag) not in inserted]
+        keys = [item.key for item in chunk]
+        known = _known_objects(conn, bucket, backend, keys) if chunk else {}
         new_rows, requeue, unreadable, skipped = [], [], [], 0
         for item in chunk:
             row = known.get((item.key, item.etag))
@@ -557,7 +577,7 @@ class ResultStore:
                 images.c.backend == backend,
                 images.c.scan_id == scan_id,
                 images.c.status == QUEUED,
-                images.c.key.in_(keys),
+                images.c.key.in_(listed_keys),
             )
             .order_by(images.c.id)
         )
@@ -842,6 +862,17 @@ def _unserved(scan, last_processed_at: datetime | None, queued: int) -> str | No
     if last_processed_at is not None and aware_utc(last_processed_at) > aware_utc(scan.unserved_at):
         return None
     return scan.unserved_reason
+
+
+#: A chunk of listed objects in one statement (arrays, not a thousand bound rows); returns the
+#: (key, etag) of each row it inserted.
+_POSTGRESQL_INSERT_NEW = text("""
+INSERT INTO images (scan_id, bucket, key, etag, size, backend, status, attempts, queued_at)
+SELECT :scan_id, :bucket, listed.key, listed.etag, listed.size, :backend, 'queued', 0, :now
+  FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[])) AS listed(key, etag, size)
+ON CONFLICT ON CONSTRAINT uq_images_natural_key DO NOTHING
+RETURNING key, etag
+""")
 
 
 def _known_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> dict[tuple[str, str], Any]:
