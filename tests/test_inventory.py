@@ -44,8 +44,17 @@ def write_inventory(s3, source_bucket: str, rows_per_file: list[list[list[str]]]
 
 def row(s3, bucket: str, key: str, *, latest="true", delete_marker="false") -> list[str]:
     head = s3.head_object(Bucket=bucket, Key=key) if delete_marker == "false" else {"ContentLength": 0, "ETag": ""}
-    return [bucket, quote(key), "v1", latest, delete_marker, str(head["ContentLength"]), "2025-01-01T00:00:00.000Z",
-            head["ETag"].strip('"'), "STANDARD"]
+    return [
+        bucket,
+        quote(key),
+        "v1",
+        latest,
+        delete_marker,
+        str(head["ContentLength"]),
+        "2025-01-01T00:00:00.000Z",
+        head["ETag"].strip('"'),
+        "STANDARD",
+    ]
 
 
 @pytest.fixture
@@ -62,8 +71,18 @@ def inventoried(s3, bucket):
 def test_a_scan_from_an_inventory_queues_what_a_listing_would(inventoried, bucket, aws_env, rekognition, sqlite_url):
     keys, manifest = inventoried
     rekognition.answer = lambda key, data: {"CelebrityFaces": []}
-    run = celebscan("--database-url", sqlite_url, "scan", f"s3://{bucket}/photos/", "--inventory", manifest,
-                    "--backend", "rekognition", "--workers", "1")
+    run = celebscan(
+        "--database-url",
+        sqlite_url,
+        "scan",
+        f"s3://{bucket}/photos/",
+        "--inventory",
+        manifest,
+        "--backend",
+        "rekognition",
+        "--workers",
+        "1",
+    )
     photos = [key for key in keys if key.startswith("photos/")]
     assert f"listed {len(photos)} images; 0 already done" in run.output
     store = ResultStore.connect(sqlite_url)
@@ -82,6 +101,7 @@ def test_an_inventory_in_another_format_or_of_another_bucket_is_refused(s3, buck
     refused = celebscan("--database-url", sqlite_url, "scan", "--inventory", parquet, ok=False)
     assert refused.exit_code == 1 and "celebscan reads CSV inventories" in refused.output
     csv_manifest = write_inventory(s3, bucket, [])
-    elsewhere = celebscan("--database-url", sqlite_url, "scan", "s3://another-bucket/", "--inventory", csv_manifest,
-                          ok=False)
+    elsewhere = celebscan(
+        "--database-url", sqlite_url, "scan", "s3://another-bucket/", "--inventory", csv_manifest, ok=False
+    )
     assert elsewhere.exit_code == 1 and f"lists s3://{bucket}/, not s3://another-bucket/" in elsewhere.output
