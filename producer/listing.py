@@ -1,15 +1,14 @@
 """Listing the images under a source.
 
 An S3 prefix is listed with the ListObjectsV2 paginator, its key space first split by the keys'
-characters into parts listed in parallel, so flat buckets and wide ones both list fast. A local folder is walked
-recursively; each file's etag is the MD5 of its content (what S3 reports as
-the ETag of an object uploaded in one part), so a rescan recognises unchanged files however they
-were copied. Symlinks are never followed out of the folder.
+characters into parts listed in parallel, so flat buckets and wide ones both list fast. A local
+folder is walked recursively; each file's etag is its size and modification time (nothing is read
+while listing), so a rescan skips unchanged files; the worker records each file's content hash.
+Symlinks are never followed out of the folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -101,10 +100,17 @@ def _listed_file(root: Path, path: Path) -> ListedObject | None:
             log.warning("skipping %s: a symlink that leads outside %s", path, root)
             return None
     try:
-        return ListedObject(key=key, etag=_md5(path), size=path.stat().st_size)
+        stat = path.stat()
     except OSError as exc:
         log.warning("cannot read %s while listing: %s", path, exc)
         return ListedObject(key=key, etag="unreadable", size=0)
+    return ListedObject(key=key, etag=file_etag(stat.st_size, stat.st_mtime_ns), size=stat.st_size)
+
+
+def file_etag(size: int, mtime_ns: int) -> str:
+    """A local file's version: its size and modification time mark a change, and reading nothing
+    lists a folder fast (the worker hashes the content, which it reads anyway: ``content_hash``)."""
+    return f"{size}-{mtime_ns}"
 
 
 def _unreadable_folder(root: Path, exc: OSError) -> ListedObject:
@@ -124,14 +130,6 @@ def _is_utf8(name: str) -> bool:
     except UnicodeEncodeError:  # undecodable bytes come back from os.walk as lone surrogates
         return False
     return True
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_s3(

@@ -251,3 +251,27 @@ def test_paid_calls_are_set_not_added_so_a_repeated_write_counts_once(store, fol
     store.save_outcomes([outcome])
     store.save_outcomes([outcome])
     assert store.scan_summary(scan_id).paid_calls == 1
+
+
+def test_listing_a_folder_reads_no_file_and_the_worker_records_each_files_hash(store, folder, monkeypatch):
+    import hashlib
+    import pathlib
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("listing read a file")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pathlib.Path, "open", no_reading)
+        patched.setattr(pathlib.Path, "read_bytes", no_reading)
+        ids = queued(store, folder)
+    before = {image.key: image.etag for image in store.pending(ids)}
+    assert before["a.jpg"] == f"{(folder / 'a.jpg').stat().st_size}-{(folder / 'a.jpg').stat().st_mtime_ns}"
+    process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)))
+    from sqlalchemy import select
+
+    from worker.schema import images
+
+    with store.engine.connect() as conn:
+        hashes = dict(conn.execute(select(images.c.key, images.c.content_hash)).all())
+    assert hashes == {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in hashes}
+    assert len(hashes) == 3

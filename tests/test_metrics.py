@@ -41,7 +41,7 @@ def scan_env(aws_env, moto_url, rekognition, broker_url, pg_store, s3, bucket):
         "CELEBSCAN_DATABASE_URL": pg_store.engine.url.render_as_string(False),
         "CELEBSCAN_BACKEND": "rekognition",
         "CELEBSCAN_BATCH_SIZE": str(BATCH),
-        "CELEBSCAN_WINDOW": str(IMAGES // BATCH),  # as many slots as batches: one look shows each state
+        "CELEBSCAN_WINDOW": str(-(-IMAGES // BATCH)),  # as many slots as batches: one look shows each state
         "BUCKET": bucket,
     }
 
@@ -78,6 +78,7 @@ def test_metrics_before_during_and_after_a_scan(scan_env, rekognition, pg_store,
                 "finished": False,
                 "last_processed_at": None,
                 "images": {"queued": IMAGES, "done": 0, "failed": 0},
+                "unserved": None,
             }
         ]
         release.set()

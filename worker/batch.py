@@ -6,6 +6,8 @@ This is the whole of a worker's job. The Celery task and the embedded process po
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import random
 from collections.abc import Sequence
@@ -123,14 +125,24 @@ def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
 
     A transient cause that outlasts the in-process retries leaves the image ``queued`` (a deferred
     outcome) until ``retry_deadline`` has passed since its first such round; then it fails with the
-    transient code and how long it was tried.
+    transient code and how long it was tried. The MD5 of the bytes read is recorded as the image's
+    ``content_hash``.
     """
+    read: list[bytes] = []
+    outcome = _process_image(image, context, read)
+    if read:
+        return dataclasses.replace(outcome, content_hash=hashlib.md5(read[0], usedforsecurity=False).hexdigest())
+    return outcome
+
+
+def _process_image(image: QueuedImage, context: WorkerContext, read: list[bytes]) -> ImageOutcome:
     width = height = None
     kind = source_kind(image.source)
     location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
     try:
         recognizer = context.recognizers.get(image.backend)
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key))
+        read.append(data)
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height
         paid = recognizer.name in PAID_BACKENDS

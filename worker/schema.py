@@ -64,6 +64,8 @@ images = Table(
     Column("bucket", Text, nullable=False),
     Column("key", Text, nullable=False),
     Column("etag", String(128), nullable=False),
+    # MD5 of the bytes, as the worker read them (a folder's etag is its size and mtime).
+    Column("content_hash", String(32)),
     Column("size", BigInteger, nullable=False),
     Column("backend", String(32), nullable=False),
     Column("status", String(16), nullable=False),

@@ -19,6 +19,7 @@ from sqlalchemy import (
     DefaultClause,
     Engine,
     Integer,
+    String,
     bindparam,
     create_engine,
     delete,
@@ -265,6 +266,7 @@ class ImageOutcome:
     # same outcome twice (a retried write) counts nothing twice.
     paid_calls: int | None = None  # calls a paid recognizer billed for this image
     calls_saved: int | None = None  # calls the face prefilter kept from the paid recognizer
+    content_hash: str | None = None  # MD5 of the bytes read (None: not read, or unchanged)
     # A deferred image (status still ``queued``: a transient cause outlasted the in-process
     # retries) gets its delivery count put back, as this delivery did not crash, and its retries.
     attempts: int | None = None
@@ -902,6 +904,7 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
             b_retries=o.retries,
             b_since=o.retry_since,
             b_not_before=o.not_before,
+            b_hash=o.content_hash,
         )
         for o in outcomes
     ]
@@ -921,6 +924,7 @@ def _save_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
             retries=func.coalesce(bindparam("b_retries", type_=Integer), images.c.retries),
             retry_since=func.coalesce(bindparam("b_since", type_=DateTime(timezone=True)), images.c.retry_since),
             not_before=bindparam("b_not_before", type_=DateTime(timezone=True)),
+            content_hash=func.coalesce(bindparam("b_hash", type_=String), images.c.content_hash),
             claimed_by=None,
         ),
         image_updates,
@@ -957,6 +961,7 @@ def _save_outcomes_postgresql(conn, outcomes, ids, face_values, now) -> set[int]
             "retries": o.retries,
             "retry_since": o.retry_since,
             "not_before": o.not_before,
+            "content_hash": o.content_hash,
         }
         for o in outcomes
     ]
@@ -1111,11 +1116,12 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
        paid_calls = COALESCE(u.paid_calls, images.paid_calls),
        calls_saved = COALESCE(u.calls_saved, images.calls_saved),
        attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
-       retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL
+       retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL,
+       content_hash = COALESCE(u.content_hash, images.content_hash)
   FROM json_to_recordset(%(images)s::json)
        AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
             paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz,
-            not_before timestamptz)
+            not_before timestamptz, content_hash text)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s)
 RETURNING images.scan_id
 """
