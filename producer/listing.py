@@ -181,10 +181,11 @@ def split_key_space(s3_client, bucket: str, prefix: str, parts: int) -> tuple[li
 
 
 def _children(s3_client, bucket: str, prefix: str, exact: list[ListedObject]) -> list[str] | None:
-    """``prefix`` + each populated next character, or None when there are too many to probe."""
-    children: list[str] = []
-    after = None
-    while len(children) <= MAX_CHILDREN:
+    """How to split ``prefix``: its keys' longer common prefix when they share one (found by a
+    binary search, a request a step), else ``prefix`` + each populated next character; None when
+    there are too many characters to probe."""
+
+    def first_after(after: str | None) -> dict | None:
         arguments = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1}
         if after is not None:
             arguments["StartAfter"] = after
@@ -192,15 +193,30 @@ def _children(s3_client, bucket: str, prefix: str, exact: list[ListedObject]) ->
             contents = s3_client.list_objects_v2(**arguments).get("Contents", [])
         except AWS_ERRORS as exc:
             raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}/{prefix}"))) from exc
-        if not contents:
+        return contents[0] if contents else None
+
+    item = first_after(None)
+    if item is not None and item["Key"] == prefix:  # an object named like the prefix: no next character
+        exact.extend(_images_in({"Contents": [item]}))
+        item = first_after(prefix)
+    if item is None:
+        return []
+    first = item["Key"]
+    shortest, longest = len(prefix), len(first)  # every key under prefix starts with first[:shortest]
+    while shortest < longest:
+        middle = (shortest + longest + 1) // 2
+        if first_after(first[:middle] + PAST) is None:
+            shortest = middle
+        else:
+            longest = middle - 1
+    if shortest > len(prefix):
+        return [first[:shortest]]
+    children = [first[: len(prefix) + 1]]
+    while len(children) <= MAX_CHILDREN:
+        item = first_after(children[-1] + PAST)
+        if item is None:
             return children
-        key = contents[0]["Key"]
-        if key == prefix:  # an object named exactly like the prefix: it has no next character
-            exact.extend(_images_in({"Contents": contents}))
-            after = prefix
-            continue
-        children.append(key[: len(prefix) + 1])
-        after = children[-1] + PAST
+        children.append(item["Key"][: len(prefix) + 1])
     return None
 
 

@@ -122,3 +122,45 @@ def test_a_listing_that_fails_part_way_keeps_what_it_listed_and_says_so(
     status = celebscan("--database-url", sqlite_url, "status", "1").output
     assert "20 listed so far" in status and "listing failed: " in status
     store.engine.dispose()
+
+
+@pytest.mark.parametrize("prefixes", [0, 7], ids=["flat", "folders"])
+def test_the_key_space_splits_into_parts_that_list_every_key_once(prefixes):
+    """A flat bucket of numbered names splits as well as one with folders: the parts are disjoint,
+    cover every key, list to the same keys as one plain listing, and finding them costs about as
+    many requests for ten times the keys."""
+    import boto3
+
+    from producer.listing import split_key_space
+    from tests.synthetic_s3 import SyntheticBucket, serving
+
+    probes = {}
+    for count in (5_000, 50_000):
+        bucket = SyntheticBucket("split", count, prefixes=prefixes)
+        with serving([bucket]) as (url, stats):
+            s3 = boto3.client(
+                "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+            )
+            exact, parts = split_key_space(s3, "split", "", parts=32)
+            probes[count] = stats["list_requests"]
+            keys = [bucket.key(i) for i in range(bucket.count)]
+            owners = {part: 0 for part in parts}
+            for key in keys:
+                [owner] = [part for part in parts if key.startswith(part)]
+                owners[owner] += 1
+            assert exact == [] and len(parts) >= 32 and all(owners.values()), parts
+            if count == 5_000:
+                listed = [o.key for o in list_s3(s3, "split", "", threads=4, page_size=300)]
+                assert sorted(listed) == keys
+    print(f"\nrequests to split: {probes}")
+    assert probes[50_000] <= 1.5 * probes[5_000]
+
+
+def test_an_object_named_like_a_split_prefix_is_listed_too(s3, bucket):
+    for key in ("a", "a.jpg", "ab.jpg", "b.png", "c/d.jpg"):
+        s3.put_object(Bucket=bucket, Key=key, Body=jpeg())
+    s3.put_object(Bucket=bucket, Key="a", Body=b"no image name")
+    s3.put_object(Bucket=bucket, Key="img", Body=jpeg())
+    s3.put_object(Bucket=bucket, Key="img.jpg", Body=jpeg())
+    listed = sorted(o.key for o in list_s3(client("s3", Settings()), bucket, "", parts=64))
+    assert listed == ["a.jpg", "ab.jpg", "b.png", "c/d.jpg", "img.jpg"]

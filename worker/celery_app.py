@@ -47,18 +47,20 @@ def _build_context(**_) -> None:
     worker_context()
 
 
-@app.task(
-    name=TASK_NAME,
-    bind=True,
-    # The database being briefly unreachable is worth waiting for; the batch is re-sent with
-    # backoff. Other database errors are bugs: the batch fails at once, its images stay queued.
-    autoretry_for=(OperationalError, InterfaceError),
-    retry_backoff=2,
-    retry_backoff_max=120,
-    retry_jitter=True,
-    max_retries=30,
-)
+#: The database being briefly unreachable is worth waiting for: the message is re-sent with
+#: backoff. Other database errors are bugs: the task fails at once, its images stay queued.
+DATABASE_RETRIES = {
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 2,
+    "retry_backoff_max": 120,
+    "retry_jitter": True,
+    "max_retries": 30,
+}
+
+
+@app.task(name=TASK_NAME, bind=True, **DATABASE_RETRIES)
 def process_batch_task(self, image_ids: list[int]) -> dict:
+    """A list of image ids: the messages scans sent before the window (still served after an upgrade)."""
     context = worker_context()
     try:
         # A message redelivered after a crash keeps its id and retry number; a retry is a new message.
@@ -74,15 +76,7 @@ def process_batch_task(self, image_ids: list[int]) -> dict:
     return dataclasses.asdict(report)
 
 
-@app.task(
-    name=SLOT_TASK_NAME,
-    bind=True,
-    autoretry_for=(OperationalError, InterfaceError),
-    retry_backoff=2,
-    retry_backoff_max=120,
-    retry_jitter=True,
-    max_retries=30,
-)
+@app.task(name=SLOT_TASK_NAME, bind=True, **DATABASE_RETRIES)
 def take_next_batch_task(self, scan_id: int, idle_rounds: int = 0) -> dict:
     """A window slot: claim and process the scan's next batch, then send the slot on (or end it)."""
     context = worker_context()

@@ -520,12 +520,9 @@ class ResultStore:
                         etag=item.etag,
                         size=item.size,
                         backend=backend,
-                        status=QUEUED,
-                        attempts=0,
                         queued_at=now,
-                        error_code=None,
-                        error_message=None,
                         processed_at=None,
+                        **_QUEUED_AFRESH,
                     )
                 )
                 if error:
@@ -540,21 +537,7 @@ class ResultStore:
             conn.execute(dialect_insert(self.engine, images).on_conflict_do_nothing(), new_rows)
         if requeue:
             conn.execute(
-                update(images)
-                .where(images.c.id.in_(requeue))
-                .values(
-                    scan_id=scan_id,
-                    status=QUEUED,
-                    attempts=0,
-                    error_code=None,
-                    error_message=None,
-                    queued_at=now,
-                    retries=0,
-                    retry_since=None,
-                    claimed_by=None,
-                    claimed_at=None,
-                    not_before=None,
-                )
+                update(images).where(images.c.id.in_(requeue)).values(scan_id=scan_id, queued_at=now, **_QUEUED_AFRESH)
             )
         if unreadable:  # listed unreadable again: failed again, now in this scan
             conn.execute(
@@ -865,6 +848,19 @@ def _unserved(scan, last_processed_at: datetime | None, queued: int) -> str | No
         return None
     return scan.unserved_reason
 
+
+#: The state of an image queued by a scan: new, or listed again after it failed or was left queued.
+_QUEUED_AFRESH: dict[str, Any] = dict(
+    status=QUEUED,
+    attempts=0,
+    error_code=None,
+    error_message=None,
+    retries=0,
+    retry_since=None,
+    claimed_by=None,
+    claimed_at=None,
+    not_before=None,
+)
 
 #: A chunk of listed objects in one statement (arrays, not a thousand bound rows); returns the
 #: (key, etag) of each row it inserted.
