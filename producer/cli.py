@@ -15,14 +15,13 @@ from tqdm import tqdm
 
 from producer.cost import paid_cost, usd
 from producer.export import WRITERS
-from producer.listing import parse_source
 from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
 from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
 from worker.recognizers import BACKENDS, PAID_BACKENDS
 from worker.settings import Settings, env_var
-from worker.sources import build_readers
+from worker.sources import build_readers, parse_source
 from worker.store import ResultStore, ScanSummary
 
 

@@ -23,6 +23,7 @@ from producer.listing import ListedObject
 from worker.aws import AWS_ERRORS, translate
 from worker.errors import ConfigurationError
 from worker.images import is_image_name
+from worker.sources import Source
 
 #: The columns celebscan reads; an inventory must be configured to include Size and ETag.
 NEEDED_COLUMNS = ("Bucket", "Key", "Size", "ETag")
@@ -37,12 +38,11 @@ class Manifest:
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
-    if not url.startswith("s3://"):
-        raise ConfigurationError(f"{url!r} is not an s3:// URL of an inventory manifest.json")
-    bucket, _, key = url[len("s3://") :].partition("/")
-    if not bucket or not key:
+    """(bucket, key) of the manifest's ``s3://`` URL."""
+    where = Source.from_url(url)
+    if not where.is_s3 or not where.bucket or not where.prefix:
         raise ConfigurationError(f"{url!r} names no manifest; use s3://inventory-bucket/.../manifest.json")
-    return bucket, key
+    return where.bucket, where.prefix
 
 
 def read_manifest(s3_client, url: str) -> Manifest:

@@ -35,31 +35,6 @@ class ListedObject:
     error: tuple[str, str] | None = None
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a scan's images are: ``bucket`` is the S3 bucket or the folder's absolute path."""
-
-    url: str
-    bucket: str
-    prefix: str = ""
-
-    @property
-    def is_s3(self) -> bool:
-        return self.url.startswith("s3://")
-
-
-def parse_source(text: str) -> Source:
-    if text.startswith("s3://"):
-        bucket, _, prefix = text[len("s3://") :].partition("/")
-        if not bucket:
-            raise ConfigurationError(f"{text!r} names no bucket; use s3://bucket/prefix/")
-        return Source(url=text, bucket=bucket, prefix=prefix)
-    folder = Path(text).expanduser().resolve()
-    if not folder.is_dir():
-        raise ConfigurationError(f"{text} is not a folder (and not an s3:// URL)")
-    return Source(url=str(folder), bucket=str(folder))
-
-
 def list_folder(folder: Path) -> Iterator[ListedObject]:
     """Every image file under ``folder``, in a stable order, with its content hash.
 

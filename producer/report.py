@@ -18,7 +18,7 @@ from PIL import Image
 from producer.annotate import annotate, jpeg_bytes
 from worker.errors import CelebscanError
 from worker.images import ImageLimits, decode_image
-from worker.sources import ObjectReader, source_kind
+from worker.sources import ObjectReader, Source
 from worker.store import ScanSummary
 
 THUMBNAIL_SIDE = 360
@@ -26,9 +26,8 @@ THUMBNAIL_SIDE = 360
 
 def read_picture(record: dict, readers: dict[str, ObjectReader], limits: ImageLimits | None = None) -> Image.Image:
     """The record's image, decoded and upright, read from where the scan found it."""
-    kind = source_kind(record["source"])
-    bucket = record["source"][len("s3://") :].partition("/")[0] if kind == "s3" else record["source"]
-    loaded = decode_image(readers[kind].read(bucket, record["key"]), limits or ImageLimits())
+    source = Source.from_url(record["source"])
+    loaded = decode_image(readers[source.kind].read(source.bucket, record["key"]), limits or ImageLimits())
     return Image.fromarray(loaded.pixels)
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 from producer.cost import Estimate, price_list, usd
 from producer.embedded import default_workers, drain_scan
 from producer.enqueue import check_broker, masked_broker, open_window
-from producer.listing import ListedObject, Source, check_bucket, list_folder, list_s3, parse_source
+from producer.listing import ListedObject, check_bucket, list_folder, list_s3
 from worker.claims import ClaimQueue
 from worker.errors import ConfigurationError, ListingFailedError
 from worker.recognizers import PAID_BACKENDS
 from worker.settings import Settings
+from worker.sources import Source, parse_source
 from worker.store import CHUNK_SIZE, QueueReport, ResultStore, ScanSummary, chunks, masked_url
 
 Say = Callable[[str], None]

@@ -25,7 +25,7 @@ from worker.results import RecognitionResult
 from worker.retry import call_with_retry
 from worker.schema import DONE, FAILED
 from worker.settings import Settings
-from worker.sources import ObjectReader, S3Location, build_readers, source_kind
+from worker.sources import ObjectReader, S3Location, Source, build_readers
 from worker.store import ImageOutcome, QueuedImage, ResultStore, aware_utc, utcnow
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
 
 def _process_image(image: QueuedImage, context: WorkerContext, read: list[bytes]) -> ImageOutcome:
     width = height = None
-    kind = source_kind(image.source)
+    kind = Source.from_url(image.source).kind
     location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
     try:
         recognizer = context.recognizers.get(image.backend)

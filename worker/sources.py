@@ -11,8 +11,50 @@ from pathlib import Path
 from typing import Protocol
 
 from worker.aws import AWS_ERRORS, client, translate
-from worker.errors import AccessDeniedError, ImageTooLargeError, ObjectMissingError
+from worker.errors import AccessDeniedError, ConfigurationError, ImageTooLargeError, ObjectMissingError
 from worker.settings import Settings
+
+S3_SCHEME = "s3://"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a scan's images are, parsed once: ``bucket`` is the S3 bucket or the folder's
+    absolute path, ``prefix`` the part of an ``s3://`` URL after the bucket."""
+
+    url: str
+    bucket: str
+    prefix: str = ""
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith(S3_SCHEME)
+
+    @property
+    def kind(self) -> str:
+        """Which reader reads its objects: ``s3`` or ``folder``."""
+        return "s3" if self.is_s3 else "folder"
+
+    @classmethod
+    def from_url(cls, url: str) -> Source:
+        """A source as a scan recorded it (an ``s3://`` URL or a folder's absolute path)."""
+        if url.startswith(S3_SCHEME):
+            bucket, _, prefix = url[len(S3_SCHEME) :].partition("/")
+            return cls(url=url, bucket=bucket, prefix=prefix)
+        return cls(url=url, bucket=url)
+
+
+def parse_source(text: str) -> Source:
+    """What a user typed: an ``s3://bucket/prefix`` URL, or a folder that must exist."""
+    if text.startswith(S3_SCHEME):
+        source = Source.from_url(text)
+        if not source.bucket:
+            raise ConfigurationError(f"{text!r} names no bucket; use s3://bucket/prefix/")
+        return source
+    folder = Path(text).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigurationError(f"{text} is not a folder (and not an s3:// URL)")
+    return Source(url=str(folder), bucket=str(folder))
 
 
 @dataclass(frozen=True)
@@ -79,12 +121,8 @@ class S3Reader:
             raise translate(exc, f"reading s3://{bucket}/{key}") from exc
 
 
-def source_kind(source_url: str) -> str:
-    return "s3" if source_url.startswith("s3://") else "folder"
-
-
 def build_readers(settings: Settings) -> dict[str, ObjectReader]:
-    """One reader per kind of source, keyed by :func:`source_kind`."""
+    """One reader per kind of source, keyed by :attr:`Source.kind`."""
     return {
         "folder": FolderReader(settings.max_image_bytes),
         "s3": S3Reader(max_bytes=settings.max_image_bytes, settings=settings),
