@@ -179,7 +179,12 @@ def plain_text(reading: Reading) -> str:
         lines.append(f"  scan {scan.scan_id} ({state}): {counts}")
     if reading.waiting_batches is not None:
         lines += [
-            f"broker: {reading.waiting_batches} batches waiting, {reading.unacked_batches} being processed",
+            f"broker: {reading.waiting_batches} batches waiting, {reading.unacked_batches} being processed"
+            + (
+                " (window slots of finished scans: each ends when a worker takes it)"
+                if reading.waiting_batches and not reading.pending_images
+                else ""
+            ),
             f"workers online: {reading.workers}",
             f"backlog per worker: {reading.backlog_per_worker:.1f} images",
         ]
