@@ -50,7 +50,11 @@ class Settings:
         minimum=0,
     )
     batch_size: int = _setting(16, "CELEBSCAN_BATCH_SIZE", "Images per batch (per task).", minimum=1)
-    broker_url: str = _setting("", "CELERY_BROKER_URL", "Celery broker; when set, `scan` enqueues instead of running.")
+    broker_url: str = _setting(
+        "",
+        "CELERY_BROKER_URL",
+        "Celery broker; when set, `scan` lists into the database and Celery workers do the work.",
+    )
     endpoint_url: str = _setting(
         "", "CELEBSCAN_ENDPOINT_URL", "Endpoint for S3-compatible stores and local AWS stand-ins."
     )
