@@ -26,9 +26,11 @@ from sqlalchemy.orm import Session, registry
 from producer.listing import ListedObject
 from tests.rekognition_standin import celebrity
 from tests.servers import postgres_server
+from worker.database import utcnow
+from worker.outcomes import ImageOutcome, face_row_dicts
 from worker.results import RecognitionResult
 from worker.schema import faces, images
-from worker.store import ImageOutcome, ResultStore, _face_rows, utcnow
+from worker.store import ResultStore
 
 TARGET = 40.0
 FACES_PER_IMAGE = 5
@@ -111,7 +113,7 @@ def _orm_one_image_at_a_time(store: ResultStore, image_ids: list[int], result: R
         for image_id in image_ids:
             image = session.get(ImageRow, image_id)
             image.status, image.width, image.height, image.processed_at = "done", 1280, 720, utcnow()
-            for row in _face_rows(image_id, result):
+            for row in face_row_dicts(image_id, result):
                 face = FaceRow()
                 for column, value in row.items():
                     setattr(face, column, value)

@@ -20,9 +20,10 @@ from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
 from worker.recognizers import BACKENDS, PAID_BACKENDS
+from worker.reports import ScanSummary
 from worker.settings import Settings, env_var
 from worker.sources import build_readers, parse_source
-from worker.store import ResultStore, ScanSummary
+from worker.store import ResultStore
 
 
 @dataclass

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from worker.aws import AWS_ERRORS, client, translate
 from worker.celery_config import QUEUE, make_celery
 from worker.errors import ConfigurationError
+from worker.reports import ScanProgress
 from worker.schema import QUEUED, STATUSES
 from worker.settings import Settings
-from worker.store import ResultStore, ScanProgress
+from worker.store import ResultStore
 
 #: kombu's Redis transport keeps a queue's messages of priority p > 0 under QUEUE + this + p.
 _PRIORITY_SEPARATOR = "\x06\x16"

@@ -18,8 +18,8 @@ from PIL import Image
 from producer.annotate import annotate, jpeg_bytes
 from worker.errors import CelebscanError
 from worker.images import ImageLimits, decode_image
+from worker.reports import ScanSummary
 from worker.sources import ObjectReader, Source
-from worker.store import ScanSummary
 
 THUMBNAIL_SIDE = 360
 

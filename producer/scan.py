@@ -20,11 +20,13 @@ from producer.embedded import default_workers, drain_scan
 from producer.enqueue import check_broker, masked_broker, open_window
 from producer.listing import ListedObject, check_bucket, list_folder, list_s3
 from worker.claims import ClaimQueue
+from worker.database import CHUNK_SIZE, chunks, masked_url
 from worker.errors import ConfigurationError, ListingFailedError
 from worker.recognizers import PAID_BACKENDS
+from worker.reports import ScanSummary
 from worker.settings import Settings
 from worker.sources import Source, parse_source
-from worker.store import CHUNK_SIZE, QueueReport, ResultStore, ScanSummary, chunks, masked_url
+from worker.store import QueueReport, ResultStore
 
 Say = Callable[[str], None]
 

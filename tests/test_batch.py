@@ -238,14 +238,14 @@ def test_paid_calls_are_set_not_added_so_a_repeated_write_counts_once(store, fol
     monkeypatch.setattr(worker.retry, "wait_random_exponential", lambda **kw: lambda state: 0)
     scan_id = store.create_scan(str(folder), "rekognition")
     ids = store.queue_images(scan_id, str(folder), "rekognition", list_folder(folder)).image_ids
-    real_finish, failures = store_module._finish_scans_if_drained, iter([True])
+    real_finish, failures = store_module.finish_scans_if_drained, iter([True])
 
     def finish_after_a_hiccup(conn, scan_ids):
         if next(failures, False):
             raise OperationalError("UPDATE scans", {}, Exception("connection reset"))
         real_finish(conn, scan_ids)
 
-    monkeypatch.setattr(store_module, "_finish_scans_if_drained", finish_after_a_hiccup)
+    monkeypatch.setattr(store_module, "finish_scans_if_drained", finish_after_a_hiccup)
     [image] = store.pending(ids[:1])
     outcome = store_module.ImageOutcome.done(image.id, 10, 10, FOUND, paid_calls=image.paid_calls + 1)
     store.save_outcomes([outcome])

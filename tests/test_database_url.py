@@ -4,7 +4,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.clirun import celebscan
-from worker.store import ResultStore, with_driver
+from worker.database import with_driver
+from worker.store import ResultStore
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])

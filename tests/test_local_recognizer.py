@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from worker.database import connect
 from worker.errors import GalleryError
 from worker.gallery import Gallery
 from worker.images import decode_image
 from worker.recognizers.local import LocalRecognizer, match_confidence
-from worker.store import connect
 
 pytestmark = pytest.mark.slow
 

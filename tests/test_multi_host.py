@@ -102,8 +102,8 @@ def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_image
 
     from producer.listing import ListedObject
     from tests.servers import PostgresServer, running
+    from worker.outcomes import ImageOutcome
     from worker.results import BoundingBox, Celebrity, RecognitionResult
-    from worker.store import ImageOutcome
 
     with ExitStack() as stack:
         try:

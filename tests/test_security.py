@@ -8,7 +8,8 @@ from producer.cli import cli
 from tests.celery_workers import celery_workers, wait_for_scan
 from tests.imagemaker import jpeg
 from worker.aws import translate
-from worker.store import ResultStore, masked_url
+from worker.database import masked_url
+from worker.store import ResultStore
 
 
 def test_symlinks_out_of_the_folder_are_not_followed(tmp_path, sqlite_url):

@@ -4,9 +4,9 @@ import pytest
 from sqlalchemy import func, select
 
 from producer.listing import ListedObject
+from worker.outcomes import ImageOutcome
 from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
 from worker.schema import faces, images
-from worker.store import ImageOutcome
 
 BUCKET = "/photos"
 
@@ -178,7 +178,7 @@ def test_a_batch_with_an_image_the_store_lacks_writes_nothing(store):
     """Faces never point at no image: a batch naming an unknown image is refused whole."""
     import pytest
 
-    from worker.store import MissingImagesError
+    from worker.outcomes import MissingImagesError
 
     _, report = queue(store, ["a.jpg"])
     [image_id] = report.image_ids

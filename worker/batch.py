@@ -17,8 +17,10 @@ from datetime import timedelta
 from sqlalchemy import Engine
 
 from worker.claims import ClaimQueue
+from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, RecognizerUnavailableError, TransientError
 from worker.images import ImageLimits, decode_image
+from worker.outcomes import ImageOutcome, QueuedImage
 from worker.prefilter import FacePrefilter
 from worker.recognizers import PAID_BACKENDS, Recognizers
 from worker.results import RecognitionResult
@@ -26,7 +28,7 @@ from worker.retry import call_with_retry
 from worker.schema import DONE, FAILED
 from worker.settings import Settings
 from worker.sources import ObjectReader, S3Location, Source, build_readers
-from worker.store import ImageOutcome, QueuedImage, ResultStore, aware_utc, utcnow
+from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, and_, exists, func, or_, select, update
 
+from worker.database import aware_utc, utcnow
 from worker.schema import QUEUED, images, scans
-from worker.store import aware_utc, utcnow
 
 
 @dataclass(frozen=True)
