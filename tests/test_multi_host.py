@@ -143,15 +143,16 @@ def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_image
 #: the first COPY line is sent (after the images UPDATE has locked the row).
 _STALLING_WRITER = """
 import threading
-import worker.store as store
+import worker.outcomes as outcomes
+from worker.store import ResultStore
 from worker.results import BoundingBox, Celebrity, RecognitionResult
 
 def stall(values):
     print("stalled in the COPY", flush=True)
     threading.Event().wait()
 
-store._copy_line = stall
+outcomes._copy_line = stall
 box = BoundingBox(0.1, 0.1, 0.2, 0.2)
 answer = RecognitionResult(celebrities=(Celebrity(name="first", id="1", match_confidence=90.0, bounding_box=box),))
-store.ResultStore.connect({url!r}).save_outcomes([store.ImageOutcome.done({image_id}, 10, 10, answer)])
+ResultStore.connect({url!r}).save_outcomes([outcomes.ImageOutcome.done({image_id}, 10, 10, answer)])
 """

@@ -182,15 +182,16 @@ def write_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
 
 
 def write_outcomes_postgresql(conn, outcomes, ids, face_tuples, now) -> set[int]:
-    """The same writes in three round trips; returns the batch's scan ids.
+    """The same writes, inside the caller's transaction (``engine.begin()``, which commits or rolls
+    back and drops a broken connection); returns the batch's scan ids.
 
-    1. Open the transaction and update the image rows (the batch travels as one JSON document that
-       PostgreSQL expands with ``json_to_recordset``), returning their scans; every image must be
-       found, which is what keeps a face from ever pointing at no image (``faces.image_id`` has no
-       foreign key: see ``worker/schema.py``).
-    2. Delete the batch's faces and ``COPY`` the new ones in: the rows stream as COPY text, made
-       while the server inserts the rows already sent, so its work and ours overlap.
-    3. Commit.
+    1. Update the image rows (the batch travels as one JSON document that PostgreSQL expands with
+       ``json_to_recordset``), returning their scans; every image must be found, which is what
+       keeps a face from ever pointing at no image (``faces.image_id`` has no foreign key: see
+       ``worker/schema.py``).
+    2. Delete the batch's faces and ``COPY`` the new ones in, through the connection's own
+       psycopg2 cursor: the rows stream as COPY text, made while the server inserts the rows
+       already sent, so its work and ours overlap.
     """
     image_rows = [
         {
@@ -220,34 +221,17 @@ def write_outcomes_postgresql(conn, outcomes, ids, face_tuples, now) -> set[int]
             _check_all_found(len(scan_ids), ids)
             statement = _POSTGRESQL_REPLACE_FACES
             cursor.copy_expert(cursor.mogrify(statement, parameters).decode(), copy_text, size=_COPY_CHUNK)
-            statement = "COMMIT"
-            cursor.execute(statement)
         return set(scan_ids)
-    except BaseException as exc:
-        # The transaction was opened by hand, so SQLAlchemy does not know to end it: roll it back
-        # here (or drop the connection), whatever failed, before the connection goes back to the pool.
-        disconnected = _roll_back_or_discard(conn, exc)
+    except dbapi_connection.Error as exc:
         if copy_text.error is not None:  # psycopg2 reports it as a cancelled query, which would be retried
             raise copy_text.error from None
-        if isinstance(exc, dbapi_connection.Error):  # as SQLAlchemy reports it: what the retries catch
-            raise DBAPIError.instance(
-                statement, None, exc, dbapi_connection.Error, connection_invalidated=disconnected, dialect=conn.dialect
-            ) from exc
-        raise
-
-
-def _roll_back_or_discard(conn, exc: BaseException) -> bool:
-    """End the failed transaction; True when the connection is gone (and discarded)."""
-    dbapi_connection = conn.connection.dbapi_connection
-    if not (isinstance(exc, dbapi_connection.Error) and conn.dialect.is_disconnect(exc, dbapi_connection, None)):
-        try:
-            with dbapi_connection.cursor() as cursor:
-                cursor.execute("ROLLBACK")
-            return False
-        except dbapi_connection.Error:
-            pass
-    conn.invalidate(exc)
-    return True
+        # As SQLAlchemy reports it (what the retries catch); a lost connection is dropped from the pool.
+        disconnected = conn.dialect.is_disconnect(exc, dbapi_connection, None)
+        if disconnected:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            statement, None, exc, dbapi_connection.Error, connection_invalidated=disconnected, dialect=conn.dialect
+        ) from exc
 
 
 _COPY_CHUNK = 64 * 1024
@@ -350,11 +334,10 @@ _FACE_COLUMNS = (
     "details",
 )
 
-#: Sent on an autocommit connection, so the transaction is opened here. A batch touches its own
-#: rows by key, where a sequential scan is never right; without statistics (a young table, before
-#: autovacuum's first ANALYZE) the planner picks one anyway: over 15,000 faces that was 4 ms a batch.
+#: A batch touches its own rows by key, where a sequential scan is never right; without statistics
+#: (a young table, before autovacuum's first ANALYZE) the planner picks one anyway: over 15,000
+#: faces that was 4 ms a batch. ``SET LOCAL`` lasts until the transaction ends.
 _POSTGRESQL_UPDATE_IMAGES = """
-BEGIN;
 SET LOCAL enable_seqscan = off;
 UPDATE images SET status = u.status, width = u.width, height = u.height, error_code = u.error_code,
        error_message = u.error_message, processed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE %(now)s END,

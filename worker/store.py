@@ -339,7 +339,7 @@ class ResultStore:
             with self.engine.begin() as conn:
                 return write_outcomes_portable(conn, outcomes, ids, rows, now)
         face_tuples = (values for o in outcomes if o.result for values in face_values(o.image_id, o.result))
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self.engine.begin() as conn:
             return write_outcomes_postgresql(conn, outcomes, ids, face_tuples, now)
 
     @retry_database
