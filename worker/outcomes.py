@@ -132,27 +132,36 @@ def _check_all_found(found: int, ids: Sequence[int]) -> None:
         )
 
 
+def _image_values(o: ImageOutcome) -> dict[str, Any]:
+    """An outcome's image columns by name, for both write paths: None leaves a count as it is
+    (``COALESCE`` in the statements), and ``not_before`` is cleared unless the image is deferred."""
+    return {
+        "id": o.image_id,
+        "status": o.status,
+        "width": o.width,
+        "height": o.height,
+        "error_code": o.error_code,
+        "error_message": o.error_message,
+        "paid_calls": o.paid_calls,
+        "calls_saved": o.calls_saved,
+        "attempts": o.attempts,
+        "retries": o.retries,
+        "retry_since": o.retry_since,
+        "not_before": o.not_before,
+        "content_hash": o.content_hash,
+    }
+
+
 def write_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
     """SQLAlchemy Core statements that any dialect runs (SQLite); returns the batch's scan ids."""
     image_updates = [
-        dict(
-            b_id=o.image_id,
-            b_status=o.status,
-            b_width=o.width,
-            b_height=o.height,
-            b_code=o.error_code,
-            b_message=o.error_message,
-            b_now=None if o.deferred else now,
-            b_paid=o.paid_calls,
-            b_saved=o.calls_saved,
-            b_attempts=o.attempts,
-            b_retries=o.retries,
-            b_since=o.retry_since,
-            b_not_before=o.not_before,
-            b_hash=o.content_hash,
-        )
+        {**{f"b_{name}": value for name, value in _image_values(o).items()}, "b_now": None if o.deferred else now}
         for o in outcomes
     ]
+
+    def kept_unless_given(name: str, type_) -> Any:
+        return func.coalesce(bindparam(f"b_{name}", type_=type_), images.c[name])
+
     updated = conn.execute(
         update(images)
         .where(images.c.id == bindparam("b_id"))
@@ -160,16 +169,16 @@ def write_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
             status=bindparam("b_status"),
             width=bindparam("b_width"),
             height=bindparam("b_height"),
-            error_code=bindparam("b_code"),
-            error_message=bindparam("b_message"),
+            error_code=bindparam("b_error_code"),
+            error_message=bindparam("b_error_message"),
             processed_at=bindparam("b_now"),
-            paid_calls=func.coalesce(bindparam("b_paid", type_=Integer), images.c.paid_calls),
-            calls_saved=func.coalesce(bindparam("b_saved", type_=Integer), images.c.calls_saved),
-            attempts=func.coalesce(bindparam("b_attempts", type_=Integer), images.c.attempts),
-            retries=func.coalesce(bindparam("b_retries", type_=Integer), images.c.retries),
-            retry_since=func.coalesce(bindparam("b_since", type_=DateTime(timezone=True)), images.c.retry_since),
+            paid_calls=kept_unless_given("paid_calls", Integer),
+            calls_saved=kept_unless_given("calls_saved", Integer),
+            attempts=kept_unless_given("attempts", Integer),
+            retries=kept_unless_given("retries", Integer),
+            retry_since=kept_unless_given("retry_since", DateTime(timezone=True)),
             not_before=bindparam("b_not_before", type_=DateTime(timezone=True)),
-            content_hash=func.coalesce(bindparam("b_hash", type_=String), images.c.content_hash),
+            content_hash=kept_unless_given("content_hash", String),
             claimed_by=None,
         ),
         image_updates,
@@ -193,24 +202,7 @@ def write_outcomes_postgresql(conn, outcomes, ids, face_tuples, now) -> set[int]
        psycopg2 cursor: the rows stream as COPY text, made while the server inserts the rows
        already sent, so its work and ours overlap.
     """
-    image_rows = [
-        {
-            "id": o.image_id,
-            "status": o.status,
-            "width": o.width,
-            "height": o.height,
-            "error_code": o.error_code,
-            "error_message": o.error_message,
-            "paid_calls": o.paid_calls,
-            "calls_saved": o.calls_saved,
-            "attempts": o.attempts,
-            "retries": o.retries,
-            "retry_since": o.retry_since,
-            "not_before": o.not_before,
-            "content_hash": o.content_hash,
-        }
-        for o in outcomes
-    ]
+    image_rows = [_image_values(o) for o in outcomes]
     parameters = {"images": orjson.dumps(image_rows).decode(), "ids": ids, "now": now}
     dbapi_connection = conn.connection.dbapi_connection
     statement, copy_text = _POSTGRESQL_UPDATE_IMAGES, _CopyText(face_tuples)
