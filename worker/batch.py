@@ -182,7 +182,6 @@ def _transient_outcome(
         str(exc),
         retries=tries,
         retry_since=since,
-        rounds=rounds,
         not_before=now + timedelta(seconds=delay),
     )
 

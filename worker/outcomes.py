@@ -69,7 +69,6 @@ class ImageOutcome:
     attempts: int | None = None
     retries: int | None = None
     retry_since: datetime | None = None
-    retry_rounds: int = 0
     not_before: datetime | None = None  # a deferred image is not claimed again before this
 
     @property
@@ -98,7 +97,6 @@ class ImageOutcome:
         *,
         retries: int,
         retry_since: datetime,
-        rounds: int,
         not_before: datetime | None = None,
     ) -> ImageOutcome:
         return cls(
@@ -109,7 +107,6 @@ class ImageOutcome:
             attempts=image.attempts,
             retries=retries,
             retry_since=retry_since,
-            retry_rounds=rounds,
             not_before=not_before,
         )
 

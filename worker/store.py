@@ -247,11 +247,6 @@ class ResultStore:
         )
         return list(queued.scalars()), skipped
 
-    def queued_image_ids(self, scan_id: int) -> list[int]:
-        with self.engine.connect() as conn:
-            query = select(images.c.id).where(images.c.scan_id == scan_id, images.c.status == QUEUED)
-            return list(conn.execute(query.order_by(images.c.id)).scalars())
-
     # -- worker side ---------------------------------------------------------------------------
 
     @retry_database
