@@ -23,10 +23,10 @@ import time
 
 from sqlalchemy.orm import Session, registry
 
-from producer.listing import ListedObject
 from tests.rekognition_standin import celebrity
 from tests.servers import postgres_server
 from worker.database import utcnow
+from worker.listing import ListedObject
 from worker.outcomes import ImageOutcome, face_row_dicts
 from worker.results import RecognitionResult
 from worker.schema import faces, images

@@ -18,10 +18,10 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-from producer.listing import list_folder
 from tests.imagemaker import encode, halves
 from tests.servers import postgres_server
 from worker.batch import WorkerContext, process_batch
+from worker.listing import list_folder
 from worker.recognizers import Recognizers
 from worker.recognizers.stub import StubRecognizer
 from worker.results import BoundingBox, Celebrity, RecognitionResult

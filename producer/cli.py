@@ -6,6 +6,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +21,7 @@ from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
 from worker.recognizers import BACKENDS, PAID_BACKENDS
-from worker.reports import ScanSummary
+from worker.reports import ImageError, ResultRecord, ScanSummary
 from worker.settings import Settings, env_var
 from worker.sources import build_readers, parse_source
 from worker.store import ResultStore
@@ -308,13 +309,13 @@ def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
     record = next(iter(app.store.result_records(scan_id, key=key)), None)
     if record is None:
         raise click.ClickException(f"no image {key!r}" + (f" in scan {scan_id}" if scan_id is not None else ""))
-    if record["status"] != "done":
-        error = record["error"] or {"code": record["status"], "message": "not processed yet"}
-        raise click.ClickException(f"{key} has no result to draw: {error['code']}: {error['message']}")
+    if record.status != "done":
+        error = record.error or ImageError(record.status, "not processed yet")
+        raise click.ClickException(f"{key} has no result to draw: {error.code}: {error.message}")
     picture = annotate(read_picture(record, build_readers(app.settings)), record)
     picture.save(output)
-    names = ", ".join(f"{c['name']} ({c['match_confidence']:.0f})" for c in record["celebrities"]) or "nobody"
-    click.echo(f"wrote {output}: {names}; {len(record['unrecognized_faces'])} unrecognized faces")
+    names = ", ".join(f"{c.name} ({c.match_confidence:.0f})" for c in record.celebrities) or "nobody"
+    click.echo(f"wrote {output}: {names}; {len(record.unrecognized_faces)} unrecognized faces")
 
 
 @cli.group(cls=CelebscanGroup)
@@ -397,20 +398,20 @@ def demo(app: App, workdir: Path | None, workers: int | None) -> None:
         raise click.ClickException(f"{mismatches} image(s) not as expected: the installation is not working right")
 
 
-def _print_demo_table(records, expected: dict[str, frozenset[str]]) -> int:
+def _print_demo_table(records: Iterable[ResultRecord], expected: dict[str, frozenset[str]]) -> int:
     rows, mismatches = [], 0
-    for record in sorted(records, key=lambda r: r["key"]):
-        found = sorted((c["name"], c["match_confidence"]) for c in record["celebrities"])
-        if record["status"] == "failed":
-            shown = f"failed: {record['error']['code']}"
-            ok = record["key"] not in expected
+    for record in sorted(records, key=lambda r: r.key):
+        found = sorted((c.name, c.match_confidence) for c in record.celebrities)
+        if record.error is not None:
+            shown = f"failed: {record.error.code}"
+            ok = record.key not in expected
         else:
-            unknown = len(record["unrecognized_faces"])
+            unknown = len(record.unrecognized_faces)
             shown = ", ".join(f"{name} ({confidence:.0f})" for name, confidence in found) or "nobody"
             shown += f" (+{unknown} unrecognized face{'s' if unknown != 1 else ''})" if unknown else ""
-            ok = frozenset(name for name, _ in found) == expected.get(record["key"])
+            ok = frozenset(name for name, _ in found) == expected.get(record.key)
         mismatches += not ok
-        rows.append((record["key"], shown, "ok" if ok else "UNEXPECTED"))
+        rows.append((record.key, shown, "ok" if ok else "UNEXPECTED"))
     width = max(len(row[0]) for row in rows)
     click.echo(f"{'image':<{width}}  who is in it")
     for key, shown, verdict in rows:
@@ -432,6 +433,9 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     counts = summary.counts
     state = "finished" if summary.finished_at else "running"
     listed = f"{summary.listed} listed" if summary.listing == "listed" else f"{summary.listed} listed so far"
+    if summary.listing == "listing" and summary.listing_parts:
+        ended, parts = summary.listing_parts
+        listed += f" (the workers have listed {ended} of {parts} parts of the key space)"
     lines = [
         f"scan {summary.id} ({state}): {summary.source}, backend {summary.backend}",
         f"  images: {listed}, {summary.skipped} skipped (already done), "

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Iterable
-from typing import Any, TextIO
+from typing import TextIO
+
+from worker.reports import ResultRecord
 
 CSV_COLUMNS = (
     "scan_id",
@@ -24,36 +26,39 @@ CSV_COLUMNS = (
 )
 
 
-def write_jsonl(records: Iterable[dict[str, Any]], out: TextIO) -> int:
+def write_jsonl(records: Iterable[ResultRecord], out: TextIO) -> int:
     count = 0
     for record in records:
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
         count += 1
     return count
 
 
-def write_csv(records: Iterable[dict[str, Any]], out: TextIO) -> int:
+def write_csv(records: Iterable[ResultRecord], out: TextIO) -> int:
     """Flat columns; ``people`` is the names joined by ``;``, the face lists are JSON."""
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     count = 0
     for record in records:
-        error = record["error"] or {}
         writer.writerow(
             {
-                **{column: record[column] for column in CSV_COLUMNS[:5]},
-                "error_code": error.get("code"),
-                "error_message": error.get("message"),
-                "backend": record["backend"],
-                "width": record["width"],
-                "height": record["height"],
-                "people": ";".join(c["name"] for c in record["celebrities"]),
-                "celebrities": json.dumps(record["celebrities"], ensure_ascii=False),
-                "unrecognized_faces": json.dumps(record["unrecognized_faces"]),
+                "scan_id": record.scan_id,
+                "source": record.source,
+                "key": record.key,
+                "etag": record.etag,
+                "status": record.status,
+                "error_code": record.error.code if record.error else None,
+                "error_message": record.error.message if record.error else None,
+                "backend": record.backend,
+                "width": record.width,
+                "height": record.height,
+                "people": ";".join(c.name for c in record.celebrities),
+                "celebrities": json.dumps([c.to_dict() for c in record.celebrities], ensure_ascii=False),
+                "unrecognized_faces": json.dumps([f.to_dict() for f in record.unrecognized_faces]),
             }
         )
         count += 1
     return count
 
 
-WRITERS: dict[str, Callable[[Iterable[dict[str, Any]], TextIO], int]] = {"jsonl": write_jsonl, "csv": write_csv}
+WRITERS: dict[str, Callable[[Iterable[ResultRecord], TextIO], int]] = {"jsonl": write_jsonl, "csv": write_csv}

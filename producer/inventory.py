@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from producer.listing import ListedObject
 from worker.aws import AWS_ERRORS, translate
 from worker.errors import ConfigurationError
 from worker.images import is_image_name
+from worker.listing import ListedObject
 from worker.sources import Source
 
 #: The columns celebscan reads; an inventory must be configured to include Size and ETag.

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from worker.aws import AWS_ERRORS, client, translate
-from worker.celery_config import QUEUE, make_celery
+from worker.celery_config import LISTING_QUEUE, QUEUE, make_celery
 from worker.errors import ConfigurationError
 from worker.reports import ScanProgress
 from worker.schema import QUEUED, STATUSES
@@ -102,7 +102,8 @@ def take_reading(store: ResultStore, settings: Settings, ping_timeout: float = 1
 
 
 def broker_depth(broker_url: str) -> tuple[int, int]:
-    """(batches waiting in the queue, batches delivered and not yet acknowledged) in Redis."""
+    """(messages waiting in the queues: window slots and listing parts, messages delivered and not yet
+    acknowledged) in Redis."""
     import redis
 
     if not broker_url.startswith(("redis://", "rediss://", "unix://")):
@@ -110,8 +111,9 @@ def broker_depth(broker_url: str) -> tuple[int, int]:
     connection = redis.Redis.from_url(broker_url, socket_timeout=10)
     try:
         with connection.pipeline(transaction=False) as pipe:
-            for priority in _PRIORITY_STEPS:
-                pipe.llen(QUEUE if priority == 0 else f"{QUEUE}{_PRIORITY_SEPARATOR}{priority}")
+            for queue in (QUEUE, LISTING_QUEUE):  # window slots, and parts of key spaces to list
+                for priority in _PRIORITY_STEPS:
+                    pipe.llen(queue if priority == 0 else f"{queue}{_PRIORITY_SEPARATOR}{priority}")
             pipe.hlen(_UNACKED_KEY)
             *lengths, unacked = pipe.execute()
     except redis.RedisError as exc:

@@ -18,20 +18,22 @@ from PIL import Image
 from producer.annotate import annotate, jpeg_bytes
 from worker.errors import CelebscanError
 from worker.images import ImageLimits, decode_image
-from worker.reports import ScanSummary
+from worker.reports import ResultRecord, ScanSummary
 from worker.sources import ObjectReader, Source
 
 THUMBNAIL_SIDE = 360
 
 
-def read_picture(record: dict, readers: dict[str, ObjectReader], limits: ImageLimits | None = None) -> Image.Image:
+def read_picture(
+    record: ResultRecord, readers: dict[str, ObjectReader], limits: ImageLimits | None = None
+) -> Image.Image:
     """The record's image, decoded and upright, read from where the scan found it."""
-    source = Source.from_url(record["source"])
-    loaded = decode_image(readers[source.kind].read(source.bucket, record["key"]), limits or ImageLimits())
+    source = Source.from_url(record.source)
+    loaded = decode_image(readers[source.kind].read(source.bucket, record.key), limits or ImageLimits())
     return Image.fromarray(loaded.pixels)
 
 
-def thumbnail(record: dict, readers: dict[str, ObjectReader]) -> tuple[bytes | None, str]:
+def thumbnail(record: ResultRecord, readers: dict[str, ObjectReader]) -> tuple[bytes | None, str]:
     """(annotated JPEG thumbnail, or None and why not) of a done image."""
     try:
         picture = annotate(read_picture(record, readers), record, max_side=THUMBNAIL_SIDE)
@@ -42,23 +44,23 @@ def thumbnail(record: dict, readers: dict[str, ObjectReader]) -> tuple[bytes | N
 
 def render(
     summary: ScanSummary,
-    records: Iterable[dict],
+    records: Iterable[ResultRecord],
     readers: dict[str, ObjectReader],
     limit: int,
     progress: Callable[[], None] = lambda: None,
 ) -> str:
     """The page; images past ``limit`` are counted (and their people listed) but not shown or read."""
     shown: list[str] = []
-    failures: list[dict] = []
+    failures: list[ResultRecord] = []
     people: Counter[str] = Counter()
     total = 0
     for record in records:
         progress()
-        if record["status"] == "failed":
+        if record.error is not None:
             failures.append(record)
             continue
         total += 1
-        names = sorted({c["name"] for c in record["celebrities"]})
+        names = record.names
         people.update(names)
         if len(shown) < limit:
             shown.append(_figure(record, names, *thumbnail(record, readers)))
@@ -68,9 +70,10 @@ def render(
         for name, count in sorted(people.items())
     )
     failure_rows = "".join(
-        f"<tr><td>{html.escape(r['key'])}</td><td><code>{html.escape(r['error']['code'] or '')}</code></td>"
-        f"<td>{html.escape(r['error']['message'] or '')}</td></tr>"
+        f"<tr><td>{html.escape(r.key)}</td><td><code>{html.escape(r.error.code)}</code></td>"
+        f"<td>{html.escape(r.error.message)}</td></tr>"
         for r in failures
+        if r.error is not None
     )
     failures_html = (
         f"<h2 id=failures>Could not be read ({len(failures)})</h2><table><tr><th>image</th><th>code</th>"
@@ -93,20 +96,20 @@ def render(
     )
 
 
-def _figure(record: dict, names: list[str], picture_bytes: bytes | None, problem: str) -> str:
-    found = ", ".join(f"{html.escape(c['name'])} ({c['match_confidence']:.0f})" for c in record["celebrities"])
-    unknown = len(record["unrecognized_faces"])
+def _figure(record: ResultRecord, names: list[str], picture_bytes: bytes | None, problem: str) -> str:
+    found = ", ".join(f"{html.escape(c.name)} ({c.match_confidence:.0f})" for c in record.celebrities)
+    unknown = len(record.unrecognized_faces)
     caption = found or "nobody recognized"
     if unknown:
         caption += f"; {unknown} unrecognized face{'s' if unknown != 1 else ''}"
     if picture_bytes:
         encoded = base64.b64encode(picture_bytes).decode()
-        picture = f'<img alt="{html.escape(record["key"])}" src="data:image/jpeg;base64,{encoded}">'
+        picture = f'<img alt="{html.escape(record.key)}" src="data:image/jpeg;base64,{encoded}">'
     else:
         picture = f"<div class=missing>{html.escape(problem or 'no picture')}</div>"
     people = html.escape(json.dumps(names))
     return (
-        f"<figure data-people='{people}'>{picture}<figcaption><b>{html.escape(record['key'])}</b>"
+        f"<figure data-people='{people}'>{picture}<figcaption><b>{html.escape(record.key)}</b>"
         f"<br>{caption}</figcaption></figure>"
     )
 

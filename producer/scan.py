@@ -1,16 +1,19 @@
 """Running a scan: list the source into the database while the work is handed out.
 
 The database is the queue of record. Listing streams into ``queued`` rows, a thousand at a time,
-and the work starts with the first thousand: with a broker, ``scan`` puts a fixed window of slots
-into it (see ``worker/claims.py``) and returns once the listing is recorded; without one, a local
-process pool claims batches from the database while this process lists. Nothing here holds a list
+and the work starts with the first thousand: with a broker, ``scan`` splits an S3 key space into
+parts for the workers to list (``worker/listing_parts.py``), puts a fixed window of slots into the
+broker (``worker/claims.py``) and returns at once (a folder or an inventory is listed here first);
+without one, a local process pool claims batches from the database while this process lists. Nothing here holds a list
 of the scan's images, so memory is flat in the bucket size.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +21,11 @@ from pathlib import Path
 from producer.cost import Estimate, price_list, usd
 from producer.embedded import default_workers, drain_scan
 from producer.enqueue import check_broker, masked_broker, open_window
-from producer.listing import ListedObject, check_bucket, list_folder, list_s3
 from worker.claims import ClaimQueue
 from worker.database import CHUNK_SIZE, chunks, masked_url
 from worker.errors import ConfigurationError, ListingFailedError
+from worker.listing import ListedObject, check_bucket, fits_in_a_page, list_folder, list_s3, split_key_space
+from worker.listing_parts import ListingParts, list_part
 from worker.recognizers import PAID_BACKENDS
 from worker.reports import ScanSummary
 from worker.settings import Settings
@@ -98,6 +102,13 @@ def run_scan(store: ResultStore, settings: Settings, request: ScanRequest, say: 
 
     if settings.embedded:
         report = _drain_while_listing(store, settings, scan_id, record, say)
+    elif source.is_s3 and request.inventory is None and not _fits_in_a_page(source, settings):
+        _list_on_workers(store, settings, scan_id, source, request.force, say)
+        say(
+            f"handing out batches through {masked_broker(settings.broker_url)} "
+            f"(at most {settings.window} at a time) while they list; watch with: celebscan status {scan_id} --watch"
+        )
+        return store.summary(scan_id)
     else:
         open_window(settings, scan_id)
         report = record()
@@ -126,10 +137,13 @@ def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: S
     budget = _budget(settings, request.max_cost, say)
     store.renew_budget(scan.id, budget)
     say(f"scan {scan.id}: resuming {scan.counts['queued']} queued images (backend {settings.backend})")
+    unlisted = ListingParts(store).unfinished(scan.id)
+    if unlisted:
+        say(f"and the listing of {len(unlisted)} parts of its key space the workers had not finished")
     if settings.embedded:
-        _drain_while_listing(store, settings, scan.id, None, say)
+        _drain_while_listing(store, settings, scan.id, _list_parts_here(store, settings, unlisted), say)
     else:
-        open_window(settings, scan.id)
+        open_window(settings, scan.id, unlisted)
         say(
             f"handing out batches through {masked_broker(settings.broker_url)}; watch with: "
             f"celebscan status {scan.id} --watch"
@@ -164,6 +178,58 @@ def _record_listing(
             f"`celebscan scan --resume {scan_id}` hands them out again if needed): fix the cause and scan "
             f"{source.url} again for the rest"
         ) from exc
+
+
+def _fits_in_a_page(source: Source, settings: Settings) -> bool:
+    """A source one listing request covers is listed here (``scan`` then says what is new); a
+    bigger one is listed by the workers."""
+    from worker.aws import client
+
+    try:
+        return fits_in_a_page(client("s3", settings, raw_timestamps=True), source.bucket, source.prefix)
+    except ConfigurationError:
+        return True  # listed here, where the error is recorded as the listing's
+
+
+def _list_on_workers(
+    store: ResultStore, settings: Settings, scan_id: int, source: Source, force: bool, say: Say
+) -> None:
+    """Split the key space into parts, record them, and send them to the workers with the window."""
+    from worker.aws import client
+
+    s3 = client("s3", settings, raw_timestamps=True)
+    try:
+        exact, prefixes = split_key_space(s3, source.bucket, source.prefix, settings.listing_parts)
+        # Objects named exactly like a split prefix are not under any part: recorded here.
+        store.queue_images(scan_id, source.bucket, settings.backend, exact, force=force, keep_ids=False, ended=False)
+    except ConfigurationError as exc:
+        store.record_listing_error(scan_id, str(exc))
+        raise ListingFailedError(
+            f"{exc}; scan {scan_id} listed nothing: fix the cause and scan {source.url} again"
+        ) from exc
+    parts = ListingParts(store)
+    part_ids = parts.create(scan_id, prefixes, force)
+    if not part_ids:
+        parts.end_listing_if_done(scan_id)
+    open_window(settings, scan_id, part_ids)
+    say(f"listing {source.url} on the workers: the key space split into {len(part_ids)} parts")
+
+
+def _list_parts_here(store: ResultStore, settings: Settings, part_ids: list[int]) -> Callable[[], QueueReport] | None:
+    """Embedded ``--resume`` of a scan the workers were listing: list its unfinished parts in this process."""
+    if not part_ids:
+        return None
+
+    def list_parts() -> QueueReport:
+        from worker.aws import client
+
+        parts, s3 = ListingParts(store), client("s3", settings, raw_timestamps=True)
+        token = f"resume-{uuid.uuid4()}"
+        for part_id in part_ids:
+            list_part(part_id, parts, s3, token, slice_seconds=math.inf, attempts=settings.max_attempts)
+        return QueueReport([], 0, 0)
+
+    return list_parts
 
 
 def _drain_while_listing(

@@ -111,18 +111,18 @@ def test_every_bad_input_ends_failed_with_its_code_and_the_worker_goes_on(
     with celery_workers(1, env, tmp_path):
         wait_for_scan(store, scan_id, timeout=300)
 
-    records = {r["key"]: r for r in store.result_records(scan_id)}
+    records = {r.key: r for r in store.result_records(scan_id)}
     print()
     for key, (_, status, code) in MATRIX.items():
         record = records[key]
-        got = (record["status"], (record["error"] or {}).get("code"))
+        got = (record.status, getattr(record.error, "code", None))
         print(f"{key[:40]:<40} {got[0]:<6} {got[1] or ''}")
-        assert got == (status, code), (key, record["error"])
+        assert got == (status, code), (key, record.error)
     assert len(records) == len(MATRIX)
     ok = [k for k in MATRIX if k.startswith("ok/") or k == LONG_KEY]
     assert len([c for c in rekognition.calls if c.answered == "ok"]) == len(ok), "refused inputs are never sent"
     assert (300, 200) in sizes, "the EXIF-rotated photo is sent upright"
-    assert records["ok/40-megapixel.jpg"]["width"] == 7360
+    assert records["ok/40-megapixel.jpg"].width == 7360
     shrunk = [(w, h) for w, h in sizes if w < 7360 and abs(w / h - 7360 / 5440) < 0.01]
     assert shrunk, "the 32 MB, 40-megapixel JPEG is shrunk and sent as bytes"
     assert all(c.size <= 5 * 1024 * 1024 for c in rekognition.calls if c.kind == "Bytes")
@@ -141,22 +141,22 @@ def test_bad_folder_entries_are_recorded_failed_and_the_scan_goes_on(tmp_path, s
     os.close(os.open(os.fsencode(folder) + b"/caf\xe9.jpg", os.O_CREAT | os.O_WRONLY))
     result = celebscan("--database-url", sqlite_url, "scan", folder, "--workers", "1")
     assert "Traceback" not in result.output and "listed 4 images" in result.output, result.output
-    records = {r["key"]: r for r in ResultStore.connect(sqlite_url).result_records()}
-    got = {key: (r["status"], (r["error"] or {}).get("code")) for key, r in records.items()}
+    records = {r.key: r for r in ResultStore.connect(sqlite_url).result_records()}
+    got = {key: (r.status, getattr(r.error, "code", None)) for key, r in records.items()}
     assert got == {
         "good.jpg": ("done", None),
         "loop.jpg": ("failed", "SymlinkLoop"),
         "dangling.jpg": ("failed", "BrokenSymlink"),
         "caf\\xe9.jpg": ("failed", "InvalidFileName"),
     }
-    assert "rename" in records["caf\\xe9.jpg"]["error"]["message"]
+    assert "rename" in records["caf\\xe9.jpg"].error.message
     again = celebscan("--database-url", sqlite_url, "scan", folder, "--workers", "1")
     assert "3 failed" in again.output, "a rescan records the bad entries again, not a crash"
 
 
 def list_as_unprivileged_user(folder: Path) -> list:
     """``list_folder(folder)`` in a forked child that drops root first (root reads every folder)."""
-    from producer.listing import list_folder
+    from worker.listing import list_folder
 
     read_end, write_end = os.pipe()
     child = os.fork()

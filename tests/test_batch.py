@@ -2,11 +2,11 @@
 
 import pytest
 
-from producer.listing import list_folder
 from tests.imagemaker import jpeg
 from worker.batch import MAX_DELIVERIES, WorkerContext, process_batch
 from worker.errors import AccessDeniedError, ThrottledError
 from worker.images import ImageLimits
+from worker.listing import list_folder
 from worker.recognizers import Recognizers
 from worker.recognizers.stub import StubRecognizer
 from worker.results import BoundingBox, Celebrity, RecognitionResult
@@ -42,14 +42,14 @@ def context(store, recognizer):
 
 
 def by_key(store):
-    return {r["key"]: r for r in store.result_records()}
+    return {r.key: r for r in store.result_records()}
 
 
 def test_every_image_gets_a_result(store, folder):
     ids = queued(store, folder)
     report = process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)))
     assert (report.done, report.failed) == (3, 0)
-    assert {k: r["celebrities"][0]["name"] for k, r in by_key(store).items()} == dict.fromkeys(
+    assert {k: r.celebrities[0].name for k, r in by_key(store).items()} == dict.fromkeys(
         ["a.jpg", "b.jpg", "c.jpg"], "obama"
     )
 
@@ -66,7 +66,7 @@ def test_transient_errors_are_retried_until_they_pass(store, folder):
     stub = StubRecognizer(answer)
     process_batch(queued(store, folder), context(store, stub))
     assert stub.calls == 3 + 3
-    assert {r["status"] for r in by_key(store).values()} == {"done"}
+    assert {r.status for r in by_key(store).values()} == {"done"}
 
 
 def test_transient_errors_that_outlast_the_retries_leave_the_images_queued_until_the_deadline(store, folder):
@@ -92,10 +92,10 @@ def test_transient_errors_that_outlast_the_retries_leave_the_images_queued_until
     ctx.retry_deadline = 0  # the deadline has passed
     report = process_batch(ids, ctx)
     assert (report.failed, report.deferred) == (3, ())
-    errors = [r["error"] for r in by_key(store).values()]
-    assert {e["code"] for e in errors} == {"ThrottlingException"}
+    errors = [r.error for r in by_key(store).values()]
+    assert {e.code for e in errors} == {"ThrottlingException"}
     rounds = MAX_DELIVERIES + 2
-    assert all(e["message"].startswith(f"gave up after {4 * rounds} tries over ") for e in errors), errors
+    assert all(e.message.startswith(f"gave up after {4 * rounds} tries over ") for e in errors), errors
     assert store.scan_summary(pending[0].scan_id).finished_at is not None
 
 
@@ -116,7 +116,7 @@ def test_permanent_errors_are_not_retried(store, folder):
     stub = StubRecognizer(answer)
     process_batch(queued(store, folder), context(store, stub))
     assert stub.calls == 3
-    assert {r["error"]["code"] for r in by_key(store).values()} == {"AccessDenied"}
+    assert {r.error.code for r in by_key(store).values()} == {"AccessDenied"}
 
 
 def test_an_unexpected_error_fails_one_image_and_the_batch_goes_on(store, folder):
@@ -129,7 +129,7 @@ def test_an_unexpected_error_fails_one_image_and_the_batch_goes_on(store, folder
 
     answer.calls = 1
     process_batch(queued(store, folder), context(store, StubRecognizer(answer)))
-    statuses = sorted((r["status"], (r["error"] or {}).get("code")) for r in by_key(store).values())
+    statuses = sorted((r.status, getattr(r.error, "code", None)) for r in by_key(store).values())
     assert statuses == [("done", None), ("done", None), ("failed", "InternalError")]
 
 
@@ -139,7 +139,7 @@ def test_bad_files_and_vanished_files_fail_with_codes(store, folder):
     ids = queued(store, folder)
     (folder / "c.jpg").unlink()
     process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)))
-    codes = {k: (r["error"] or {}).get("code") for k, r in by_key(store).items()}
+    codes = {k: getattr(r.error, "code", None) for k, r in by_key(store).items()}
     assert codes == {
         "a.jpg": None,
         "b.jpg": None,
@@ -177,8 +177,8 @@ def test_an_image_that_keeps_killing_workers_is_quarantined(store, folder):
             process_batch(ids, context(store, StubRecognizer(answer)))
     process_batch(ids, context(store, StubRecognizer(answer)))
     records = by_key(store)
-    assert records["a.jpg"]["error"]["code"] == "Quarantined"
-    assert records["b.jpg"]["status"] == records["c.jpg"]["status"] == "done"
+    assert records["a.jpg"].error.code == "Quarantined"
+    assert records["b.jpg"].status == records["c.jpg"].status == "done"
     assert poison_id == min(ids)
 
 
@@ -203,7 +203,7 @@ def test_a_batch_this_worker_cannot_serve_is_handed_back_untouched(store, folder
     with pytest.raises(RecognizerUnavailableError, match="rekognition"):
         process_batch(ids, context(store, stub))
     assert stub.calls == 0
-    assert {(r["status"], r["error"]) for r in by_key(store).values()} == {("queued", None)}
+    assert {(r.status, r.error) for r in by_key(store).values()} == {("queued", None)}
     assert [image.attempts for image in store.pending(ids)] == [0, 0, 0]
 
 
@@ -224,7 +224,7 @@ def test_runs_that_ended_with_a_database_error_do_not_push_images_toward_quarant
             process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)), delivery=f"task-1:{retry}")
     monkeypatch.setattr(store, "save_outcomes", save)
     process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)), delivery=f"task-1:{MAX_DELIVERIES + 2}")
-    assert {r["status"] for r in by_key(store).values()} == {"done"}
+    assert {r.status for r in by_key(store).values()} == {"done"}
 
 
 def test_paid_calls_are_set_not_added_so_a_repeated_write_counts_once(store, folder, monkeypatch):

@@ -94,9 +94,9 @@ def test_prefilter_sends_only_images_with_a_face(env, rekognition, sqlite_url, t
     with store.engine.connect() as conn:
         saved = {row.key for row in conn.execute(select(images.c.key).where(images.c.calls_saved == 1))}
     assert saved == {"coffee.jpg", "cat.jpg", "gradient.png"}
-    records = {r["key"]: r for r in store.result_records()}
-    assert all(records[key]["status"] == "done" and not records[key]["celebrities"] for key in saved)
-    assert records["broken.jpg"]["error"]["code"] == "CorruptImage"
+    records = {r.key: r for r in store.result_records()}
+    assert all(records[key].status == "done" and not records[key].celebrities for key in saved)
+    assert records["broken.jpg"].error.code == "CorruptImage"
 
 
 def test_prefilter_is_for_the_paid_backend_only(env, tmp_path):

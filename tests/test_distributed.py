@@ -79,7 +79,7 @@ def test_bucket_scan_through_redis_and_two_workers(
 
     output = scan(env, f"s3://{bucket}/2024/")
     listed = len(answers) + len(bad_keys)
-    assert f"listed {listed} images; 0 already done, {listed} to scan" in output
+    assert f"listed {listed} images; 0 already done, {listed} to scan" in output, "a page's worth is listed by scan"
     assert "handing out batches through redis://" in output and "(at most 256 at a time)" in output
     scan_id = pg_store.latest_scan_id()
 
@@ -99,15 +99,16 @@ def test_bucket_scan_through_redis_and_two_workers(
     assert f"{len(answers)} done, {len(bad_keys)} failed" in watched.output
     assert "failed: EmptyObject 1, ImageTooSmall 1, InvalidImageFormat 2" in watched.output  # the live bar
 
-    records = {r["key"]: r for r in pg_store.result_records(scan_id)}
+    records = {r.key: r for r in pg_store.result_records(scan_id)}
     assert set(records) == set(answers) | bad_keys
+    assert pg_store.summary(scan_id).listed == listed and pg_store.summary(scan_id).listing == "listed"
     with pg_store.engine.connect() as conn:
         per_key = conn.execute(select(images.c.key, func.count()).group_by(images.c.key)).all()
     assert all(n == 1 for _, n in per_key) and len(per_key) == listed
     for key, names in answers.items():
-        assert records[key]["status"] == "done"
-        assert sorted(c["name"] for c in records[key]["celebrities"]) == names, key
-    codes = {key: records[key]["error"]["code"] for key in bad_keys}
+        assert records[key].status == "done"
+        assert sorted(c.name for c in records[key].celebrities) == names, key
+    codes = {key: records[key].error.code for key in bad_keys}
     assert codes == {
         "2024/bad/notes.jpg": "InvalidImageFormat",
         "2024/bad/empty.png": "EmptyObject",
@@ -170,8 +171,8 @@ def test_missing_bucket_is_a_clean_error(aws_env, sqlite_url):
 def test_workers_refuse_pickled_messages(broker_url, postgres_url, pg_store, tmp_path):
     from kombu import Connection, Exchange, Producer, Queue
 
-    from producer.listing import ListedObject
     from worker.celery_config import TASK_NAME
+    from worker.listing import ListedObject
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -151,8 +151,8 @@ def test_a_poison_image_is_quarantined(fault_scan, rekognition):
         nodes.extend(started)
         wait_for_scan(fault_scan.store, scan_id, timeout=300)
     counts = fault_scan.check(scan_id, "poison image")
-    records = {r["key"]: r for r in fault_scan.store.result_records(scan_id)}
-    assert counts["failed"] == 1 and records["f/007.jpg"]["error"]["code"] == "Quarantined"
+    records = {r.key: r for r in fault_scan.store.result_records(scan_id)}
+    assert counts["failed"] == 1 and records["f/007.jpg"].error.code == "Quarantined"
 
 
 @pytest.fixture
@@ -204,7 +204,7 @@ def test_broker_data_lost_mid_scan_is_recovered_by_resume(fault_scan, own_server
     with celery_workers(2, fault_scan.env, fault_scan.logs):
         fault_scan.until_under_way(scan_id)
         broker.stop()
-        finished_before = {r["key"] for r in fault_scan.store.result_records(scan_id) if r["status"] == "done"}
+        finished_before = {r.key for r in fault_scan.store.result_records(scan_id) if r.status == "done"}
         broker.start()
         resumed = CliRunner().invoke(
             cli, ["scan", "--resume", str(scan_id)], env=fault_scan.env, catch_exceptions=False
@@ -272,7 +272,7 @@ def test_throttling_that_never_ends_fails_every_image_after_the_deadline(fault_s
         wait_for_scan(fault_scan.store, scan_id, timeout=600)
     counts = fault_scan.check(scan_id, "throttled for ever, 6 s deadline")
     assert counts["failed"] == IMAGES
-    errors = [r["error"] for r in fault_scan.store.result_records(scan_id)]
-    assert {e["code"] for e in errors} == {"ThrottlingException"}
-    assert all(e["message"].startswith("gave up after ") and " tries over " in e["message"] for e in errors)
-    assert all(int(e["message"].split()[3]) >= 4 for e in errors), "handed out again before giving up"
+    errors = [r.error for r in fault_scan.store.result_records(scan_id)]
+    assert {e.code for e in errors} == {"ThrottlingException"}
+    assert all(e.message.startswith("gave up after ") and " tries over " in e.message for e in errors)
+    assert all(int(e.message.split()[3]) >= 4 for e in errors), "handed out again before giving up"

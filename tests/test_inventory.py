@@ -86,9 +86,9 @@ def test_a_scan_from_an_inventory_queues_what_a_listing_would(inventoried, bucke
     photos = [key for key in keys if key.startswith("photos/")]
     assert f"listed {len(photos)} images; 0 already done" in run.output
     store = ResultStore.connect(sqlite_url)
-    records = {r["key"]: r for r in store.result_records()}
+    records = {r.key: r for r in store.result_records()}
     assert set(records) == set(photos), "prefix, image names, delete markers and URL-encoded keys as a listing"
-    assert {r["status"] for r in records.values()} == {"done"}
+    assert {r.status for r in records.values()} == {"done"}
     assert {c.key for c in rekognition.calls} == set(photos), "the workers read the inventoried bucket"
 
     again = celebscan("--database-url", sqlite_url, "scan", "--inventory", manifest, "--backend", "rekognition")

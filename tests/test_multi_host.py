@@ -100,8 +100,8 @@ def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_image
     idle timeout ends it. The server's TCP keepalives must, or the batch's next delivery waits forever."""
     import threading
 
-    from producer.listing import ListedObject
     from tests.servers import PostgresServer, running
+    from worker.listing import ListedObject
     from worker.outcomes import ImageOutcome
     from worker.results import BoundingBox, Celebrity, RecognitionResult
 
@@ -135,7 +135,7 @@ def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_image
         ).start()
         wait_until(written.is_set, timeout=180, what="the batch written again after the cut")
         [record] = store.result_records(scan_id)
-        assert [c["name"] for c in record["celebrities"]] == ["again"]
+        assert [c.name for c in record.celebrities] == ["again"]
         store.engine.dispose()
 
 

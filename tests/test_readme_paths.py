@@ -137,6 +137,7 @@ def test_workers_started_as_readme_says_serve_readmes_rekognition_scan(
         )
     summary = store.scan_summary(scan_id)
     assert summary.counts == {"queued": 0, "done": 24, "failed": 0}, (tmp_path / "worker.log").read_text()[-3000:]
+    assert summary.listed == 24
     assert summary.people == {"someone": 24}
     status = run_as_user(f"celebscan status {scan_id}", env, tmp_path)
     assert "24 done, 0 failed" in status
@@ -174,10 +175,10 @@ def test_one_procfile_worker_serves_a_local_and_a_rekognition_scan_at_once(
     assert len(processes) == 2
     paid = store.scan_summary(paid_id)
     assert paid.counts == {"queued": 0, "done": 16, "failed": 0} and paid.people == {"someone": 16}
-    local = {r["key"]: r for r in store.result_records(local_id)}
-    assert {key: r["status"] for key, r in local.items()} == {f"family/{image}": "done" for image in local_images}
+    local = {r.key: r for r in store.result_records(local_id)}
+    assert {key: r.status for key, r in local.items()} == {f"family/{image}": "done" for image in local_images}
     for image in local_images:
-        names = sorted(c["name"] for c in local[f"family/{image}"]["celebrities"])
+        names = sorted(c.name for c in local[f"family/{image}"].celebrities)
         assert names == sorted(expected_people[image]), image
     assert len(rekognition.calls) == 16, "the local scan's images never reach the paid service"
     store.engine.dispose()

@@ -2,10 +2,10 @@
 
 import pytest
 
-from producer.listing import check_bucket, list_s3
 from tests.imagemaker import jpeg
 from worker.aws import client
 from worker.errors import ConfigurationError, ObjectMissingError
+from worker.listing import check_bucket, list_s3
 from worker.settings import Settings
 from worker.sources import S3Reader
 
@@ -89,15 +89,15 @@ def test_a_listing_that_fails_part_way_keeps_what_it_listed_and_says_so(
 
     from botocore.exceptions import ClientError
 
-    import producer.listing
     import producer.scan
+    import worker.listing
     from tests.clirun import celebscan
     from worker.aws import translate
     from worker.store import ResultStore
 
     for i in range(30):
         s3.put_object(Bucket=bucket, Key=f"img{i:03d}.jpg", Body=jpeg())
-    real_pages = producer.listing._pages
+    real_pages = worker.listing._pages
 
     def refused_at_page_three(s3_client, **arguments):
         for number, page in enumerate(real_pages(s3_client, **arguments), start=1):
@@ -106,7 +106,7 @@ def test_a_listing_that_fails_part_way_keeps_what_it_listed_and_says_so(
                 raise ConfigurationError(str(translate(denied, f"listing s3://{bucket}/")))
             yield page
 
-    monkeypatch.setattr(producer.listing, "_pages", refused_at_page_three)
+    monkeypatch.setattr(worker.listing, "_pages", refused_at_page_three)
     monkeypatch.setattr(producer.scan, "list_s3", functools.partial(list_s3, page_size=10, parts=1))
     failed = celebscan("--database-url", sqlite_url, "scan", f"s3://{bucket}/", "--backend", "rekognition", ok=False)
     assert failed.exit_code == 1 and "Traceback" not in failed.output
@@ -131,8 +131,8 @@ def test_the_key_space_splits_into_parts_that_list_every_key_once(prefixes):
     many requests for ten times the keys."""
     import boto3
 
-    from producer.listing import split_key_space
     from tests.synthetic_s3 import SyntheticBucket, serving
+    from worker.listing import split_key_space
 
     probes = {}
     for count in (5_000, 50_000):
@@ -148,11 +148,17 @@ def test_the_key_space_splits_into_parts_that_list_every_key_once(prefixes):
             for key in keys:
                 [owner] = [part for part in parts if key.startswith(part)]
                 owners[owner] += 1
-            assert exact == [] and len(parts) >= 32 and all(owners.values()), parts
+            assert exact == [] and 32 <= len(parts) <= 96 and all(owners.values()), parts
             if count == 5_000:
                 listed = [o.key for o in list_s3(s3, "split", "", threads=4, page_size=300)]
                 assert sorted(listed) == keys
     print(f"\nrequests to split: {probes}")
+    with serving([SyntheticBucket("small", 1000, prefixes=prefixes)]) as (url, stats):
+        s3 = boto3.client(
+            "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+        )
+        assert split_key_space(s3, "small", "", parts=32) == ([], [""]), "a page lists it: not split"
+        assert stats["list_requests"] == 1
     assert probes[50_000] <= 1.5 * probes[5_000]
 
 
@@ -162,5 +168,5 @@ def test_an_object_named_like_a_split_prefix_is_listed_too(s3, bucket):
     s3.put_object(Bucket=bucket, Key="a", Body=b"no image name")
     s3.put_object(Bucket=bucket, Key="img", Body=jpeg())
     s3.put_object(Bucket=bucket, Key="img.jpg", Body=jpeg())
-    listed = sorted(o.key for o in list_s3(client("s3", Settings()), bucket, "", parts=64))
+    listed = sorted(o.key for o in list_s3(client("s3", Settings()), bucket, "", parts=64, page_size=2))
     assert listed == ["a.jpg", "ab.jpg", "b.png", "c/d.jpg", "img.jpg"]

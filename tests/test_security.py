@@ -22,7 +22,7 @@ def test_symlinks_out_of_the_folder_are_not_followed(tmp_path, sqlite_url):
     (folder / "link.jpg").symlink_to(outside / "secret.jpg")
     (folder / "linked-dir").symlink_to(outside, target_is_directory=True)
     (folder / "inside-link.jpg").symlink_to(folder / "mine.jpg")
-    from producer.listing import list_folder
+    from worker.listing import list_folder
 
     assert sorted(o.key for o in list_folder(folder)) == ["inside-link.jpg", "mine.jpg"]
 

@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import func, select
 
-from producer.listing import ListedObject
+from worker.listing import ListedObject
 from worker.outcomes import ImageOutcome
 from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
 from worker.schema import faces, images
@@ -64,7 +64,7 @@ def test_changed_content_is_a_new_image(store):
     assert len(report.image_ids) == 1 and report.image_ids != first.image_ids
     finish_all(store, report, result("biden"))
     latest = list(store.result_records())
-    assert [(r["etag"], r["celebrities"][0]["name"]) for r in latest] == [("e2", "biden")]
+    assert [(r.etag, r.celebrities[0].name) for r in latest] == [("e2", "biden")]
 
 
 def test_force_requeues_done_images(store):
@@ -88,7 +88,7 @@ def test_reprocessed_image_replaces_its_faces(store):
     [image_id] = report.image_ids
     store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama", "biden"))])
     store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama"))])
-    assert [r["celebrities"] for r in store.result_records()][0][0]["name"] == "obama"
+    assert [r.celebrities for r in store.result_records()][0][0].name == "obama"
     assert count(store, faces) == 1
 
 
@@ -101,7 +101,7 @@ def test_records_have_the_design_shape(store):
             ImageOutcome.failed(bad, "InvalidImageFormat", "not an image"),
         ]
     )
-    records = {r["key"]: r for r in store.result_records(scan_id)}
+    records = {r.key: r.to_dict() for r in store.result_records(scan_id)}
     assert set(records["ok.jpg"]) == {
         "scan_id",
         "source",
@@ -149,7 +149,7 @@ def test_start_counts_attempts_and_quarantines_repeat_offenders(store):
     live = store.start(store.pending(report.image_ids), max_deliveries=3)
     assert live == []
     records = list(store.result_records())
-    assert {r["error"]["code"] for r in records} == {"Quarantined"}
+    assert {r.error.code for r in records} == {"Quarantined"}
 
 
 def test_many_images_are_written_in_chunks(store):
@@ -256,8 +256,8 @@ def test_text_and_json_that_need_escaping_come_back_unchanged(store):
     scan_id, report = queue(store, ["a.jpg"])
     finish_all(store, report, answer)
     [record] = store.result_records(scan_id)
-    [celebrity] = record["celebrities"]
-    assert (celebrity["name"], celebrity["id"], celebrity["urls"]) == (awkward, "id\t1", [awkward])
+    [celebrity] = record.celebrities
+    assert (celebrity.name, celebrity.id, celebrity.urls) == (awkward, "id\t1", (awkward,))
     with store.engine.connect() as conn:
         details = conn.execute(select(faces.c.details)).scalar_one()
     assert details == {"Face": {"Pose": {"Roll": -1.5}, "Note": awkward, "Path": "C:\\x\\N"}}

@@ -50,10 +50,13 @@ def test_workers_finish_images_while_the_listing_is_still_going(synthetic, broke
     store = ResultStore.connect(postgres_url)
     with RekognitionStandIn(s3_endpoint=url) as rekognition:
         rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
-        env = scan_env(url, rekognition.url, broker_url, postgres_url)
+        env = scan_env(url, rekognition.url, broker_url, postgres_url, CELEBSCAN_LISTING_PARTS="4")
         with celery_workers(1, env, tmp_path, concurrency=2):
             output = celebscan("scan", "s3://slow/", "--backend", "rekognition", env=env).output
-            assert "listed 12000 images" in output
+            assert "listing s3://slow/ on the workers" in output
+            scan_id = store.latest_scan_id()
+            wait_until(lambda: store.summary(scan_id).listing == "listed", timeout=300, what="the listing to end")
+            assert store.summary(scan_id).listed == 12_000
             with store.engine.connect() as conn:
                 listing_ended = conn.execute(select(scans.c.listing_finished_at)).scalar_one()
                 done_before = conn.execute(
@@ -91,7 +94,7 @@ def test_the_broker_never_holds_more_than_the_window(synthetic, broker_url, post
             listing.set()
             watcher.join()
             memory = client.info("memory")["used_memory"]
-    assert "listed 50000 images" in output and "at most 8 at a time" in output
+    assert "on the workers" in output and "at most 8 at a time" in output
     waiting = max(waiting for waiting, _ in samples)
     in_the_broker = max(waiting + unacked for waiting, unacked in samples)
     print(
@@ -101,4 +104,46 @@ def test_the_broker_never_holds_more_than_the_window(synthetic, broker_url, post
     assert waiting <= 8 and in_the_broker <= 8 + 2, "a slot in hand may be sent on before it is acknowledged"
     assert memory < 8e6
     assert store.summary(scan_id).counts["queued"] > 0, "the test looked while the work went on"
+    store.engine.dispose()
+
+
+@pytest.mark.parametrize("synthetic", [[SyntheticBucket("killed", 12_000, prefixes=0, page_delay=1.0)]], indirect=True)
+def test_a_worker_node_killed_while_it_lists_loses_and_doubles_nothing(synthetic, broker_url, postgres_url, tmp_path):
+    """The key space is listed by two worker nodes; one is SIGKILLed (its pool too) mid-listing. Its
+    parts' messages come back after the visibility timeout and list on after their last page."""
+    import os
+    import signal
+
+    from tests.celery_workers import pool_children
+
+    url, _ = synthetic
+    _reset_postgres(postgres_url)
+    store = ResultStore.connect(postgres_url)
+    with RekognitionStandIn(s3_endpoint=url) as rekognition:
+        rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
+        env = scan_env(
+            url,
+            rekognition.url,
+            broker_url,
+            postgres_url,
+            CELEBSCAN_LISTING_PARTS="4",
+            CELEBSCAN_VISIBILITY_TIMEOUT="5",
+            CELEBSCAN_BATCH_SIZE="50",
+        )
+        with celery_workers(2, env, tmp_path, concurrency=2) as nodes:
+            output = celebscan("scan", "s3://killed/", "--backend", "rekognition", env=env).output
+            assert "listing s3://killed/ on the workers" in output
+            scan_id = store.latest_scan_id()
+            wait_until(lambda: store.summary(scan_id).listed >= 1000, timeout=120, what="the first pages")
+            for pid in pool_children(nodes[0]) + [nodes[0].pid]:
+                os.kill(pid, signal.SIGKILL)
+            listed_at_the_kill = store.summary(scan_id).listed
+            wait_until(lambda: store.summary(scan_id).listing == "listed", timeout=300, what="the listing to end")
+    summary = store.summary(scan_id)
+    with store.engine.connect() as conn:
+        rows, keys = conn.execute(select(func.count(), func.count(func.distinct(images.c.key)))).one()
+    print(f"\nkilled a node at {listed_at_the_kill} of 12,000 listed; then listed {summary.listed}, {rows} rows")
+    assert listed_at_the_kill < 12_000, "the node was killed while the workers listed"
+    assert summary.listed == rows == keys == 12_000
+    assert summary.listing == "listed" and summary.listing_parts[0] == summary.listing_parts[1]
     store.engine.dispose()

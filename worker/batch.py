@@ -20,6 +20,7 @@ from worker.claims import ClaimQueue
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, RecognizerUnavailableError, TransientError
 from worker.images import ImageLimits, decode_image
+from worker.listing_parts import ListingParts
 from worker.outcomes import ImageOutcome, QueuedImage
 from worker.prefilter import FacePrefilter
 from worker.recognizers import PAID_BACKENDS, Recognizers
@@ -55,9 +56,25 @@ class WorkerContext:
     batch_size: int = 16  # images a window slot claims when its scan names no batch size
     lease_seconds: float = 3600.0  # a claim whose message was lost is taken over after this
 
+    #: Lists S3 key-space parts (a client that leaves timestamps unparsed), built on first use.
+    settings: Settings | None = None
+    _s3_lister: object = field(default=None, repr=False)
+
     @property
     def claims(self) -> ClaimQueue:
         return ClaimQueue(self.store.engine, self.lease_seconds)
+
+    @property
+    def listing_parts(self) -> ListingParts:
+        return ListingParts(self.store, self.lease_seconds)
+
+    @property
+    def s3_lister(self):
+        if self._s3_lister is None:
+            from worker.aws import client
+
+            self._s3_lister = client("s3", self.settings or Settings(), raw_timestamps=True)
+        return self._s3_lister
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine | None = None) -> WorkerContext:
@@ -72,6 +89,7 @@ class WorkerContext:
             prefilter=FacePrefilter(settings),
             batch_size=settings.batch_size,
             lease_seconds=settings.visibility_timeout,
+            settings=settings,
         )
 
 

@@ -21,8 +21,16 @@ from celery.signals import worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker.batch import WorkerContext, process_batch, take_next_batch
-from worker.celery_config import SLOT_TASK_NAME, TASK_NAME, make_celery, send_window_slots
+from worker.celery_config import (
+    LIST_TASK_NAME,
+    SLOT_TASK_NAME,
+    TASK_NAME,
+    make_celery,
+    send_listing_parts,
+    send_window_slots,
+)
 from worker.errors import RecognizerUnavailableError
+from worker.listing_parts import LIST_SLICE_SECONDS, list_part
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,3 +98,20 @@ def take_next_batch_task(self, scan_id: int, idle_rounds: int = 0) -> dict:
         countdown = min(step.next_in, settings.visibility_timeout / 2)
         send_window_slots(app, scan_id, countdown=countdown, idle_rounds=step.idle_rounds)
     return dataclasses.asdict(step.report)
+
+
+@app.task(name=LIST_TASK_NAME, bind=True, **DATABASE_RETRIES)
+def list_part_task(self, part_id: int) -> dict:
+    """A part of a scan's key space: list it for a slice, then send it on (or end it)."""
+    context = worker_context()
+    step = list_part(
+        part_id,
+        context.listing_parts,
+        context.s3_lister,
+        f"{self.request.id}:{self.request.retries}",
+        slice_seconds=min(LIST_SLICE_SECONDS, settings.visibility_timeout / 4),
+        attempts=settings.max_attempts,
+    )
+    if step.next_in is not None:
+        send_listing_parts(app, [part_id], countdown=step.next_in)
+    return dataclasses.asdict(step)

@@ -7,13 +7,19 @@ the batch function, the recognizers or dlib.
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 
 from worker.settings import Settings
 
 TASK_NAME = "celebscan.process_batch"  # a list of image ids (messages from before the window)
 #: A window slot: "take the next batch of scan N" (see worker/claims.py).
 SLOT_TASK_NAME = "celebscan.take_next_batch"
+#: A part of a scan's S3 key space to list (see worker/listing_parts.py).
+LIST_TASK_NAME = "celebscan.list_part"
 QUEUE = "celebscan"
+#: Listing has its own queue: a worker takes from both in turn, so recognition starts at once
+#: while the key space is listed, and a long listing never waits behind a full window.
+LISTING_QUEUE = "celebscan.listing"
 #: Worker processes are replaced after this many batches, returning dlib's and Pillow's memory.
 MAX_TASKS_PER_CHILD = 200
 #: ... or when their resident memory passes this many KiB (dlib alone is ~440 MB).
@@ -32,6 +38,9 @@ def make_celery(settings: Settings) -> Celery:
         # Results live in the database, not in Celery.
         task_ignore_result=True,
         task_default_queue=QUEUE,
+        # A worker started without --queues serves both.
+        task_queues=[Queue(QUEUE), Queue(LISTING_QUEUE)],
+        task_routes={LIST_TASK_NAME: {"queue": LISTING_QUEUE}},
         # A batch is acknowledged only when done; a worker that dies hands it back.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -60,4 +69,16 @@ def send_window_slots(
             countdown=countdown or None,
             producer=producer,
             argsrepr=f"[scan {scan_id}]",
+        )
+
+
+def send_listing_parts(app: Celery, part_ids: list[int], *, countdown: float = 0.0, producer=None) -> None:
+    """Put one message per listing part into the listing queue."""
+    for part_id in part_ids:
+        app.send_task(
+            LIST_TASK_NAME,
+            args=[part_id],
+            countdown=countdown or None,
+            producer=producer,
+            argsrepr=f"[part {part_id}]",
         )

@@ -34,6 +34,8 @@ class ScanSummary:
     #: "listing" while the source is being listed, "listed" after, "listing failed" (see listing_error).
     listing: str = "listed"
     listing_error: str | None = None
+    #: (parts ended, parts) while and after the workers list the key space; None when one process listed it.
+    listing_parts: tuple[int, int] | None = None
 
     @property
     def processed(self) -> int:
@@ -80,36 +82,107 @@ def unserved_reason(scan, last_processed_at: datetime | None, queued: int) -> st
     return scan.unserved_reason
 
 
-def _stored_box(face) -> dict[str, float]:
-    return BoundingBox(face.box_left, face.box_top, face.box_width, face.box_height).to_dict()
+@dataclass(frozen=True)
+class FoundCelebrity:
+    """A recognized face in a stored result."""
+
+    name: str
+    id: str | None
+    match_confidence: float
+    bounding_box: BoundingBox
+    urls: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "match_confidence": self.match_confidence,
+            "bounding_box": self.bounding_box.to_dict(),
+            "urls": list(self.urls),
+        }
 
 
-def result_record(row, face_rows) -> dict[str, Any]:
-    error = {"code": row.error_code, "message": row.error_message} if row.status == FAILED else None
-    return {
-        "scan_id": row.scan_id,
-        "source": row.source,
-        "key": row.key,
-        "etag": row.etag,
-        "status": row.status,
-        "error": error,
-        "backend": row.backend,
-        "width": row.width,
-        "height": row.height,
-        "celebrities": [
-            {
-                "name": f.name,
-                "id": f.person_id,
-                "match_confidence": round(f.match_confidence, 2),
-                "bounding_box": _stored_box(f),
-                "urls": f.urls or [],
-            }
+@dataclass(frozen=True)
+class UnknownFace:
+    """A face that was found and not recognized."""
+
+    bounding_box: BoundingBox
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bounding_box": self.bounding_box.to_dict(), "confidence": self.confidence}
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """Why an image could not be read: a stable code (README's bad-input table) and a message."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One image's result as ``celebscan results`` gives it (DESIGN.md's result record)."""
+
+    scan_id: int
+    source: str
+    key: str
+    etag: str
+    status: str
+    error: ImageError | None
+    backend: str
+    width: int | None
+    height: int | None
+    celebrities: tuple[FoundCelebrity, ...] = ()
+    unrecognized_faces: tuple[UnknownFace, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        """The people recognized in the image, each once, sorted."""
+        return sorted({celebrity.name for celebrity in self.celebrities})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record in the JSON shape of ``results --format jsonl``."""
+        error = {"code": self.error.code, "message": self.error.message} if self.error else None
+        return {
+            "scan_id": self.scan_id,
+            "source": self.source,
+            "key": self.key,
+            "etag": self.etag,
+            "status": self.status,
+            "error": error,
+            "backend": self.backend,
+            "width": self.width,
+            "height": self.height,
+            "celebrities": [celebrity.to_dict() for celebrity in self.celebrities],
+            "unrecognized_faces": [face.to_dict() for face in self.unrecognized_faces],
+        }
+
+
+def _stored_box(face) -> BoundingBox:
+    return BoundingBox(face.box_left, face.box_top, face.box_width, face.box_height)
+
+
+def result_record(row, face_rows) -> ResultRecord:
+    """The record of an image row (joined with its scan's source) and its face rows."""
+    failed = row.status == FAILED
+    return ResultRecord(
+        scan_id=row.scan_id,
+        source=row.source,
+        key=row.key,
+        etag=row.etag,
+        status=row.status,
+        error=ImageError(row.error_code or "", row.error_message or "") if failed else None,
+        backend=row.backend,
+        width=row.width,
+        height=row.height,
+        celebrities=tuple(
+            FoundCelebrity(f.name, f.person_id, round(f.match_confidence, 2), _stored_box(f), tuple(f.urls or ()))
             for f in face_rows
             if f.name is not None
-        ],
-        "unrecognized_faces": [
-            {"bounding_box": _stored_box(f), "confidence": round(f.face_confidence or 0.0, 2)}
-            for f in face_rows
-            if f.name is None
-        ],
-    }
+        ),
+        unrecognized_faces=tuple(
+            UnknownFace(_stored_box(f), round(f.face_confidence or 0.0, 2)) for f in face_rows if f.name is None
+        ),
+    )

@@ -105,6 +105,28 @@ images = Table(
     ),
 )
 
+listing_parts = Table(
+    "listing_parts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # With a broker, a scan's S3 key space is split into parts that the workers list (worker/listing_parts.py).
+    Column("scan_id", Integer, ForeignKey("scans.id"), nullable=False),
+    Column("prefix", Text, nullable=False),
+    # The last key recorded: a part picked up again (a slice ended, a worker died) lists on after it,
+    # committed with the images it closes, so nothing is listed twice or skipped.
+    Column("last_key", Text),
+    # Objects the part recorded, and those of them skipped (done before): a scan's figures add its parts'.
+    Column("listed", BigInteger, nullable=False, server_default=text("0")),
+    Column("skipped", BigInteger, nullable=False, server_default=text("0")),
+    Column("force", Boolean, nullable=False, server_default=text("false")),
+    Column("status", String(16), nullable=False),  # queued (to list), done, failed
+    Column("error", Text),
+    # The message listing the part now, and when it last recorded a page (a lease, as images' claims).
+    Column("claimed_by", String(100)),
+    Column("claimed_at", DateTime(timezone=True)),
+    Index("ix_listing_parts_scan_status", "scan_id", "status"),
+)
+
 faces = Table(
     "faces",
     metadata,

@@ -126,6 +126,12 @@ class Settings:
         "Batches of a scan in the broker at most (each a few hundred bytes); at least the worker processes.",
         minimum=1,
     )
+    listing_parts: int = _setting(
+        128,
+        "CELEBSCAN_LISTING_PARTS",
+        "With a broker: parts of an S3 key space the workers list in parallel; more than the fleet's processes.",
+        minimum=1,
+    )
     visibility_timeout: int = _setting(
         3600,
         "CELEBSCAN_VISIBILITY_TIMEOUT",

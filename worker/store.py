@@ -41,9 +41,16 @@ from worker.outcomes import (
     write_outcomes_portable,
     write_outcomes_postgresql,
 )
-from worker.reports import ScanProgress, ScanSummary, listing_state, result_record, unserved_reason
+from worker.reports import (
+    ResultRecord,
+    ScanProgress,
+    ScanSummary,
+    listing_state,
+    result_record,
+    unserved_reason,
+)
 from worker.retry import retry_database
-from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, scans
+from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, listing_parts, scans
 from worker.settings import Settings
 
 
@@ -128,6 +135,7 @@ class ResultStore:
         *,
         force: bool = False,
         keep_ids: bool = True,
+        ended: bool = True,
     ) -> QueueReport:
         """Record every listed object as ``queued`` in this scan, except those already done.
 
@@ -136,16 +144,19 @@ class ResultStore:
         chunk is committed as it is listed, so workers claim images while the listing goes on; at
         the end the listing is marked finished (and the scan too, if nothing is left queued).
         ``keep_ids`` returns the queued ids (tests and small jobs; a scan keeps none in memory).
+        ``ended=False`` leaves the listing open (the workers list the rest: ``worker/listing_parts.py``).
         """
         image_ids: list[int] = []
         total = skipped = 0
         for chunk in chunks(listed, CHUNK_SIZE):
             with self.engine.begin() as conn:
-                ids, chunk_skipped = self._queue_chunk(conn, scan_id, bucket, backend, chunk, force, keep_ids)
+                ids, chunk_skipped = self.queue_chunk(conn, scan_id, bucket, backend, chunk, force, keep_ids)
                 total, skipped = total + len(chunk), skipped + chunk_skipped
                 # the counts so far, with the chunk: status shows the listing's progress
                 conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=total, skipped=skipped))
             image_ids += ids
+        if not ended:
+            return QueueReport(image_ids=image_ids, listed=total, skipped=skipped)
         with self.engine.begin() as conn:
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_finished_at=utcnow()))
         self.finish_scans([scan_id])
@@ -162,7 +173,7 @@ class ResultStore:
         with self.engine.begin() as conn:
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_error=reason[:2000]))
 
-    def _queue_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids) -> tuple[list[int], int]:
+    def queue_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids) -> tuple[list[int], int]:
         now = utcnow()
         listed_keys = [item.key for item in chunk]
         if conn.dialect.name == "postgresql" and not any(item.error for item in chunk):
@@ -430,6 +441,15 @@ class ResultStore:
                     func.coalesce(func.sum(images.c.calls_saved), 0),
                 ).where(in_scan)
             ).one()
+            # With a broker, the workers list the key space in parts, each counting what it listed.
+            parts, parts_ended, parts_listed, parts_skipped = conn.execute(
+                select(
+                    func.count(),
+                    func.count().filter(listing_parts.c.status != QUEUED),
+                    func.coalesce(func.sum(listing_parts.c.listed), 0),
+                    func.coalesce(func.sum(listing_parts.c.skipped), 0),
+                ).where(listing_parts.c.scan_id == scan_id)
+            ).one()
             failures: dict[str, int] = {}
             retrying: dict[str, int] = {}
             for status, code, count in conn.execute(
@@ -455,8 +475,8 @@ class ResultStore:
             backend=scan.backend,
             created_at=scan.created_at,
             finished_at=scan.finished_at,
-            listed=scan.listed,
-            skipped=scan.skipped,
+            listed=scan.listed + int(parts_listed),
+            skipped=scan.skipped + int(parts_skipped),
             counts=counts,
             faces=face_count,
             people=people,
@@ -468,9 +488,10 @@ class ResultStore:
             unserved=unserved_reason(scan, last, counts[QUEUED]),
             listing=listing_state(scan),
             listing_error=scan.listing_error,
+            listing_parts=(parts_ended, parts) if parts else None,
         )
 
-    def result_records(self, scan_id: int | None = None, key: str | None = None) -> Iterator[dict[str, Any]]:
+    def result_records(self, scan_id: int | None = None, key: str | None = None) -> Iterator[ResultRecord]:
         """One record per image, in the result format of DESIGN.md, streamed in chunks.
 
         With no scan, every image's latest version (an object whose content changed has one row

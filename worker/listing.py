@@ -5,6 +5,9 @@ characters into parts listed in parallel, so flat buckets and wide ones both lis
 folder is walked recursively; each file's etag is its size and modification time (nothing is read
 while listing), so a rescan skips unchanged files; the worker records each file's content hash.
 Symlinks are never followed out of the folder.
+
+It is in ``worker/`` because, with a broker, the workers list the parts of an S3 key space
+(``worker/listing_parts.py``); the producer lists in-process without one.
 """
 
 from __future__ import annotations
@@ -115,12 +118,12 @@ def list_s3(
 
     A listing error (no such bucket, access denied, unreachable endpoint) is a ``ConfigurationError``.
     """
-    exact, prefixes = split_key_space(s3_client, bucket, prefix, parts)
+    exact, prefixes = split_key_space(s3_client, bucket, prefix, parts, page_size)
     yield from exact
     paging = {"PageSize": page_size}
     if len(prefixes) == 1:
         for page in _pages(s3_client, Bucket=bucket, Prefix=prefixes[0], PaginationConfig=paging):
-            yield from _images_in(page)
+            yield from images_in(page)
     elif prefixes:
         yield from _list_in_parallel(s3_client, bucket, prefixes, threads, paging)
 
@@ -131,7 +134,9 @@ PAST = "\U0010ffff"
 MAX_CHILDREN = 64
 
 
-def split_key_space(s3_client, bucket: str, prefix: str, parts: int) -> tuple[list[ListedObject], list[str]]:
+def split_key_space(
+    s3_client, bucket: str, prefix: str, parts: int, page_size: int = 1000
+) -> tuple[list[ListedObject], list[str]]:
     """Split the keys under ``prefix`` into about ``parts`` disjoint prefixes, by their characters.
 
     The populated next characters of a prefix are found with one-key listings that start after
@@ -139,13 +144,20 @@ def split_key_space(s3_client, bucket: str, prefix: str, parts: int) -> tuple[li
     size. A prefix with one child is followed down (``img000`` of ``img000123.jpg``), so a flat
     bucket of numbered or hashed names splits as well as one with folders (a ``/`` is just another
     character). Returns the objects whose key is exactly a split prefix, and the prefixes to list.
+    A prefix holding at most ``page_size`` keys is not split.
     """
     exact: list[ListedObject] = []
     leaves: list[str] = []
     pending = [prefix]
-    with ThreadPoolExecutor(max_workers=8) as pool:  # the prefixes of one depth are probed at once
+    if parts > 1 and fits_in_a_page(s3_client, bucket, prefix, page_size):
+        return exact, pending  # a page lists it all: splitting would cost more requests than it saves
+    with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:
         while pending and len(leaves) + len(pending) < parts:
-            frontier, pending = pending, []
+            # The shallowest prefixes first, a few at once near the target: a prefix may split into
+            # dozens, and parts of ten keys cost a request each for nothing.
+            room = parts - len(leaves) - len(pending)
+            count = min(len(pending), PROBE_THREADS, max(1, room // 8))
+            frontier, pending = pending[:count], pending[count:]
             probes = pool.map(lambda current: _children(s3_client, bucket, current, exact), frontier)
             for current, children in zip(frontier, probes, strict=True):
                 if children is None:
@@ -153,6 +165,18 @@ def split_key_space(s3_client, bucket: str, prefix: str, parts: int) -> tuple[li
                 else:
                     pending += children
     return exact, leaves + pending
+
+
+#: Prefixes probed at once while splitting a key space.
+PROBE_THREADS = 8
+
+
+def fits_in_a_page(s3_client, bucket: str, prefix: str, page_size: int = 1000) -> bool:
+    """Whether one listing request returns every key under ``prefix``."""
+    try:
+        return not s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=page_size).get("IsTruncated")
+    except AWS_ERRORS as exc:
+        raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}/{prefix}"))) from exc
 
 
 def _children(s3_client, bucket: str, prefix: str, exact: list[ListedObject]) -> list[str] | None:
@@ -172,7 +196,7 @@ def _children(s3_client, bucket: str, prefix: str, exact: list[ListedObject]) ->
 
     item = first_after(None)
     if item is not None and item["Key"] == prefix:  # an object named like the prefix: no next character
-        exact.extend(_images_in({"Contents": [item]}))
+        exact.extend(images_in({"Contents": [item]}))
         item = first_after(prefix)
     if item is None:
         return []
@@ -216,7 +240,7 @@ def _pages(s3_client, **arguments) -> Iterator[dict]:
         ) from exc
 
 
-def _images_in(page: dict) -> Iterator[ListedObject]:
+def images_in(page: dict) -> Iterator[ListedObject]:
     for item in page.get("Contents", ()):
         key = item["Key"]
         if key.endswith("/") or not is_image_name(key):
@@ -239,7 +263,7 @@ def _list_in_parallel(
             for page in _pages(s3_client, Bucket=bucket, Prefix=prefix, PaginationConfig=paging):
                 if stop.is_set():
                     return
-                pages.put(list(_images_in(page)))
+                pages.put(list(images_in(page)))
         except BaseException as exc:
             pages.put(exc)
         finally:

@@ -1,0 +1,169 @@
+"""Listing a key space on the workers, part by part and slice by slice (worker/listing_parts.py).
+
+The plain function against a synthetic S3 over HTTP and both databases: every key recorded once
+whatever the slicing and interleaving, a lister that dies mid-part resumed after its last page, a
+claim taken over after its lease, a part that cannot be listed, and a part paused by throttling.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from sqlalchemy import func, select
+
+from tests.synthetic_s3 import SyntheticBucket, serving
+from worker.listing import split_key_space
+from worker.listing_parts import TRANSIENT_PAUSE_SECONDS, ListingParts, list_part
+from worker.schema import images, listing_parts, scans
+
+OBJECTS = 4_000
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    buckets = [SyntheticBucket("flat", OBJECTS), SyntheticBucket("wide", OBJECTS, prefixes=7)]
+    with serving(buckets) as (url, stats):
+        yield url, stats
+
+
+@pytest.fixture
+def s3(synthetic):
+    url, _ = synthetic
+    return boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+
+
+def split_scan(store, s3, bucket: str, parts: int = 8) -> tuple[int, list[int]]:
+    scan_id = store.create_scan(f"s3://{bucket}/", "rekognition")
+    exact, prefixes = split_key_space(s3, bucket, "", parts)
+    assert not exact
+    return scan_id, ListingParts(store).create(scan_id, prefixes)
+
+
+def recorded_keys(store, scan_id: int) -> list[str]:
+    with store.engine.connect() as conn:
+        return list(conn.execute(select(images.c.key).where(images.c.scan_id == scan_id)).scalars())
+
+
+def listing_finished(store, scan_id: int):
+    with store.engine.connect() as conn:
+        return conn.execute(
+            select(scans.c.listing_finished_at, scans.c.listing_error).where(scans.c.id == scan_id)
+        ).one()
+
+
+@pytest.mark.parametrize("bucket", ["flat", "wide"])
+def test_parts_listed_a_page_a_slice_in_turns_record_every_key_once(store, s3, bucket):
+    scan_id, part_ids = split_scan(store, s3, bucket)
+    parts = ListingParts(store)
+    assert len(part_ids) > 1
+    waiting = list(part_ids)
+    messages = itertools.count()
+    while waiting:  # each turn is a new message; the parts take turns, as on a fleet
+        part_id = waiting.pop(0)
+        step = list_part(part_id, parts, s3, f"message-{next(messages)}", slice_seconds=0, page_size=40)
+        if step.next_in is not None:
+            waiting.append(part_id)
+        else:
+            assert listing_finished(store, scan_id).listing_finished_at is None or not waiting
+    keys = recorded_keys(store, scan_id)
+    expected = {SyntheticBucket(bucket, OBJECTS, prefixes=7 if bucket == "wide" else 0).key(i) for i in range(OBJECTS)}
+    assert len(keys) == OBJECTS and set(keys) == expected
+    summary = store.summary(scan_id)
+    assert summary.listed == OBJECTS and summary.listing == "listed" and summary.listing_parts == (len(part_ids),) * 2
+    assert next(messages) > len(part_ids), "the parts were listed in several slices"
+
+
+class DiesAfter:
+    """An S3 client whose process 'dies' (an exception nothing catches) on the n-th listing call."""
+
+    def __init__(self, s3, calls: int, error: BaseException | None = None, prefix: str | None = None) -> None:
+        self.s3, self.calls, self.error, self.prefix = s3, calls, error, prefix
+
+    def list_objects_v2(self, **arguments):
+        if self.prefix is None or arguments["Prefix"] == self.prefix:
+            self.calls -= 1
+            if self.calls < 0:
+                raise self.error or SystemExit("killed")
+        return self.s3.list_objects_v2(**arguments)
+
+
+def test_a_lister_that_died_mid_part_is_resumed_by_its_redelivered_message(store, s3):
+    scan_id, part_ids = split_scan(store, s3, "flat", parts=1)
+    parts = ListingParts(store)
+    with pytest.raises(SystemExit):
+        list_part(part_ids[0], parts, DiesAfter(s3, 3), "message-a", page_size=300)
+    assert len(recorded_keys(store, scan_id)) == 3 * 300, "the pages before the death are recorded"
+    assert list_part(part_ids[0], parts, s3, "message-b").next_in is None, "another message keeps off a held part"
+    assert len(recorded_keys(store, scan_id)) == 900
+    list_part(part_ids[0], parts, s3, "message-a", page_size=300)  # the dead message, redelivered
+    keys = recorded_keys(store, scan_id)
+    assert len(keys) == len(set(keys)) == OBJECTS
+    assert listing_finished(store, scan_id).listing_finished_at is not None
+
+
+def test_a_claim_that_outlived_its_lease_is_taken_over_and_the_old_holder_records_nothing(store, s3):
+    scan_id, part_ids = split_scan(store, s3, "flat", parts=1)
+    parts, expired = ListingParts(store), ListingParts(store, lease_seconds=0)
+    old = parts.claim(part_ids[0], "message-old")
+    assert old is not None
+    assert parts.claim(part_ids[0], "message-new") is None
+    assert expired.claim(part_ids[0], "message-new") is not None
+    page = s3.list_objects_v2(Bucket="flat", Prefix=old.prefix, MaxKeys=10)
+    from worker.listing import images_in
+
+    assert not parts.record_page(old, list(images_in(page)), page["Contents"][-1]["Key"], ended=False)
+    assert recorded_keys(store, scan_id) == []
+
+
+def test_a_part_that_cannot_be_listed_fails_the_listing_once_the_others_end(store, s3):
+    scan_id, part_ids = split_scan(store, s3, "wide")
+    parts = ListingParts(store)
+    with store.engine.connect() as conn:
+        refused = conn.execute(select(listing_parts.c.prefix).where(listing_parts.c.id == part_ids[2])).scalar_one()
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "ListObjectsV2")
+    client = DiesAfter(s3, 0, denied, prefix=refused)
+    for number, part_id in enumerate(part_ids):
+        while list_part(part_id, parts, client, f"m{part_id}", page_size=500).next_in is not None:
+            pass
+        state = listing_finished(store, scan_id)
+        if number < len(part_ids) - 1:
+            assert state.listing_error is None and state.listing_finished_at is None, "other parts still list"
+    state = listing_finished(store, scan_id)
+    assert (
+        state.listing_finished_at is None and refused in state.listing_error and "Access Denied" in state.listing_error
+    )
+    summary = store.summary(scan_id)
+    assert summary.listing == "listing failed" and 0 < summary.listed < OBJECTS
+    assert summary.listed == len(recorded_keys(store, scan_id))
+    assert summary.finished_at is None, "the listed images are still to scan"
+
+
+def test_a_throttled_part_is_paused_and_sent_on_later(store, s3):
+    scan_id, part_ids = split_scan(store, s3, "flat", parts=1)
+    parts = ListingParts(store)
+    slow_down = ClientError(
+        {
+            "Error": {"Code": "SlowDown", "Message": "Reduce your request rate"},
+            "ResponseMetadata": {"HTTPStatusCode": 503},
+        },
+        "ListObjectsV2",
+    )
+
+    class Throttled(DiesAfter):
+        def list_objects_v2(self, **arguments):
+            self.calls -= 1
+            if self.calls < 0:
+                raise slow_down
+            return self.s3.list_objects_v2(**arguments)
+
+    step = list_part(part_ids[0], parts, Throttled(s3, 2), "message-1", page_size=500, attempts=2)
+    assert step.next_in == TRANSIENT_PAUSE_SECONDS and step.listed == 1000
+    assert parts.claim(part_ids[0], "message-2") is not None, "the paused part's claim is let go"
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(images)).scalar_one() == 1000
+    assert listing_finished(store, scan_id).listing_error is None
