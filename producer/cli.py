@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -248,16 +250,26 @@ def metrics(app: App, fmt: str, cloudwatch: bool, every: float | None) -> None:
         time.sleep(max(0.0, reading.taken_at + every - time.time()))
 
 
+PERSON_OPTION = click.option(
+    "--person",
+    "persons",
+    multiple=True,
+    metavar="NAME",
+    help="Only images in which this person was found: a name or a Rekognition id (repeatable).",
+)
+
+
 @cli.command()
 @click.option("--scan", "scan_id", type=int, help="Only this scan's images (default: every image's latest result).")
+@PERSON_OPTION
 @click.option("--format", "fmt", type=click.Choice(sorted(WRITERS)), default="jsonl", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write to FILE instead of stdout.")
 @click.pass_obj
-def results(app: App, scan_id: int | None, fmt: str, output: str | None) -> None:
+def results(app: App, scan_id: int | None, persons: tuple[str, ...], fmt: str, output: str | None) -> None:
     """One record per image: who is in it, or why it could not be read."""
     if scan_id is not None and app.store.scan_summary(scan_id) is None:
         raise click.ClickException(f"there is no scan {scan_id}")
-    records = app.store.result_records(scan_id)
+    records = app.store.result_records(scan_id, persons=persons)
     if output:
         with open(output, "w", encoding="utf-8", newline="") as handle:
             count = WRITERS[fmt](records, handle)
@@ -267,28 +279,65 @@ def results(app: App, scan_id: int | None, fmt: str, output: str | None) -> None
 
 
 @cli.command()
+@click.option("--scan", "scan_id", type=int, help="Only the people of this scan (default: of every result kept).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N people.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
+@click.pass_obj
+def people(app: App, scan_id: int | None, limit: int | None, fmt: str) -> None:
+    """Everyone found, with the number of images each is in, most first.
+
+    Two people with one name (Rekognition ids differ) are two lines, each with its id.
+    """
+    if scan_id is not None and app.store.scan_summary(scan_id) is None:
+        raise click.ClickException(f"there is no scan {scan_id}")
+    found = app.store.people(scan_id, limit)
+    if fmt == "jsonl":
+        for person in found:
+            click.echo(json.dumps({"name": person.name, "id": person.person_id, "images": person.images}))
+        return
+    if not found:
+        click.echo("nobody found yet")
+        return
+    width = len(f"{found[0].images:,}")
+    shared = {name for name, count in Counter(person.name for person in found).items() if count > 1}
+    for person in found:
+        known_as = f"  (id {person.person_id})" if person.name in shared else ""
+        click.echo(f"{person.images:>{width},}  {person.name}{known_as}")
+
+
+@cli.command()
 @click.option("--scan", "scan_id", type=int, help="The scan to show (default: the latest).")
+@PERSON_OPTION
 @click.option(
     "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), default="report.html", show_default=True
 )
-@click.option(
-    "--limit",
+@setting_option(
+    "--per-person",
+    setting="report_per_person",
     type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="Images shown as thumbnails (every failure is listed).",
+    help="Pictures shown of each person (and of images in which nobody was recognized).",
 )
 @click.pass_obj
-def report(app: App, scan_id: int | None, output: Path, limit: int) -> None:
-    """One self-contained HTML page: thumbnails with boxes and names, failures, a filter by person."""
-    from producer.report import render
+def report(
+    app: App, scan_id: int | None, persons: tuple[str, ...], output: Path, report_per_person: int | None
+) -> None:
+    """One self-contained HTML page: the people found with their counts and a few annotated pictures
+    of each, the failures, a filter by person."""
+    from producer.report import gather, render
 
+    settings = app.settings.replace(report_per_person=report_per_person)
     summary = _summary(app.store, scan_id)
-    readers = build_readers(app.settings)
-    with tqdm(total=summary.listed, unit="img", desc="report", disable=None, file=sys.stderr) as bar:
-        page = render(summary, app.store.result_records(summary.id), readers, limit, progress=bar.update)
+    content = gather(app.store, summary, settings.report_per_person, persons)
+    if persons and not content.people:
+        raise click.ClickException(f"nobody called {' or '.join(persons)} was found in scan {summary.id}")
+    readers = build_readers(settings)
+    with tqdm(total=len(content.pictures), unit="img", desc="report", disable=None, file=sys.stderr) as bar:
+        page = render(content, readers, progress=bar.update)
     output.write_text(page, encoding="utf-8")
-    click.echo(f"wrote {output} ({len(page.encode()) / 1e6:.1f} MB) for scan {summary.id}")
+    click.echo(
+        f"wrote {output} ({len(page.encode()) / 1e6:.1f} MB) for scan {summary.id}: "
+        f"{_plural(len(content.people), 'person', 'people')}, {_plural(len(content.pictures), 'picture')}"
+    )
 
 
 @cli.command()
@@ -494,3 +543,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _plural(count: int, one: str, many: str | None = None) -> str:
+    return f"{count:,} {one if count == 1 else many or one + 's'}"

@@ -10,16 +10,18 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 
 from producer.annotate import annotate, jpeg_bytes
 from worker.errors import CelebscanError
+from worker.findings import PersonFound
 from worker.images import ImageLimits, decode_image
 from worker.reports import ResultRecord, ScanSummary
 from worker.sources import ObjectReader, Source
+from worker.store import ResultStore
 
 THUMBNAIL_SIDE = 360
 
@@ -42,57 +44,107 @@ def thumbnail(record: ResultRecord, readers: dict[str, ObjectReader]) -> tuple[b
     return jpeg_bytes(picture, quality=75), ""
 
 
-def render(
-    summary: ScanSummary,
-    records: Iterable[ResultRecord],
-    readers: dict[str, ObjectReader],
-    limit: int,
-    progress: Callable[[], None] = lambda: None,
-) -> str:
-    """The page; images past ``limit`` are counted (and their people listed) but not shown or read."""
-    shown: list[str] = []
+#: Failures listed by name on the page (all of them are counted by code).
+FAILURES_SHOWN = 200
+#: Images read to find ones in which nobody was recognized, per picture wanted.
+NOBODY_LOOKAHEAD = 20
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """What a page shows, bounded whatever the scan's size: the people found with their counts, a
+    few pictures of each, a few in which nobody was recognized, and the first failures."""
+
+    summary: ScanSummary
+    people: list[PersonFound]
+    pictures: list[ResultRecord]
+    failures: list[ResultRecord]
+    per_person: int
+
+
+def gather(store: ResultStore, summary: ScanSummary, per_person: int, persons: Sequence[str] = ()) -> ReportContent:
+    """Read what the page of ``summary``'s scan shows: ``per_person`` pictures of each person found
+    (of ``persons`` only, when given), each picture once, and for everyone also as many pictures
+    in which nobody was recognized; every query reads by index, so a scan of millions takes as long
+    as one of hundreds."""
+    people = [p for p in store.people(summary.id) if not persons or p.name in persons or p.person_id in persons]
+    pictures: dict[str, ResultRecord] = {}
+    for person in people:
+        for record in store.result_records(summary.id, persons=[person.person_id or person.name], limit=per_person):
+            pictures.setdefault(record.key, record)
     failures: list[ResultRecord] = []
-    people: Counter[str] = Counter()
-    total = 0
-    for record in records:
+    if not persons:
+        nobody = 0
+        for record in store.result_records(summary.id, limit=per_person * NOBODY_LOOKAHEAD):
+            if record.error is not None:
+                if len(failures) < FAILURES_SHOWN:
+                    failures.append(record)
+            elif not record.celebrities and nobody < per_person:
+                pictures.setdefault(record.key, record)
+                nobody += 1
+    return ReportContent(summary, people, list(pictures.values()), failures, per_person)
+
+
+def render(
+    content: ReportContent, readers: dict[str, ObjectReader], progress: Callable[[], None] = lambda: None
+) -> str:
+    """The page: each picture read, annotated and embedded (``progress`` is called per picture)."""
+    figures = []
+    for record in content.pictures:
+        figures.append(_figure(record, record.names, *thumbnail(record, readers)))
         progress()
-        if record.error is not None:
-            failures.append(record)
-            continue
-        total += 1
-        names = record.names
-        people.update(names)
-        if len(shown) < limit:
-            shown.append(_figure(record, names, *thumbnail(record, readers)))
-    truncated = f"<p class=note>Showing the first {limit} of {total} images.</p>" if total > limit else ""
     options = "".join(
-        f'<option value="{html.escape(name)}">{html.escape(name)} ({count})</option>'
-        for name, count in sorted(people.items())
+        f'<option value="{html.escape(name)}" data-images="{count}">{html.escape(name)} ({count})</option>'
+        for name, count in _images_by_name(content.people).items()
     )
-    failure_rows = "".join(
+    summary = content.summary
+    counts = summary.counts
+    note = (
+        f"<p class=note>Showing at most {content.per_person} pictures of each person "
+        f"(<code>celebscan report --per-person N</code>, or <code>--person NAME</code> for one person); "
+        f"<code>celebscan results --person NAME</code> lists them all.</p>"
+    )
+    return _PAGE.format(
+        title=html.escape(f"celebscan scan {summary.id}: {summary.source}"),
+        summary=html.escape(
+            f"{summary.listed} images listed, {counts['done']} done, {counts['failed']} failed, "
+            f"{summary.faces} faces, {len(content.people)} people, backend {summary.backend}"
+        ),
+        options=options,
+        figures="".join(figures),
+        truncated=note,
+        failures=_failures_html(summary, content.failures),
+    )
+
+
+def _images_by_name(people: list[PersonFound]) -> dict[str, int]:
+    """Images per name, most first (people who share a name are one entry of the filter)."""
+    by_name: dict[str, int] = {}
+    for person in people:
+        by_name[person.name] = by_name.get(person.name, 0) + person.images
+    return dict(sorted(by_name.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _failures_html(summary: ScanSummary, failures: list[ResultRecord]) -> str:
+    failed = summary.counts["failed"]
+    if not failed:
+        return "<h2 id=failures>No failures</h2>"
+    codes = ", ".join(f"{html.escape(code)} {count}" for code, count in sorted(summary.failures.items()))
+    rows = "".join(
         f"<tr><td>{html.escape(r.key)}</td><td><code>{html.escape(r.error.code)}</code></td>"
         f"<td>{html.escape(r.error.message)}</td></tr>"
         for r in failures
         if r.error is not None
     )
-    failures_html = (
-        f"<h2 id=failures>Could not be read ({len(failures)})</h2><table><tr><th>image</th><th>code</th>"
-        f"<th>reason</th></tr>{failure_rows}</table>"
-        if failures
-        else "<h2 id=failures>No failures</h2>"
+    more = (
+        f"<p class=note>The first {len(failures)} of {failed}: "
+        f"<code>celebscan results --scan {summary.id} --format csv</code> lists them all.</p>"
+        if failed > len(failures)
+        else ""
     )
-    title = f"celebscan scan {summary.id}: {summary.source}"
-    counts = summary.counts
-    return _PAGE.format(
-        title=html.escape(title),
-        summary=html.escape(
-            f"{summary.listed} images listed, {counts['done']} done, {counts['failed']} failed, "
-            f"{summary.faces} faces, backend {summary.backend}"
-        ),
-        options=options,
-        figures="".join(shown),
-        truncated=truncated,
-        failures=failures_html,
+    return (
+        f"<h2 id=failures>Could not be read ({failed}: {codes})</h2>"
+        f"<table><tr><th>image</th><th>code</th><th>reason</th></tr>{rows}</table>{more}"
     )
 
 
@@ -147,7 +199,10 @@ function show(person) {{
     figure.hidden = !match;
     visible += match;
   }}
-  document.getElementById("count").textContent = visible + " image" + (visible === 1 ? "" : "s");
+  const option = select.selectedOptions[0];
+  const total = person && option ? Number(option.dataset.images) : visible;
+  document.getElementById("count").textContent =
+    total + " image" + (total === 1 ? "" : "s") + (total > visible ? ", " + visible + " shown" : "");
 }}
 function fromAddress() {{
   const person = new URLSearchParams(location.hash.slice(1)).get("person") || "";

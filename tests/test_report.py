@@ -123,3 +123,30 @@ def test_show_refuses_images_without_a_result(demo_database, tmp_path):
     assert result.exit_code == 1 and "CorruptImage" in result.output
     result = celebscan("--database-url", demo_database, "show", "nope.jpg", "--output", tmp_path / "x.jpg", ok=False)
     assert result.exit_code == 1 and "no image 'nope.jpg'" in result.output
+
+
+def test_readmes_who_is_where_block_is_what_the_commands_print(demo_database, tmp_path):
+    """README's console block of `people`, `results --person` and `report`, run as shown (in a
+    shell, pipe included) on the demo's database: the same lines."""
+    import os
+    import sys
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```console\n$ celebscan people\n", 1)[1].split("```", 1)[0]
+    commands = ["celebscan people"] + [line[2:] for line in block.splitlines() if line.startswith("$ ")]
+    expected = [chunk.strip("\n") for chunk in re.split(r"^\$ .*$", "\n" + block, flags=re.M)]
+    assert len(commands) == 3 and len(expected) == 3
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "CELEBSCAN_DATABASE_URL": demo_database,
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+    }
+    for command, lines in zip(commands, expected, strict=True):
+        printed = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+        ).stdout.strip("\n")
+        if command.startswith("celebscan report"):
+            assert re.fullmatch(re.escape(lines).replace(r"0\.2", r"\d+\.\d"), printed), (command, printed)
+        else:
+            assert printed == lines, (command, printed)

@@ -151,6 +151,23 @@ faces = Table(
     # The recognizer's whole face record (pose, quality, emotions, ...), as the vendor sent it.
     Column("details", JSON),
     UniqueConstraint("image_id", "face_index", name="uq_faces_image_index"),
+    # Who is where (worker/findings.py): a person's images by name or by Rekognition id read only
+    # that person's entries; grouping by name reads this index alone, in order.
+    Index(
+        "ix_faces_name",
+        "name",
+        "person_id",
+        "image_id",
+        postgresql_where=text("name IS NOT NULL"),
+        sqlite_where=text("name IS NOT NULL"),
+    ),
+    Index(
+        "ix_faces_person_id",
+        "person_id",
+        "image_id",
+        postgresql_where=text("person_id IS NOT NULL"),
+        sqlite_where=text("person_id IS NOT NULL"),
+    ),
 )
 
 people = Table(

@@ -126,6 +126,12 @@ class Settings:
         "Batches of a scan in the broker at most (each a few hundred bytes); at least the worker processes.",
         minimum=1,
     )
+    report_per_person: int = _setting(
+        12,
+        "CELEBSCAN_REPORT_PER_PERSON",
+        "Pictures `celebscan report` shows of each person found (and of images with nobody recognized).",
+        minimum=1,
+    )
     listing_parts: int = _setting(
         128,
         "CELEBSCAN_LISTING_PARTS",

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 from sqlalchemy import (
     Engine,
     bindparam,
-    exists,
     func,
     select,
     text,
@@ -32,6 +31,7 @@ from worker.database import (
     utcnow,
 )
 from worker.errors import ConfigurationError
+from worker.findings import PersonFound, people_found, result_records
 from worker.outcomes import (
     ImageOutcome,
     QueuedImage,
@@ -46,7 +46,6 @@ from worker.reports import (
     ScanProgress,
     ScanSummary,
     listing_state,
-    result_record,
     unserved_reason,
 )
 from worker.retry import retry_database
@@ -491,41 +490,15 @@ class ResultStore:
             listing_parts=(parts_ended, parts) if parts else None,
         )
 
-    def result_records(self, scan_id: int | None = None, key: str | None = None) -> Iterator[ResultRecord]:
-        """One record per image, in the result format of DESIGN.md, streamed in chunks.
+    def result_records(
+        self, scan_id: int | None = None, key: str | None = None, persons: Sequence[str] = (), limit: int | None = None
+    ) -> Iterator[ResultRecord]:
+        """One record per image, streamed (see :func:`worker.findings.result_records`)."""
+        return result_records(self.engine, scan_id, key, persons, limit)
 
-        With no scan, every image's latest version (an object whose content changed has one row
-        per etag; only the newest is reported). With ``key``, only images of that key.
-        """
-        newer = images.alias("newer")
-        query = select(images, scans.c.source).join(scans, images.c.scan_id == scans.c.id).order_by(images.c.id)
-        if key is not None:
-            query = query.where(images.c.key == key)
-        if scan_id is not None:
-            query = query.where(images.c.scan_id == scan_id)
-        else:
-            query = query.where(
-                ~exists().where(
-                    newer.c.bucket == images.c.bucket,
-                    newer.c.key == images.c.key,
-                    newer.c.backend == images.c.backend,
-                    newer.c.id > images.c.id,
-                )
-            )
-        last_id = 0
-        while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(query.where(images.c.id > last_id).limit(CHUNK_SIZE)).all()
-                if not rows:
-                    return
-                faces_by_image: dict[int, list] = {}
-                for face in conn.execute(
-                    select(faces).where(faces.c.image_id.in_([r.id for r in rows])).order_by(faces.c.face_index)
-                ):
-                    faces_by_image.setdefault(face.image_id, []).append(face)
-            for row in rows:
-                yield result_record(row, faces_by_image.get(row.id, []))
-            last_id = rows[-1].id
+    def people(self, scan_id: int | None = None, limit: int | None = None) -> list[PersonFound]:
+        """Everyone found, most images first (see :func:`worker.findings.people_found`)."""
+        return people_found(self.engine, scan_id, limit)
 
 
 #: The state of an image queued by a scan: new, or listed again after it failed or was left queued.

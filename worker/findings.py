@@ -1,0 +1,153 @@
+"""Who was found where: result records, and the people found with the images they are in.
+
+Both read by index at any size: records stream in chunks of image ids (constant memory), and a
+person's images are found through ``ix_faces_name`` / ``ix_faces_person_id`` (the name or the
+Rekognition id, then the image id), so asking for one person among millions of faces reads only
+that person's entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, Select, and_, exists, func, select, union
+
+from worker.database import CHUNK_SIZE
+from worker.reports import ResultRecord, result_record
+from worker.schema import faces, images, scans
+
+
+@dataclass(frozen=True)
+class PersonFound:
+    """A person found, as the recognizer named them, and the number of images they are in."""
+
+    name: str
+    person_id: str | None  # Rekognition's celebrity id (two people with one name stay apart)
+    images: int
+
+
+def people_found(engine: Engine, scan_id: int | None = None, limit: int | None = None) -> list[PersonFound]:
+    """Everyone found (in one scan, or in every result kept), most images first.
+
+    Without a scan every image row counts, so an older version of a changed file counts too (until
+    it is scanned again, a file has one row).
+    """
+    with engine.connect() as conn:
+        return [
+            PersonFound(name, person_id, count) for name, person_id, count in conn.execute(people_query(scan_id, limit))
+        ]
+
+
+def people_query(scan_id: int | None = None, limit: int | None = None) -> Select:
+    """(name, Rekognition id, images) of everyone found, most images first."""
+    images_in = func.count(func.distinct(faces.c.image_id))
+    query = (
+        select(faces.c.name, faces.c.person_id, images_in.label("images"))
+        .where(faces.c.name.is_not(None))
+        .group_by(faces.c.name, faces.c.person_id)
+        .order_by(images_in.desc(), faces.c.name, faces.c.person_id)
+    )
+    if scan_id is not None:
+        query = query.join(images, images.c.id == faces.c.image_id).where(images.c.scan_id == scan_id)
+    return query.limit(limit) if limit is not None else query
+
+
+def result_records(
+    engine: Engine,
+    scan_id: int | None = None,
+    key: str | None = None,
+    persons: Sequence[str] = (),
+    limit: int | None = None,
+) -> Iterator[ResultRecord]:
+    """One record per image, in the result format of DESIGN.md, streamed in chunks of image ids.
+
+    With no scan, every image's latest version (an object whose content changed has one row per
+    etag; only the newest is reported). With ``key``, only images of that key; with ``persons``
+    (names or Rekognition ids), only images in which one of them was found; ``limit`` stops after
+    that many records.
+    """
+    query = select(images, scans.c.source).join(scans, images.c.scan_id == scans.c.id).order_by(images.c.id)
+    if key is not None:
+        query = query.where(images.c.key == key)
+    if scan_id is not None:
+        query = query.where(images.c.scan_id == scan_id)
+    else:
+        newer = images.alias("newer")
+        query = query.where(
+            ~exists().where(
+                newer.c.bucket == images.c.bucket,
+                newer.c.key == images.c.key,
+                newer.c.backend == images.c.backend,
+                newer.c.id > images.c.id,
+            )
+        )
+    left = limit
+    last_id = 0
+    if persons:
+        with engine.connect() as conn:
+            ranges = person_ranges(conn, persons)
+    while left is None or left > 0:
+        with engine.connect() as conn:
+            if persons:
+                ids = _image_ids_with(conn, ranges, last_id)
+                if not ids:
+                    return
+                rows = conn.execute(query.where(images.c.id.in_(ids))).all()
+                last_id = ids[-1]
+            else:
+                rows = conn.execute(query.where(images.c.id > last_id).limit(CHUNK_SIZE)).all()
+                if not rows:
+                    return
+                last_id = rows[-1].id
+            rows = rows[:left] if left is not None else rows
+            faces_by_image: dict[int, list] = {}
+            if rows:
+                for face in conn.execute(
+                    select(faces).where(faces.c.image_id.in_([r.id for r in rows])).order_by(faces.c.face_index)
+                ):
+                    faces_by_image.setdefault(face.image_id, []).append(face)
+        for row in rows:
+            yield result_record(row, faces_by_image.get(row.id, []))
+        if left is not None:
+            left -= len(rows)
+
+
+def person_ranges(conn, persons: Sequence[str]) -> list:
+    """One condition per index range holding a person's faces: (name, Rekognition id) for each id
+    found under a name (each found with one index probe, not by reading the person's entries),
+    and the id itself for a person given by id."""
+    ranges = []
+    for person in dict.fromkeys(persons):
+        ranges.append(faces.c.person_id == person)
+        last = None
+        while True:  # the ids found under this name, one probe each
+            query = select(faces.c.person_id).where(faces.c.name == person, faces.c.person_id.is_not(None))
+            if last is not None:
+                query = query.where(faces.c.person_id > last)
+            last = conn.execute(query.order_by(faces.c.person_id).limit(1)).scalar()
+            if last is None:
+                break
+            ranges.append(and_(faces.c.name == person, faces.c.person_id == last))
+        ranges.append(and_(faces.c.name == person, faces.c.person_id.is_(None)))
+    return ranges
+
+
+def _image_ids_with(conn, ranges: list, after: int) -> list[int]:
+    return list(conn.execute(next_ids_query(ranges, after)).scalars())
+
+
+def next_ids_query(ranges: list, after: int) -> Select:
+    """The next chunk of image ids (after ``after``, ascending) in any of the ranges: each range
+    reads at most a chunk of its index, whatever the person's number of images."""
+    parts = [
+        select(faces.c.image_id)
+        .where(condition, faces.c.image_id > after)
+        .order_by(faces.c.image_id)
+        .limit(CHUNK_SIZE)
+        .subquery()
+        .select()
+        for condition in ranges
+    ]
+    merged = union(*parts).subquery()
+    return select(merged.c.image_id).order_by(merged.c.image_id).limit(CHUNK_SIZE)
