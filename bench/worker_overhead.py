@@ -1,8 +1,9 @@
 """Worker overhead per image with a zero-latency recognizer: read, decode, "recognize", write.
 
 The real batch function (``worker.batch.process_batch``) runs in 2 processes over small JPEGs in a
-local folder, with a stub recognizer that answers at once (one celebrity per image), writing to a
-real PostgreSQL server. Process start-up is excluded. Target: ≥ 500 images/s on 2 cores.
+local folder (each a distinct picture, so none is a copy of another), with a stub recognizer that
+answers at once (one celebrity per image), writing to a real PostgreSQL server. Process start-up
+is excluded. Target: ≥ 500 images/s on 2 cores.
 
     python -m bench.worker_overhead [--images 4000] [--processes 2] [--database postgresql|sqlite]
 """
@@ -62,7 +63,9 @@ def main() -> int:
         folder = scratch / "photos"
         folder.mkdir()
         for i in range(args.images):
-            (folder / f"{i:06d}.jpg").write_bytes(encode(halves(320 + i % 7, 240), "JPEG", quality=85))
+            picture = halves(320 + i % 7, 240)
+            picture.putpixel((i % 300, i // 300 % 240), (255, i % 256, i // 256 % 256))  # each a distinct picture
+            (folder / f"{i:06d}.jpg").write_bytes(encode(picture, "JPEG", quality=85))
         url = (
             stack.enter_context(postgres_server()) if args.database == "postgresql" else f"sqlite:///{scratch}/bench.db"
         )

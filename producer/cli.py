@@ -187,6 +187,11 @@ def estimate(app: App, source: str) -> None:
     )
     start = settings.rekognition_billed_this_month
     tiers = f" after {start:,} images billed this month" if start else ""
+    if found.copies:
+        click.echo(
+            f"  distinct pictures: {found.distinct} ({found.copies} copies of a picture listed before or "
+            f"already recognized cost no call: {usd(paid_cost(settings, found.copies))} saved)"
+        )
     click.echo(
         f"  estimated Rekognition cost: {usd(cost)} for {found.billable} calls at most{tiers} "
         f"(prices: {env_var('rekognition_prices')}={settings.rekognition_prices}); "
@@ -514,12 +519,16 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     lines.append(f"  faces: {summary.faces}; people found: {people or 'nobody'}")
     if summary.backend in PAID_BACKENDS or summary.paid_calls:
         line = f"  paid calls: {summary.paid_calls} (estimated {usd(paid_cost(settings, summary.paid_calls))})"
+        if summary.reused:
+            line += f"; {summary.reused} duplicates reused (saved {usd(paid_cost(settings, summary.reused))})"
         if summary.calls_saved:
             line += (
                 f"; the face prefilter saved {summary.calls_saved} calls "
                 f"({usd(paid_cost(settings, summary.calls_saved))})"
             )
         lines.append(line)
+    elif summary.reused:
+        lines.append(f"  {summary.reused} duplicates reused (the same picture under another key: recognized once)")
     return "\n".join(lines)
 
 

@@ -7,8 +7,9 @@ setting (``CELEBSCAN_REKOGNITION_PRICES``), so another region or a new price lis
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker.errors import ConfigurationError
 from worker.recognizers.rekognition import MAX_BYTES, MAX_S3_OBJECT_BYTES
@@ -92,30 +93,70 @@ def paid_cost(settings: Settings, calls: int) -> float:
 
 @dataclass
 class Estimate:
-    """What ``celebscan estimate`` reports about a source, before anything is written."""
+    """What ``celebscan estimate`` reports about a source, before anything is written.
+
+    Copies are found by ETag and size (an S3 ETag is the MD5 of a single-part upload's bytes):
+    an object like one listed before, or like a picture already recognized, costs no call. To
+    count distinct pictures, 8 bytes per object to scan are kept (0.8 GB for 100 million objects).
+    """
 
     listed: int = 0
     total_bytes: int = 0
     already_done: int = 0
     converted: int = 0  # over the S3Object (or bytes) limit: read and re-encoded before the call
     refused: int = 0  # over CELEBSCAN_MAX_IMAGE_BYTES: failed without a call
+    known_copies: int = 0  # copies of a picture already recognized: its result is copied
+    _pictures: list = field(default_factory=list, repr=False)  # arrays of 8-byte digests of (etag, size)
+    _chunk: list = field(default_factory=list, repr=False)
 
     @property
     def to_scan(self) -> int:
         return self.listed - self.already_done
 
     @property
-    def billable(self) -> int:
-        """Calls the scan will make at most (images to scan, less those refused unread)."""
-        return self.to_scan - self.refused
+    def distinct(self) -> int:
+        """Distinct pictures to recognize (objects to scan that are not copies of another)."""
+        import numpy as np
 
-    def add(self, size: int, *, done: bool, in_s3: bool, max_image_bytes: int) -> None:
-        """Count one listed object: already scanned, or what the size limits will make of it."""
+        self._flush()
+        if len(self._pictures) > 1:
+            self._pictures = [np.unique(np.concatenate(self._pictures))]
+        return int(self._pictures[0].size) if self._pictures else 0
+
+    @property
+    def copies(self) -> int:
+        """Objects to scan that are copies (of one listed before, or of a known picture): free."""
+        return self.to_scan - self.refused - self.distinct
+
+    @property
+    def billable(self) -> int:
+        """Calls the scan will make at most: one per distinct picture (refused objects unread)."""
+        return self.distinct
+
+    def add(
+        self, size: int, *, done: bool, in_s3: bool, max_image_bytes: int, etag: str = "", known: bool = False
+    ) -> None:
+        """Count one listed object: already scanned, a copy of a known picture, or what the size
+        limits will make of it."""
         self.listed += 1
         self.total_bytes += size
         if done:
             self.already_done += 1
         elif size > max_image_bytes:
             self.refused += 1
-        elif size > (MAX_S3_OBJECT_BYTES if in_s3 else MAX_BYTES):
-            self.converted += 1
+        elif known:
+            self.known_copies += 1
+        else:
+            if size > (MAX_S3_OBJECT_BYTES if in_s3 else MAX_BYTES):
+                self.converted += 1
+            digest = hashlib.md5(f"{etag}:{size}".encode(), usedforsecurity=False).digest()
+            self._chunk.append(int.from_bytes(digest[:8], "little"))
+            if len(self._chunk) >= 100_000:
+                self._flush()
+
+    def _flush(self) -> None:
+        import numpy as np
+
+        if self._chunk:
+            self._pictures.append(np.unique(np.array(self._chunk, dtype=np.uint64)))
+            self._chunk = []

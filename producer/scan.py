@@ -94,6 +94,7 @@ def run_scan(store: ResultStore, settings: Settings, request: ScanRequest, say: 
         prefilter_faces=request.prefilter_faces,
         budget_images=budget,
         batch_size=settings.batch_size,
+        reuse_results=not request.force,
     )
     say(f"scan {scan_id}: {source.url} (backend {settings.backend}, database {masked_url(settings.database_url)})")
 
@@ -274,11 +275,14 @@ def estimate_source(store: ResultStore, source: Source, settings: Settings) -> E
     estimate = Estimate()
     for chunk in chunks(list_source(source, settings), CHUNK_SIZE):
         done = store.done_objects(source.bucket, "rekognition", [item.key for item in chunk])
+        known = store.known_pictures([(item.etag, item.size) for item in chunk], "rekognition")
         for item in chunk:
             estimate.add(
                 item.size,
                 done=(item.key, item.etag) in done,
                 in_s3=source.is_s3,
                 max_image_bytes=settings.max_image_bytes,
+                etag=item.etag,
+                known=(item.etag, item.size) in known,
             )
     return estimate

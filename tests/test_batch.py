@@ -20,8 +20,8 @@ FOUND = RecognitionResult(celebrities=(Celebrity("obama", "1", 95.0, BoundingBox
 def folder(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
-    for name in ("a.jpg", "b.jpg", "c.jpg"):
-        (photos / name).write_bytes(jpeg())
+    for number, name in enumerate(("a.jpg", "b.jpg", "c.jpg")):
+        (photos / name).write_bytes(jpeg(200 + number, 150))  # three different pictures
     return photos
 
 

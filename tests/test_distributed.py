@@ -115,7 +115,8 @@ def test_bucket_scan_through_redis_and_two_workers(
         "2024/bad/tiny.jpg": "ImageTooSmall",
         "2024/bad/page.png": "InvalidImageFormat",
     }
-    assert len(rekognition.calls) == len(answers), "bad images must be refused before paying"
+    reused = pg_store.summary(scan_id).reused  # the copy of obama1.jpg, unless both were in flight at once
+    assert reused in (0, 1) and len(rekognition.calls) + reused == len(answers), "bad images are never paid for"
     assert {c.kind for c in rekognition.calls} == {"S3Object"}
     with pg_store.engine.connect() as conn:
         details = conn.execute(select(faces.c.details, faces.c.known_gender, faces.c.landmarks)).first()

@@ -21,7 +21,7 @@ from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, RecognizerUnavailableError, TransientError
 from worker.images import ImageLimits, decode_image
 from worker.listing_parts import ListingParts
-from worker.outcomes import ImageOutcome, QueuedImage
+from worker.outcomes import ImageOutcome, KnownPicture, QueuedImage
 from worker.prefilter import FacePrefilter
 from worker.recognizers import PAID_BACKENDS, Recognizers
 from worker.results import RecognitionResult
@@ -122,9 +122,10 @@ def process_batch(image_ids: Sequence[int], context: WorkerContext, delivery: st
     groups = [[image] for image in pending] if redelivered else [pending]
     done = failed = 0
     deferred: list[ImageOutcome] = []
+    recognized: dict[tuple[str, int], ImageOutcome] = {}  # this batch's pictures, for copies within it
     for group in groups:
         started = context.store.start(group, MAX_DELIVERIES, delivery)
-        outcomes = [process_image(image, context) for image in started]
+        outcomes = [process_image(image, context, recognized) for image in started]
         context.store.save_outcomes(outcomes)
         done += sum(outcome.status == DONE for outcome in outcomes)
         failed += len(group) - len(started) + sum(outcome.status == FAILED for outcome in outcomes)
@@ -140,22 +141,62 @@ def process_batch(image_ids: Sequence[int], context: WorkerContext, delivery: st
     )
 
 
-def process_image(image: QueuedImage, context: WorkerContext) -> ImageOutcome:
+def process_image(
+    image: QueuedImage, context: WorkerContext, recognized: dict[tuple[str, int], ImageOutcome] | None = None
+) -> ImageOutcome:
     """Read, decode and recognize one image. Never raises: a failure becomes a ``failed`` outcome.
 
     A transient cause that outlasts the in-process retries leaves the image ``queued`` (a deferred
     outcome) until ``retry_deadline`` has passed since its first such round; then it fails with the
     transient code and how long it was tried. The MD5 of the bytes read is recorded as the image's
     ``content_hash``.
+
+    Pay once per picture (unless the scan runs with ``--force``): an image whose bytes are those of
+    a picture already recognized with the same backend (earlier, or in this batch: ``recognized``,
+    by MD5 and size) copies its result instead of calling the recognizer. An S3 object's ETag is
+    its MD5 for a single-part upload, so such a copy is found before the object is read.
     """
+    recognized = {} if recognized is None else recognized
+    if image.reuse_results and Source.from_url(image.source).is_s3 and _is_md5(image.etag):
+        known = context.store.known_picture(image.etag, image.size, image.backend)
+        if known is not None:
+            return ImageOutcome.copied(image, known, image.etag)
     read: list[bytes] = []
-    outcome = _process_image(image, context, read)
-    if read:
-        return dataclasses.replace(outcome, content_hash=hashlib.md5(read[0], usedforsecurity=False).hexdigest())
+    outcome = _process_image(image, context, read, recognized)
+    if not read:
+        return outcome
+    if outcome.content_hash is None:
+        outcome = dataclasses.replace(outcome, content_hash=_md5(read[0]))
+    if outcome.status == DONE and outcome.copied_from is None:
+        recognized.setdefault((outcome.content_hash or "", len(read[0])), outcome)
     return outcome
 
 
-def _process_image(image: QueuedImage, context: WorkerContext, read: list[bytes]) -> ImageOutcome:
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _is_md5(etag: str) -> bool:
+    """An ETag that is the MD5 of the bytes (a single-part upload; a multipart one ends in ``-N``)."""
+    return len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
+
+
+def _known_copy(
+    image: QueuedImage, data: bytes, context: WorkerContext, recognized: dict[tuple[str, int], ImageOutcome]
+) -> ImageOutcome | None:
+    """The outcome of a picture already recognized whose bytes are ``data``, copied; or None."""
+    content_hash = _md5(data)
+    earlier = recognized.get((content_hash, len(data)))
+    if earlier is not None:
+        picture = KnownPicture(earlier.image_id, earlier.width, earlier.height)
+        return ImageOutcome.copied(image, picture, content_hash, earlier.result)
+    known = context.store.known_picture(content_hash, len(data), image.backend)
+    return ImageOutcome.copied(image, known, content_hash) if known is not None else None
+
+
+def _process_image(
+    image: QueuedImage, context: WorkerContext, read: list[bytes], recognized: dict[tuple[str, int], ImageOutcome]
+) -> ImageOutcome:
     width = height = None
     kind = Source.from_url(image.source).kind
     location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
@@ -163,6 +204,8 @@ def _process_image(image: QueuedImage, context: WorkerContext, read: list[bytes]
         recognizer = context.recognizers.get(image.backend)
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key))
         read.append(data)
+        if image.reuse_results and (copy := _known_copy(image, data, context, recognized)) is not None:
+            return copy
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height
         paid = recognizer.name in PAID_BACKENDS

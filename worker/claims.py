@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, and_, exists, func, or_, select, update
 
 from worker.database import aware_utc, utcnow
-from worker.schema import QUEUED, images, scans
+from worker.schema import DONE, QUEUED, images, scans
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class ClaimQueue:
             postgresql = conn.dialect.name == "postgresql"
             if not postgresql:  # take SQLite's write lock first, so two processes never pick the same rows
                 conn.execute(update(scans).where(scans.c.id == scan_id).values(handed_out=scans.c.handed_out))
-            budget, batch_size = conn.execute(
-                select(scans.c.budget_images, scans.c.batch_size).where(scans.c.id == scan_id)
+            budget, batch_size, reuse = conn.execute(
+                select(scans.c.budget_images, scans.c.batch_size, scans.c.reuse_results).where(scans.c.id == scan_id)
             ).one()
             limit = batch_size or default_limit
             left = None
@@ -86,21 +86,19 @@ class ClaimQueue:
                     )
                     .order_by(images.c.id)
                 )
-                if left is not None:
-                    if left == 0:
-                        query = query.where(images.c.claimed_at.is_not(None))  # only images already paid for
-                    wanted = min(wanted, left) if left else wanted
                 query = query.limit(wanted)
                 if postgresql:
                     query = query.with_for_update(skip_locked=True, of=images)
                 picked = [(image_id, bool(fresh)) for image_id, fresh in conn.execute(query)]
+                if left is not None:  # within the budget: fresh images that will cost a call
+                    picked = _within_budget(conn, picked, left, reuse)
             if picked:
                 conn.execute(
                     update(images)
                     .where(images.c.id.in_([image_id for image_id, _ in picked]))
                     .values(claimed_by=token, claimed_at=now)
                 )
-            fresh = sum(is_fresh for _, is_fresh in picked)
+            fresh = sum(is_fresh for _, is_fresh in picked)  # copies of known pictures count as not fresh
             if budget is not None and fresh:
                 conn.execute(update(scans).where(scans.c.id == scan_id).values(handed_out=scans.c.handed_out + fresh))
         return sorted(mine + [image_id for image_id, _ in picked])
@@ -137,3 +135,34 @@ class ClaimQueue:
             budget_spent=spent and not held,
             next_due=aware_utc(next_due) if next_due is not None else None,
         )
+
+
+def _within_budget(conn, picked: list[tuple[int, bool]], left: int, reuse: bool) -> list[tuple[int, bool]]:
+    """The picked images the budget allows, oldest first: those handed out before (already counted),
+    copies of pictures already recognized (free: an S3 ETag that is the MD5 of a known picture),
+    and up to ``left`` others. Returns (id, counts against the budget)."""
+    fresh_ids = [image_id for image_id, fresh in picked if fresh]
+    free: set[int] = set()
+    if reuse and fresh_ids:
+        known = images.alias("known")
+        free = set(
+            conn.execute(
+                select(images.c.id).where(
+                    images.c.id.in_(fresh_ids),
+                    exists().where(
+                        known.c.content_hash == images.c.etag,
+                        known.c.size == images.c.size,
+                        known.c.backend == images.c.backend,
+                        known.c.status == DONE,
+                    ),
+                )
+            ).scalars()
+        )
+    allowed: list[tuple[int, bool]] = []
+    for image_id, fresh in picked:
+        if not fresh or image_id in free:
+            allowed.append((image_id, False))
+        elif left > 0:
+            allowed.append((image_id, True))
+            left -= 1
+    return allowed

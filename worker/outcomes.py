@@ -19,6 +19,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    literal,
     select,
     update,
 )
@@ -46,6 +47,7 @@ class QueuedImage:
     started_by: str | None = None  # the delivery (message) that last started it
     retries: int = 0  # tries that ended in a transient error, over every delivery
     retry_since: datetime | None = None  # the first of those; the retry deadline counts from it
+    reuse_results: bool = True  # a known picture's result is copied (False: the scan ran with --force)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class ImageOutcome:
     retries: int | None = None
     retry_since: datetime | None = None
     not_before: datetime | None = None  # a deferred image is not claimed again before this
+    # A copy of the known result of image ``copied_from`` (the same picture): with ``result`` None,
+    # the write copies that image's faces in the database.
+    copied_from: int | None = None
 
     @property
     def deferred(self) -> bool:
@@ -87,6 +92,27 @@ class ImageOutcome:
         calls_saved: int | None = None,
     ) -> ImageOutcome:
         return cls(image_id, DONE, width, height, result, paid_calls=paid_calls, calls_saved=calls_saved)
+
+    @classmethod
+    def copied(
+        cls,
+        image: QueuedImage,
+        known: KnownPicture,
+        content_hash: str,
+        result: RecognitionResult | None = None,
+    ) -> ImageOutcome:
+        """The known result of the same picture, copied: no call (``result`` given when the known
+        picture was recognized in this batch and is not written yet)."""
+        return cls(
+            image.id,
+            DONE,
+            known.width,
+            known.height,
+            result,
+            paid_calls=image.paid_calls,
+            content_hash=content_hash,
+            copied_from=known.id,
+        )
 
     @classmethod
     def deferred_for(
@@ -115,6 +141,15 @@ class ImageOutcome:
         cls, image_id: int, code: str, message: str, width: int | None = None, height: int | None = None
     ) -> ImageOutcome:
         return cls(image_id, FAILED, width, height, error_code=code, error_message=message[:2000])
+
+
+@dataclass(frozen=True)
+class KnownPicture:
+    """An image already recognized whose bytes are the same as another's."""
+
+    id: int
+    width: int | None
+    height: int | None
 
 
 class MissingImagesError(LookupError):
@@ -146,6 +181,7 @@ def _image_values(o: ImageOutcome) -> dict[str, Any]:
         "retry_since": o.retry_since,
         "not_before": o.not_before,
         "content_hash": o.content_hash,
+        "copied_from": o.copied_from,
     }
 
 
@@ -176,6 +212,7 @@ def write_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
             retry_since=kept_unless_given("retry_since", DateTime(timezone=True)),
             not_before=bindparam("b_not_before", type_=DateTime(timezone=True)),
             content_hash=kept_unless_given("content_hash", String),
+            copied_from=bindparam("b_copied_from", type_=Integer),
             claimed_by=None,
         ),
         image_updates,
@@ -184,6 +221,9 @@ def write_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
     conn.execute(delete(faces).where(faces.c.image_id.in_(ids)))
     if face_rows:
         conn.execute(dialect_insert(conn.engine, faces).on_conflict_do_nothing(), face_rows)  # (image, index)
+    for outcome in outcomes:
+        if outcome.copied_from is not None and outcome.result is None:
+            conn.execute(_copy_faces(outcome.image_id, outcome.copied_from))
     return set(conn.execute(select(images.c.scan_id).where(images.c.id.in_(ids)).distinct()).scalars())
 
 
@@ -200,7 +240,13 @@ def write_outcomes_postgresql(conn, outcomes, ids, face_tuples, now) -> set[int]
        already sent, so its work and ours overlap.
     """
     image_rows = [_image_values(o) for o in outcomes]
-    parameters = {"images": orjson.dumps(image_rows).decode(), "ids": ids, "now": now}
+    copies = [{"id": o.image_id, "source": o.copied_from} for o in outcomes if o.copied_from and o.result is None]
+    parameters = {
+        "images": orjson.dumps(image_rows).decode(),
+        "ids": ids,
+        "now": now,
+        "copies": orjson.dumps(copies).decode(),
+    }
     dbapi_connection = conn.connection.dbapi_connection
     statement, copy_text = _POSTGRESQL_UPDATE_IMAGES, _CopyText(face_tuples)
     try:
@@ -334,20 +380,33 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
        calls_saved = COALESCE(u.calls_saved, images.calls_saved),
        attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
        retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL,
-       content_hash = COALESCE(u.content_hash, images.content_hash)
+       content_hash = COALESCE(u.content_hash, images.content_hash), copied_from = u.copied_from
   FROM json_to_recordset(%(images)s::json)
        AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
             paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz,
-            not_before timestamptz, content_hash text)
+            not_before timestamptz, content_hash text, copied_from integer)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s)
 RETURNING images.scan_id
 """
 
-#: One message: COPY ends it and waits for the face rows.
+#: One message: the batch's faces deleted, those of copied pictures copied from the images they
+#: copy, then COPY, which ends it and waits for the face rows.
 _POSTGRESQL_REPLACE_FACES = f"""
 DELETE FROM faces WHERE image_id = ANY(%(ids)s);
+INSERT INTO faces ({", ".join(_FACE_COLUMNS)})
+SELECT c.id, {", ".join("f." + column for column in _FACE_COLUMNS[1:])}
+  FROM json_to_recordset(%(copies)s::json) AS c(id integer, source integer) JOIN faces f ON f.image_id = c.source;
 COPY faces ({", ".join(_FACE_COLUMNS)}) FROM STDIN
 """
+
+
+def _copy_faces(image_id: int, source_id: int):
+    """The faces of image ``source_id``, inserted as image ``image_id``'s (a copied picture)."""
+    columns = [faces.c[column] for column in _FACE_COLUMNS[1:]]
+    return faces.insert().from_select(
+        list(_FACE_COLUMNS),
+        select(literal(image_id, Integer), *columns).where(faces.c.image_id == source_id),
+    )
 
 
 def face_values(image_id: int, result: RecognitionResult) -> list[tuple]:

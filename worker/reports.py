@@ -27,6 +27,8 @@ class ScanSummary:
     last_processed_at: datetime | None = None
     paid_calls: int = 0
     calls_saved: int = 0
+    #: Images that copied the known result of the same picture (under another key) instead of a call.
+    reused: int = 0
     #: Queued images whose last try ended in a transient error, by its code: they are tried again.
     retrying: dict[str, int] = field(default_factory=dict)
     #: Why workers hand this scan's batches back (none could run its recognizer), while none is served.

@@ -52,6 +52,9 @@ scans = Table(
     Column("listing_finished_at", DateTime(timezone=True)),
     Column("listing_error", Text),
     Column("unserved_reason", Text),
+    # Reuse the known result of a picture already recognized (same bytes) instead of a new call;
+    # false for a scan run with --force.
+    Column("reuse_results", Boolean, nullable=False, server_default=text("true")),
 )
 
 images = Table(
@@ -91,11 +94,23 @@ images = Table(
     # image stays queued and is handed out again until CELEBSCAN_RETRY_DEADLINE has passed since.
     Column("retries", Integer, nullable=False, server_default=text("0")),
     Column("retry_since", DateTime(timezone=True)),
+    # The image whose result this one copies (the same picture under another key): no call was made.
+    Column("copied_from", Integer),
     UniqueConstraint("bucket", "key", "etag", "backend", name="uq_images_natural_key"),
     # With the id last, "is anything of this scan still queued?" reads the index backwards from the
     # newest images, which stay queued longest, instead of wading through the entries that finished
     # images leave behind until vacuum (a cost that grew with every batch of a big scan).
     Index("ix_images_scan_status_id", "scan_id", "status", "id"),
+    # Pictures already recognized, by their bytes' MD5 (an S3 ETag of a single-part upload is that
+    # MD5, so a copy is found before it is even read): pay once per picture.
+    Index(
+        "ix_images_known_pictures",
+        "content_hash",
+        "size",
+        "backend",
+        postgresql_where=text("status = 'done' AND content_hash IS NOT NULL"),
+        sqlite_where=text("status = 'done' AND content_hash IS NOT NULL"),
+    ),
     # Only the claims in flight (a claim is cleared when its image is written): small at any size.
     Index(
         "ix_images_claimed_by",

@@ -34,6 +34,7 @@ from worker.errors import ConfigurationError
 from worker.findings import PersonFound, people_found, result_records
 from worker.outcomes import (
     ImageOutcome,
+    KnownPicture,
     QueuedImage,
     face_row_dicts,
     face_values,
@@ -103,6 +104,7 @@ class ResultStore:
         prefilter_faces: bool = False,
         budget_images: int | None = None,
         batch_size: int | None = None,
+        reuse_results: bool = True,
     ) -> int:
         with self.engine.begin() as conn:
             return conn.execute(
@@ -116,6 +118,7 @@ class ResultStore:
                     prefilter_faces=prefilter_faces,
                     budget_images=budget_images,
                     batch_size=batch_size,
+                    reuse_results=reuse_results,
                 )
                 .returning(scans.c.id)
             ).scalar_one()
@@ -124,6 +127,17 @@ class ResultStore:
         """(key, etag) of the given keys already ``done`` with this backend: what a scan would skip."""
         with self.engine.connect() as conn:
             return {known for known, row in _known_objects(conn, bucket, backend, keys).items() if row.status == DONE}
+
+    def known_pictures(self, pictures: Sequence[tuple[str, int]], backend: str) -> set[tuple[str, int]]:
+        """Of the given (MD5, size) pairs, those of pictures already recognized with ``backend``."""
+        hashes = sorted({content_hash for content_hash, _ in pictures})
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(images.c.content_hash, images.c.size)
+                .where(images.c.content_hash.in_(hashes), images.c.backend == backend, images.c.status == DONE)
+                .distinct()
+            )
+            return {(content_hash, size) for content_hash, size in rows} & set(pictures)
 
     def queue_images(
         self,
@@ -280,12 +294,30 @@ class ResultStore:
                     images.c.started_by,
                     images.c.retries,
                     images.c.retry_since,
+                    scans.c.reuse_results,
                 )
                 .join(scans, images.c.scan_id == scans.c.id)
                 .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
                 .order_by(images.c.id)
             )
             return [QueuedImage(**row._mapping) for row in rows]
+
+    @retry_database
+    def known_picture(self, content_hash: str, size: int, backend: str) -> KnownPicture | None:
+        """The first image recognized by ``backend`` whose bytes have this MD5 and size, if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(images.c.id, images.c.width, images.c.height)
+                .where(
+                    images.c.content_hash == content_hash,
+                    images.c.size == size,
+                    images.c.backend == backend,
+                    images.c.status == DONE,
+                )
+                .order_by(images.c.id)
+                .limit(1)
+            ).first()
+        return KnownPicture(row.id, row.width, row.height) if row else None
 
     @retry_database
     def start(self, batch: Sequence[QueuedImage], max_deliveries: int, delivery: str = "") -> list[QueuedImage]:
@@ -433,11 +465,12 @@ class ResultStore:
             counts.update(
                 conn.execute(select(images.c.status, func.count()).where(in_scan).group_by(images.c.status)).all()
             )
-            last, paid_calls, calls_saved = conn.execute(
+            last, paid_calls, calls_saved, reused = conn.execute(
                 select(
                     func.max(images.c.processed_at),
                     func.coalesce(func.sum(images.c.paid_calls), 0),
                     func.coalesce(func.sum(images.c.calls_saved), 0),
+                    func.count(images.c.copied_from),
                 ).where(in_scan)
             ).one()
             # With a broker, the workers list the key space in parts, each counting what it listed.
@@ -483,6 +516,7 @@ class ResultStore:
             last_processed_at=last,
             paid_calls=int(paid_calls),
             calls_saved=int(calls_saved),
+            reused=int(reused),
             retrying=retrying,
             unserved=unserved_reason(scan, last, counts[QUEUED]),
             listing=listing_state(scan),
@@ -512,6 +546,7 @@ _QUEUED_AFRESH: dict[str, Any] = dict(
     claimed_by=None,
     claimed_at=None,
     not_before=None,
+    copied_from=None,
 )
 
 #: A chunk of listed objects in one statement (arrays, not a thousand bound rows); returns the
