@@ -36,3 +36,9 @@ def png_declaring(width: int, height: int) -> bytes:
     data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
     data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
     return bytes(data)
+
+
+def jpeg_with_comment(data: bytes, comment: str) -> bytes:
+    """The same JPEG with a COM segment after the start-of-image marker: other bytes, same pixels."""
+    text = comment.encode()[:60000]
+    return data[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + data[2:]

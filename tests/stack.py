@@ -17,6 +17,7 @@ import boto3
 from moto.server import ThreadedMotoServer
 
 from tests.conftest import AWS_TEST_ENV
+from tests.imagemaker import jpeg_with_comment
 from tests.rekognition_standin import RekognitionStandIn, celebrity
 from tests.servers import PostgresServer, RedisServer, free_port, running
 
@@ -63,7 +64,9 @@ def start_stack(
 
 
 def fill_bucket(bucket: str, keys: list[str], body: bytes) -> None:
+    """``body`` (a JPEG) under every key, each made a distinct file by a comment naming its key, so
+    no object is a copy of another (celebscan would recognize a copy's picture only once)."""
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=bucket)
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda key: s3.put_object(Bucket=bucket, Key=key, Body=body), keys))
+        list(pool.map(lambda key: s3.put_object(Bucket=bucket, Key=key, Body=jpeg_with_comment(body, key)), keys))

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from tests.imagemaker import jpeg
+from tests.imagemaker import jpeg, jpeg_with_comment
 
 LAST_MODIFIED = "2025-01-01T00:00:00.000Z"
 PAST = "\U0010ffff"  # sorts after every character a key holds
@@ -49,7 +49,14 @@ class SyntheticBucket:
         return f"p{index // per_prefix:03d}/img{index:09d}.jpg"
 
     def etag(self, index: int) -> str:
-        return f"{index:032x}"
+        return f"{index:032x}"  # not the MD5 of the body (as for SSE-KMS objects): cheap to list
+
+    def size_of(self, index: int) -> int:
+        return len(self.body) + 4 + len(self.key(index).encode())
+
+    def body_of(self, index: int) -> bytes:
+        """Object ``index``'s bytes: the same picture, a distinct file (a comment names its key)."""
+        return jpeg_with_comment(self.body, self.key(index))
 
     def index_of(self, key: str) -> int:
         """The number of objects whose key sorts before ``key`` (a binary search over the formula)."""
@@ -100,10 +107,9 @@ class SyntheticBucket:
             parts.append("<EncodingType>url</EncodingType>")
         if next_start:
             parts.append(f"<NextContinuationToken>{quote(next_start, safe='')}</NextContinuationToken>")
-        size = len(self.body)
         parts += [
             f"<Contents><Key>{name(self.key(i))}</Key><LastModified>{LAST_MODIFIED}</LastModified>"
-            f"<ETag>&quot;{self.etag(i)}&quot;</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+            f"<ETag>&quot;{self.etag(i)}&quot;</ETag><Size>{self.size_of(i)}</Size><StorageClass>STANDARD</StorageClass></Contents>"
             for i in objects
         ]
         parts += [f"<CommonPrefixes><Prefix>{name(p)}</Prefix></CommonPrefixes>" for p in common]
@@ -154,7 +160,7 @@ def _handler(buckets: dict[str, SyntheticBucket], stats: dict[str, int]):
                 "ETag": f'"{bucket.etag(index)}"',
                 "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT",
             }
-            self._send(200, bucket.body, headers)
+            self._send(200, bucket.body_of(index), headers)
 
         do_GET = do_HEAD = _route
 

@@ -106,11 +106,16 @@ def create_or_upgrade_schema(engine: Engine) -> None:
     creates or upgrades, the others wait, then find nothing left to do. DDL is transactional there,
     so an upgrade is all or nothing.
     """
+    from worker import person_counts
+
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+        tables = set(inspect(conn).get_table_names())
         metadata.create_all(conn)
         _add_missing_columns_and_indexes(conn)
+        if "faces" in tables and "person_images" not in tables:  # made before the counts were kept
+            person_counts.backfill(conn)
 
 
 def _add_missing_columns_and_indexes(conn) -> None:

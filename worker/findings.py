@@ -1,9 +1,9 @@
 """Who was found where: result records, and the people found with the images they are in.
 
-Both read by index at any size: records stream in chunks of image ids (constant memory), and a
+Both read by index at any size: records stream in chunks of image ids (constant memory), a
 person's images are found through ``ix_faces_name`` / ``ix_faces_person_id`` (the name or the
 Rekognition id, then the image id), so asking for one person among millions of faces reads only
-that person's entries.
+that person's entries, and everyone's counts are kept per scan as faces are written.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sqlalchemy import Engine, Select, and_, exists, func, select, union
 
 from worker.database import CHUNK_SIZE
 from worker.reports import ResultRecord, result_record
-from worker.schema import faces, images, scans
+from worker.schema import faces, images, person_images, scans
 
 
 @dataclass(frozen=True)
@@ -30,26 +30,26 @@ class PersonFound:
 def people_found(engine: Engine, scan_id: int | None = None, limit: int | None = None) -> list[PersonFound]:
     """Everyone found (in one scan, or in every result kept), most images first.
 
-    Without a scan every image row counts, so an older version of a changed file counts too (until
-    it is scanned again, a file has one row).
+    Read from the counts kept as faces are written (``worker/person_counts.py``): a row per scan
+    and person. Without a scan every image row counts, so an older version of a changed file
+    counts too (until it is scanned again, a file has one row).
     """
     with engine.connect() as conn:
-        return [
-            PersonFound(name, person_id, count) for name, person_id, count in conn.execute(people_query(scan_id, limit))
-        ]
+        rows = conn.execute(people_query(scan_id, limit))
+        return [PersonFound(name, person_id or None, int(count)) for name, person_id, count in rows]
 
 
 def people_query(scan_id: int | None = None, limit: int | None = None) -> Select:
-    """(name, Rekognition id, images) of everyone found, most images first."""
-    images_in = func.count(func.distinct(faces.c.image_id))
+    """(name, Rekognition id or '', images) of everyone found, most images first."""
+    images_in = func.sum(person_images.c.images)
     query = (
-        select(faces.c.name, faces.c.person_id, images_in.label("images"))
-        .where(faces.c.name.is_not(None))
-        .group_by(faces.c.name, faces.c.person_id)
-        .order_by(images_in.desc(), faces.c.name, faces.c.person_id)
+        select(person_images.c.name, person_images.c.person_id, images_in.label("images"))
+        .group_by(person_images.c.name, person_images.c.person_id)
+        .having(images_in > 0)
+        .order_by(images_in.desc(), person_images.c.name, person_images.c.person_id)
     )
     if scan_id is not None:
-        query = query.join(images, images.c.id == faces.c.image_id).where(images.c.scan_id == scan_id)
+        query = query.where(person_images.c.scan_id == scan_id)
     return query.limit(limit) if limit is not None else query
 
 

@@ -153,11 +153,9 @@ def split_key_space(
         return exact, pending  # a page lists it all: splitting would cost more requests than it saves
     with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:
         while pending and len(leaves) + len(pending) < parts:
-            # The shallowest prefixes first, a few at once near the target: a prefix may split into
-            # dozens, and parts of ten keys cost a request each for nothing.
-            room = parts - len(leaves) - len(pending)
-            count = min(len(pending), PROBE_THREADS, max(1, room // 8))
-            frontier, pending = pending[:count], pending[count:]
+            # A whole level at a time, so the parts stay alike in size (a part ten times the others
+            # would be listed long after them); a level's prefixes are probed in parallel.
+            frontier, pending = pending, []
             probes = pool.map(lambda current: _children(s3_client, bucket, current, exact), frontier)
             for current, children in zip(frontier, probes, strict=True):
                 if children is None:

@@ -25,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
+from worker import person_counts
 from worker.database import dialect_insert, utcnow
 from worker.results import RecognitionResult
 from worker.schema import DONE, FAILED, QUEUED, faces, images, scans
@@ -218,12 +219,14 @@ def write_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
         image_updates,
     )
     _check_all_found(updated.rowcount, ids)
+    person_counts.subtract(conn, ids)
     conn.execute(delete(faces).where(faces.c.image_id.in_(ids)))
     if face_rows:
         conn.execute(dialect_insert(conn.engine, faces).on_conflict_do_nothing(), face_rows)  # (image, index)
     for outcome in outcomes:
         if outcome.copied_from is not None and outcome.result is None:
             conn.execute(_copy_faces(outcome.image_id, outcome.copied_from))
+    person_counts.add(conn, ids)
     return set(conn.execute(select(images.c.scan_id).where(images.c.id.in_(ids)).distinct()).scalars())
 
 
@@ -256,6 +259,8 @@ def write_outcomes_postgresql(conn, outcomes, ids, face_tuples, now) -> set[int]
             _check_all_found(len(scan_ids), ids)
             statement = _POSTGRESQL_REPLACE_FACES
             cursor.copy_expert(cursor.mogrify(statement, parameters).decode(), copy_text, size=_COPY_CHUNK)
+            statement = person_counts.POSTGRESQL_ADD
+            cursor.execute(statement, parameters)
         return set(scan_ids)
     except dbapi_connection.Error as exc:
         if copy_text.error is not None:  # psycopg2 reports it as a cancelled query, which would be retried
@@ -389,9 +394,11 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
 RETURNING images.scan_id
 """
 
-#: One message: the batch's faces deleted, those of copied pictures copied from the images they
-#: copy, then COPY, which ends it and waits for the face rows.
+#: One message: the batch's old faces taken out of the person counts and deleted, those of copied
+#: pictures copied from the images they copy, then COPY, which ends it and waits for the face rows;
+#: the new faces are counted after it (``person_counts.POSTGRESQL_ADD``).
 _POSTGRESQL_REPLACE_FACES = f"""
+{person_counts.POSTGRESQL_SUBTRACT}
 DELETE FROM faces WHERE image_id = ANY(%(ids)s);
 INSERT INTO faces ({", ".join(_FACE_COLUMNS)})
 SELECT c.id, {", ".join("f." + column for column in _FACE_COLUMNS[1:])}

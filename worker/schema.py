@@ -14,6 +14,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -183,6 +184,18 @@ faces = Table(
         postgresql_where=text("person_id IS NOT NULL"),
         sqlite_where=text("person_id IS NOT NULL"),
     ),
+)
+
+person_images = Table(
+    "person_images",
+    metadata,
+    # How many images of a scan each person was found in, kept by the write that stores the faces
+    # (worker/person_counts.py), so `celebscan people` reads a row per person, not every face.
+    Column("scan_id", Integer, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("person_id", Text, nullable=False),  # '' when the recognizer gave no id
+    Column("images", BigInteger, nullable=False),
+    PrimaryKeyConstraint("scan_id", "name", "person_id", name="pk_person_images"),
 )
 
 people = Table(

@@ -133,7 +133,7 @@ class Settings:
         minimum=1,
     )
     listing_parts: int = _setting(
-        128,
+        64,
         "CELEBSCAN_LISTING_PARTS",
         "With a broker: parts of an S3 key space the workers list in parallel; more than the fleet's processes.",
         minimum=1,

@@ -22,6 +22,7 @@ from sqlalchemy import (
     update,
 )
 
+from worker import person_counts
 from worker.database import (
     CHUNK_SIZE,
     aware_utc,
@@ -50,7 +51,7 @@ from worker.reports import (
     unserved_reason,
 )
 from worker.retry import retry_database
-from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, listing_parts, scans
+from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, listing_parts, person_images, scans
 from worker.settings import Settings
 
 
@@ -238,10 +239,12 @@ class ResultStore:
                 requeue.append(row.id)
         if new_rows:
             conn.execute(dialect_insert(self.engine, images).on_conflict_do_nothing(), new_rows)
-        if requeue:
+        if requeue:  # (--force) done images keep their faces until done again: their counts move along
+            person_counts.subtract(conn, requeue)
             conn.execute(
                 update(images).where(images.c.id.in_(requeue)).values(scan_id=scan_id, queued_at=now, **_QUEUED_AFRESH)
             )
+            person_counts.add(conn, requeue)
         if unreadable:  # listed unreadable again: failed again, now in this scan
             conn.execute(
                 update(images)
@@ -492,13 +495,14 @@ class ResultStore:
                 (failures if status == FAILED else retrying)[code] = count
             face_join = faces.join(images, faces.c.image_id == images.c.id)
             face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar_one()
+            found = func.sum(person_images.c.images)
             people: dict[str, int] = dict(
                 conn.execute(  # type: ignore[arg-type]  # rows of (name, count)
-                    select(faces.c.name, func.count(func.distinct(faces.c.image_id)))
-                    .select_from(face_join)
-                    .where(in_scan, faces.c.name.is_not(None))
-                    .group_by(faces.c.name)
-                    .order_by(faces.c.name)
+                    select(person_images.c.name, found)
+                    .where(person_images.c.scan_id == scan_id)
+                    .group_by(person_images.c.name)
+                    .having(found > 0)
+                    .order_by(person_images.c.name)
                 ).all()
             )
         return ScanSummary(
