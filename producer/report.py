@@ -1,4 +1,8 @@
-"""One self-contained HTML page of a scan: every image as an annotated thumbnail, filterable by person.
+"""One self-contained HTML page of a scan: the people found, a few annotated pictures of each, filterable.
+
+The page is bounded whatever the scan's size: every person found with their image count, at most
+``per_person`` pictures of each (and of images in which nobody was recognized), the first failures
+and their counts by code (see :func:`gather`).
 
 The page carries its thumbnails as ``data:`` URIs, its style and a few lines of script inline, and
 a Content-Security-Policy that forbids any fetch, so it can be mailed or opened offline. The person

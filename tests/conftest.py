@@ -187,3 +187,20 @@ def broker_url(redis_url):
     yield redis_url
     client.flushall()
     client.close()
+
+
+def folder_worker_context(store, recognizer, max_attempts: int = 4):
+    """A worker's context that reads local folders and answers with ``recognizer`` (a stub)."""
+    from worker.batch import WorkerContext
+    from worker.images import ImageLimits
+    from worker.recognizers import Recognizers
+    from worker.sources import FolderReader
+
+    return WorkerContext(
+        store=store,
+        readers={"folder": FolderReader(10**8)},
+        recognizers=Recognizers.of(recognizer),
+        limits=ImageLimits(),
+        max_attempts=max_attempts,
+        retry_base_seconds=0.001,
+    )

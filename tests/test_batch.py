@@ -2,15 +2,13 @@
 
 import pytest
 
+from tests.conftest import folder_worker_context
 from tests.imagemaker import jpeg
 from worker.batch import MAX_DELIVERIES, WorkerContext, process_batch
 from worker.errors import AccessDeniedError, ThrottledError
-from worker.images import ImageLimits
 from worker.listing import list_folder
-from worker.recognizers import Recognizers
 from worker.recognizers.stub import StubRecognizer
 from worker.results import BoundingBox, Celebrity, RecognitionResult
-from worker.sources import FolderReader
 from worker.store import ResultStore
 
 FOUND = RecognitionResult(celebrities=(Celebrity("obama", "1", 95.0, BoundingBox(0.1, 0.1, 0.2, 0.2)),))
@@ -30,15 +28,7 @@ def queued(store, folder):
     return store.queue_images(scan_id, str(folder), "stub", list_folder(folder)).image_ids
 
 
-def context(store, recognizer):
-    return WorkerContext(
-        store=store,
-        readers={"folder": FolderReader(10**8)},
-        recognizers=Recognizers.of(recognizer),
-        limits=ImageLimits(),
-        max_attempts=4,
-        retry_base_seconds=0.001,
-    )
+context = folder_worker_context
 
 
 def by_key(store):

@@ -14,16 +14,14 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.clirun import celebscan
+from tests.conftest import folder_worker_context
 from tests.imagemaker import jpeg
 from tests.rekognition_standin import celebrity
-from worker.batch import WorkerContext, process_batch
-from worker.images import ImageLimits
+from worker.batch import process_batch
 from worker.listing import list_folder
-from worker.recognizers import Recognizers
 from worker.recognizers.stub import StubRecognizer
 from worker.results import BoundingBox, Celebrity, RecognitionResult
 from worker.schema import faces, images
-from worker.sources import FolderReader
 from worker.store import ResultStore
 
 PICTURES = {f"person {number}": jpeg(200 + 10 * number, 150) for number in range(6)}
@@ -95,17 +93,6 @@ def test_max_cost_budgets_distinct_pictures(copied_bucket, rekognition, tmp_path
     store.engine.dispose()
 
 
-def folder_context(store, recognizer) -> WorkerContext:
-    return WorkerContext(
-        store=store,
-        readers={"folder": FolderReader(10**8)},
-        recognizers=Recognizers.of(recognizer),
-        limits=ImageLimits(),
-        max_attempts=2,
-        retry_base_seconds=0.001,
-    )
-
-
 def test_copies_in_one_batch_and_in_the_next(store, tmp_path):
     """Two copies of a picture in one batch: one call, the second copies the first's result before
     either is written; a copy in the next batch copies the stored faces. Never a doubled row."""
@@ -119,11 +106,11 @@ def test_copies_in_one_batch_and_in_the_next(store, tmp_path):
     box = BoundingBox(0.1, 0.1, 0.3, 0.3)
     stub = StubRecognizer(lambda image: RecognitionResult(celebrities=(Celebrity("obama", "1", 97.0, box),)))
 
-    first = process_batch(ids[:3], folder_context(store, stub))  # a, b, c: c copies a
+    first = process_batch(ids[:3], folder_worker_context(store, stub))  # a, b, c: c copies a
     assert stub.calls == 2 and first.done == 3
-    second = process_batch(ids[3:], folder_context(store, stub))  # d copies a, from the database
+    second = process_batch(ids[3:], folder_worker_context(store, stub))  # d copies a, from the database
     assert stub.calls == 2 and second.done == 1
-    process_batch(ids, folder_context(store, stub))  # delivered again: nothing to do, nothing doubled
+    process_batch(ids, folder_worker_context(store, stub))  # delivered again: nothing to do, nothing doubled
     with store.engine.connect() as conn:
         copied = dict(conn.execute(select(images.c.key, images.c.copied_from)).all())
         per_image = dict(conn.execute(select(faces.c.image_id, func.count()).group_by(faces.c.image_id)).all())

@@ -98,7 +98,7 @@ def test_a_lister_that_died_mid_part_is_resumed_by_its_redelivered_message(store
     with pytest.raises(SystemExit):
         list_part(part_ids[0], parts, DiesAfter(s3, 3), "message-a", page_size=300)
     assert len(recorded_keys(store, scan_id)) == 3 * 300, "the pages before the death are recorded"
-    assert list_part(part_ids[0], parts, s3, "message-b").next_in is None, "another message keeps off a held part"
+    assert list_part(part_ids[0], parts, s3, "message-b").listed == 0, "another message keeps off a held part"
     assert len(recorded_keys(store, scan_id)) == 900
     list_part(part_ids[0], parts, s3, "message-a", page_size=300)  # the dead message, redelivered
     keys = recorded_keys(store, scan_id)
@@ -128,7 +128,7 @@ def test_a_part_that_cannot_be_listed_fails_the_listing_once_the_others_end(stor
     denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "ListObjectsV2")
     client = DiesAfter(s3, 0, denied, prefix=refused)
     for number, part_id in enumerate(part_ids):
-        while list_part(part_id, parts, client, f"m{part_id}", page_size=500).next_in is not None:
+        while list_part(part_id, parts, client, f"m{part_id}", slice_seconds=0, page_size=500).next_in is not None:
             pass
         state = listing_finished(store, scan_id)
         if number < len(part_ids) - 1:
@@ -167,3 +167,24 @@ def test_a_throttled_part_is_paused_and_sent_on_later(store, s3):
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(images)).scalar_one() == 1000
     assert listing_finished(store, scan_id).listing_error is None
+
+
+def test_a_message_lists_other_small_parts_in_its_slice_and_names_the_one_it_cut(store, s3):
+    scan_id, part_ids = split_scan(store, s3, "wide")
+    parts = ListingParts(store)
+    first = list_part(part_ids[0], parts, s3, "message-1", slice_seconds=0, page_size=40)
+    assert first.part_id == part_ids[0] and first.next_in == 0.0, "its own part, cut after a page"
+    whole = list_part(part_ids[1], parts, s3, "message-2", slice_seconds=600)
+    assert whole.next_in is None and whole.listed == OBJECTS - 40, "one message listed the rest of every part"
+    late = list_part(part_ids[0], parts, s3, "message-3", slice_seconds=600)
+    assert (late.listed, late.next_in) == (0, None), "the first part's own message finds nothing left"
+    keys = recorded_keys(store, scan_id)
+    assert len(keys) == len(set(keys)) == OBJECTS and listing_finished(store, scan_id).listing_finished_at
+
+
+def test_a_slice_cut_on_a_part_it_took_over_names_that_part(store, s3):
+    scan_id, part_ids = split_scan(store, s3, "wide")
+    parts = ListingParts(store)
+    list_part(part_ids[0], parts, s3, "message-1", slice_seconds=0)  # its part is one page: it ends
+    cut = list_part(part_ids[0], parts, s3, "message-2", slice_seconds=0, page_size=40)
+    assert cut.part_id == part_ids[1] and cut.next_in == 0.0, "the part it took and cut is sent on"

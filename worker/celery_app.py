@@ -112,6 +112,6 @@ def list_part_task(self, part_id: int) -> dict:
         slice_seconds=min(LIST_SLICE_SECONDS, settings.visibility_timeout / 4),
         attempts=settings.max_attempts,
     )
-    if step.next_in is not None:
-        send_listing_parts(app, [part_id], countdown=step.next_in)
+    if step.next_in is not None and step.part_id is not None:
+        send_listing_parts(app, [step.part_id], countdown=step.next_in)
     return dataclasses.asdict(step)

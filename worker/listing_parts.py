@@ -6,7 +6,9 @@ returns: the fleet lists the bucket in parallel, as many parts at once as it has
 
 A worker lists its part for at most ``LIST_SLICE_SECONDS`` and sends the part on as a new message, so
 a message never outlives the broker's visibility timeout and listing and recognition take turns on
-every worker (they are on two queues, which a worker serves in turn). Each page of keys is recorded
+every worker (they are on two queues, which a worker serves in turn). A part that ends before the
+slice does is followed by another part nobody is listing, so many small parts cost few messages;
+a message that finds its own part ended or held returns at once. Each page of keys is recorded
 with the part's last key in one transaction; a part picked up again lists on after that key, so a
 worker dying mid-part loses nothing and doubles nothing. A message holds its part by a claim (its
 message id and retry number, as image claims); a claim that no page refreshed for the lease is
@@ -59,11 +61,12 @@ class PartClaim:
 
 @dataclass(frozen=True)
 class PartStep:
-    """What one slice of a part did: images recorded, and when to send the part on (None: it ended,
-    or another message holds it)."""
+    """What one slice did: images recorded, and which part to send on and when (``next_in`` None:
+    nothing to send on: the parts it listed ended, or another message holds them)."""
 
     listed: int
     next_in: float | None
+    part_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,37 @@ class ListingParts:
             scan = conn.execute(select(scans.c.source, scans.c.backend).where(scans.c.id == row.scan_id)).one()
         bucket = Source.from_url(scan.source).bucket
         return PartClaim(part_id, row.scan_id, bucket, scan.backend, row.prefix, row.last_key, row.force, token)
+
+    def scan_of(self, part_id: int) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(listing_parts.c.scan_id).where(listing_parts.c.id == part_id)).scalar()
+
+    @retry_database
+    def claim_next(self, scan_id: int, token: str) -> PartClaim | None:
+        """Another part of the scan to list: first one this message's token held (a redelivered
+        message picks up what it was listing), else one nobody holds or whose lease ran out."""
+        now = utcnow()
+        with self.engine.connect() as conn:
+            candidates = conn.execute(
+                select(listing_parts.c.id)
+                .where(
+                    listing_parts.c.scan_id == scan_id,
+                    listing_parts.c.status == QUEUED,
+                    or_(
+                        listing_parts.c.claimed_by.is_(None),
+                        listing_parts.c.claimed_by == token,
+                        listing_parts.c.claimed_at < now - self.lease,
+                    ),
+                )
+                .order_by((listing_parts.c.claimed_by == token).desc(), listing_parts.c.id)
+                .limit(8)
+            ).scalars()
+            candidate_ids = list(candidates)
+        for candidate in candidate_ids:  # another message may take one first: try the next
+            part = self.claim(candidate, token)
+            if part is not None:
+                return part
+        return None
 
     @retry_database
     def record_page(self, part: PartClaim, objects: list[ListedObject], last_key: str | None, ended: bool) -> bool:
@@ -241,27 +275,45 @@ def list_part(
     attempts: int = 5,
     page_size: int = 1000,
 ) -> PartStep:
-    """List one slice of a part: pages of its keys until the slice's time is up or the part ends.
+    """List one slice: pages of the part's keys until the slice's time is up; a part that ends
+    before then is followed by other parts of the scan nobody is listing (so a bucket of many
+    small parts costs a message per slice, not per part).
 
     A transient S3 error that outlasts ``attempts`` tries pauses the part (sent on later); a
     permanent one (access denied, bucket gone) fails the part, and the scan's listing with it once
-    every other part has ended.
+    every other part has ended. Returns the part to send on, if any, and when.
     """
     part = parts.claim(part_id, token)
-    if part is None:
-        return PartStep(0, None)
-    bucket = part.bucket
-    arguments: dict = {"Bucket": bucket, "Prefix": part.prefix, "MaxKeys": page_size}
+    if part is None:  # listed already, or held by another message: help with the scan's other parts
+        scan_id = parts.scan_of(part_id)
+        part = parts.claim_next(scan_id, token) if scan_id is not None else None
+    deadline = time.monotonic() + slice_seconds
+    listed = 0
+    while part is not None:
+        count, next_in = _list_slice(part, parts, s3_client, deadline, attempts, page_size)
+        listed += count
+        if next_in is not None:
+            return PartStep(listed, next_in, part.id)
+        if time.monotonic() >= deadline:
+            break
+        part = parts.claim_next(part.scan_id, token)
+    return PartStep(listed, None)
+
+
+def _list_slice(
+    part: PartClaim, parts: ListingParts, s3_client, deadline: float, attempts: int, page_size: int
+) -> tuple[int, float | None]:
+    """(images recorded, seconds before the part is sent on; None: it ended, failed or is lost)."""
+    arguments: dict = {"Bucket": part.bucket, "Prefix": part.prefix, "MaxKeys": page_size}
     if part.last_key is not None:
         arguments["StartAfter"] = part.last_key
-    deadline = time.monotonic() + slice_seconds
     listed = 0
 
     def next_page() -> dict:
         try:
             return s3_client.list_objects_v2(**arguments)
         except AWS_ERRORS as exc:
-            raise translate(exc, f"listing s3://{bucket}/{part.prefix}") from exc
+            raise translate(exc, f"listing s3://{part.bucket}/{part.prefix}") from exc
 
     while True:
         try:
@@ -269,25 +321,25 @@ def list_part(
         except TransientError as exc:
             log.warning("listing part %d (%r) paused: %s", part.id, part.prefix, exc)
             parts.release(part)
-            return PartStep(listed, TRANSIENT_PAUSE_SECONDS)
+            return listed, TRANSIENT_PAUSE_SECONDS
         except CelebscanError as exc:
             log.error("listing part %d (%r) failed: %s", part.id, part.prefix, exc)
             parts.fail(part, str(exc))
             parts.end_listing_if_done(part.scan_id)
-            return PartStep(listed, None)
+            return listed, None
         contents = page.get("Contents", ())
         last_key = contents[-1]["Key"] if contents else None
         ended = not page.get("IsTruncated")
         objects = list(images_in(page))
         if not parts.record_page(part, objects, last_key, ended):
             log.info("listing part %d: another message holds it now", part.id)
-            return PartStep(listed, None)
+            return listed, None
         listed += len(objects)
         if ended:
             parts.end_listing_if_done(part.scan_id)
-            return PartStep(listed, None)
+            return listed, None
         if time.monotonic() >= deadline:
             parts.release(part)
-            return PartStep(listed, 0.0)
+            return listed, 0.0
         arguments.pop("StartAfter", None)
         arguments["ContinuationToken"] = page["NextContinuationToken"]
