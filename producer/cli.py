@@ -532,6 +532,10 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def _plural(count: int, one: str, many: str | None = None) -> str:
+    return f"{count:,} {one if count == 1 else many or one + 's'}"
+
+
 def _embedder(settings: Settings):
     from worker.face_embeddings import FaceEmbedder
 
@@ -552,7 +556,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _plural(count: int, one: str, many: str | None = None) -> str:
-    return f"{count:,} {one if count == 1 else many or one + 's'}"

@@ -3,9 +3,10 @@
 The database is the queue of record. Listing streams into ``queued`` rows, a thousand at a time,
 and the work starts with the first thousand: with a broker, ``scan`` splits an S3 key space into
 parts for the workers to list (``worker/listing_parts.py``), puts a fixed window of slots into the
-broker (``worker/claims.py``) and returns at once (a folder or an inventory is listed here first);
-without one, a local process pool claims batches from the database while this process lists. Nothing here holds a list
-of the scan's images, so memory is flat in the bucket size.
+broker (``worker/claims.py``) and returns at once (a folder, an inventory or a prefix that one
+listing request covers is listed here first); without one, a local process pool claims batches
+from the database while this process lists. Nothing here holds a list of the scan's images, so
+memory is flat in the bucket size.
 """
 
 from __future__ import annotations
