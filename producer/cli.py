@@ -197,6 +197,40 @@ def estimate(app: App, source: str) -> None:
         f"(prices: {env_var('rekognition_prices')}={settings.rekognition_prices}); "
         f"--prefilter-faces sends only images with a face"
     )
+    for line in _pace_lines(app.store, settings, found.billable):
+        click.echo(line)
+
+
+def _pace_lines(store: ResultStore, settings: Settings, calls: int) -> list[str]:
+    """How long ``calls`` take at the Rekognition quota, and the fleet that keeps that pace."""
+    from producer.pace import Pace, duration, rekognition_quota
+
+    quota = rekognition_quota(settings)
+    if quota is None:
+        return [
+            f"  time: unknown: Service Quotas could not be read here; set {env_var('rekognition_tps')} to your "
+            f"account's RecognizeCelebrities quota (calls per second)"
+        ]
+    pace = Pace(
+        calls, quota, store.seconds_per_image("rekognition"), settings.worker_concurrency, settings.worker_hourly_price
+    )
+    lines = [
+        f"  time at the quota: {calls:,} calls at {quota.calls_per_second:g} calls/s ({quota.source}) take "
+        f"{duration(pace.seconds)}; Service Quotas can raise it"
+    ]
+    if pace.processes is None or pace.machines is None or pace.machine_cost is None:
+        lines.append(
+            "  workers: the time a worker spends per image is not measured yet (no image recognized with "
+            "rekognition in this database): scan a sample first, then estimate again"
+        )
+    else:
+        lines.append(
+            f"  workers to keep that pace: {pace.processes} processes ({pace.seconds_per_image:.2f} s per image, "
+            f"measured) = {_plural(pace.machines, 'machine')} of {settings.worker_concurrency} "
+            f"({env_var('worker_concurrency')}), {usd(pace.machine_cost)} for that time at "
+            f"${settings.worker_hourly_price:g} per machine-hour ({env_var('worker_hourly_price')})"
+        )
+    return lines
 
 
 def _watch(store: ResultStore, summary: ScanSummary, interval: float) -> ScanSummary:
@@ -503,6 +537,13 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     if summary.rate:
         eta = f", ETA {summary.eta_seconds:.0f} s" if counts["queued"] else ""
         lines.append(f"  rate: {summary.rate:.2f} images/s{eta}")
+    if summary.backend in PAID_BACKENDS and settings.rekognition_tps and counts["queued"]:
+        from producer.pace import duration
+
+        lines.append(
+            f"  at the quota ({env_var('rekognition_tps')}={settings.rekognition_tps:g} calls/s): "
+            f"{duration(counts['queued'] / settings.rekognition_tps)} for the {counts['queued']:,} images queued"
+        )
     if summary.failures:
         lines.append("  failures: " + ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items())))
     if summary.retrying:

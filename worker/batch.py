@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -156,7 +157,14 @@ def process_image(
     by MD5 and size) copies its result instead of calling the recognizer. An S3 object's ETag is
     its MD5 for a single-part upload, so such a copy is found before the object is read.
     """
-    recognized = {} if recognized is None else recognized
+    started = time.perf_counter()
+    outcome = _reused_or_processed(image, context, {} if recognized is None else recognized)
+    return dataclasses.replace(outcome, work_ms=round(1000 * (time.perf_counter() - started)))
+
+
+def _reused_or_processed(
+    image: QueuedImage, context: WorkerContext, recognized: dict[tuple[str, int], ImageOutcome]
+) -> ImageOutcome:
     if image.reuse_results and Source.from_url(image.source).is_s3 and _is_md5(image.etag):
         known = context.store.known_picture(image.etag, image.size, image.backend)
         if known is not None:

@@ -76,6 +76,7 @@ class ImageOutcome:
     # A copy of the known result of image ``copied_from`` (the same picture): with ``result`` None,
     # the write copies that image's faces in the database.
     copied_from: int | None = None
+    work_ms: int | None = None  # the worker's time on the image (read, decode, recognize)
 
     @property
     def deferred(self) -> bool:
@@ -183,6 +184,7 @@ def _image_values(o: ImageOutcome) -> dict[str, Any]:
         "not_before": o.not_before,
         "content_hash": o.content_hash,
         "copied_from": o.copied_from,
+        "work_ms": o.work_ms,
     }
 
 
@@ -214,6 +216,7 @@ def write_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
             not_before=bindparam("b_not_before", type_=DateTime(timezone=True)),
             content_hash=kept_unless_given("content_hash", String),
             copied_from=bindparam("b_copied_from", type_=Integer),
+            work_ms=bindparam("b_work_ms", type_=Integer),
             claimed_by=None,
         ),
         image_updates,
@@ -385,11 +388,12 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
        calls_saved = COALESCE(u.calls_saved, images.calls_saved),
        attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
        retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL,
-       content_hash = COALESCE(u.content_hash, images.content_hash), copied_from = u.copied_from
+       content_hash = COALESCE(u.content_hash, images.content_hash), copied_from = u.copied_from,
+       work_ms = u.work_ms
   FROM json_to_recordset(%(images)s::json)
        AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
             paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz,
-            not_before timestamptz, content_hash text, copied_from integer)
+            not_before timestamptz, content_hash text, copied_from integer, work_ms integer)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s)
 RETURNING images.scan_id
 """

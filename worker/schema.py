@@ -97,6 +97,8 @@ images = Table(
     Column("retry_since", DateTime(timezone=True)),
     # The image whose result this one copies (the same picture under another key): no call was made.
     Column("copied_from", Integer),
+    # Milliseconds a worker spent on the image (read, decode, recognize): `estimate` sizes a fleet with it.
+    Column("work_ms", Integer),
     UniqueConstraint("bucket", "key", "etag", "backend", name="uq_images_natural_key"),
     # With the id last, "is anything of this scan still queued?" reads the index backwards from the
     # newest images, which stay queued longest, instead of wading through the entries that finished

@@ -150,6 +150,18 @@ class Settings:
         "CELEBSCAN_REKOGNITION_PRICES",
         "Rekognition's price per image by monthly tier: PRICE:IMAGES,... and a last PRICE for the rest.",
     )
+    worker_concurrency: int = _setting(
+        8,
+        "CELEBSCAN_WORKER_CONCURRENCY",
+        "Worker processes per machine (the deploy kit's WorkerConcurrency): `estimate` sizes the fleet with it.",
+        minimum=1,
+    )
+    worker_hourly_price: float = _setting(
+        0.0416,
+        "CELEBSCAN_WORKER_HOURLY_PRICE",
+        "USD per hour of one worker machine (t3.medium on demand in us-east-1): `estimate` prices the fleet.",
+        minimum=0,
+    )
     rekognition_billed_this_month: int = _setting(
         0,
         "CELEBSCAN_REKOGNITION_BILLED_THIS_MONTH",

@@ -129,6 +129,26 @@ class ResultStore:
         with self.engine.connect() as conn:
             return {known for known, row in _known_objects(conn, bucket, backend, keys).items() if row.status == DONE}
 
+    def seconds_per_image(self, backend: str, sample: int = 10_000) -> float | None:
+        """A worker process's mean time per recognized image, over the latest ``sample`` images the
+        backend recognized (copies and prefiltered images excluded); None before the first."""
+        latest = (
+            select(images.c.work_ms)
+            .where(
+                images.c.backend == backend,
+                images.c.status == DONE,
+                images.c.work_ms.is_not(None),
+                images.c.copied_from.is_(None),
+                images.c.calls_saved == 0,
+            )
+            .order_by(images.c.id.desc())
+            .limit(sample)
+            .subquery()
+        )
+        with self.engine.connect() as conn:
+            mean = conn.execute(select(func.avg(latest.c.work_ms))).scalar()
+        return None if mean is None else float(mean) / 1000
+
     def known_pictures(self, pictures: Sequence[tuple[str, int]], backend: str) -> set[tuple[str, int]]:
         """Of the given (MD5, size) pairs, those of pictures already recognized with ``backend``."""
         hashes = sorted({content_hash for content_hash, _ in pictures})
