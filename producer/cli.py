@@ -125,8 +125,9 @@ def scan(
 ) -> None:
     """Scan SOURCE (a folder, or s3://bucket/prefix/) and store who is in each image.
 
-    With CELERY_BROKER_URL set, the batches are enqueued for Celery workers; otherwise they run
-    here, in a pool of local processes.
+    With CELERY_BROKER_URL set, Celery workers do the work (and list a bucket's key space, which
+    this command splits for them) while this command returns; otherwise it runs here, in a pool
+    of local processes.
     """
     if (source is None and inventory is None) == (resume_id is None):
         raise click.UsageError("give either SOURCE (or --inventory) or --resume SCAN_ID")
@@ -174,7 +175,11 @@ def status(app: App, scan_id: int | None, watch: bool, interval: float) -> None:
 @click.argument("source")
 @click.pass_obj
 def estimate(app: App, source: str) -> None:
-    """Images, bytes and the estimated Rekognition cost of scanning SOURCE, without calling it."""
+    """Images, bytes and the estimated Rekognition cost of scanning SOURCE, without calling it.
+
+    Also how long the calls take at the account's Rekognition quota, and the workers that keep
+    that pace (their number from the time per image measured in earlier scans, and their cost).
+    """
     settings = app.settings
     found = estimate_source(app.store, parse_source(source), settings)
     cost = paid_cost(settings, found.billable)
