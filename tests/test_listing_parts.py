@@ -174,9 +174,9 @@ def test_a_message_lists_other_small_parts_in_its_slice_and_names_the_one_it_cut
     parts = ListingParts(store)
     first = list_part(part_ids[0], parts, s3, "message-1", slice_seconds=0, page_size=40)
     assert first.part_id == part_ids[0] and first.next_in == 0.0, "its own part, cut after a page"
-    whole = list_part(part_ids[1], parts, s3, "message-2", slice_seconds=600)
+    whole = list_part(part_ids[1], parts, s3, "message-2", slice_seconds=600, steal_seconds=600)
     assert whole.next_in is None and whole.listed == OBJECTS - 40, "one message listed the rest of every part"
-    late = list_part(part_ids[0], parts, s3, "message-3", slice_seconds=600)
+    late = list_part(part_ids[0], parts, s3, "message-3", slice_seconds=600, steal_seconds=600)
     assert (late.listed, late.next_in) == (0, None), "the first part's own message finds nothing left"
     keys = recorded_keys(store, scan_id)
     assert len(keys) == len(set(keys)) == OBJECTS and listing_finished(store, scan_id).listing_finished_at
@@ -186,5 +186,7 @@ def test_a_slice_cut_on_a_part_it_took_over_names_that_part(store, s3):
     scan_id, part_ids = split_scan(store, s3, "wide")
     parts = ListingParts(store)
     list_part(part_ids[0], parts, s3, "message-1", slice_seconds=0)  # its part is one page: it ends
-    cut = list_part(part_ids[0], parts, s3, "message-2", slice_seconds=0, page_size=40)
+    cut = list_part(part_ids[0], parts, s3, "message-2", slice_seconds=0, steal_seconds=600, page_size=40)
     assert cut.part_id == part_ids[1] and cut.next_in == 0.0, "the part it took and cut is sent on"
+    alone = list_part(part_ids[2], parts, s3, "message-3", slice_seconds=600, steal_seconds=0)
+    assert alone.next_in is None and alone.listed < OBJECTS / 4, "with no time to take others, its own part only"

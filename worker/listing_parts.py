@@ -7,8 +7,8 @@ returns: the fleet lists the bucket in parallel, as many parts at once as it has
 A worker lists its part for at most ``LIST_SLICE_SECONDS`` and sends the part on as a new message, so
 a message never outlives the broker's visibility timeout and listing and recognition take turns on
 every worker (they are on two queues, which a worker serves in turn). A part that ends before the
-slice does is followed by another part nobody is listing, so many small parts cost few messages;
-a message that finds its own part ended or held returns at once. Each page of keys is recorded
+slice does is followed, for two seconds more, by other parts nobody is listing, so many small
+parts cost few messages and recognition still gets its turns. Each page of keys is recorded
 with the part's last key in one transaction; a part picked up again lists on after that key, so a
 worker dying mid-part loses nothing and doubles nothing. A message holds its part by a claim (its
 message id and retry number, as image claims); a claim that no page refreshed for the lease is
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: How long one message lists its part before sending the part on.
 LIST_SLICE_SECONDS = 10.0
+#: How long a message goes on with other parts once its own has ended.
+STEAL_SECONDS = 2.0
 #: A part whose listing outlasted the in-process retries (throttling, 5xx) is sent on after this.
 TRANSIENT_PAUSE_SECONDS = 30.0
 
@@ -272,28 +274,33 @@ def list_part(
     token: str,
     *,
     slice_seconds: float = LIST_SLICE_SECONDS,
+    steal_seconds: float = STEAL_SECONDS,
     attempts: int = 5,
     page_size: int = 1000,
 ) -> PartStep:
     """List one slice: pages of the part's keys until the slice's time is up; a part that ends
-    before then is followed by other parts of the scan nobody is listing (so a bucket of many
-    small parts costs a message per slice, not per part).
+    before then is followed, for ``steal_seconds`` more, by other parts of the scan nobody is
+    listing (so a bucket of many small parts costs a message per few seconds, not per part, and
+    the worker still takes its turns at recognizing).
 
     A transient S3 error that outlasts ``attempts`` tries pauses the part (sent on later); a
     permanent one (access denied, bucket gone) fails the part, and the scan's listing with it once
     every other part has ended. Returns the part to send on, if any, and when.
     """
+    deadline = time.monotonic() + slice_seconds
     part = parts.claim(part_id, token)
     if part is None:  # listed already, or held by another message: help with the scan's other parts
+        deadline = min(deadline, time.monotonic() + steal_seconds)
         scan_id = parts.scan_of(part_id)
         part = parts.claim_next(scan_id, token) if scan_id is not None else None
-    deadline = time.monotonic() + slice_seconds
     listed = 0
     while part is not None:
         count, next_in = _list_slice(part, parts, s3_client, deadline, attempts, page_size)
         listed += count
         if next_in is not None:
             return PartStep(listed, next_in, part.id)
+        # Other parts only briefly: the worker's next turn may be a batch to recognize.
+        deadline = min(deadline, time.monotonic() + steal_seconds)
         if time.monotonic() >= deadline:
             break
         part = parts.claim_next(part.scan_id, token)
