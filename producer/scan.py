@@ -276,7 +276,7 @@ def estimate_source(store: ResultStore, source: Source, settings: Settings) -> E
     estimate = Estimate()
     for chunk in chunks(list_source(source, settings), CHUNK_SIZE):
         done = store.done_objects(source.bucket, "rekognition", [item.key for item in chunk])
-        known = store.known_pictures([(item.etag, item.size) for item in chunk], "rekognition")
+        known = store.known_pictures([(item.etag, item.size) for item in chunk], "rekognition").keys()
         for item in chunk:
             estimate.add(
                 item.size,

@@ -123,10 +123,11 @@ def process_batch(image_ids: Sequence[int], context: WorkerContext, delivery: st
     groups = [[image] for image in pending] if redelivered else [pending]
     done = failed = 0
     deferred: list[ImageOutcome] = []
+    known = _known_by_etag(pending, context)
     recognized: dict[tuple[str, int], ImageOutcome] = {}  # this batch's pictures, for copies within it
     for group in groups:
         started = context.store.start(group, MAX_DELIVERIES, delivery)
-        outcomes = [process_image(image, context, recognized) for image in started]
+        outcomes = [process_image(image, context, recognized, known) for image in started]
         context.store.save_outcomes(outcomes)
         done += sum(outcome.status == DONE for outcome in outcomes)
         failed += len(group) - len(started) + sum(outcome.status == FAILED for outcome in outcomes)
@@ -142,8 +143,26 @@ def process_batch(image_ids: Sequence[int], context: WorkerContext, delivery: st
     )
 
 
+def _known_by_etag(batch: Sequence[QueuedImage], context: WorkerContext) -> dict[tuple[str, int], KnownPicture] | None:
+    """Pictures already recognized among the batch's S3 objects whose ETag is their MD5, found in
+    one query for the batch (None when the batch has no such object to look up)."""
+    by_backend: dict[str, list[tuple[str, int]]] = {}
+    for image in batch:
+        if _etag_is_md5(image):
+            by_backend.setdefault(image.backend, []).append((image.etag, image.size))
+    if not by_backend:
+        return None
+    known: dict[tuple[str, int], KnownPicture] = {}
+    for backend, pictures in by_backend.items():
+        known.update(context.store.known_pictures(pictures, backend))
+    return known
+
+
 def process_image(
-    image: QueuedImage, context: WorkerContext, recognized: dict[tuple[str, int], ImageOutcome] | None = None
+    image: QueuedImage,
+    context: WorkerContext,
+    recognized: dict[tuple[str, int], ImageOutcome] | None = None,
+    known: dict[tuple[str, int], KnownPicture] | None = None,
 ) -> ImageOutcome:
     """Read, decode and recognize one image. Never raises: a failure becomes a ``failed`` outcome.
 
@@ -158,17 +177,22 @@ def process_image(
     its MD5 for a single-part upload, so such a copy is found before the object is read.
     """
     started = time.perf_counter()
-    outcome = _reused_or_processed(image, context, {} if recognized is None else recognized)
+    outcome = _reused_or_processed(image, context, {} if recognized is None else recognized, known)
     return dataclasses.replace(outcome, work_ms=round(1000 * (time.perf_counter() - started)))
 
 
 def _reused_or_processed(
-    image: QueuedImage, context: WorkerContext, recognized: dict[tuple[str, int], ImageOutcome]
+    image: QueuedImage,
+    context: WorkerContext,
+    recognized: dict[tuple[str, int], ImageOutcome],
+    known: dict[tuple[str, int], KnownPicture] | None,
 ) -> ImageOutcome:
-    if image.reuse_results and Source.from_url(image.source).is_s3 and _is_md5(image.etag):
-        known = context.store.known_picture(image.etag, image.size, image.backend)
-        if known is not None:
-            return ImageOutcome.copied(image, known, image.etag)
+    if _etag_is_md5(image):
+        if known is None:
+            known = context.store.known_pictures([(image.etag, image.size)], image.backend)
+        picture = known.get((image.etag, image.size))
+        if picture is not None:
+            return ImageOutcome.copied(image, picture, image.etag)
     read: list[bytes] = []
     outcome = _process_image(image, context, read, recognized)
     if not read:
@@ -184,9 +208,16 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _is_md5(etag: str) -> bool:
-    """An ETag that is the MD5 of the bytes (a single-part upload; a multipart one ends in ``-N``)."""
-    return len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
+def _etag_is_md5(image: QueuedImage) -> bool:
+    """An S3 object whose ETag is the MD5 of its bytes (a single-part upload; a multipart one ends
+    in ``-N``), in a scan that reuses known results."""
+    etag = image.etag
+    return (
+        image.reuse_results
+        and Source.from_url(image.source).is_s3
+        and len(etag) == 32
+        and all(c in "0123456789abcdef" for c in etag)
+    )
 
 
 def _known_copy(
@@ -198,6 +229,8 @@ def _known_copy(
     if earlier is not None:
         picture = KnownPicture(earlier.image_id, earlier.width, earlier.height)
         return ImageOutcome.copied(image, picture, content_hash, earlier.result)
+    if content_hash == image.etag and _etag_is_md5(image):
+        return None  # looked up by its ETag already
     known = context.store.known_picture(content_hash, len(data), image.backend)
     return ImageOutcome.copied(image, known, content_hash) if known is not None else None
 

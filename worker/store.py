@@ -149,16 +149,26 @@ class ResultStore:
             mean = conn.execute(select(func.avg(latest.c.work_ms))).scalar()
         return None if mean is None else float(mean) / 1000
 
-    def known_pictures(self, pictures: Sequence[tuple[str, int]], backend: str) -> set[tuple[str, int]]:
-        """Of the given (MD5, size) pairs, those of pictures already recognized with ``backend``."""
+    @retry_database
+    def known_pictures(self, pictures: Sequence[tuple[str, int]], backend: str) -> dict[tuple[str, int], KnownPicture]:
+        """Of the given (MD5, size) pairs, those of pictures already recognized with ``backend``
+        (the first image of each), in one query."""
         hashes = sorted({content_hash for content_hash, _ in pictures})
+        if not hashes:
+            return {}
+        first = (
+            select(func.min(images.c.id))
+            .where(images.c.content_hash.in_(hashes), images.c.backend == backend, images.c.status == DONE)
+            .group_by(images.c.content_hash, images.c.size)
+        )
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(images.c.content_hash, images.c.size)
-                .where(images.c.content_hash.in_(hashes), images.c.backend == backend, images.c.status == DONE)
-                .distinct()
+                select(images.c.content_hash, images.c.size, images.c.id, images.c.width, images.c.height).where(
+                    images.c.id.in_(first)
+                )
             )
-            return {(content_hash, size) for content_hash, size in rows} & set(pictures)
+            known = {(row.content_hash, row.size): KnownPicture(row.id, row.width, row.height) for row in rows}
+        return {picture: known[picture] for picture in pictures if picture in known}
 
     def queue_images(
         self,
@@ -325,22 +335,9 @@ class ResultStore:
             )
             return [QueuedImage(**row._mapping) for row in rows]
 
-    @retry_database
     def known_picture(self, content_hash: str, size: int, backend: str) -> KnownPicture | None:
         """The first image recognized by ``backend`` whose bytes have this MD5 and size, if any."""
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(images.c.id, images.c.width, images.c.height)
-                .where(
-                    images.c.content_hash == content_hash,
-                    images.c.size == size,
-                    images.c.backend == backend,
-                    images.c.status == DONE,
-                )
-                .order_by(images.c.id)
-                .limit(1)
-            ).first()
-        return KnownPicture(row.id, row.width, row.height) if row else None
+        return self.known_pictures([(content_hash, size)], backend).get((content_hash, size))
 
     @retry_database
     def start(self, batch: Sequence[QueuedImage], max_deliveries: int, delivery: str = "") -> list[QueuedImage]:
