@@ -128,14 +128,14 @@ def test_a_listing_that_fails_part_way_keeps_what_it_listed_and_says_so(
 def test_the_key_space_splits_into_parts_that_list_every_key_once(prefixes):
     """A flat bucket of numbered names splits as well as one with folders: the parts are disjoint,
     cover every key, list to the same keys as one plain listing, and finding them costs about as
-    many requests for ten times the keys."""
+    many requests for ten times the keys; a part that one page lists is not split further."""
     import boto3
 
     from tests.synthetic_s3 import SyntheticBucket, serving
     from worker.listing import split_key_space
 
     probes = {}
-    for count in (5_000, 50_000):
+    for count in (50_000, 500_000):
         bucket = SyntheticBucket("split", count, prefixes=prefixes)
         with serving([bucket]) as (url, stats):
             s3 = boto3.client(
@@ -148,8 +148,8 @@ def test_the_key_space_splits_into_parts_that_list_every_key_once(prefixes):
             for key in keys:
                 [owner] = [part for part in parts if key.startswith(part)]
                 owners[owner] += 1
-            assert exact == [] and 32 <= len(parts) <= 96 and all(owners.values()), parts
-            if count == 5_000:
+            assert exact == [] and 32 <= len(parts) <= 120 and all(owners.values()), parts
+            if count == 50_000:
                 listed = [o.key for o in list_s3(s3, "split", "", threads=4, page_size=300)]
                 assert sorted(listed) == keys
     print(f"\nrequests to split: {probes}")
@@ -159,7 +159,16 @@ def test_the_key_space_splits_into_parts_that_list_every_key_once(prefixes):
         )
         assert split_key_space(s3, "small", "", parts=32) == ([], [""]), "a page lists it: not split"
         assert stats["list_requests"] == 1
-    assert probes[50_000] <= 1.5 * probes[5_000]
+    assert probes[500_000] <= 1.5 * probes[50_000]
+    with serving([SyntheticBucket("few", 5_000, prefixes=prefixes)]) as (url, _):
+        s3 = boto3.client(
+            "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+        )
+        _, parts = split_key_space(s3, "few", "", parts=32)
+        sizes = [
+            sum(1 for i in range(5_000) if SyntheticBucket("few", 5_000, prefixes).key(i).startswith(p)) for p in parts
+        ]
+        assert sum(sizes) == 5_000 and max(sizes) <= 1000 and len(parts) < 32, "split only down to a page a part"
 
 
 def test_an_object_named_like_a_split_prefix_is_listed_too(s3, bucket):

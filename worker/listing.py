@@ -144,19 +144,17 @@ def split_key_space(
     size. A prefix with one child is followed down (``img000`` of ``img000123.jpg``), so a flat
     bucket of numbered or hashed names splits as well as one with folders (a ``/`` is just another
     character). Returns the objects whose key is exactly a split prefix, and the prefixes to list.
-    A prefix holding at most ``page_size`` keys is not split.
+    A prefix holding at most ``page_size`` keys is not split (it is one request to list).
     """
     exact: list[ListedObject] = []
     leaves: list[str] = []
     pending = [prefix]
-    if parts > 1 and fits_in_a_page(s3_client, bucket, prefix, page_size):
-        return exact, pending  # a page lists it all: splitting would cost more requests than it saves
     with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:
         while pending and len(leaves) + len(pending) < parts:
             # A whole level at a time, so the parts stay alike in size (a part ten times the others
             # would be listed long after them); a level's prefixes are probed in parallel.
             frontier, pending = pending, []
-            probes = pool.map(lambda current: _children(s3_client, bucket, current, exact), frontier)
+            probes = pool.map(lambda current: _split(s3_client, bucket, current, exact, page_size), frontier)
             for current, children in zip(frontier, probes, strict=True):
                 if children is None:
                     leaves.append(current)
@@ -175,6 +173,13 @@ def fits_in_a_page(s3_client, bucket: str, prefix: str, page_size: int = 1000) -
         return not s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=page_size).get("IsTruncated")
     except AWS_ERRORS as exc:
         raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}/{prefix}"))) from exc
+
+
+def _split(s3_client, bucket: str, prefix: str, exact: list[ListedObject], page_size: int) -> list[str] | None:
+    """How to split ``prefix`` (see :func:`_children`); None, not split, when one page lists it."""
+    if fits_in_a_page(s3_client, bucket, prefix, page_size):
+        return None
+    return _children(s3_client, bucket, prefix, exact)
 
 
 def _children(s3_client, bucket: str, prefix: str, exact: list[ListedObject]) -> list[str] | None:
