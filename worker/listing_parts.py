@@ -101,6 +101,17 @@ class ListingParts:
             )
             return [row.id for row in rows]
 
+    def _claimable(self, token: str, now):
+        """Parts still to list that ``token`` may hold: nobody's, its own, or a lapsed claim."""
+        return and_(
+            listing_parts.c.status == QUEUED,
+            or_(
+                listing_parts.c.claimed_by.is_(None),
+                listing_parts.c.claimed_by == token,
+                listing_parts.c.claimed_at < now - self.lease,
+            ),
+        )
+
     @retry_database
     def claim(self, part_id: int, token: str) -> PartClaim | None:
         """Hold the part for the message ``token``, unless it ended or another live message holds it."""
@@ -108,15 +119,7 @@ class ListingParts:
         with self.engine.begin() as conn:
             row = conn.execute(
                 update(listing_parts)
-                .where(
-                    listing_parts.c.id == part_id,
-                    listing_parts.c.status == QUEUED,
-                    or_(
-                        listing_parts.c.claimed_by.is_(None),
-                        listing_parts.c.claimed_by == token,
-                        listing_parts.c.claimed_at < now - self.lease,
-                    ),
-                )
+                .where(listing_parts.c.id == part_id, self._claimable(token, now))
                 .values(claimed_by=token, claimed_at=now)
                 .returning(
                     listing_parts.c.scan_id, listing_parts.c.prefix, listing_parts.c.last_key, listing_parts.c.force
@@ -140,15 +143,7 @@ class ListingParts:
         with self.engine.connect() as conn:
             candidates = conn.execute(
                 select(listing_parts.c.id)
-                .where(
-                    listing_parts.c.scan_id == scan_id,
-                    listing_parts.c.status == QUEUED,
-                    or_(
-                        listing_parts.c.claimed_by.is_(None),
-                        listing_parts.c.claimed_by == token,
-                        listing_parts.c.claimed_at < now - self.lease,
-                    ),
-                )
+                .where(listing_parts.c.scan_id == scan_id, self._claimable(token, now))
                 .order_by((listing_parts.c.claimed_by == token).desc(), listing_parts.c.id)
                 .limit(8)
             ).scalars()
