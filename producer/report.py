@@ -50,6 +50,8 @@ def thumbnail(record: ResultRecord, readers: dict[str, ObjectReader]) -> tuple[b
 
 #: Failures listed by name on the page (all of them are counted by code).
 FAILURES_SHOWN = 200
+#: People shown with pictures, most images first; every person found is listed with their count.
+PEOPLE_PICTURED = 200
 #: Images read to find ones in which nobody was recognized, per picture wanted.
 NOBODY_LOOKAHEAD = 20
 
@@ -73,7 +75,7 @@ def gather(store: ResultStore, summary: ScanSummary, per_person: int, persons: S
     as one of hundreds."""
     people = [p for p in store.people(summary.id) if not persons or p.name in persons or p.person_id in persons]
     pictures: dict[str, ResultRecord] = {}
-    for person in people:
+    for person in people[:PEOPLE_PICTURED]:  # a few queries each: the most found only (all are counted)
         for record in store.result_records(summary.id, persons=[person.person_id or person.name], limit=per_person):
             pictures.setdefault(record.key, record)
     failures: list[ResultRecord] = []
