@@ -1,10 +1,11 @@
 """Result writes into PostgreSQL: face rows per second from ready results, idempotent.
 
 Baseline, same run and server: ORM objects added and committed one image at a time (the common
-way). celebscan: ``ResultStore.save_outcomes`` on batches of ready results: the image rows updated
-from one JSON document, the faces replaced with ``COPY`` (streamed while the server inserts), the
-scan finished when nothing of it is queued; one transaction per batch, so writing a batch again
-changes nothing. Every image gets 5 faces in Rekognition's full shape. The server is a fresh
+way). celebscan: ``ImageQueue.write`` on batches of ready results, each claimed by a run of its own
+beforehand (as a worker's batch is): the image rows the run holds updated from one JSON document
+(the claim is the fence), the faces replaced with ``COPY`` (streamed while the server inserts),
+the scan finished when nothing of it is queued; one transaction per batch, so writing a batch
+again (a replay) changes nothing. Every image gets 5 faces in Rekognition's full shape. The server is a fresh
 PostgreSQL with its default durability settings (fsync on). Each figure is the median of
 ``--rounds`` rounds, the baseline and every batch size measured in turn within a round.
 Target: ≥ 40× the baseline at ``--batch-size`` (bulk writes of ready results); the smaller
@@ -78,7 +79,8 @@ def main() -> int:
             for size in batch_sizes:
                 outcomes = [ImageOutcome.done(i, 1280, 720, result) for i in itertools.islice(ids, args.images)]
                 ours[size].append(_save_in_batches(store, outcomes, size))
-                store.save_outcomes(outcomes[:size])  # idempotent: writing a batch again adds nothing
+                replay = store.images.write(f"bench-{outcomes[0].image_id}", outcomes[:size])
+                assert not replay.written, "writing a batch again adds nothing"
         assert store.scan_summary(scan_id).faces == len(listed) * FACES_PER_IMAGE
 
     baseline_rate = statistics.median(baseline)
@@ -86,7 +88,7 @@ def main() -> int:
     for size in batch_sizes:
         rate = statistics.median(ours[size])
         print(
-            f"celebscan save_outcomes, batches of {size:>4} images: {rate:>7,.0f} face rows/s "
+            f"celebscan ImageQueue.write, batches of {size:>4} images: {rate:>7,.0f} face rows/s "
             f"= {rate / baseline_rate:5.1f}x"
         )
     ratio = statistics.median(ours[args.batch_size]) / baseline_rate
@@ -98,9 +100,13 @@ def main() -> int:
 
 
 def _save_in_batches(store: ResultStore, outcomes: list[ImageOutcome], batch_size: int) -> float:
+    batches = [outcomes[start : start + batch_size] for start in range(0, len(outcomes), batch_size)]
+    for batch in batches:  # claimed before the clock starts: a worker's batch is claimed before it is recognized
+        store.images.claim_ids([o.image_id for o in batch], f"bench-{batch[0].image_id}")
     started = time.perf_counter()
-    for start in range(0, len(outcomes), batch_size):
-        store.save_outcomes(outcomes[start : start + batch_size])
+    for batch in batches:
+        written = store.images.write(f"bench-{batch[0].image_id}", batch)
+        store.finish_scans(written.scan_ids)
     return len(outcomes) * FACES_PER_IMAGE / (time.perf_counter() - started)
 
 

@@ -20,6 +20,7 @@ from producer.cost import paid_cost, usd
 from producer.export import WRITERS
 from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
 from producer.scan import ScanRequest, estimate_source, run_scan
+from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
 from worker.recognizers import BACKENDS, PAID_BACKENDS
@@ -534,6 +535,16 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
         f"  images: {listed}, {summary.skipped} skipped (already done), "
         f"{counts['queued']} queued, {counts['done']} done, {counts['failed']} failed",
     ]
+    if summary.held_elsewhere or summary.handed_over:
+        lines.append(
+            f"  {summary.held_elsewhere} left to another scan that was working on them (recognized there, once); "
+            f"{summary.handed_over} taken over by a later scan"
+        )
+    if _listing_stopped(summary, settings):
+        lines.append(
+            f"  the listing of {summary.source} stopped (the scan command listing it was interrupted): "
+            f"continue it with celebscan scan --resume {summary.id}"
+        )
     if summary.listing == "listing failed":
         lines.append(
             f"  listing failed: {summary.listing_error}; the images listed before are resumable: "
@@ -576,6 +587,14 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     elif summary.reused:
         lines.append(f"  {summary.reused} duplicates reused (the same picture under another key: recognized once)")
     return "\n".join(lines)
+
+
+def _listing_stopped(summary: ScanSummary, settings: Settings) -> bool:
+    """A folder is listed by the scan command alone: when no page came for a lease, it died."""
+    if summary.listing != "listing" or summary.source.startswith("s3://") or summary.finished_at:
+        return False
+    last = summary.listing_active_at or summary.created_at
+    return (utcnow() - aware_utc(last)).total_seconds() > settings.lease_seconds
 
 
 def _plural(count: int, one: str, many: str | None = None) -> str:

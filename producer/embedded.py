@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
+from worker import clock
 from worker.batch import BatchReport, WorkerContext, take_next_batch
 from worker.settings import Settings
 
@@ -52,22 +52,22 @@ def drain_scan(
                 break
         total = BatchReport()
         for future in futures:
-            total = _add(total, future.result())  # raises what a pool process raised
+            total += future.result()  # raises what a pool process raised
         return total
 
 
 def drain(context: WorkerContext, scan_id: int, on_step: Callable[[], None] = lambda: None) -> BatchReport:
     """Take the scan's batches until there is nothing left to wait for; returns what was done."""
-    token = f"embedded:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    process = f"embedded:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     total, idle_rounds, turn = BatchReport(), 0, 0
-    while True:
-        step = take_next_batch(scan_id, context, f"{token}:{turn}", idle_rounds, max_idle=EMBEDDED_MAX_IDLE_SECONDS)
-        total, turn, idle_rounds = _add(total, step.report), turn + 1, step.idle_rounds
+    while True:  # each turn is a run with a claim token of its own, as a slot's message is
+        step = take_next_batch(scan_id, context, f"{process}:{turn}", idle_rounds, max_idle=EMBEDDED_MAX_IDLE_SECONDS)
+        total, turn, idle_rounds = total + step.report, turn + 1, step.idle_rounds
         on_step()
         if step.next_in is None:
             return total
         if step.next_in:
-            time.sleep(step.next_in)  # nothing to claim yet: the listing or a deferred image is due then
+            clock.sleep(step.next_in)  # nothing to claim yet: the listing or a deferred image is due then
 
 
 def _pool(settings: Settings, workers: int) -> ProcessPoolExecutor:
@@ -93,7 +93,3 @@ def _drain_in_process(scan_id: int) -> BatchReport:
         raise _process_error
     assert _process_context is not None
     return drain(_process_context, scan_id)
-
-
-def _add(a: BatchReport, b: BatchReport) -> BatchReport:
-    return BatchReport(done=a.done + b.done, failed=a.failed + b.failed, skipped=a.skipped + b.skipped)

@@ -36,6 +36,9 @@ class Reading:
     waiting_batches: int | None = None  # None: no broker configured
     unacked_batches: int | None = None
     workers: int | None = None
+    #: Late writes refused because their run had lost its claim (a stalled or partitioned worker
+    #: whose lease ran out): each one's paid call is still counted; many mean leases too short.
+    refused_writes: int = 0
     taken_at: float = field(default_factory=time.time)
 
     @property
@@ -66,9 +69,10 @@ class Reading:
 
     @property
     def stalled_scans(self) -> list[int]:
+        """Unfinished scans when the broker holds no message at all: nothing will move them on."""
         if self.broker_batches != 0:
             return []
-        return [scan.scan_id for scan in self.scans if not scan.finished and scan.counts[QUEUED]]
+        return [scan.scan_id for scan in self.scans if not scan.finished]
 
     def as_dict(self) -> dict:
         return {
@@ -80,6 +84,7 @@ class Reading:
             "unacked_batches": self.unacked_batches,
             "workers": self.workers,
             "stalled_scans": self.stalled_scans,
+            "refused_writes": self.refused_writes,
             "scans": [
                 {
                     "scan_id": scan.scan_id,
@@ -94,11 +99,11 @@ class Reading:
 
 
 def take_reading(store: ResultStore, settings: Settings, ping_timeout: float = 1.0) -> Reading:
-    scans = store.progress()
+    scans, refused = store.progress(), store.refused_writes()
     if settings.embedded:
-        return Reading(scans)
+        return Reading(scans, refused_writes=refused)
     waiting, unacked = broker_depth(settings.broker_url)
-    return Reading(scans, waiting, unacked, online_workers(settings, ping_timeout))
+    return Reading(scans, waiting, unacked, online_workers(settings, ping_timeout), refused)
 
 
 def broker_depth(broker_url: str) -> tuple[int, int]:
@@ -157,6 +162,9 @@ def prometheus_text(reading: Reading) -> str:
             for scan in reading.scans
             if scan.last_processed_at
         ),
+        "# HELP celebscan_stale_writes_refused_total Late writes refused: their run had lost its claim.",
+        "# TYPE celebscan_stale_writes_refused_total counter",
+        f"celebscan_stale_writes_refused_total {reading.refused_writes}",
         "# HELP celebscan_backlog_images Queued images that workers can still receive.",
         "# TYPE celebscan_backlog_images gauge",
         f"celebscan_backlog_images {reading.backlog_images}",
@@ -175,7 +183,7 @@ def prometheus_text(reading: Reading) -> str:
 
 
 def plain_text(reading: Reading) -> str:
-    lines = [f"pending images: {reading.pending_images}"]
+    lines = [f"pending images: {reading.pending_images}", f"stale writes refused: {reading.refused_writes}"]
     for scan in reading.scans:
         state = "finished" if scan.finished else "running"
         counts = ", ".join(f"{scan.counts[status]} {status}" for status in STATUSES)
@@ -199,7 +207,7 @@ def plain_text(reading: Reading) -> str:
             )
     for scan_id in reading.stalled_scans:
         lines.append(
-            f"scan {scan_id} is stalled (images queued, no batch in the broker): celebscan scan --resume {scan_id}"
+            f"scan {scan_id} is stalled (unfinished, no message in the broker): celebscan scan --resume {scan_id}"
         )
     return "\n".join(lines)
 

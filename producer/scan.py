@@ -1,32 +1,42 @@
 """Running a scan: list the source into the database while the work is handed out.
 
-The database is the queue of record. Listing streams into ``queued`` rows, a thousand at a time,
-and the work starts with the first thousand: with a broker, ``scan`` splits an S3 key space into
-parts for the workers to list (``worker/listing_parts.py``), puts a fixed window of slots into the
-broker (``worker/claims.py``) and returns at once (a folder, an inventory or a prefix that one
-listing request covers is listed here first); without one, a local process pool claims batches
-from the database while this process lists. Nothing here holds a list of the scan's images, so
-memory is flat in the bucket size.
+The database is the queue of record. Every listing goes through ``listing_parts`` (a folder, or a
+prefix that one listing request covers, is one part; a bigger S3 key space is split into many),
+each page recorded with the part's last key, so a listing interrupted anywhere resumes where it
+stopped, and the last page also ends the scan's listing (``worker/queue/``). With a broker,
+``scan`` splits a big S3 key space into parts for the workers to list, puts a fixed window of slots
+into the broker (``worker/queue/images.py``) and returns at once (a folder or a small prefix is
+listed here first); without one, a local process pool claims batches from the database while this
+process lists. An S3 Inventory is read whole by this process. Nothing here holds a list of the
+scan's images, so memory is flat in the bucket size.
+
+``scan --resume`` repairs whatever an interruption left (a listing or a scan left open, parts
+not listed, slots lost with a broker) and may be run any number of times; it never takes claims
+that live workers hold.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from producer.cost import Estimate, price_list, usd
 from producer.embedded import default_workers, drain_scan
 from producer.enqueue import check_broker, masked_broker, open_window
-from worker.claims import ClaimQueue
 from worker.database import CHUNK_SIZE, chunks, masked_url
 from worker.errors import ConfigurationError, ListingFailedError
 from worker.listing import ListedObject, check_bucket, fits_in_a_page, list_folder, list_s3, split_key_space
-from worker.listing_parts import ListingParts, list_part
+from worker.listing_parts import Pager, folder_pages, list_parts_here, s3_pages
+from worker.queue import scans as scan_states
+from worker.queue.images import ImageQueue
+from worker.queue.parts import ListingParts
+from worker.queue.scans import Scans
 from worker.recognizers import PAID_BACKENDS
 from worker.reports import ScanSummary
 from worker.settings import Settings
@@ -34,6 +44,9 @@ from worker.sources import Source, parse_source
 from worker.store import QueueReport, ResultStore
 
 Say = Callable[[str], None]
+#: Parts of an S3 key space that an embedded scan lists at once, in threads of this process.
+EMBEDDED_LISTING_THREADS = 8
+EMBEDDED_LISTING_PARTS = 32
 
 
 @dataclass(frozen=True)
@@ -48,22 +61,93 @@ class ScanRequest:
     inventory: str | None = None  # s3:// URL of an S3 Inventory manifest.json to read instead of listing
 
 
-def list_source(source: Source, settings: Settings) -> Iterator[ListedObject]:
-    """The source's images, after checking (for S3) that it can be listed at all."""
-    if source.is_s3:
-        from worker.aws import client
+@dataclass(frozen=True)
+class Services:
+    """What a scan talks to besides the database: built from the settings, or handed in (the
+    seeded simulation of faults hands in its own S3 and broker)."""
 
-        s3 = client("s3", settings, raw_timestamps=True)
+    s3: Callable[[], Any]  # an S3 client that leaves listing timestamps unparsed
+    open_window: Callable[[int, Sequence[int]], object]  # (scan id, parts for the workers to list)
+    check_broker: Callable[[], None]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        def s3():
+            from worker.aws import client
+
+            return client("s3", settings, raw_timestamps=True)
+
+        return cls(
+            s3=s3,
+            open_window=lambda scan_id, part_ids: open_window(settings, scan_id, list(part_ids)),
+            check_broker=lambda: check_broker(settings),
+        )
+
+
+def list_source(source: Source, settings: Settings) -> Iterator[ListedObject]:
+    """The source's images, after checking (for S3) that it can be listed at all (``estimate``)."""
+    if source.is_s3:
+        s3 = Services.from_settings(settings).s3()
         check_bucket(s3, source.bucket, source.prefix)
         return list_s3(s3, source.bucket, source.prefix)
     return list_folder(Path(source.bucket))
 
 
-def open_listing(request: ScanRequest, settings: Settings) -> tuple[Source, Iterator[ListedObject]]:
-    """Where the scan's images are and what lists them: the source itself, or its S3 Inventory."""
+def run_scan(
+    store: ResultStore, settings: Settings, request: ScanRequest, say: Say = print, services: Services | None = None
+) -> ScanSummary:
+    """Create (or resume) a scan and hand its images out; returns its summary.
+
+    With a broker, returns once the listing is under way on the workers (or done here); without
+    one, when every image is done. ``say`` receives the lines a user reads (the CLI prints them).
+    """
+    services = services or Services.from_settings(settings)
+    if not settings.embedded:
+        services.check_broker()
+    if request.resume_id is not None:
+        return _resume(store, settings, request, say, services)
+    source, inventory = _open_source(request, settings, services)
+    budget = _budget(settings, request.max_cost, say)
+    scan_id = Scans(store.engine).create(
+        source.url,
+        settings.backend,
+        prefilter_faces=request.prefilter_faces,
+        budget_images=budget,
+        batch_size=settings.batch_size,
+        reuse_results=not request.force,
+        inventory=request.inventory,
+    )
+    say(f"scan {scan_id}: {source.url} (backend {settings.backend}, database {masked_url(settings.database_url)})")
+    listing = _Listing(store, settings, services, scan_id, source, request.force, inventory)
+    report: QueueReport | None
+    if settings.embedded:
+        report = _drain_while_listing(store, settings, scan_id, listing.set_up_and_list, say)
+    else:
+        report = listing.set_up_and_list(with_workers=True)
+        if report is None:
+            say(
+                f"handing out batches through {masked_broker(settings.broker_url)} "
+                f"(at most {settings.window} at a time) while they list; "
+                f"watch with: celebscan status {scan_id} --watch"
+            )
+            return store.summary(scan_id)
+    _say_listed(store, scan_id, report, budget, request.max_cost, say)
+    if not settings.embedded:
+        say(
+            f"handing out batches through {masked_broker(settings.broker_url)} "
+            f"(at most {settings.window} at a time); watch with: celebscan status {scan_id} --watch"
+        )
+    return store.summary(scan_id)
+
+
+def _open_source(request: ScanRequest, settings: Settings, services: Services):
+    """The scan's source, checked before anything is written (a bucket that cannot be listed stops
+    the scan here), and the inventory's listing when it reads one instead."""
     if request.inventory is None:
         source = parse_source(request.source or "")
-        return source, list_source(source, settings)
+        if source.is_s3:
+            check_bucket(services.s3(), source.bucket, source.prefix)
+        return source, None
     from producer.inventory import list_inventory, read_manifest
     from worker.aws import client
 
@@ -77,80 +161,200 @@ def open_listing(request: ScanRequest, settings: Settings) -> tuple[Source, Iter
     return source, list_inventory(s3, manifest, source.prefix)
 
 
-def run_scan(store: ResultStore, settings: Settings, request: ScanRequest, say: Say = print) -> ScanSummary:
-    """Create (or resume) a scan and hand its images out; returns its summary.
+class _Listing:
+    """Setting up a scan's listing (its parts), and listing what this process lists."""
 
-    With a broker, returns once the listing is recorded (the workers go on); without one, when
-    every image is done. ``say`` receives the lines a user reads (the CLI prints them).
-    """
-    if not settings.embedded:
-        check_broker(settings)
-    if request.resume_id is not None:
-        return _resume(store, settings, request, say)
-    source, listing = open_listing(request, settings)
-    budget = _budget(settings, request.max_cost, say)
-    scan_id = store.create_scan(
-        source.url,
-        settings.backend,
-        prefilter_faces=request.prefilter_faces,
-        budget_images=budget,
-        batch_size=settings.batch_size,
-        reuse_results=not request.force,
-    )
-    say(f"scan {scan_id}: {source.url} (backend {settings.backend}, database {masked_url(settings.database_url)})")
+    def __init__(self, store, settings, services, scan_id, source, force, inventory=None) -> None:
+        self.store, self.settings, self.services = store, settings, services
+        self.scan_id, self.source, self.force, self.inventory = scan_id, source, force, inventory
+        self.parts = ListingParts(store.engine, settings.lease_seconds)
+        self.token = f"scan-{scan_id}:{uuid.uuid4().hex[:8]}"
 
-    def record() -> QueueReport:
-        return _record_listing(store, scan_id, source, settings, listing, request.force)
+    def set_up_and_list(self, with_workers: bool = False) -> QueueReport | None:
+        """Record the listing's parts and list those this process lists; with the workers listing
+        (``with_workers``: a broker and a big S3 key space), send them and return None."""
+        if self.inventory is not None:
+            if with_workers:
+                self.services.open_window(self.scan_id, ())  # the workers start on the first images recorded
+            return self._record_inventory()
+        if not self.source.is_s3:
+            part_ids = self._create_parts([], [""])
+            if with_workers:
+                self.services.open_window(self.scan_id, ())  # the workers start on the first images recorded
+            return self.list_here(part_ids)
+        s3 = self.services.s3()
+        try:
+            big = not fits_in_a_page(s3, self.source.bucket, self.source.prefix)
+            if with_workers and big:
+                exact, prefixes = split_key_space(
+                    s3, self.source.bucket, self.source.prefix, self.settings.listing_parts
+                )
+            elif big:
+                exact, prefixes = split_key_space(s3, self.source.bucket, self.source.prefix, EMBEDDED_LISTING_PARTS)
+            else:
+                exact, prefixes = [], [self.source.prefix]
+        except ConfigurationError as exc:
+            Scans(self.store.engine).note_listing_error(self.scan_id, str(exc))
+            raise ListingFailedError(
+                f"{exc}; scan {self.scan_id} listed nothing: fix the cause and scan {self.source.url} again"
+            ) from exc
+        part_ids = self._create_parts(exact, prefixes)
+        if with_workers and big:
+            self.services.open_window(self.scan_id, part_ids)
+            return None
+        if with_workers:
+            self.services.open_window(self.scan_id, ())  # the workers start on the first images recorded
+        return self.list_here(part_ids)
 
-    if settings.embedded:
-        report = _drain_while_listing(store, settings, scan_id, record, say)
-    elif source.is_s3 and request.inventory is None and not _fits_in_a_page(source, settings):
-        _list_on_workers(store, settings, scan_id, source, request.force, say)
+    def _create_parts(self, exact: list[ListedObject], prefixes: list[str]) -> list[int]:
+        """The parts, and the objects named exactly like a split prefix (under no part), in one
+        transaction; with no part at all, the listing ends in it too."""
+        with self.store.engine.begin() as conn:
+            part_ids = self.parts.create(conn, self.scan_id, prefixes, self.force)
+            if exact:
+                recorded = ImageQueue(self.store.engine, self.settings.lease_seconds).record(
+                    conn, self.scan_id, self.source.bucket, self.settings.backend, exact, self.force
+                )
+                scan_states.count_handed_over(conn, recorded.moved_from)
+                scan_states.set_listing_counts(
+                    conn, self.scan_id, recorded.listed, recorded.skipped, recorded.held_elsewhere
+                )
+            if not part_ids:
+                scan_states.end_listing(conn, self.scan_id)
+        return part_ids
+
+    def pager(self) -> Pager:
+        if self.source.is_s3:
+            return s3_pages(self.services.s3(), attempts=self.settings.max_attempts)
+        return folder_pages()
+
+    def list_here(self, part_ids: list[int]) -> QueueReport:
+        """List the parts in this process (in threads when there are several), to their end."""
+        patience = 2 * self.settings.lease_seconds
+        if len(part_ids) <= 1:
+            list_parts_here(self.parts, self.pager(), part_ids, self.token, patience)
+        else:
+            threads = min(EMBEDDED_LISTING_THREADS, len(part_ids))
+            with ThreadPoolExecutor(threads) as pool:
+                share = [part_ids[i::threads] for i in range(threads)]
+                list(pool.map(lambda ids: list_parts_here(self.parts, self.pager(), ids, self.token, patience), share))
+        summary = self.store.summary(self.scan_id)
+        if summary.listing == "listing failed":
+            raise ListingFailedError(
+                f"{summary.listing_error}; scan {self.scan_id} recorded the {summary.listed} images listed before "
+                f"that (they are scanned as usual; `celebscan scan --resume {self.scan_id}` hands them out again if "
+                f"needed): fix the cause and scan {self.source.url} again for the rest"
+            )
+        return QueueReport([], summary.listed, summary.skipped, summary.held_elsewhere)
+
+    def _record_inventory(self) -> QueueReport:
+        try:
+            return self.store.queue_images(
+                self.scan_id,
+                self.source.bucket,
+                self.settings.backend,
+                self.inventory,
+                force=self.force,
+                keep_ids=False,
+                lease_seconds=self.settings.lease_seconds,
+            )
+        except ConfigurationError as exc:  # the listing stopped part-way (access denied, endpoint gone)
+            Scans(self.store.engine).note_listing_error(self.scan_id, str(exc))
+            listed = self.store.summary(self.scan_id).listed
+            raise ListingFailedError(
+                f"{exc}; scan {self.scan_id} recorded the {listed} images listed before that (they are scanned as "
+                f"usual; `celebscan scan --resume {self.scan_id}` hands them out again if needed): fix the cause "
+                f"and scan {self.source.url} again for the rest"
+            ) from exc
+
+
+def _say_listed(store, scan_id: int, report: QueueReport, budget: int | None, max_cost, say: Say) -> None:
+    to_scan = report.listed - report.skipped - report.held_elsewhere
+    line = f"listed {report.listed} images; {report.skipped} already done, {to_scan} to scan"
+    if report.held_elsewhere:
+        line += f"; {report.held_elsewhere} left to a scan still working on them (recognized there, once)"
+    say(line)
+    if budget is not None and to_scan > budget:
         say(
-            f"handing out batches through {masked_broker(settings.broker_url)} "
-            f"(at most {settings.window} at a time) while they list; watch with: celebscan status {scan_id} --watch"
-        )
-        return store.summary(scan_id)
-    else:
-        open_window(settings, scan_id)
-        report = record()
-    say(f"listed {report.listed} images; {report.skipped} already done, {report.listed - report.skipped} to scan")
-    if budget is not None and report.listed - report.skipped > budget:
-        left = report.listed - report.skipped - budget
-        say(
-            f"budget {usd(request.max_cost or 0)} covers {budget} of {report.listed - report.skipped} images; "
-            f"{left} left out, still queued: when this part is done, continue with "
+            f"budget {usd(max_cost or 0)} covers {budget} of {to_scan} images; "
+            f"{to_scan - budget} left out, still queued: when this part is done, continue with "
             f"celebscan scan --resume {scan_id} --max-cost USD"
         )
-    if not settings.embedded:
-        say(
-            f"handing out batches through {masked_broker(settings.broker_url)} "
-            f"(at most {settings.window} at a time); watch with: celebscan status {scan_id} --watch"
-        )
-    return store.summary(scan_id)
 
 
-def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: Say) -> ScanSummary:
-    """Hand out again what a scan still has queued: its claims are released (their messages may be
-    lost), the budget is renewed (``--max-cost``: the next part; without it: everything)."""
+def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: Say, services: Services) -> ScanSummary:
+    """Set right and hand out again what a scan still has to do. Claims that live runs hold are
+    left to them (they renew their leases); those whose lease ran out are taken by whoever claims
+    next. The budget is renewed (``--max-cost``: the next part; without it: everything)."""
     scan = store.summary(request.resume_id or 0)
     settings = settings.replace(backend=scan.backend)  # the scan's own backend
-    ClaimQueue(store.engine).release_scan(scan.id)
-    budget = _budget(settings, request.max_cost, say)
-    store.renew_budget(scan.id, budget)
+    scans = Scans(store.engine)
+    scans.renew_budget(scan.id, _budget(settings, request.max_cost, say))
+    repair = scans.repair(scan.id)
+    if repair.listing_ended:
+        say(f"scan {scan.id}: its listing had ended without being recorded as ended; now it is")
+    if repair.finished:
+        say(f"scan {scan.id}: nothing was left to do; it is finished now")
+    scan = store.summary(scan.id)
+    source = Source.from_url(scan.source)
+    listing = _Listing(store, settings, services, scan.id, source, force=not _reuses(store, scan.id))
+    unlisted = listing.parts.unfinished(scan.id)
+    relist = scan.listing == "listing" and scan.listing_parts is None
     say(f"scan {scan.id}: resuming {scan.counts['queued']} queued images (backend {settings.backend})")
-    unlisted = ListingParts(store).unfinished(scan.id)
     if unlisted:
-        say(f"and the listing of {len(unlisted)} parts of its key space the workers had not finished")
+        say(f"and the listing of {len(unlisted)} parts of its source not listed yet")
+    elif relist:
+        say("and its listing, which had not started")
+    if scan.finished_at is not None:
+        return store.summary(scan.id)
+    to_list_here = _resume_listing(store, settings, services, listing, scan, unlisted, relist)
     if settings.embedded:
-        _drain_while_listing(store, settings, scan.id, _list_parts_here(store, settings, unlisted), say)
+        _drain_while_listing(store, settings, scan.id, to_list_here, say)
     else:
-        open_window(settings, scan.id, unlisted)
+        if to_list_here is not None:
+            to_list_here()
         say(
             f"handing out batches through {masked_broker(settings.broker_url)}; watch with: "
             f"celebscan status {scan.id} --watch"
         )
     return store.summary(scan.id)
+
+
+def _resume_listing(store, settings, services, listing: _Listing, scan, unlisted, relist):
+    """What is left of the scan's listing: parts for the workers (sent with the window), or a
+    listing for this process (returned, to run). With a broker the window is opened here."""
+    if relist:
+        inventory = _inventory_of(store, scan.id)
+        if inventory is not None:
+            request = ScanRequest(scan.source, inventory=inventory)
+            _, listing.inventory = _open_source(request, settings, services)
+        if not settings.embedded:
+            return lambda: listing.set_up_and_list(with_workers=True)
+        return listing.set_up_and_list
+    workers_list = not settings.embedded and listing.source.is_s3
+    if not settings.embedded:
+        services.open_window(scan.id, unlisted if workers_list else ())
+    if unlisted and not workers_list:
+        return lambda: listing.list_here(unlisted)
+    return None
+
+
+def _reuses(store: ResultStore, scan_id: int) -> bool:
+    from sqlalchemy import select
+
+    from worker.schema import scans
+
+    with store.engine.connect() as conn:
+        return bool(conn.execute(select(scans.c.reuse_results).where(scans.c.id == scan_id)).scalar())
+
+
+def _inventory_of(store: ResultStore, scan_id: int) -> str | None:
+    from sqlalchemy import select
+
+    from worker.schema import scans
+
+    with store.engine.connect() as conn:
+        return conn.execute(select(scans.c.inventory).where(scans.c.id == scan_id)).scalar()
 
 
 def _budget(settings: Settings, max_cost: float | None, say: Say) -> int | None:
@@ -167,78 +371,11 @@ def _budget(settings: Settings, max_cost: float | None, say: Say) -> int | None:
     return affordable
 
 
-def _record_listing(
-    store: ResultStore, scan_id: int, source: Source, settings: Settings, listing: Iterator[ListedObject], force: bool
-) -> QueueReport:
-    try:
-        return store.queue_images(scan_id, source.bucket, settings.backend, listing, force=force, keep_ids=False)
-    except ConfigurationError as exc:  # the listing stopped part-way (access denied, endpoint gone)
-        store.record_listing_error(scan_id, str(exc))
-        listed = store.summary(scan_id).listed
-        raise ListingFailedError(
-            f"{exc}; scan {scan_id} recorded the {listed} images listed before that (they are scanned as usual; "
-            f"`celebscan scan --resume {scan_id}` hands them out again if needed): fix the cause and scan "
-            f"{source.url} again for the rest"
-        ) from exc
-
-
-def _fits_in_a_page(source: Source, settings: Settings) -> bool:
-    """A source one listing request covers is listed here (``scan`` then says what is new); a
-    bigger one is listed by the workers."""
-    from worker.aws import client
-
-    try:
-        return fits_in_a_page(client("s3", settings, raw_timestamps=True), source.bucket, source.prefix)
-    except ConfigurationError:
-        return True  # listed here, where the error is recorded as the listing's
-
-
-def _list_on_workers(
-    store: ResultStore, settings: Settings, scan_id: int, source: Source, force: bool, say: Say
-) -> None:
-    """Split the key space into parts, record them, and send them to the workers with the window."""
-    from worker.aws import client
-
-    s3 = client("s3", settings, raw_timestamps=True)
-    try:
-        exact, prefixes = split_key_space(s3, source.bucket, source.prefix, settings.listing_parts)
-        # Objects named exactly like a split prefix are not under any part: recorded here.
-        store.queue_images(scan_id, source.bucket, settings.backend, exact, force=force, keep_ids=False, ended=False)
-    except ConfigurationError as exc:
-        store.record_listing_error(scan_id, str(exc))
-        raise ListingFailedError(
-            f"{exc}; scan {scan_id} listed nothing: fix the cause and scan {source.url} again"
-        ) from exc
-    parts = ListingParts(store)
-    part_ids = parts.create(scan_id, prefixes, force)
-    if not part_ids:
-        parts.end_listing_if_done(scan_id)
-    open_window(settings, scan_id, part_ids)
-    say(f"listing {source.url} on the workers: the key space split into {len(part_ids)} parts")
-
-
-def _list_parts_here(store: ResultStore, settings: Settings, part_ids: list[int]) -> Callable[[], QueueReport] | None:
-    """Embedded ``--resume`` of a scan the workers were listing: list its unfinished parts in this process."""
-    if not part_ids:
-        return None
-
-    def list_parts() -> QueueReport:
-        from worker.aws import client
-
-        parts, s3 = ListingParts(store), client("s3", settings, raw_timestamps=True)
-        token = f"resume-{uuid.uuid4()}"
-        for part_id in part_ids:
-            list_part(part_id, parts, s3, token, slice_seconds=math.inf, attempts=settings.max_attempts)
-        return QueueReport([], 0, 0)
-
-    return list_parts
-
-
 def _drain_while_listing(
     store: ResultStore,
     settings: Settings,
     scan_id: int,
-    record: Callable[[], QueueReport] | None,
+    record: Callable[[], QueueReport | None] | None,
     say: Say,
 ) -> QueueReport:
     """Embedded: a local process pool claims batches while this process lists (in a thread)."""
@@ -258,7 +395,7 @@ def _drain_while_listing(
 
         def show_progress() -> None:
             summary = store.summary(scan_id)
-            bar.total = summary.listed - summary.skipped
+            bar.total = summary.listed - summary.skipped - summary.held_elsewhere
             bar.update(summary.processed - bar.n)
 
         drain_scan(settings, scan_id, settings.workers or default_workers(), show_progress)
@@ -268,7 +405,11 @@ def _drain_while_listing(
         raise outcome["error"]  # type: ignore[misc]
     summary = store.summary(scan_id)
     report = outcome.get("report")
-    return report if isinstance(report, QueueReport) else QueueReport([], summary.listed, summary.skipped)
+    return (
+        report
+        if isinstance(report, QueueReport)
+        else QueueReport([], summary.listed, summary.skipped, summary.held_elsewhere)
+    )
 
 
 def estimate_source(store: ResultStore, source: Source, settings: Settings) -> Estimate:

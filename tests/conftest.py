@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,42 @@ def folder_worker_context(store, recognizer, max_attempts: int = 4):
         max_attempts=max_attempts,
         retry_base_seconds=0.001,
     )
+
+
+def write_outcomes(store, outcomes, token: str = "test-run"):
+    """Claim the outcomes' images for ``token`` and write them, then finish drained scans: what a
+    worker's run does with results it has (tests that start from ready outcomes)."""
+    store.images.claim_ids([outcome.image_id for outcome in outcomes], token)
+    written = store.images.write(token, outcomes)
+    store.finish_scans(written.scan_ids)
+    return written
+
+
+@contextmanager
+def lost_acknowledgements(engine, count: int = 1):
+    """The next ``count`` commits on ``engine`` happen, and then their acknowledgement is lost: the
+    client sees the connection fail (as when the network drops right after COMMIT) and, if it
+    retries, replays a transaction that is already in the database."""
+    dialect = engine.dialect
+    commit = dialect.do_commit
+    left = [count]
+
+    def commit_then_lose_the_answer(dbapi_connection):
+        commit(dbapi_connection)
+        if left[0] > 0:
+            left[0] -= 1
+            raise dialect.loaded_dbapi.OperationalError("simulated: the connection was lost after COMMIT")
+
+    dialect.do_commit = commit_then_lose_the_answer
+    try:
+        yield left
+    finally:
+        del dialect.do_commit
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """Retries without waiting (their waits are tested in test_retry)."""
+    import worker.retry
+
+    monkeypatch.setattr(worker.retry, "wait_random_exponential", lambda **kw: lambda state: 0)

@@ -71,7 +71,7 @@ def test_transient_errors_that_outlast_the_retries_leave_the_images_queued_until
         assert (report.done, report.failed, report.deferred) == (0, 0, tuple(ids))
         assert 0 < report.resend_after <= 300
         assert stub.calls == 3 * 4 * round
-        pending = store.pending(ids)
+        pending = store.images.queued(ids)
         assert [(image.attempts, image.retries) for image in pending] == [(0, 4 * round)] * 3, (
             "a deferral is not a delivery that may have crashed a worker"
         )
@@ -160,12 +160,16 @@ def test_an_image_that_keeps_killing_workers_is_quarantined(store, folder):
         return FOUND
 
     poison_bytes = (folder / "a.jpg").read_bytes()
-    (folder / "b.jpg").write_bytes(jpeg(300, 200))
-    (folder / "c.jpg").write_bytes(jpeg(320, 200))
+
+    def killed_worker_context():
+        ctx = context(store, StubRecognizer(answer))
+        ctx.lease_seconds = 0  # the killed run's claims are free at once (a new worker claims them)
+        return ctx
+
     for _ in range(MAX_DELIVERIES):
         with pytest.raises(WorkerKilled):
-            process_batch(ids, context(store, StubRecognizer(answer)))
-    process_batch(ids, context(store, StubRecognizer(answer)))
+            process_batch(ids, killed_worker_context())
+    process_batch(ids, killed_worker_context())
     records = by_key(store)
     assert records["a.jpg"].error.code == "Quarantined"
     assert records["b.jpg"].status == records["c.jpg"].status == "done"
@@ -194,53 +198,59 @@ def test_a_batch_this_worker_cannot_serve_is_handed_back_untouched(store, folder
         process_batch(ids, context(store, stub))
     assert stub.calls == 0
     assert {(r.status, r.error) for r in by_key(store).values()} == {("queued", None)}
-    assert [image.attempts for image in store.pending(ids)] == [0, 0, 0]
+    assert [image.attempts for image in store.images.queued(ids)] == [0, 0, 0]
+    assert store.images.claim_ids(ids, "another-worker") == ids, "handed back: another worker claims them at once"
 
 
 def test_runs_that_ended_with_a_database_error_do_not_push_images_toward_quarantine(store, folder, monkeypatch):
-    """Celery re-sends a batch after a database error as a new message; only a redelivery of the
-    same message (its run never ended: it may have crashed the worker) counts toward quarantine."""
+    """A run that ends with an error (the database away at its write) gives its claims and its
+    starts back: only a run that never ended (a crash) counts toward quarantine, and another run
+    claims the images at once."""
     from sqlalchemy.exc import OperationalError
 
-    ids = queued(store, folder)
-    save = store.save_outcomes
+    from worker.queue.images import ImageQueue
 
-    def database_away(outcomes):
+    ids = queued(store, folder)
+
+    def database_away(self, token, outcomes):
         raise OperationalError("UPDATE images", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr(store, "save_outcomes", database_away)
-    for retry in range(MAX_DELIVERIES + 2):
-        with pytest.raises(OperationalError):
-            process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)), delivery=f"task-1:{retry}")
-    monkeypatch.setattr(store, "save_outcomes", save)
-    process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)), delivery=f"task-1:{MAX_DELIVERIES + 2}")
+    with monkeypatch.context() as patched:
+        patched.setattr(ImageQueue, "write", database_away)
+        for _ in range(MAX_DELIVERIES + 2):
+            with pytest.raises(OperationalError):
+                process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)))
+            assert [(image.attempts, image.started_by) for image in store.images.queued(ids)] == [(0, None)] * 3
+    process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)))
     assert {r.status for r in by_key(store).values()} == {"done"}
 
 
-def test_paid_calls_are_set_not_added_so_a_repeated_write_counts_once(store, folder, monkeypatch):
-    """The finish step failing after the write committed retries the finish step only, and
-    writing the same outcome twice leaves the same count."""
-    from sqlalchemy.exc import OperationalError
+def test_a_write_replayed_after_its_acknowledgement_was_lost_counts_once(store, folder, no_backoff):
+    """The write's commit reaches the database but its answer is lost: the retried write finds the
+    images written by its own run, and changes (and counts) nothing again."""
+    from tests.conftest import lost_acknowledgements
+    from worker.queue.images import ImageQueue
 
-    import worker.retry
-    import worker.store as store_module
-
-    monkeypatch.setattr(worker.retry, "wait_random_exponential", lambda **kw: lambda state: 0)
     scan_id = store.create_scan(str(folder), "rekognition")
     ids = store.queue_images(scan_id, str(folder), "rekognition", list_folder(folder)).image_ids
-    real_finish, failures = store_module.finish_scans_if_drained, iter([True])
+    stub = StubRecognizer(lambda image: FOUND)
+    stub.name = "rekognition"  # a paid backend: each call counts
+    ctx = context(store, stub)
+    write = ImageQueue.write
 
-    def finish_after_a_hiccup(conn, scan_ids):
-        if next(failures, False):
-            raise OperationalError("UPDATE scans", {}, Exception("connection reset"))
-        real_finish(conn, scan_ids)
+    def write_losing_its_answer(self, token, outcomes):
+        with lost_acknowledgements(store.engine) as left:
+            written = write(self, token, outcomes)
+        assert left == [0], "the write's commit lost its answer once"
+        return written
 
-    monkeypatch.setattr(store_module, "finish_scans_if_drained", finish_after_a_hiccup)
-    [image] = store.pending(ids[:1])
-    outcome = store_module.ImageOutcome.done(image.id, 10, 10, FOUND, paid_calls=image.paid_calls + 1)
-    store.save_outcomes([outcome])
-    store.save_outcomes([outcome])
-    assert store.scan_summary(scan_id).paid_calls == 1
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(ImageQueue, "write", write_losing_its_answer)
+        report = process_batch(ids, ctx)
+    assert (report.done, report.refused) == (3, 0)
+    summary = store.scan_summary(scan_id)
+    assert summary.paid_calls == stub.calls == 3 and summary.refused_writes == 0
+    assert summary.faces == 3 and summary.finished_at is not None
 
 
 def test_listing_a_folder_reads_no_file_and_the_worker_records_each_files_hash(store, folder, monkeypatch):
@@ -254,7 +264,7 @@ def test_listing_a_folder_reads_no_file_and_the_worker_records_each_files_hash(s
         patched.setattr(pathlib.Path, "open", no_reading)
         patched.setattr(pathlib.Path, "read_bytes", no_reading)
         ids = queued(store, folder)
-    before = {image.key: image.etag for image in store.pending(ids)}
+    before = {image.key: image.etag for image in store.images.queued(ids)}
     assert before["a.jpg"] == f"{(folder / 'a.jpg').stat().st_size}-{(folder / 'a.jpg').stat().st_mtime_ns}"
     process_batch(ids, context(store, StubRecognizer(lambda image: FOUND)))
     from sqlalchemy import select

@@ -202,8 +202,8 @@ def test_workers_refuse_pickled_messages(broker_url, postgres_url, pg_store, tmp
     with celery_workers(1, env, tmp_path):
         from tests.servers import wait_until
 
-        wait_until(lambda: not pg_store.pending([second]), timeout=120, what="the JSON batch")
-    assert [i.id for i in pg_store.pending([first, second])] == [first]
+        wait_until(lambda: not pg_store.images.queued([second]), timeout=120, what="the JSON batch")
+    assert [i.id for i in pg_store.images.queued([first, second])] == [first]
     assert "untrusted content of type pickle" in (tmp_path / "worker0.log").read_text()
 
 

@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 
 from tests.synthetic_s3 import SyntheticBucket, serving
 from worker.listing import split_key_space
-from worker.listing_parts import TRANSIENT_PAUSE_SECONDS, ListingParts, list_part
+from worker.listing_parts import TRANSIENT_PAUSE_SECONDS, list_part, s3_pages
+from worker.queue.parts import ListingParts
 from worker.schema import images, listing_parts, scans
 
 OBJECTS = 4_000
@@ -41,7 +42,12 @@ def split_scan(store, s3, bucket: str, parts: int = 8) -> tuple[int, list[int]]:
     scan_id = store.create_scan(f"s3://{bucket}/", "rekognition")
     exact, prefixes = split_key_space(s3, bucket, "", parts)
     assert not exact
-    return scan_id, ListingParts(store).create(scan_id, prefixes)
+    with store.engine.begin() as conn:
+        return scan_id, ListingParts(store.engine).create(conn, scan_id, prefixes)
+
+
+def pages(client, page_size: int = 1000, attempts: int = 5):
+    return s3_pages(client, page_size=page_size, attempts=attempts)
 
 
 def recorded_keys(store, scan_id: int) -> list[str]:
@@ -59,13 +65,13 @@ def listing_finished(store, scan_id: int):
 @pytest.mark.parametrize("bucket", ["flat", "wide"])
 def test_parts_listed_a_page_a_slice_in_turns_record_every_key_once(store, s3, bucket):
     scan_id, part_ids = split_scan(store, s3, bucket)
-    parts = ListingParts(store)
+    parts = ListingParts(store.engine)
     assert len(part_ids) > 1
     waiting = list(part_ids)
     messages = itertools.count()
     while waiting:  # each turn is a new message; the parts take turns, as on a fleet
         part_id = waiting.pop(0)
-        step = list_part(part_id, parts, s3, f"message-{next(messages)}", slice_seconds=0, page_size=40)
+        step = list_part(part_id, parts, pages(s3, page_size=40), f"message-{next(messages)}", slice_seconds=0)
         if step.next_in is not None:
             waiting.append(part_id)
         else:
@@ -92,15 +98,16 @@ class DiesAfter:
         return self.s3.list_objects_v2(**arguments)
 
 
-def test_a_lister_that_died_mid_part_is_resumed_by_its_redelivered_message(store, s3):
+def test_a_lister_that_died_mid_part_is_resumed_after_its_last_page_once_its_lease_ran_out(store, s3):
     scan_id, part_ids = split_scan(store, s3, "flat", parts=1)
-    parts = ListingParts(store)
+    parts = ListingParts(store.engine)
     with pytest.raises(SystemExit):
-        list_part(part_ids[0], parts, DiesAfter(s3, 3), "message-a", page_size=300)
+        list_part(part_ids[0], parts, pages(DiesAfter(s3, 3), page_size=300), "message-a")
     assert len(recorded_keys(store, scan_id)) == 3 * 300, "the pages before the death are recorded"
-    assert list_part(part_ids[0], parts, s3, "message-b").listed == 0, "another message keeps off a held part"
+    assert list_part(part_ids[0], parts, pages(s3), "message-b").listed == 0, "another run keeps off a held part"
     assert len(recorded_keys(store, scan_id)) == 900
-    list_part(part_ids[0], parts, s3, "message-a", page_size=300)  # the dead message, redelivered
+    lapsed = ListingParts(store.engine, lease_seconds=0)  # the dead run's lease ran out
+    list_part(part_ids[0], lapsed, pages(s3, page_size=300), "message-a, redelivered")
     keys = recorded_keys(store, scan_id)
     assert len(keys) == len(set(keys)) == OBJECTS
     assert listing_finished(store, scan_id).listing_finished_at is not None
@@ -108,7 +115,7 @@ def test_a_lister_that_died_mid_part_is_resumed_by_its_redelivered_message(store
 
 def test_a_claim_that_outlived_its_lease_is_taken_over_and_the_old_holder_records_nothing(store, s3):
     scan_id, part_ids = split_scan(store, s3, "flat", parts=1)
-    parts, expired = ListingParts(store), ListingParts(store, lease_seconds=0)
+    parts, expired = ListingParts(store.engine), ListingParts(store.engine, lease_seconds=0)
     old = parts.claim(part_ids[0], "message-old")
     assert old is not None
     assert parts.claim(part_ids[0], "message-new") is None
@@ -116,19 +123,21 @@ def test_a_claim_that_outlived_its_lease_is_taken_over_and_the_old_holder_record
     page = s3.list_objects_v2(Bucket="flat", Prefix=old.prefix, MaxKeys=10)
     from worker.listing import images_in
 
-    assert not parts.record_page(old, list(images_in(page)), page["Contents"][-1]["Key"], ended=False)
+    assert parts.record_page(old, list(images_in(page)), page["Contents"][-1]["Key"], ended=False) is None
     assert recorded_keys(store, scan_id) == []
 
 
 def test_a_part_that_cannot_be_listed_fails_the_listing_once_the_others_end(store, s3):
     scan_id, part_ids = split_scan(store, s3, "wide")
-    parts = ListingParts(store)
+    parts = ListingParts(store.engine)
     with store.engine.connect() as conn:
         refused = conn.execute(select(listing_parts.c.prefix).where(listing_parts.c.id == part_ids[2])).scalar_one()
     denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "ListObjectsV2")
     client = DiesAfter(s3, 0, denied, prefix=refused)
     for number, part_id in enumerate(part_ids):
-        while list_part(part_id, parts, client, f"m{part_id}", slice_seconds=0, page_size=500).next_in is not None:
+        while (
+            list_part(part_id, parts, pages(client, page_size=500), f"m{part_id}", slice_seconds=0).next_in is not None
+        ):
             pass
         state = listing_finished(store, scan_id)
         if number < len(part_ids) - 1:
@@ -145,7 +154,7 @@ def test_a_part_that_cannot_be_listed_fails_the_listing_once_the_others_end(stor
 
 def test_a_throttled_part_is_paused_and_sent_on_later(store, s3):
     scan_id, part_ids = split_scan(store, s3, "flat", parts=1)
-    parts = ListingParts(store)
+    parts = ListingParts(store.engine)
     slow_down = ClientError(
         {
             "Error": {"Code": "SlowDown", "Message": "Reduce your request rate"},
@@ -161,7 +170,7 @@ def test_a_throttled_part_is_paused_and_sent_on_later(store, s3):
                 raise slow_down
             return self.s3.list_objects_v2(**arguments)
 
-    step = list_part(part_ids[0], parts, Throttled(s3, 2), "message-1", page_size=500, attempts=2)
+    step = list_part(part_ids[0], parts, pages(Throttled(s3, 2), page_size=500, attempts=2), "message-1")
     assert step.next_in == TRANSIENT_PAUSE_SECONDS and step.listed == 1000
     assert parts.claim(part_ids[0], "message-2") is not None, "the paused part's claim is let go"
     with store.engine.connect() as conn:
@@ -171,12 +180,12 @@ def test_a_throttled_part_is_paused_and_sent_on_later(store, s3):
 
 def test_a_message_lists_other_small_parts_in_its_slice_and_names_the_one_it_cut(store, s3):
     scan_id, part_ids = split_scan(store, s3, "wide")
-    parts = ListingParts(store)
-    first = list_part(part_ids[0], parts, s3, "message-1", slice_seconds=0, page_size=40)
+    parts = ListingParts(store.engine)
+    first = list_part(part_ids[0], parts, pages(s3, page_size=40), "message-1", slice_seconds=0)
     assert first.part_id == part_ids[0] and first.next_in == 0.0, "its own part, cut after a page"
-    whole = list_part(part_ids[1], parts, s3, "message-2", slice_seconds=600, steal_seconds=600)
+    whole = list_part(part_ids[1], parts, pages(s3), "message-2", slice_seconds=600, steal_seconds=600)
     assert whole.next_in is None and whole.listed == OBJECTS - 40, "one message listed the rest of every part"
-    late = list_part(part_ids[0], parts, s3, "message-3", slice_seconds=600, steal_seconds=600)
+    late = list_part(part_ids[0], parts, pages(s3), "message-3", slice_seconds=600, steal_seconds=600)
     assert (late.listed, late.next_in) == (0, None), "the first part's own message finds nothing left"
     keys = recorded_keys(store, scan_id)
     assert len(keys) == len(set(keys)) == OBJECTS and listing_finished(store, scan_id).listing_finished_at
@@ -184,9 +193,9 @@ def test_a_message_lists_other_small_parts_in_its_slice_and_names_the_one_it_cut
 
 def test_a_slice_cut_on_a_part_it_took_over_names_that_part(store, s3):
     scan_id, part_ids = split_scan(store, s3, "wide")
-    parts = ListingParts(store)
-    list_part(part_ids[0], parts, s3, "message-1", slice_seconds=0)  # its part is one page: it ends
-    cut = list_part(part_ids[0], parts, s3, "message-2", slice_seconds=0, steal_seconds=600, page_size=40)
+    parts = ListingParts(store.engine)
+    list_part(part_ids[0], parts, pages(s3), "message-1", slice_seconds=0)  # its part is one page: it ends
+    cut = list_part(part_ids[0], parts, pages(s3, page_size=40), "message-2", slice_seconds=0, steal_seconds=600)
     assert cut.part_id == part_ids[1] and cut.next_in == 0.0, "the part it took and cut is sent on"
-    alone = list_part(part_ids[2], parts, s3, "message-3", slice_seconds=600, steal_seconds=0)
+    alone = list_part(part_ids[2], parts, pages(s3), "message-3", slice_seconds=600, steal_seconds=0)
     assert alone.next_in is None and alone.listed < OBJECTS / 4, "with no time to take others, its own part only"

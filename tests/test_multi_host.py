@@ -103,6 +103,7 @@ def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_image
     from tests.servers import PostgresServer, running
     from worker.listing import ListedObject
     from worker.outcomes import ImageOutcome
+    from worker.queue.images import ImageQueue
     from worker.results import BoundingBox, Celebrity, RecognitionResult
 
     with ExitStack() as stack:
@@ -129,10 +130,14 @@ def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_image
             celebrities=(Celebrity(name="again", id="2", match_confidence=90.0, bounding_box=box),)
         )
         written = threading.Event()
-        threading.Thread(
-            target=lambda: (store.save_outcomes([ImageOutcome.done(image_id, 10, 10, answer)]), written.set()),
-            daemon=True,
-        ).start()
+        taking_over = ImageQueue(store.engine, lease_seconds=0)  # the dead host's lease ran out
+
+        def write_again() -> None:
+            assert taking_over.claim_ids([image_id], "second-host") == [image_id]
+            assert taking_over.write("second-host", [ImageOutcome.done(image_id, 10, 10, answer)]).written == {image_id}
+            written.set()
+
+        threading.Thread(target=write_again, daemon=True).start()
         wait_until(written.is_set, timeout=180, what="the batch written again after the cut")
         [record] = store.result_records(scan_id)
         assert [c.name for c in record.celebrities] == ["again"]
@@ -154,5 +159,7 @@ def stall(values):
 outcomes._copy_line = stall
 box = BoundingBox(0.1, 0.1, 0.2, 0.2)
 answer = RecognitionResult(celebrities=(Celebrity(name="first", id="1", match_confidence=90.0, bounding_box=box),))
-ResultStore.connect({url!r}).save_outcomes([outcomes.ImageOutcome.done({image_id}, 10, 10, answer)])
+store = ResultStore.connect({url!r})
+store.images.claim_ids([{image_id}], "stalled-host")
+store.images.write("stalled-host", [outcomes.ImageOutcome.done({image_id}, 10, 10, answer)])
 """

@@ -85,29 +85,30 @@ def test_a_listing_that_fails_part_way_keeps_what_it_listed_and_says_so(
 ):
     """Page 3 of the listing is refused (access denied): the images of the pages before it are
     recorded and scanned, the scan says the listing failed and why, and the command exits 1."""
-    import functools
-
     from botocore.exceptions import ClientError
 
     import producer.scan
-    import worker.listing
     from tests.clirun import celebscan
-    from worker.aws import translate
+    from worker.listing_parts import s3_pages
     from worker.store import ResultStore
 
     for i in range(30):
         s3.put_object(Bucket=bucket, Key=f"img{i:03d}.jpg", Body=jpeg())
-    real_pages = worker.listing._pages
 
-    def refused_at_page_three(s3_client, **arguments):
-        for number, page in enumerate(real_pages(s3_client, **arguments), start=1):
-            if number == 3:
-                denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "ListObjectsV2")
-                raise ConfigurationError(str(translate(denied, f"listing s3://{bucket}/")))
-            yield page
+    class RefusedAtPageThree:
+        def __init__(self, client):
+            self.client, self.pages = client, 0
 
-    monkeypatch.setattr(worker.listing, "_pages", refused_at_page_three)
-    monkeypatch.setattr(producer.scan, "list_s3", functools.partial(list_s3, page_size=10, parts=1))
+        def list_objects_v2(self, **arguments):
+            self.pages += 1
+            if self.pages == 3:
+                raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "ListObjectsV2")
+            return self.client.list_objects_v2(**arguments)
+
+    def pages_of_ten(client, **options):
+        return s3_pages(RefusedAtPageThree(client), attempts=options.get("attempts", 5), page_size=10)
+
+    monkeypatch.setattr(producer.scan, "s3_pages", pages_of_ten)
     failed = celebscan("--database-url", sqlite_url, "scan", f"s3://{bucket}/", "--backend", "rekognition", ok=False)
     assert failed.exit_code == 1 and "Traceback" not in failed.output
     started, message = failed.output.strip().splitlines()  # the scan's line, then one line of error

@@ -3,6 +3,7 @@
 import pytest
 from sqlalchemy import func, select
 
+from tests.conftest import write_outcomes
 from worker.listing import ListedObject
 from worker.outcomes import ImageOutcome
 from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
@@ -33,26 +34,26 @@ def queue(store, names, **kwargs):
     return scan_id, store.queue_images(scan_id, BUCKET, "local", listing(*names), **kwargs)
 
 
-def finish_all(store, report, answer=None):
+def finish_all(store, report, answer=None, token="test-run"):
     answer = answer or result("obama")
-    store.save_outcomes([ImageOutcome.done(i, 640, 480, answer) for i in report.image_ids])
+    write_outcomes(store, [ImageOutcome.done(i, 640, 480, answer) for i in report.image_ids], token)
 
 
 def test_listing_queues_each_image_once(store):
     scan_id, report = queue(store, ["a.jpg", "b.jpg", "a.jpg"])
     assert report.listed == 3 and len(report.image_ids) == 2
     assert count(store, images) == 2
-    assert {i.key for i in store.pending(report.image_ids)} == {"a.jpg", "b.jpg"}
+    assert {i.key for i in store.images.queued(report.image_ids)} == {"a.jpg", "b.jpg"}
 
 
 def test_rescan_skips_done_images_and_requeues_failed_ones(store):
     _, first = queue(store, ["a.jpg", "b.jpg", "c.jpg"])
     a, b, c = first.image_ids
-    store.save_outcomes([ImageOutcome.done(a, 10, 10, result()), ImageOutcome.failed(b, "CorruptImage", "bad")])
+    write_outcomes(store, [ImageOutcome.done(a, 10, 10, result()), ImageOutcome.failed(b, "CorruptImage", "bad")])
     second_scan, second = queue(store, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
     assert second.skipped == 1
     assert sorted(second.image_ids)[:2] == [b, c] and len(second.image_ids) == 3
-    assert {i.scan_id for i in store.pending(second.image_ids)} == {second_scan}
+    assert {i.scan_id for i in store.images.queued(second.image_ids)} == {second_scan}
     assert count(store, images) == 4
 
 
@@ -76,18 +77,23 @@ def test_force_requeues_done_images(store):
 
 def test_saving_a_batch_twice_does_not_double_rows(store):
     _, report = queue(store, ["a.jpg", "b.jpg"])
-    outcomes = [ImageOutcome.done(i, 640, 480, result("obama", "biden", unknown=1)) for i in report.image_ids]
-    store.save_outcomes(outcomes)
-    store.save_outcomes(outcomes)
+    outcomes = [
+        ImageOutcome.done(i, 640, 480, result("obama", "biden", unknown=1), paid_calls=1) for i in report.image_ids
+    ]
+    first = write_outcomes(store, outcomes)
+    again = store.images.write("test-run", outcomes)  # a replay: its commit's acknowledgement was lost
+    assert first.written == again.replayed == set(report.image_ids) and not again.written and not again.refused
     assert count(store, faces) == 6
     assert count(store, images, images.c.status == "done") == 2
+    assert store.scan_summary(store.latest_scan_id()).paid_calls == 2
 
 
 def test_reprocessed_image_replaces_its_faces(store):
     _, report = queue(store, ["a.jpg"])
     [image_id] = report.image_ids
-    store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama", "biden"))])
-    store.save_outcomes([ImageOutcome.done(image_id, 640, 480, result("obama"))])
+    write_outcomes(store, [ImageOutcome.done(image_id, 640, 480, result("obama", "biden"))], "first-run")
+    queue(store, ["a.jpg"], force=True)
+    write_outcomes(store, [ImageOutcome.done(image_id, 640, 480, result("obama"))], "second-run")
     assert [r.celebrities for r in store.result_records()][0][0].name == "obama"
     assert count(store, faces) == 1
 
@@ -95,11 +101,12 @@ def test_reprocessed_image_replaces_its_faces(store):
 def test_records_have_the_design_shape(store):
     scan_id, report = queue(store, ["ok.jpg", "bad.jpg"])
     ok, bad = report.image_ids
-    store.save_outcomes(
+    write_outcomes(
+        store,
         [
             ImageOutcome.done(ok, 1480, 832, result("obama", unknown=1)),
             ImageOutcome.failed(bad, "InvalidImageFormat", "not an image"),
-        ]
+        ],
     )
     records = {r.key: r.to_dict() for r in store.result_records(scan_id)}
     assert set(records["ok.jpg"]) == {
@@ -133,23 +140,44 @@ def test_records_have_the_design_shape(store):
 def test_scan_finishes_when_nothing_is_queued(store):
     scan_id, report = queue(store, ["a.jpg", "b.jpg"])
     a, b = report.image_ids
-    store.save_outcomes([ImageOutcome.done(a, 10, 10, result("obama"))])
+    write_outcomes(store, [ImageOutcome.done(a, 10, 10, result("obama"))], "run-a")
     assert store.scan_summary(scan_id).finished_at is None
-    store.save_outcomes([ImageOutcome.failed(b, "CorruptImage", "bad")])
+    write_outcomes(store, [ImageOutcome.failed(b, "CorruptImage", "bad")], "run-b")
     summary = store.scan_summary(scan_id)
     assert summary.finished_at is not None
     assert summary.counts == {"queued": 0, "done": 1, "failed": 1}
     assert summary.people == {"obama": 1} and summary.failures == {"CorruptImage": 1}
 
 
-def test_start_counts_attempts_and_quarantines_repeat_offenders(store):
+def test_start_counts_runs_that_never_ended_and_quarantines_repeat_offenders(store):
+    from worker.queue.images import ImageQueue
+
     _, report = queue(store, ["poison.jpg", "fine.jpg"])
-    for _ in range(3):
-        store.start(store.pending(report.image_ids), max_deliveries=3)
-    live = store.start(store.pending(report.image_ids), max_deliveries=3)
-    assert live == []
+    lapsing = ImageQueue(store.engine, lease_seconds=0)  # every claim is taken over at once
+    for run in range(3):  # three runs start the images and die before writing
+        token = f"run-{run}"
+        assert lapsing.claim_ids(report.image_ids, token) == report.image_ids
+        batch = lapsing.held(token, report.image_ids)
+        started = lapsing.start(token, batch, max_starts=3)
+        assert len(started.images) == 2 and started.quarantined == 0
+        assert lapsing.start(token, batch, max_starts=3) == started, "a replayed start counts once"
+    lapsing.claim_ids(report.image_ids, "run-3")
+    started = lapsing.start("run-3", lapsing.held("run-3", report.image_ids), max_starts=3)
+    assert started.images == [] and started.quarantined == 2
     records = list(store.result_records())
     assert {r.error.code for r in records} == {"Quarantined"}
+
+
+def test_a_run_that_ends_without_crashing_gives_its_starts_back(store):
+    _, report = queue(store, ["a.jpg"])
+    images_queue = store.images
+    images_queue.claim_ids(report.image_ids, "run-1")
+    images_queue.start("run-1", images_queue.held("run-1", report.image_ids), max_starts=3)
+    assert images_queue.release("run-1") == 1
+    [image] = images_queue.queued(report.image_ids)
+    assert (image.attempts, image.started_by) == (0, None)
+    assert images_queue.release("run-1") == 0, "released once"
+    assert images_queue.claim_ids(report.image_ids, "run-2") == report.image_ids
 
 
 def test_many_images_are_written_in_chunks(store):
@@ -171,27 +199,23 @@ def test_keys_are_stored_verbatim(store):
         'quote"s\\back.jpg',
     ]
     _, report = queue(store, odd)
-    assert sorted(i.key for i in store.pending(report.image_ids)) == sorted(odd)
+    assert sorted(i.key for i in store.images.queued(report.image_ids)) == sorted(odd)
 
 
-def test_a_batch_with_an_image_the_store_lacks_writes_nothing(store):
-    """Faces never point at no image: a batch naming an unknown image is refused whole."""
-    import pytest
-
-    from worker.outcomes import MissingImagesError
-
+def test_a_write_for_an_image_the_run_does_not_hold_changes_nothing_of_it(store):
+    """Faces never point at no image: only the images the run still holds are written; the rest
+    (here one the store lacks) is refused and recorded, and the batch's other images are written."""
     _, report = queue(store, ["a.jpg"])
     [image_id] = report.image_ids
-    with pytest.raises(MissingImagesError, match="1 of the batch's 2 images"):
-        store.save_outcomes(
-            [
-                ImageOutcome.done(image_id, 640, 480, result("obama")),
-                ImageOutcome.done(image_id + 1000, 640, 480, result("biden")),
-            ]
-        )
-    assert count(store, images, images.c.status == "queued") == 1
-    assert count(store, faces) == 0
-    finish_all(store, report)  # the connection is still good
+    written = write_outcomes(
+        store,
+        [
+            ImageOutcome.done(image_id, 640, 480, result("obama")),
+            ImageOutcome.done(image_id + 1000, 640, 480, result("biden"), paid_calls=1),
+        ],
+    )
+    assert written.written == {image_id} and written.refused == {image_id + 1000}
+    assert count(store, images, images.c.status == "done") == 1
     assert count(store, faces) == 1
 
 
@@ -204,8 +228,9 @@ def test_a_face_row_the_server_refuses_rolls_back_the_whole_batch(pg_store):
     _, report = queue(pg_store, ["a.jpg", "b.jpg"])
     a, b = report.image_ids
     with pytest.raises(DBAPIError, match="0x00"):
-        pg_store.save_outcomes(
-            [ImageOutcome.done(a, 640, 480, result("obama")), ImageOutcome.done(b, 640, 480, result("bad\x00name"))]
+        write_outcomes(
+            pg_store,
+            [ImageOutcome.done(a, 640, 480, result("obama")), ImageOutcome.done(b, 640, 480, result("bad\x00name"))],
         )
     assert count(pg_store, images, images.c.status == "queued") == 2
     assert count(pg_store, faces) == 0
@@ -232,7 +257,7 @@ def test_a_result_that_cannot_be_encoded_rolls_back_and_leaves_the_connection_us
     _, report = queue(pg_store, ["a.jpg", "b.jpg"])
     a, b = report.image_ids
     with pytest.raises(TypeError):
-        pg_store.save_outcomes([ImageOutcome.done(a, 640, 480, result("obama")), ImageOutcome.done(b, 640, 480, bad)])
+        write_outcomes(pg_store, [ImageOutcome.done(a, 640, 480, result("obama")), ImageOutcome.done(b, 640, 480, bad)])
     assert count(pg_store, images, images.c.status == "queued") == 2
     finish_all(pg_store, report)
     assert count(pg_store, faces) == 2 and count(pg_store, images, images.c.status == "done") == 2
@@ -278,25 +303,28 @@ def test_a_database_from_an_older_version_gets_the_new_columns_and_indexes(store
     inspector = inspect(upgraded.engine)
     assert {"paid_calls", "calls_saved"} <= {c["name"] for c in inspector.get_columns("images")}
     assert "ix_images_scan_status_id" in {i["name"] for i in inspector.get_indexes("images")}
-    upgraded.save_outcomes([ImageOutcome.done(report.image_ids[0], 10, 10, result("obama"), paid_calls=1)])
+    write_outcomes(upgraded, [ImageOutcome.done(report.image_ids[0], 10, 10, result("obama"), paid_calls=1)])
     assert upgraded.scan_summary(upgraded.latest_scan_id()).paid_calls == 1
     upgraded.engine.dispose()
 
 
 def test_two_writers_of_the_same_batch_at_once_leave_one_set_of_faces(pg_store):
-    """A redelivered batch can be written by two workers at the same moment: the second waits for
-    the first's row locks, then replaces its faces; neither fails and no face is doubled."""
+    """One write can reach the server twice at the same moment (a write retried while the first
+    attempt still runs): the second waits for the first's row locks, then finds the images written
+    by its own run and changes nothing; neither fails and no face is doubled."""
     import threading
 
-    _, report = queue(pg_store, [f"{i}.jpg" for i in range(20)])
     for attempt in range(10):
+        _, report = queue(pg_store, [f"{attempt}-{i}.jpg" for i in range(20)])
+        token = f"run-{attempt}"
+        pg_store.images.claim_ids(report.image_ids, token)
         outcomes = [ImageOutcome.done(i, 640, 480, result("obama", unknown=attempt % 3)) for i in report.image_ids]
-        start, errors = threading.Barrier(2), []
+        start, errors, results = threading.Barrier(2), [], []
 
-        def write(start=start, outcomes=outcomes, errors=errors):
+        def write(start=start, outcomes=outcomes, errors=errors, results=results, token=token):
             start.wait()
             try:
-                pg_store.save_outcomes(outcomes)
+                results.append(pg_store.images.write(token, outcomes))
             except Exception as exc:  # reported below, with the attempt
                 errors.append(exc)
 
@@ -306,7 +334,8 @@ def test_two_writers_of_the_same_batch_at_once_leave_one_set_of_faces(pg_store):
         for writer in writers:
             writer.join()
         assert errors == [], f"attempt {attempt}: {errors}"
-        assert count(pg_store, faces) == 20 * (1 + attempt % 3)
+        assert sorted(len(r.written) for r in results) == [0, 20] and not any(r.refused for r in results)
+        assert count(pg_store, faces, faces.c.image_id.in_(report.image_ids)) == 20 * (1 + attempt % 3)
 
 
 def _open_at_once(barrier, url: str, errors) -> None:

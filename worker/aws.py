@@ -25,6 +25,7 @@ from worker.errors import (
     ConfigurationError,
     ImageTooLargeError,
     InvalidImageError,
+    ObjectChangedError,
     ObjectMissingError,
     PermanentError,
     ServiceUnavailableError,
@@ -111,6 +112,10 @@ def _client_error(exc: ClientError, what: str) -> CelebscanError:
         return AccessDeniedError(message, code="InvalidCredentials")
     if code in ACCESS_CODES:
         return AccessDeniedError(message)
+    if code == "PreconditionFailed" or status == 412:
+        return ObjectChangedError(
+            f"{what}: the object changed after it was listed (its ETag is no longer the one listed)"
+        )
     if code in MISSING_CODES:
         return ObjectMissingError(message, code="NoSuchBucket" if code == "NoSuchBucket" else "ObjectNotFound")
     if code == "InvalidImageFormatException":

@@ -1,7 +1,10 @@
-"""The batch function: a list of image ids in, one result row per image out.
+"""The batch function: a claimed batch of images in, one result row per image out.
 
-This is the whole of a worker's job. The Celery task and the embedded process pool both call
-:func:`process_batch` with a :class:`WorkerContext` built once per process.
+This is the whole of a worker's job. A run (one delivery of a window slot's message, or a turn of
+an embedded process) claims a batch with its own claim token and works on it while its leases are
+renewed beside it (``worker/queue/leases.py``); every write it makes is fenced by that token
+(``worker/queue/images.py``). The Celery task and the embedded process pool both call
+:func:`take_next_batch` with a :class:`WorkerContext` built once per process.
 """
 
 from __future__ import annotations
@@ -10,20 +13,25 @@ import dataclasses
 import hashlib
 import logging
 import random
-import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import Engine
 
-from worker.claims import ClaimQueue
+from worker import clock
 from worker.database import aware_utc, utcnow
-from worker.errors import CelebscanError, RecognizerUnavailableError, TransientError
+from worker.errors import CelebscanError, TransientError
 from worker.images import ImageLimits, decode_image
-from worker.listing_parts import ListingParts
+from worker.listing_parts import LIST_SLICE_SECONDS, list_slice, s3_pages
 from worker.outcomes import ImageOutcome, KnownPicture, QueuedImage
 from worker.prefilter import FacePrefilter
+from worker.queue.images import ImageQueue
+from worker.queue.leases import LeaseKeeping, keep_leases_in_a_thread
+from worker.queue.parts import ListingParts
+from worker.queue.pictures import Picture, PictureLocks
+from worker.queue.scans import Scans
 from worker.recognizers import PAID_BACKENDS, Recognizers
 from worker.results import RecognitionResult
 from worker.retry import call_with_retry
@@ -34,11 +42,13 @@ from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-#: How many times a batch may start on an image before it is quarantined as failed.
+#: How many runs may start an image and never end (a crash, a lost lease) before it is quarantined.
 MAX_DELIVERIES = 3
 #: A batch handed back for a transient cause waits this long, doubling per round, at most RESEND_MAX_SECONDS.
 RESEND_BASE_SECONDS = 5.0
 RESEND_MAX_SECONDS = 300.0
+#: A copy of a picture another run is recognizing right now is queued again after this, to copy its result.
+PICTURE_WAIT_SECONDS = 2.0
 
 
 @dataclass
@@ -55,19 +65,31 @@ class WorkerContext:
     retry_deadline: float = 3600.0
     prefilter: FacePrefilter = field(default_factory=FacePrefilter)
     batch_size: int = 16  # images a window slot claims when its scan names no batch size
-    lease_seconds: float = 3600.0  # a claim whose message was lost is taken over after this
+    lease_seconds: float = 120.0  # a claim not renewed for this long is taken over
+    #: A run starts no image after this many seconds; what it did not reach goes back to the queue.
+    batch_seconds: float = 300.0
+    #: How a run keeps its leases while it works (a thread; the simulation has its own).
+    keep_leases: LeaseKeeping = keep_leases_in_a_thread
 
     #: Lists S3 key-space parts (a client that leaves timestamps unparsed), built on first use.
     settings: Settings | None = None
     _s3_lister: object = field(default=None, repr=False)
 
     @property
-    def claims(self) -> ClaimQueue:
-        return ClaimQueue(self.store.engine, self.lease_seconds)
+    def images(self) -> ImageQueue:
+        return ImageQueue(self.store.engine, self.lease_seconds)
 
     @property
     def listing_parts(self) -> ListingParts:
-        return ListingParts(self.store, self.lease_seconds)
+        return ListingParts(self.store.engine, self.lease_seconds)
+
+    @property
+    def pictures(self) -> PictureLocks:
+        return PictureLocks(self.store.engine, self.lease_seconds)
+
+    @property
+    def scans(self) -> Scans:
+        return Scans(self.store.engine)
 
     @property
     def s3_lister(self):
@@ -89,7 +111,8 @@ class WorkerContext:
             retry_deadline=settings.retry_deadline,
             prefilter=FacePrefilter(settings),
             batch_size=settings.batch_size,
-            lease_seconds=settings.visibility_timeout,
+            lease_seconds=settings.lease_seconds,
+            batch_seconds=settings.run_seconds,
             settings=settings,
         )
 
@@ -98,49 +121,102 @@ class WorkerContext:
 class BatchReport:
     done: int = 0
     failed: int = 0  # including images quarantined
-    skipped: int = 0  # no longer queued: finished by an earlier delivery of the batch
-    #: Images left ``queued`` after a transient cause outlasted the in-process retries: send them
-    #: again after ``resend_after`` seconds.
+    skipped: int = 0  # not held by this run: finished already, or taken over by another
+    #: Images left ``queued`` after a transient cause outlasted the in-process retries, or waiting
+    #: for a picture another run is recognizing: tried again after ``resend_after`` seconds.
     deferred: tuple[int, ...] = ()
     resend_after: float = 0.0
+    refused: int = 0  # outcomes of images this run lost (its lease ran out) that were not written
+    released: int = 0  # images the run did not reach before its deadline, given back
+
+    def __add__(self, other: BatchReport) -> BatchReport:
+        return BatchReport(
+            done=self.done + other.done,
+            failed=self.failed + other.failed,
+            skipped=self.skipped + other.skipped,
+            refused=self.refused + other.refused,
+            released=self.released + other.released,
+        )
 
 
-def process_batch(image_ids: Sequence[int], context: WorkerContext, delivery: str = "") -> BatchReport:
-    """Recognize every still-queued image of the batch and store the results.
+def process_batch(image_ids: Sequence[int], context: WorkerContext, token: str | None = None) -> BatchReport:
+    """Claim the given images for the run ``token`` (a new one when None: those still queued that
+    no live run holds) and process them: a batch named by its ids (tests, and messages from before
+    the window)."""
+    token = token or f"batch:{uuid.uuid4().hex}"
+    claimed = context.images.claim_ids(image_ids, token)
+    report = process_claimed(claimed, context, token)
+    return dataclasses.replace(report, skipped=report.skipped + len(image_ids) - len(claimed))
+
+
+def process_claimed(image_ids: Sequence[int], context: WorkerContext, token: str) -> BatchReport:
+    """Recognize the images the run ``token`` claimed and store the results, fenced by its claim.
 
     Raises :class:`RecognizerUnavailableError` before touching any image when this worker cannot
-    run what the batch needs. ``delivery`` names the message (see ``ResultStore.start``). A message
-    delivered again after a run that never ended may hold an image that kills workers; it is then
-    processed and saved one image at a time, so the culprit alone is quarantined and its
-    neighbours' work is kept.
+    run what the batch needs. A batch holding an image that a run started and never ended (it may
+    have crashed a worker) is processed and saved one image at a time, so the culprit alone is
+    quarantined and its neighbours' work is kept. The run starts no image after its deadline
+    (``batch_seconds``); the images it did not reach are released for another run. On any error
+    the run gives back what it holds before the error goes on.
     """
-    pending = context.store.pending(image_ids)
-    for backend in sorted({image.backend for image in pending}):
+    deadline = clock.monotonic() + context.batch_seconds
+    images = context.images
+    try:
+        with context.keep_leases(context.store.engine, token, context.lease_seconds, deadline):
+            report = _process_held(image_ids, context, token, deadline)
+        released = images.release(token)
+    except Exception:
+        _release_quietly(images, token)
+        raise
+    return dataclasses.replace(report, released=released)
+
+
+def _process_held(image_ids: Sequence[int], context: WorkerContext, token: str, deadline: float) -> BatchReport:
+    images = context.images
+    held = images.held(token, image_ids)
+    for backend in sorted({image.backend for image in held}):
         context.recognizers.get(backend)
-    if any(image.prefilter_faces and image.backend in PAID_BACKENDS for image in pending):
+    if any(image.prefilter_faces and image.backend in PAID_BACKENDS for image in held):
         context.prefilter.check_available()
-    redelivered = any(image.attempts and image.started_by == delivery for image in pending)
-    groups = [[image] for image in pending] if redelivered else [pending]
-    done = failed = 0
+    interrupted = any(image.attempts for image in held)
+    groups = [[image] for image in held] if interrupted else [held]
+    done = failed = refused = 0
     deferred: list[ImageOutcome] = []
-    known = _known_by_etag(pending, context)
+    known = _known_by_etag(held, context)
     recognized: dict[tuple[str, int], ImageOutcome] = {}  # this batch's pictures, for copies within it
     for group in groups:
-        started = context.store.start(group, MAX_DELIVERIES, delivery)
-        outcomes = [process_image(image, context, recognized, known) for image in started]
-        context.store.save_outcomes(outcomes)
-        done += sum(outcome.status == DONE for outcome in outcomes)
-        failed += len(group) - len(started) + sum(outcome.status == FAILED for outcome in outcomes)
-        deferred += [outcome for outcome in outcomes if outcome.deferred]
+        if clock.monotonic() >= deadline:
+            break
+        started = images.start(token, group, MAX_DELIVERIES)
+        outcomes = []
+        for image in started.images:
+            if clock.monotonic() >= deadline:
+                break
+            outcomes.append(process_image(image, context, recognized, known, token))
+        written = images.write(token, outcomes)
+        context.scans.finish_if_drained(written.scan_ids | started.scan_ids)
+        ours = [o for o in outcomes if o.image_id in written.written | written.replayed]
+        done += sum(o.status == DONE for o in ours)
+        failed += started.quarantined + sum(o.status == FAILED for o in ours)
+        deferred += [o for o in ours if o.deferred]
+        refused += len(written.refused)
     now = utcnow()
     resend_after = max(((o.not_before - now).total_seconds() for o in deferred if o.not_before), default=0.0)
     return BatchReport(
         done=done,
         failed=failed,
-        skipped=len(image_ids) - len(pending),
-        deferred=tuple(outcome.image_id for outcome in deferred),
+        skipped=len(image_ids) - len(held),
+        deferred=tuple(o.image_id for o in deferred),
         resend_after=resend_after,
+        refused=refused,
     )
+
+
+def _release_quietly(images: ImageQueue, token: str) -> None:
+    try:
+        images.release(token)
+    except Exception as exc:  # the database is away: the claims come free when their lease runs out
+        log.warning("could not release the claims of run %s: %s", token, exc)
 
 
 def _known_by_etag(batch: Sequence[QueuedImage], context: WorkerContext) -> dict[tuple[str, int], KnownPicture] | None:
@@ -163,6 +239,7 @@ def process_image(
     context: WorkerContext,
     recognized: dict[tuple[str, int], ImageOutcome] | None = None,
     known: dict[tuple[str, int], KnownPicture] | None = None,
+    token: str = "",
 ) -> ImageOutcome:
     """Read, decode and recognize one image. Never raises: a failure becomes a ``failed`` outcome.
 
@@ -174,11 +251,13 @@ def process_image(
     Pay once per picture (unless the scan runs with ``--force``): an image whose bytes are those of
     a picture already recognized with the same backend (earlier, or in this batch: ``recognized``,
     by MD5 and size) copies its result instead of calling the recognizer. An S3 object's ETag is
-    its MD5 for a single-part upload, so such a copy is found before the object is read.
+    its MD5 for a single-part upload, so such a copy is found before the object is read. Before a
+    paid call the run takes the picture (``worker/queue/pictures.py``); a copy whose picture another
+    run is recognizing right now waits for that result.
     """
-    started = time.perf_counter()
-    outcome = _reused_or_processed(image, context, {} if recognized is None else recognized, known)
-    return dataclasses.replace(outcome, work_ms=round(1000 * (time.perf_counter() - started)))
+    started = clock.monotonic()
+    outcome = _reused_or_processed(image, context, {} if recognized is None else recognized, known, token)
+    return dataclasses.replace(outcome, work_ms=round(1000 * (clock.monotonic() - started)))
 
 
 def _reused_or_processed(
@@ -186,6 +265,7 @@ def _reused_or_processed(
     context: WorkerContext,
     recognized: dict[tuple[str, int], ImageOutcome],
     known: dict[tuple[str, int], KnownPicture] | None,
+    token: str,
 ) -> ImageOutcome:
     if _etag_is_md5(image):
         if known is None:
@@ -194,7 +274,7 @@ def _reused_or_processed(
         if picture is not None:
             return ImageOutcome.copied(image, picture, image.etag)
     read: list[bytes] = []
-    outcome = _process_image(image, context, read, recognized)
+    outcome = _process_image(image, context, read, recognized, token)
     if not read:
         return outcome
     if outcome.content_hash is None:
@@ -235,15 +315,32 @@ def _known_copy(
     return ImageOutcome.copied(image, known, content_hash) if known is not None else None
 
 
+def _wait_or_copy(image: QueuedImage, data: bytes, context: WorkerContext, token: str) -> ImageOutcome | None:
+    """Before a paid call: take the picture for this run. When another live run has it, the image
+    waits for that result; when the picture was recognized since the batch looked (the other run
+    wrote it just now), its result is copied. None: this run calls."""
+    content_hash = _md5(data)
+    if context.pictures.take(Picture(image.backend, content_hash, len(data)), token):
+        known = context.store.known_picture(content_hash, len(data), image.backend)
+        return ImageOutcome.copied(image, known, content_hash) if known is not None else None
+    log.info("image waits for its picture: %s/%s is a copy another run is recognizing", image.bucket, image.key)
+    wait = timedelta(seconds=random.uniform(PICTURE_WAIT_SECONDS, 2 * PICTURE_WAIT_SECONDS))
+    return ImageOutcome.waiting(image, utcnow() + wait, content_hash)
+
+
 def _process_image(
-    image: QueuedImage, context: WorkerContext, read: list[bytes], recognized: dict[tuple[str, int], ImageOutcome]
+    image: QueuedImage,
+    context: WorkerContext,
+    read: list[bytes],
+    recognized: dict[tuple[str, int], ImageOutcome],
+    token: str,
 ) -> ImageOutcome:
     width = height = None
     kind = Source.from_url(image.source).kind
     location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
     try:
         recognizer = context.recognizers.get(image.backend)
-        data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key))
+        data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key, image.etag))
         read.append(data)
         if image.reuse_results and (copy := _known_copy(image, data, context, recognized)) is not None:
             return copy
@@ -251,9 +348,11 @@ def _process_image(
         width, height = loaded.width, loaded.height
         paid = recognizer.name in PAID_BACKENDS
         if paid and image.prefilter_faces and not context.prefilter.has_face(loaded.pixels):
-            return ImageOutcome.done(image.id, width, height, RecognitionResult(), calls_saved=image.calls_saved + 1)
+            return ImageOutcome.done(image.id, width, height, RecognitionResult(), calls_saved=1)
+        if paid and image.reuse_results and (waiting := _wait_or_copy(image, data, context, token)) is not None:
+            return waiting
         result = _with_retry(context, lambda: recognizer.recognize(loaded, location))
-        return ImageOutcome.done(image.id, width, height, result, paid_calls=image.paid_calls + int(paid))
+        return ImageOutcome.done(image.id, width, height, result, paid_calls=int(paid))
     except TransientError as exc:
         return _transient_outcome(image, exc, context, width, height)
     except CelebscanError as exc:
@@ -318,26 +417,46 @@ class SlotStep:
     idle_rounds: int = 0
 
 
+def _help_list(scan_id: int, context: WorkerContext, token: str) -> bool:
+    """A slot with nothing to claim while its scan's S3 listing goes on lists a slice of a part
+    nobody holds (or whose holder's lease ran out): so a listing whose lister died, or whose
+    message was lost, still ends while any slot lives. Returns whether it listed."""
+    parts = context.listing_parts
+    part = parts.claim_next(scan_id, token)
+    if part is None:
+        return False
+    if not part.source.is_s3:  # a folder is listed by the scan command (``scan --resume`` after it died)
+        parts.release(part)
+        return False
+    pages = s3_pages(context.s3_lister, attempts=context.max_attempts)
+    list_slice(part, parts, pages, deadline=clock.monotonic() + LIST_SLICE_SECONDS)
+    return True
+
+
 def take_next_batch(
     scan_id: int, context: WorkerContext, token: str, idle_rounds: int = 0, max_idle: float = IDLE_MAX_SECONDS
 ) -> SlotStep:
     """One turn of a window slot: claim the scan's next batch and process it, or say how long to wait.
 
+    A turn that finds nothing to claim helps the scan's listing if a part of it is left to nobody,
+    finishes the scan if it is drained (so a run that crashed right after the scan's last write
+    leaves nothing open), then waits while more may come.
     Raises :class:`RecognizerUnavailableError` (after releasing the claim) when this worker cannot
     run what the batch needs.
     """
-    claims = context.claims
-    image_ids = claims.claim(scan_id, context.batch_size, token)
+    image_ids = context.images.claim(scan_id, context.batch_size, token)
     if image_ids:
-        try:
-            return SlotStep(process_batch(image_ids, context, delivery=token), next_in=0.0)
-        except RecognizerUnavailableError:
-            claims.release(token)
-            raise
-    state = claims.state(scan_id)
+        return SlotStep(process_claimed(image_ids, context, token), next_in=0.0)
+    state = context.images.state(scan_id)
+    if state.listing and _help_list(scan_id, context, token):
+        return SlotStep(BatchReport(), next_in=0.0)
+    if not state.finished and not state.listing and not state.in_flight:  # drained, maybe: finish it
+        context.scans.finish_if_drained([scan_id])
+        state = context.images.state(scan_id)
     if not state.worth_waiting and state.next_due is None:
         return SlotStep(BatchReport(), next_in=None)
     wait = min(IDLE_BASE_SECONDS * 2**idle_rounds, max_idle)
-    if state.next_due is not None:
-        wait = min(wait, max(0.0, (state.next_due - utcnow()).total_seconds()))
+    due_in = (state.next_due - utcnow()).total_seconds() if state.next_due is not None else None
+    if due_in is not None and due_in > 0:  # a deferred image is due then (one due already is held by a run)
+        wait = min(wait, due_in)
     return SlotStep(BatchReport(), next_in=wait, idle_rounds=idle_rounds + 1)

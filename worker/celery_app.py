@@ -1,26 +1,30 @@
 """The Celery app workers run: ``celery -A worker.celery_app worker``.
 
-The task is a thin wrapper over :func:`worker.batch.process_batch`. Each worker process builds its
-:class:`WorkerContext` (database engine, boto3 clients) once, when the process starts
-(``worker_process_init``), from the environment's settings; a recognizer is built the first time
-a batch of a scan that uses it arrives, so any plain worker serves any scan.
+Each task is a thin wrapper over a plain function of :mod:`worker.tasks` (which the seeded
+simulation of faults runs too). Each worker process builds its :class:`WorkerContext` (database
+engine, boto3 clients) once, when the process starts (``worker_process_init``), from the
+environment's settings; a recognizer is built the first time a batch of a scan that uses it
+arrives, so any plain worker serves any scan.
 
-Two hand-backs send a batch to the broker again instead of failing images: a worker that cannot
-run what the batch needs (its scan is told, for ``status``), and images whose transient errors
-(throttling, 5xx) outlasted the in-process retries (re-sent with a growing countdown, kept short
-of Redis's visibility timeout).
+Each run of a message claims with a token of its own (the message id and a random suffix), so two
+deliveries of one message never share a claim. A run works at most ``CELEBSCAN_BATCH_SECONDS``
+(at most half the visibility timeout); Celery's soft and hard time limits, later still, end a run
+that hangs, well before Redis would hand its message to another worker. A message that cannot be
+sent on (the broker is away) is rejected back onto its queue rather than lost.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import random
+import uuid
 
+from celery.exceptions import Reject
 from celery.signals import worker_process_init
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from worker.batch import WorkerContext, process_batch, take_next_batch
+from worker.batch import WorkerContext, process_batch
 from worker.celery_config import (
     LIST_TASK_NAME,
     SLOT_TASK_NAME,
@@ -30,16 +34,21 @@ from worker.celery_config import (
     send_window_slots,
 )
 from worker.errors import RecognizerUnavailableError
-from worker.listing_parts import LIST_SLICE_SECONDS, list_part
+from worker.listing_parts import LIST_SLICE_SECONDS
 from worker.settings import Settings
+from worker.tasks import HAND_BACK_SECONDS, run_listing_part, run_window_slot
 
 log = logging.getLogger(__name__)
 
 settings = Settings.from_env()
 app = make_celery(settings)
 _context: WorkerContext | None = None
-#: Seconds before a batch this worker could not serve is offered again (to any worker).
-HAND_BACK_SECONDS = 30
+#: A run that hangs past its deadline is interrupted (soft) and then killed (hard) before Redis
+#: would redeliver its message: at three quarters and nine tenths of the visibility timeout.
+TIME_LIMITS = {
+    "soft_time_limit": max(settings.run_seconds + 1, settings.visibility_timeout * 0.75),
+    "time_limit": max(settings.run_seconds + 2, settings.visibility_timeout * 0.9),
+}
 
 
 def worker_context() -> WorkerContext:
@@ -55,63 +64,66 @@ def _build_context(**_) -> None:
     worker_context()
 
 
-#: The database being briefly unreachable is worth waiting for: the message is re-sent with
-#: backoff. Other database errors are bugs: the task fails at once, its images stay queued.
-DATABASE_RETRIES = {
-    "autoretry_for": (OperationalError, InterfaceError),
-    "retry_backoff": 2,
-    "retry_backoff_max": 120,
-    "retry_jitter": True,
-    "max_retries": 30,
-}
+def _run_token(request) -> str:
+    return f"{request.id}:{uuid.uuid4().hex[:8]}"
 
 
-@app.task(name=TASK_NAME, bind=True, **DATABASE_RETRIES)
+def _sending_or_requeued(send) -> None:
+    """Send a message on; when the broker cannot take it, put this one back on its queue instead."""
+    try:
+        send()
+    except (BrokerError, OSError) as exc:
+        raise Reject(f"cannot send the message on: {exc}", requeue=True) from exc
+
+
+@app.task(
+    name=TASK_NAME,
+    bind=True,
+    max_retries=None,
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=2,
+    retry_backoff_max=120,
+    **TIME_LIMITS,
+)
 def process_batch_task(self, image_ids: list[int]) -> dict:
     """A list of image ids: the messages scans sent before the window (still served after an upgrade)."""
     context = worker_context()
     try:
-        # A message redelivered after a crash keeps its id and retry number; a retry is a new message.
-        report = process_batch(image_ids, context, delivery=f"{self.request.id}:{self.request.retries}")
+        report = process_batch(image_ids, context, _run_token(self.request))
     except RecognizerUnavailableError as exc:
         log.warning("handing back a batch of %d: %s", len(image_ids), exc)
-        context.store.note_unserved(image_ids, str(exc))
-        raise self.retry(countdown=random.uniform(HAND_BACK_SECONDS / 2, HAND_BACK_SECONDS), max_retries=None) from exc
+        raise self.retry(countdown=HAND_BACK_SECONDS) from exc
     log.info("batch of %d: %s", len(image_ids), report)
-    if report.deferred:
+    if report.deferred or report.released:
         countdown = min(report.resend_after, settings.visibility_timeout / 2)  # an ETA past it would be redelivered
-        raise self.retry(args=[list(report.deferred)], countdown=countdown, max_retries=None)
+        raise self.retry(countdown=countdown)
     return dataclasses.asdict(report)
 
 
-@app.task(name=SLOT_TASK_NAME, bind=True, **DATABASE_RETRIES)
+@app.task(name=SLOT_TASK_NAME, bind=True, **TIME_LIMITS)
 def take_next_batch_task(self, scan_id: int, idle_rounds: int = 0) -> dict:
     """A window slot: claim and process the scan's next batch, then send the slot on (or end it)."""
-    context = worker_context()
-    try:
-        step = take_next_batch(scan_id, context, f"{self.request.id}:{self.request.retries}", idle_rounds)
-    except RecognizerUnavailableError as exc:
-        log.warning("handing back a batch of scan %d: %s", scan_id, exc)
-        context.store.note_unserved_scan(scan_id, str(exc))
-        raise self.retry(countdown=random.uniform(HAND_BACK_SECONDS / 2, HAND_BACK_SECONDS), max_retries=None) from exc
-    if step.next_in is not None:
-        countdown = min(step.next_in, settings.visibility_timeout / 2)
-        send_window_slots(app, scan_id, countdown=countdown, idle_rounds=step.idle_rounds)
-    return dataclasses.asdict(step.report)
+
+    def send_on(countdown: float, rounds: int) -> None:
+        countdown = min(countdown, settings.visibility_timeout / 2)
+        _sending_or_requeued(lambda: send_window_slots(app, scan_id, countdown=countdown, idle_rounds=rounds))
+
+    report = run_window_slot(scan_id, worker_context(), _run_token(self.request), send_on, idle_rounds)
+    return dataclasses.asdict(report)
 
 
-@app.task(name=LIST_TASK_NAME, bind=True, **DATABASE_RETRIES)
+@app.task(name=LIST_TASK_NAME, bind=True, **TIME_LIMITS)
 def list_part_task(self, part_id: int) -> dict:
     """A part of a scan's key space: list it for a slice, then send it on (or end it)."""
-    context = worker_context()
-    step = list_part(
+
+    def send_on(part: int, countdown: float) -> None:
+        _sending_or_requeued(lambda: send_listing_parts(app, [part], countdown=countdown))
+
+    step = run_listing_part(
         part_id,
-        context.listing_parts,
-        context.s3_lister,
-        f"{self.request.id}:{self.request.retries}",
+        worker_context(),
+        _run_token(self.request),
+        send_on,
         slice_seconds=min(LIST_SLICE_SECONDS, settings.visibility_timeout / 4),
-        attempts=settings.max_attempts,
     )
-    if step.next_in is not None and step.part_id is not None:
-        send_listing_parts(app, [step.part_id], countdown=step.next_in)
     return dataclasses.asdict(step)

@@ -20,6 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
+from worker import clock
 from worker.errors import ConfigurationError
 from worker.schema import metadata
 
@@ -44,7 +45,7 @@ SESSION_OPTIONS = " ".join(
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    return clock.utcnow()
 
 
 def masked_url(url: str) -> str:
@@ -72,8 +73,8 @@ def with_driver(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
-def connect(url: str) -> Engine:
-    """An engine for ``url`` with the schema created; a clean ``ConfigurationError`` if unreachable."""
+def engine_for(url: str) -> Engine:
+    """An engine for ``url`` with celebscan's connection options (the schema left as it is)."""
     url = with_driver(url)
     try:
         engine = create_engine(url, **_engine_options(url))
@@ -81,6 +82,13 @@ def connect(url: str) -> Engine:
         raise ConfigurationError(f"cannot use database {masked_url(url)}: {exc}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def connect(url: str) -> Engine:
+    """An engine for ``url`` with the schema created; a clean ``ConfigurationError`` if unreachable."""
+    engine = engine_for(url)
+    url = engine.url.render_as_string(hide_password=False)
     try:
         create_or_upgrade_schema(engine)
     except OperationalError as exc:
@@ -186,13 +194,6 @@ def chunks(iterable: Iterable, size: int) -> Iterator[list]:
             raise error
         if len(chunk) < size:
             return
-
-
-def dialect_insert(engine: Engine, table):
-    """An INSERT that supports ``on_conflict_do_nothing`` on the engine's dialect."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    return (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def aware_utc(moment: datetime) -> datetime:

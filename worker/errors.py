@@ -72,6 +72,13 @@ class ObjectMissingError(PermanentError):
     code = "ObjectNotFound"
 
 
+class ObjectChangedError(PermanentError):
+    """The object was listed, then overwritten: what the worker would read is not what was listed
+    (its result would describe other bytes). The next scan records the new version."""
+
+    code = "ObjectChanged"
+
+
 class AccessDeniedError(PermanentError):
     code = "AccessDenied"
 

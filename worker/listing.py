@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.aws import AWS_ERRORS, translate
-from worker.errors import ConfigurationError
+from worker.errors import CelebscanError, ConfigurationError
 from worker.images import is_image_name
+from worker.retry import call_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ class ListedObject:
     error: tuple[str, str] | None = None
 
 
-def list_folder(folder: Path) -> Iterator[ListedObject]:
-    """Every image file under ``folder``, in a stable order, with its content hash.
+def list_folder(folder: Path, after: str | None = None) -> Iterator[ListedObject]:
+    """Every image file under ``folder`` in walking order (a folder's files by name, then its
+    sub-folders by name), with its size and modification time; with ``after``, only the entries
+    that come after that key in this order (a listing resumed where it stopped; sub-folders wholly
+    before it are not walked).
 
     A bad entry never stops the listing: a symlink loop, a dangling link, a name that is not valid
     UTF-8 or a sub-folder that cannot be read is yielded with its error (and logged in one line),
@@ -47,19 +51,38 @@ def list_folder(folder: Path) -> Iterator[ListedObject]:
     outside the folder are skipped.
     """
     root = Path(folder).resolve()
+    start = walking_order(after) if after is not None else None
     unreadable: list[OSError] = []
+
+    def wanted(entry: ListedObject) -> bool:
+        return start is None or walking_order(entry.key) > start
+
     for directory, subdirs, files in os.walk(root, onerror=unreadable.append):
         while unreadable:
-            yield _unreadable_folder(root, unreadable.pop())
+            entry = _unreadable_folder(root, unreadable.pop())
+            if wanted(entry):
+                yield entry
         subdirs.sort()
+        if start is not None:
+            here = walking_order(Path(directory).relative_to(root).as_posix() + "/")[:-1]
+            subdirs[:] = [d for d in subdirs if start[: len(here) + 1] <= (*here, (1, d))]
         for name in sorted(files):
             path = Path(directory, name)
             if is_image_name(name):
                 listed = _listed_file(root, path)
-                if listed is not None:
+                if listed is not None and wanted(listed):
                     yield listed
     while unreadable:
-        yield _unreadable_folder(root, unreadable.pop())
+        entry = _unreadable_folder(root, unreadable.pop())
+        if wanted(entry):
+            yield entry
+
+
+def walking_order(key: str) -> tuple[tuple[int, str], ...]:
+    """Where ``key`` comes in :func:`list_folder`'s order: in each folder, files (0) by name before
+    sub-folders (1) by name."""
+    *folders, name = key.split("/")
+    return (*((1, folder) for folder in folders if folder not in ("", ".")), (0, name))
 
 
 def _listed_file(root: Path, path: Path) -> ListedObject | None:
@@ -169,10 +192,28 @@ PROBE_THREADS = 8
 
 def fits_in_a_page(s3_client, bucket: str, prefix: str, page_size: int = 1000) -> bool:
     """Whether one listing request returns every key under ``prefix``."""
+    return not _list_once(s3_client, Bucket=bucket, Prefix=prefix, MaxKeys=page_size).get("IsTruncated")
+
+
+def _list_once(s3_client, **arguments) -> dict:
+    """One ListObjectsV2 request, tried again on throttling and 5xx (``CELEBSCAN_MAX_ATTEMPTS`` is
+    the workers'; here a fixed few); an error that stays is a ``ConfigurationError``."""
+    what = f"listing s3://{arguments['Bucket']}/{arguments.get('Prefix', '')}"
+
+    def request() -> dict:
+        try:
+            return s3_client.list_objects_v2(**arguments)
+        except AWS_ERRORS as exc:
+            raise translate(exc, what) from exc
+
     try:
-        return not s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=page_size).get("IsTruncated")
-    except AWS_ERRORS as exc:
-        raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}/{prefix}"))) from exc
+        return call_with_retry(request, attempts=LISTING_ATTEMPTS)
+    except CelebscanError as exc:
+        raise ConfigurationError(str(exc)) from exc
+
+
+#: Tries of one listing request made while splitting a key space or checking a bucket.
+LISTING_ATTEMPTS = 5
 
 
 def _split(s3_client, bucket: str, prefix: str, exact: list[ListedObject], page_size: int) -> list[str] | None:
@@ -191,10 +232,7 @@ def _children(s3_client, bucket: str, prefix: str, exact: list[ListedObject]) ->
         arguments = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1}
         if after is not None:
             arguments["StartAfter"] = after
-        try:
-            contents = s3_client.list_objects_v2(**arguments).get("Contents", [])
-        except AWS_ERRORS as exc:
-            raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}/{prefix}"))) from exc
+        contents = _list_once(s3_client, **arguments).get("Contents", [])
         return contents[0] if contents else None
 
     item = first_after(None)
@@ -228,10 +266,7 @@ def check_bucket(s3_client, bucket: str, prefix: str = "") -> None:
     Listing under the prefix (not the whole bucket) keeps working for a role that may list only
     that prefix, as deploy/aws's worker role.
     """
-    try:
-        s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
-    except AWS_ERRORS as exc:
-        raise ConfigurationError(str(translate(exc, f"listing s3://{bucket}/{prefix}"))) from exc
+    _list_once(s3_client, Bucket=bucket, Prefix=prefix, MaxKeys=1)
 
 
 def _pages(s3_client, **arguments) -> Iterator[dict]:

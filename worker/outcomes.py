@@ -1,7 +1,8 @@
-"""A batch's images in and its results out: what a worker reads, and the writes of its outcomes.
+"""A batch's images in and its results out: what a worker reads of an image, what it found, and
+the face rows that hold it.
 
-Every write is idempotent: a batch's results are written in one transaction that replaces the
-batch's faces and sets (never adds to) each image's counts, so a batch written twice doubles nothing.
+The write itself, fenced by the run's claim, is an image transition (``worker/queue/images.py``);
+this module turns outcomes into face rows and replaces an image's faces in that transaction.
 """
 
 from __future__ import annotations
@@ -12,23 +13,12 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import (
-    DateTime,
-    Integer,
-    String,
-    bindparam,
-    delete,
-    func,
-    literal,
-    select,
-    update,
-)
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Integer, delete, literal, select
 
 from worker import person_counts
-from worker.database import dialect_insert, utcnow
 from worker.results import RecognitionResult
-from worker.schema import DONE, FAILED, QUEUED, faces, images, scans
+from worker.schema import DONE, FAILED, QUEUED, faces
+from worker.sql import dialect_insert
 
 
 @dataclass(frozen=True)
@@ -45,7 +35,7 @@ class QueuedImage:
     prefilter_faces: bool = False
     paid_calls: int = 0  # billed calls so far (a lost batch redone is billed again)
     calls_saved: int = 0
-    started_by: str | None = None  # the delivery (message) that last started it
+    started_by: str | None = None  # the run (claim token) that last started it
     retries: int = 0  # tries that ended in a transient error, over every delivery
     retry_since: datetime | None = None  # the first of those; the retry deadline counts from it
     reuse_results: bool = True  # a known picture's result is copied (False: the scan ran with --force)
@@ -62,10 +52,11 @@ class ImageOutcome:
     result: RecognitionResult | None = None
     error_code: str | None = None
     error_message: str | None = None
-    # The image's totals after this outcome (None: unchanged): set, never added, so writing the
-    # same outcome twice (a retried write) counts nothing twice.
-    paid_calls: int | None = None  # calls a paid recognizer billed for this image
-    calls_saved: int | None = None  # calls the face prefilter kept from the paid recognizer
+    # What this run spent on the image, added to its totals by the fenced write (which a replay or
+    # a late holder cannot repeat): calls a paid recognizer billed, and calls the face prefilter
+    # kept from it.
+    paid_calls: int = 0
+    calls_saved: int = 0
     content_hash: str | None = None  # MD5 of the bytes read (None: not read, or unchanged)
     # A deferred image (status still ``queued``: a transient cause outlasted the in-process
     # retries) gets its delivery count put back, as this delivery did not crash, and its retries.
@@ -82,6 +73,28 @@ class ImageOutcome:
     def deferred(self) -> bool:
         return self.status == QUEUED
 
+    def image_values(self) -> dict[str, Any]:
+        """The image columns the write sets, by name, for both write paths: None leaves a value as
+        it is (``COALESCE`` in the statements), and ``not_before`` is cleared unless the image is
+        deferred."""
+        return {
+            "id": self.image_id,
+            "status": self.status,
+            "width": self.width,
+            "height": self.height,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "paid_calls": self.paid_calls,
+            "calls_saved": self.calls_saved,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "retry_since": self.retry_since,
+            "not_before": self.not_before,
+            "content_hash": self.content_hash,
+            "copied_from": self.copied_from,
+            "work_ms": self.work_ms,
+        }
+
     @classmethod
     def done(
         cls,
@@ -90,8 +103,8 @@ class ImageOutcome:
         height: int,
         result: RecognitionResult,
         *,
-        paid_calls: int | None = None,
-        calls_saved: int | None = None,
+        paid_calls: int = 0,
+        calls_saved: int = 0,
     ) -> ImageOutcome:
         return cls(image_id, DONE, width, height, result, paid_calls=paid_calls, calls_saved=calls_saved)
 
@@ -111,7 +124,6 @@ class ImageOutcome:
             known.width,
             known.height,
             result,
-            paid_calls=image.paid_calls,
             content_hash=content_hash,
             copied_from=known.id,
         )
@@ -139,6 +151,12 @@ class ImageOutcome:
         )
 
     @classmethod
+    def waiting(cls, image: QueuedImage, not_before: datetime, content_hash: str | None = None) -> ImageOutcome:
+        """The image is a copy of a picture another holder is recognizing right now: it waits for
+        that result (no call, no error), queued again from ``not_before``."""
+        return cls(image.id, QUEUED, attempts=image.attempts, not_before=not_before, content_hash=content_hash)
+
+    @classmethod
     def failed(
         cls, image_id: int, code: str, message: str, width: int | None = None, height: int | None = None
     ) -> ImageOutcome:
@@ -154,127 +172,48 @@ class KnownPicture:
     height: int | None
 
 
-class MissingImagesError(LookupError):
-    """Results were handed in for images the store does not have; nothing of the batch was written."""
+def _as_of_image(outcome: ImageOutcome) -> dict[str, Any]:
+    return outcome.image_values()
 
 
-def _check_all_found(found: int, ids: Sequence[int]) -> None:
-    if found != len(ids):
-        raise MissingImagesError(
-            f"{len(ids) - found} of the batch's {len(ids)} images are not in the images table "
-            "(deleted while the batch ran?); nothing of the batch was written"
-        )
-
-
-def _image_values(o: ImageOutcome) -> dict[str, Any]:
-    """An outcome's image columns by name, for both write paths: None leaves a count as it is
-    (``COALESCE`` in the statements), and ``not_before`` is cleared unless the image is deferred."""
-    return {
-        "id": o.image_id,
-        "status": o.status,
-        "width": o.width,
-        "height": o.height,
-        "error_code": o.error_code,
-        "error_message": o.error_message,
-        "paid_calls": o.paid_calls,
-        "calls_saved": o.calls_saved,
-        "attempts": o.attempts,
-        "retries": o.retries,
-        "retry_since": o.retry_since,
-        "not_before": o.not_before,
-        "content_hash": o.content_hash,
-        "copied_from": o.copied_from,
-        "work_ms": o.work_ms,
-    }
-
-
-def write_outcomes_portable(conn, outcomes, ids, face_rows, now) -> set[int]:
-    """SQLAlchemy Core statements that any dialect runs (SQLite); returns the batch's scan ids."""
-    image_updates = [
-        {**{f"b_{name}": value for name, value in _image_values(o).items()}, "b_now": None if o.deferred else now}
-        for o in outcomes
-    ]
-
-    def kept_unless_given(name: str, type_) -> Any:
-        return func.coalesce(bindparam(f"b_{name}", type_=type_), images.c[name])
-
-    updated = conn.execute(
-        update(images)
-        .where(images.c.id == bindparam("b_id"))
-        .values(
-            status=bindparam("b_status"),
-            width=bindparam("b_width"),
-            height=bindparam("b_height"),
-            error_code=bindparam("b_error_code"),
-            error_message=bindparam("b_error_message"),
-            processed_at=bindparam("b_now"),
-            paid_calls=kept_unless_given("paid_calls", Integer),
-            calls_saved=kept_unless_given("calls_saved", Integer),
-            attempts=kept_unless_given("attempts", Integer),
-            retries=kept_unless_given("retries", Integer),
-            retry_since=kept_unless_given("retry_since", DateTime(timezone=True)),
-            not_before=bindparam("b_not_before", type_=DateTime(timezone=True)),
-            content_hash=kept_unless_given("content_hash", String),
-            copied_from=bindparam("b_copied_from", type_=Integer),
-            work_ms=bindparam("b_work_ms", type_=Integer),
-            claimed_by=None,
-        ),
-        image_updates,
-    )
-    _check_all_found(updated.rowcount, ids)
+def replace_faces_portable(conn, outcomes: Sequence[ImageOutcome]) -> None:
+    """Replace the faces of the images written (SQLAlchemy Core: any dialect; SQLite), their
+    person counts taken out and put back in the same transaction."""
+    ids = [o.image_id for o in outcomes]
     person_counts.subtract(conn, ids)
     conn.execute(delete(faces).where(faces.c.image_id.in_(ids)))
-    if face_rows:
-        conn.execute(dialect_insert(conn.engine, faces).on_conflict_do_nothing(), face_rows)  # (image, index)
+    rows = [row for o in outcomes if o.result for row in face_row_dicts(o.image_id, o.result)]
+    if rows:
+        conn.execute(dialect_insert(conn.engine, faces).on_conflict_do_nothing(), rows)  # (image, index)
+
+
+def copy_faces_portable(conn, outcomes: Sequence[ImageOutcome]) -> None:
+    """The faces of copied pictures, copied from the images they copy; then the images' counts."""
     for outcome in outcomes:
         if outcome.copied_from is not None and outcome.result is None:
             conn.execute(_copy_faces(outcome.image_id, outcome.copied_from))
-    person_counts.add(conn, ids)
-    return set(conn.execute(select(images.c.scan_id).where(images.c.id.in_(ids)).distinct()).scalars())
+    person_counts.add(conn, [o.image_id for o in outcomes])
 
 
-def write_outcomes_postgresql(conn, outcomes, ids, face_tuples, now) -> set[int]:
-    """The same writes, inside the caller's transaction (``engine.begin()``, which commits or rolls
-    back and drops a broken connection); returns the batch's scan ids.
-
-    1. Update the image rows (the batch travels as one JSON document that PostgreSQL expands with
-       ``json_to_recordset``), returning their scans; every image must be found, which is what
-       keeps a face from ever pointing at no image (``faces.image_id`` has no foreign key: see
-       ``worker/schema.py``).
-    2. Delete the batch's faces and ``COPY`` the new ones in, through the connection's own
-       psycopg2 cursor: the rows stream as COPY text, made while the server inserts the rows
-       already sent, so its work and ours overlap.
-    """
-    image_rows = [_image_values(o) for o in outcomes]
-    copies = [{"id": o.image_id, "source": o.copied_from} for o in outcomes if o.copied_from and o.result is None]
+def stream_faces_postgresql(cursor, outcomes: Sequence[ImageOutcome]) -> None:
+    """Replace the faces of the images written, on the transaction's own psycopg2 cursor: the
+    old faces taken out of the person counts and deleted, copied pictures' faces copied, then the
+    new faces ``COPY``-ed in (streamed as COPY text, made while the server inserts the rows already
+    sent, so its work and ours overlap), then counted."""
     parameters = {
-        "images": orjson.dumps(image_rows).decode(),
-        "ids": ids,
-        "now": now,
-        "copies": orjson.dumps(copies).decode(),
+        "ids": [o.image_id for o in outcomes],
+        "copies": orjson.dumps(
+            [{"id": o.image_id, "source": o.copied_from} for o in outcomes if o.copied_from and o.result is None]
+        ).decode(),
     }
-    dbapi_connection = conn.connection.dbapi_connection
-    statement, copy_text = _POSTGRESQL_UPDATE_IMAGES, _CopyText(face_tuples)
+    copy_text = _CopyText(values for o in outcomes if o.result for values in face_values(o.image_id, o.result))
     try:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute(statement, parameters)
-            scan_ids = [scan_id for (scan_id,) in cursor.fetchall()]
-            _check_all_found(len(scan_ids), ids)
-            statement = _POSTGRESQL_REPLACE_FACES
-            cursor.copy_expert(cursor.mogrify(statement, parameters).decode(), copy_text, size=_COPY_CHUNK)
-            statement = person_counts.POSTGRESQL_ADD
-            cursor.execute(statement, parameters)
-        return set(scan_ids)
-    except dbapi_connection.Error as exc:
+        cursor.copy_expert(cursor.mogrify(_POSTGRESQL_REPLACE_FACES, parameters).decode(), copy_text, size=_COPY_CHUNK)
+    except Exception:
         if copy_text.error is not None:  # psycopg2 reports it as a cancelled query, which would be retried
             raise copy_text.error from None
-        # As SQLAlchemy reports it (what the retries catch); a lost connection is dropped from the pool.
-        disconnected = conn.dialect.is_disconnect(exc, dbapi_connection, None)
-        if disconnected:
-            conn.invalidate(exc)
-        raise DBAPIError.instance(
-            statement, None, exc, dbapi_connection.Error, connection_invalidated=disconnected, dialect=conn.dialect
-        ) from exc
+        raise
+    cursor.execute(person_counts.POSTGRESQL_ADD, parameters)
 
 
 _COPY_CHUNK = 64 * 1024
@@ -331,35 +270,6 @@ class _CopyText:
         return "".join(chunk)
 
 
-def _finish_scans_statement():
-    newest_queued = (
-        select(images.c.id)
-        .where(images.c.scan_id == scans.c.id, images.c.status == QUEUED)
-        .order_by(images.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    return (
-        update(scans)
-        .where(
-            scans.c.id.in_(bindparam("scan_ids", expanding=True)),
-            scans.c.finished_at.is_(None),
-            scans.c.listing_finished_at.is_not(None) | scans.c.listing_error.is_not(None),
-            newest_queued.is_(None),
-        )
-        .values(finished_at=bindparam("now"))
-    )
-
-
-#: Built once: constructing it costs more than running it (about 1 ms per batch).
-_FINISH_SCANS = _finish_scans_statement()
-
-
-def finish_scans_if_drained(conn, scan_ids: Iterable[int]) -> None:
-    """One statement, run in autocommit mode (no BEGIN and COMMIT round trips)."""
-    conn.execute(_FINISH_SCANS, {"scan_ids": list(scan_ids), "now": utcnow()})
-
-
 _FACE_COLUMNS = (
     "image_id",
     "face_index",
@@ -376,27 +286,6 @@ _FACE_COLUMNS = (
     "landmarks",
     "details",
 )
-
-#: A batch touches its own rows by key, where a sequential scan is never right; without statistics
-#: (a young table, before autovacuum's first ANALYZE) the planner picks one anyway: over 15,000
-#: faces that was 4 ms a batch. ``SET LOCAL`` lasts until the transaction ends.
-_POSTGRESQL_UPDATE_IMAGES = """
-SET LOCAL enable_seqscan = off;
-UPDATE images SET status = u.status, width = u.width, height = u.height, error_code = u.error_code,
-       error_message = u.error_message, processed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE %(now)s END,
-       paid_calls = COALESCE(u.paid_calls, images.paid_calls),
-       calls_saved = COALESCE(u.calls_saved, images.calls_saved),
-       attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
-       retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL,
-       content_hash = COALESCE(u.content_hash, images.content_hash), copied_from = u.copied_from,
-       work_ms = u.work_ms
-  FROM json_to_recordset(%(images)s::json)
-       AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
-            paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz,
-            not_before timestamptz, content_hash text, copied_from integer, work_ms integer)
- WHERE images.id = u.id AND images.id = ANY(%(ids)s)
-RETURNING images.scan_id
-"""
 
 #: One message: the batch's old faces taken out of the person counts and deleted, those of copied
 #: pictures copied from the images they copy, then COPY, which ends it and waits for the face rows;

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from sqlalchemy import Select, bindparam, func, select, update
 
-from worker.database import dialect_insert
 from worker.schema import faces, images, person_images
+from worker.sql import dialect_insert
 
 _NO_ID = ""
 

@@ -36,8 +36,17 @@ class ScanSummary:
     #: "listing" while the source is being listed, "listed" after, "listing failed" (see listing_error).
     listing: str = "listed"
     listing_error: str | None = None
-    #: (parts ended, parts) while and after the workers list the key space; None when one process listed it.
+    #: (parts ended, parts) of the source's listing; None when one process read it whole (an inventory).
     listing_parts: tuple[int, int] | None = None
+    #: Listed images left to another scan that holds them in flight (recognized once, there).
+    held_elsewhere: int = 0
+    #: Images a later scan took over from this one (queued ones nobody held, failures it retried,
+    #: --force): so listed = skipped + held_elsewhere + images in the scan + handed_over.
+    handed_over: int = 0
+    #: Late writes refused because their run had lost its claim (their paid calls are counted).
+    refused_writes: int = 0
+    #: When a lister last recorded a page of a part still to list (None: none did yet).
+    listing_active_at: datetime | None = None
 
     @property
     def processed(self) -> int:

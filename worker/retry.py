@@ -22,6 +22,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from worker import clock
 from worker.errors import TransientError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def call_with_retry(func: Callable[[], T], *, attempts: int, max_wait: float = 3
         stop=stop_after_attempt(attempts),
         reraise=True,
         before_sleep=before_sleep_log(log, logging.INFO),
+        sleep=clock.sleep,
     )
     return retrying(func)
 
@@ -58,6 +60,7 @@ def retry_database(func: Callable[..., T]) -> Callable[..., T]:
             stop=stop_after_delay(DATABASE_PATIENCE_SECONDS),
             reraise=True,
             before_sleep=before_sleep_log(log, logging.WARNING),
+            sleep=clock.sleep,
         )
         return retrying(func, *args, **kwargs)
 

@@ -56,6 +56,14 @@ scans = Table(
     # Reuse the known result of a picture already recognized (same bytes) instead of a new call;
     # false for a scan run with --force.
     Column("reuse_results", Boolean, nullable=False, server_default=text("true")),
+    # Listed images this scan left to another scan that holds them in flight (a live claim): they
+    # are recognized once, there. And images that a later scan took over from this one (queued
+    # ones nobody held, failed ones it retried, done ones it redid with --force). So a scan's
+    # figures add up: listed = skipped + held_elsewhere + (its images + handed_over).
+    Column("held_elsewhere", BigInteger, nullable=False, server_default=text("0")),
+    Column("handed_over", BigInteger, nullable=False, server_default=text("0")),
+    # The S3 Inventory manifest the scan read instead of listing (``--resume`` reads it again).
+    Column("inventory", Text),
 )
 
 images = Table(
@@ -75,11 +83,15 @@ images = Table(
     Column("status", String(16), nullable=False),
     Column("error_code", String(64)),
     Column("error_message", Text),
-    # Deliveries of one message that started this image (see ResultStore.start), and that message.
+    # Runs that started this image and never wrote its outcome (a crash, a lost lease): an image
+    # that keeps killing workers is quarantined. ``started_by`` is the claim token of the last run
+    # that started it, kept after its write: a write replayed after a lost acknowledgement finds
+    # its own rows by it (worker/queue/images.py).
     Column("attempts", Integer, nullable=False, default=0),
     Column("started_by", String(100)),
-    # The broker is a window onto the queued images: a worker claims a batch of them (the message
-    # that claimed, and when), and releases the claim when it defers images until ``not_before``.
+    # The broker is a window onto the queued images: a run claims a batch of them (its claim token,
+    # and when it last renewed the lease), and releases the claim when it defers images until
+    # ``not_before``. Every transition of a queued image names the token (a fencing token).
     Column("claimed_by", String(100)),
     Column("claimed_at", DateTime(timezone=True)),
     Column("not_before", DateTime(timezone=True)),
@@ -133,16 +145,50 @@ listing_parts = Table(
     # The last key recorded: a part picked up again (a slice ended, a worker died) lists on after it,
     # committed with the images it closes, so nothing is listed twice or skipped.
     Column("last_key", Text),
-    # Objects the part recorded, and those of them skipped (done before): a scan's figures add its parts'.
+    # Objects the part recorded, those of them skipped (done before), and those left to another
+    # scan that holds them in flight: a scan's figures add its parts'.
     Column("listed", BigInteger, nullable=False, server_default=text("0")),
     Column("skipped", BigInteger, nullable=False, server_default=text("0")),
+    Column("held_elsewhere", BigInteger, nullable=False, server_default=text("0")),
     Column("force", Boolean, nullable=False, server_default=text("false")),
     Column("status", String(16), nullable=False),  # queued (to list), done, failed
     Column("error", Text),
-    # The message listing the part now, and when it last recorded a page (a lease, as images' claims).
+    # Who lists the part now (a claim token: a message's run, or a producer), and when it last
+    # recorded a page or renewed its claim (a lease, as images' claims). Kept once the part ended.
     Column("claimed_by", String(100)),
     Column("claimed_at", DateTime(timezone=True)),
     Index("ix_listing_parts_scan_status", "scan_id", "status"),
+)
+
+pictures = Table(
+    "pictures",
+    metadata,
+    # A picture (its bytes: MD5 and size) being recognized right now by one holder, so that its
+    # copies under other keys wait for that result instead of paying again (worker/queue/pictures.py).
+    # A row lives from just before the call until the holder's write; a crashed holder's row is
+    # taken over once its lease ran out.
+    Column("backend", String(32), nullable=False),
+    Column("content_hash", String(32), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("holder", String(100), nullable=False),
+    Column("held_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("backend", "content_hash", "size", name="pk_pictures"),
+    Index("ix_pictures_holder", "holder"),
+)
+
+refused_writes = Table(
+    "refused_writes",
+    metadata,
+    # A write by a holder that had lost its claim (its lease ran out and another holder took the
+    # image): refused, and kept here so that the call it paid for is still counted, once.
+    Column("image_id", Integer, nullable=False),
+    Column("token", String(100), nullable=False),
+    Column("scan_id", Integer),
+    Column("status", String(16), nullable=False),  # what the refused write would have set
+    Column("paid_calls", Integer, nullable=False, server_default=text("0")),
+    Column("refused_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("image_id", "token", name="pk_refused_writes"),
+    Index("ix_refused_writes_scan", "scan_id"),
 )
 
 faces = Table(
@@ -151,8 +197,8 @@ faces = Table(
     Column("id", Integer, primary_key=True),
     # Not a declared foreign key: PostgreSQL checks one with a lookup and a row lock per inserted
     # face, 9 µs of the ~15 µs a face row costs the server (bench/store_writes.py). The store writes
-    # faces only in the transaction that updates their image and refuses a batch whose images are
-    # not all there (MissingImagesError), and celebscan never deletes images.
+    # faces only in the transaction that updates their image, for the images that write updated
+    # (those its run still held), and celebscan never deletes images.
     Column("image_id", Integer, nullable=False),
     Column("face_index", Integer, nullable=False),
     Column("name", Text),

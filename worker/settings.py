@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.backends import BACKENDS
 from worker.errors import ConfigurationError
-from worker.recognizers import BACKENDS
 
 DEFAULT_DATABASE_URL = "sqlite:///celebscan.db"
 #: US East (N. Virginia) list price of Rekognition's Group 2 image calls (RecognizeCelebrities), per
@@ -144,6 +144,20 @@ class Settings:
         "Seconds before Redis hands an unacknowledged batch to another worker (longer than any batch).",
         minimum=1,
     )
+    lease_seconds: float = _setting(
+        120.0,
+        "CELEBSCAN_LEASE_SECONDS",
+        "Seconds a claim (on images, a picture being recognized, a listing part) lasts unless its holder "
+        "renews it (every quarter lease): a crashed worker's claims are taken over after this.",
+        minimum=1,
+    )
+    batch_seconds: float = _setting(
+        300.0,
+        "CELEBSCAN_BATCH_SECONDS",
+        "A run starts no image after this many seconds (at most half CELEBSCAN_VISIBILITY_TIMEOUT) and gives "
+        "back what it did not reach.",
+        minimum=1,
+    )
 
     rekognition_prices: str = _setting(
         DEFAULT_REKOGNITION_PRICES,
@@ -201,6 +215,12 @@ class Settings:
         """A copy with the given fields changed; ``None`` values are ignored (option not given)."""
         given = {name: value for name, value in overrides.items() if value is not None}
         return dataclasses.replace(self, **given)
+
+    @property
+    def run_seconds(self) -> float:
+        """How long a run works on a batch before it gives back the rest: well inside the time
+        Redis waits before it hands the message to another worker."""
+        return min(self.batch_seconds, self.visibility_timeout / 2)
 
     @property
     def embedded(self) -> bool:

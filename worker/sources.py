@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Protocol
 
 from worker.aws import AWS_ERRORS, client, translate
-from worker.errors import AccessDeniedError, ConfigurationError, ImageTooLargeError, ObjectMissingError
+from worker.errors import (
+    AccessDeniedError,
+    ConfigurationError,
+    ImageTooLargeError,
+    ObjectChangedError,
+    ObjectMissingError,
+)
+from worker.listing import file_etag
 from worker.settings import Settings
 
 S3_SCHEME = "s3://"
@@ -67,23 +74,29 @@ class S3Location:
 
 
 class ObjectReader(Protocol):
-    def read(self, bucket: str, key: str) -> bytes: ...
+    def read(self, bucket: str, key: str, etag: str | None = None) -> bytes:
+        """The object's bytes; with ``etag``, only if it is still the version listed with it
+        (else :class:`ObjectChangedError`)."""
+        ...
 
 
 class FolderReader:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
 
-    def read(self, bucket: str, key: str) -> bytes:
+    def read(self, bucket: str, key: str, etag: str | None = None) -> bytes:
         root = Path(bucket).resolve()
         path = root / key
         if not path.resolve().is_relative_to(root):
             raise AccessDeniedError(f"{key} leads outside the scanned folder {root}")
         try:
-            size = path.stat().st_size
-            if size > self.max_bytes:
-                raise ImageTooLargeError(f"the file is {size:,} bytes; the limit is {self.max_bytes:,}")
-            return path.read_bytes()
+            stat = path.stat()
+            if stat.st_size > self.max_bytes:
+                raise ImageTooLargeError(f"the file is {stat.st_size:,} bytes; the limit is {self.max_bytes:,}")
+            data = path.read_bytes()
+            if etag is not None and file_etag(len(data), stat.st_mtime_ns) != etag:
+                raise ObjectChangedError(f"{key} changed after it was listed (its size or time is not the one listed)")
+            return data
         except FileNotFoundError as exc:
             raise ObjectMissingError(f"{key} is gone from {root} (deleted or moved since listing)") from exc
         except PermissionError as exc:
@@ -109,9 +122,9 @@ class S3Reader:
             self._client = client("s3", self._settings)
         return self._client
 
-    def read(self, bucket: str, key: str) -> bytes:
+    def read(self, bucket: str, key: str, etag: str | None = None) -> bytes:
         try:
-            response = self.client.get_object(Bucket=bucket, Key=key)
+            response = self.client.get_object(Bucket=bucket, Key=key, **({"IfMatch": f'"{etag}"'} if etag else {}))
             size = response["ContentLength"]
             if size > self.max_bytes:
                 response["Body"].close()

@@ -1,9 +1,11 @@
 """The results store: scans, images and faces in SQLite or PostgreSQL (SQLAlchemy 2 Core).
 
-The store is the one object the CLI and workers hold; it queues what a listing found (this
-module) and hands the rest to ``worker.database`` (engines, schema), ``worker.outcomes`` (a
-batch's writes) and ``worker.reports`` (reading results back). Images are unique on their
-natural key (bucket, key, etag, backend), so listing the same object twice queues it once.
+The store is the one object the CLI and workers hold. The queue of record's transitions live in
+``worker/queue/`` (an image's, a listing part's, a scan's), each module the one owner of its
+lifecycle; this module records a listing that one process reads whole (an S3 Inventory, tests)
+through them, and reads results back (``worker.findings``, ``worker.reports``). Images are
+unique on their natural key (bucket, key, etag, backend), so listing the same object twice
+queues it once.
 """
 
 from __future__ import annotations
@@ -11,38 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from sqlalchemy import (
-    Engine,
-    bindparam,
-    func,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Engine, func, select
 
-from worker import person_counts
-from worker.database import (
-    CHUNK_SIZE,
-    aware_utc,
-    chunks,
-    connect,
-    dialect_insert,
-    utcnow,
-)
+from worker.database import CHUNK_SIZE, aware_utc, chunks, connect
 from worker.errors import ConfigurationError
 from worker.findings import PersonFound, people_found, result_records
-from worker.outcomes import (
-    ImageOutcome,
-    KnownPicture,
-    QueuedImage,
-    face_row_dicts,
-    face_values,
-    finish_scans_if_drained,
-    write_outcomes_portable,
-    write_outcomes_postgresql,
-)
+from worker.outcomes import KnownPicture
+from worker.queue import scans as scan_states
+from worker.queue.images import ImageQueue, done_objects
+from worker.queue.scans import Scans
 from worker.reports import (
     ResultRecord,
     ScanProgress,
@@ -51,7 +32,18 @@ from worker.reports import (
     unserved_reason,
 )
 from worker.retry import retry_database
-from worker.schema import DONE, FAILED, QUEUED, STATUSES, faces, images, listing_parts, person_images, scans
+from worker.schema import (
+    DONE,
+    FAILED,
+    QUEUED,
+    STATUSES,
+    faces,
+    images,
+    listing_parts,
+    person_images,
+    refused_writes,
+    scans,
+)
 from worker.settings import Settings
 
 
@@ -78,11 +70,17 @@ class QueueReport:
     image_ids: list[int]
     listed: int
     skipped: int
+    held_elsewhere: int = 0
 
 
 class ResultStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    @property
+    def images(self) -> ImageQueue:
+        """The images as a queue, with the default lease (workers build theirs from settings)."""
+        return ImageQueue(self.engine)
 
     @classmethod
     def connect(cls, url: str) -> ResultStore:
@@ -97,37 +95,13 @@ class ResultStore:
 
     # -- producer side -------------------------------------------------------------------------
 
-    def create_scan(
-        self,
-        source: str,
-        backend: str,
-        *,
-        prefilter_faces: bool = False,
-        budget_images: int | None = None,
-        batch_size: int | None = None,
-        reuse_results: bool = True,
-    ) -> int:
-        with self.engine.begin() as conn:
-            return conn.execute(
-                scans.insert()
-                .values(
-                    source=source,
-                    backend=backend,
-                    created_at=utcnow(),
-                    listed=0,
-                    skipped=0,
-                    prefilter_faces=prefilter_faces,
-                    budget_images=budget_images,
-                    batch_size=batch_size,
-                    reuse_results=reuse_results,
-                )
-                .returning(scans.c.id)
-            ).scalar_one()
+    def create_scan(self, source: str, backend: str, **options) -> int:
+        return Scans(self.engine).create(source, backend, **options)
 
     def done_objects(self, bucket: str, backend: str, keys: Sequence[str]) -> set[tuple[str, str]]:
         """(key, etag) of the given keys already ``done`` with this backend: what a scan would skip."""
         with self.engine.connect() as conn:
-            return {known for known, row in _known_objects(conn, bucket, backend, keys).items() if row.status == DONE}
+            return done_objects(conn, bucket, backend, keys)
 
     def seconds_per_image(self, backend: str, sample: int = 10_000) -> float | None:
         """A worker process's mean time per recognized image, over the latest ``sample`` images the
@@ -170,6 +144,10 @@ class ResultStore:
             known = {(row.content_hash, row.size): KnownPicture(row.id, row.width, row.height) for row in rows}
         return {picture: known[picture] for picture in pictures if picture in known}
 
+    def known_picture(self, content_hash: str, size: int, backend: str) -> KnownPicture | None:
+        """The first image recognized by ``backend`` whose bytes have this MD5 and size, if any."""
+        return self.known_pictures([(content_hash, size)], backend).get((content_hash, size))
+
     def queue_images(
         self,
         scan_id: int,
@@ -179,252 +157,59 @@ class ResultStore:
         *,
         force: bool = False,
         keep_ids: bool = True,
-        ended: bool = True,
+        lease_seconds: float = 120.0,
     ) -> QueueReport:
-        """Record every listed object as ``queued`` in this scan, except those already done.
+        """Record a listing that this process reads whole (an S3 Inventory) in scan ``scan_id``,
+        a chunk per transaction, and end the scan's listing with the last chunk.
 
-        An object already done with the same etag is skipped (never paid for twice) unless
-        ``force``; one that failed or was left queued by an interrupted scan is queued again. Each
-        chunk is committed as it is listed, so workers claim images while the listing goes on; at
-        the end the listing is marked finished (and the scan too, if nothing is left queued).
-        ``keep_ids`` returns the queued ids (tests and small jobs; a scan keeps none in memory).
-        ``ended=False`` leaves the listing open (the workers list the rest: ``worker/listing_parts.py``).
+        Each object is recorded as :meth:`ImageQueue.record` says (new: queued; done: skipped
+        unless ``force``; ...). The scan's figures are set, not added, from the running totals, so
+        a listing read again from the start (``scan --resume`` of an interrupted one) ends with
+        the right ones. ``keep_ids`` returns the queued ids (tests and small jobs).
         """
-        image_ids: list[int] = []
-        total = skipped = 0
-        for chunk in chunks(listed, CHUNK_SIZE):
+        queue = ImageQueue(self.engine, lease_seconds)
+        report = QueueReport([], 0, 0)
+
+        def record(chunk: list | None, ends: bool) -> None:
+            nonlocal report
             with self.engine.begin() as conn:
-                ids, chunk_skipped = self.queue_chunk(conn, scan_id, bucket, backend, chunk, force, keep_ids)
-                total, skipped = total + len(chunk), skipped + chunk_skipped
-                # the counts so far, with the chunk: status shows the listing's progress
-                conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=total, skipped=skipped))
-            image_ids += ids
-        if not ended:
-            return QueueReport(image_ids=image_ids, listed=total, skipped=skipped)
-        with self.engine.begin() as conn:
-            conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_finished_at=utcnow()))
-        self.finish_scans([scan_id])
-        return QueueReport(image_ids=image_ids, listed=total, skipped=skipped)
-
-    def renew_budget(self, scan_id: int, images_more: int | None) -> None:
-        """``--resume``: allow ``images_more`` further images to be handed out (None: all of them)."""
-        budget = None if images_more is None else scans.c.handed_out + images_more
-        with self.engine.begin() as conn:
-            conn.execute(update(scans).where(scans.c.id == scan_id).values(budget_images=budget))
-
-    def record_listing_error(self, scan_id: int, reason: str) -> None:
-        """The listing stopped part-way: what was listed stays queued (``scan --resume``)."""
-        with self.engine.begin() as conn:
-            conn.execute(update(scans).where(scans.c.id == scan_id).values(listing_error=reason[:2000]))
-
-    def queue_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids) -> tuple[list[int], int]:
-        now = utcnow()
-        listed_keys = [item.key for item in chunk]
-        if conn.dialect.name == "postgresql" and not any(item.error for item in chunk):
-            # One statement inserts what is new (a fresh bucket: everything) and says what it took;
-            # only the rest is looked up, to skip what is done or queue again what failed.
-            inserted = {
-                (key, etag)
-                for key, etag in conn.execute(
-                    _POSTGRESQL_INSERT_NEW,
-                    {
-                        "scan_id": scan_id,
-                        "bucket": bucket,
-                        "backend": backend,
-                        "now": now,
-                        "keys": [item.key for item in chunk],
-                        "etags": [item.etag for item in chunk],
-                        "sizes": [item.size for item in chunk],
-                    },
-                )
-            }
-            chunk = [item for item in chunk if (item.key, item.etag) not in inserted]
-        keys = [item.key for item in chunk]
-        known = _known_objects(conn, bucket, backend, keys) if chunk else {}
-        new_rows, requeue, unreadable, skipped = [], [], [], 0
-        for item in chunk:
-            row = known.get((item.key, item.etag))
-            error = item.error
-            if row is None:
-                new_rows.append(
-                    dict(
-                        scan_id=scan_id,
-                        bucket=bucket,
-                        key=item.key,
-                        etag=item.etag,
-                        size=item.size,
-                        backend=backend,
-                        queued_at=now,
-                        processed_at=None,
-                        **_QUEUED_AFRESH,
+                if chunk:
+                    recorded = queue.record(conn, scan_id, bucket, backend, chunk, force, keep_ids)
+                    report = QueueReport(
+                        report.image_ids + recorded.image_ids,
+                        report.listed + recorded.listed,
+                        report.skipped + recorded.skipped,
+                        report.held_elsewhere + recorded.held_elsewhere,
                     )
-                )
-                if error:
-                    new_rows[-1].update(status=FAILED, error_code=error[0], error_message=error[1], processed_at=now)
-            elif error:
-                unreadable.append(dict(b_id=row.id, b_code=error[0], b_message=error[1]))
-            elif row.status == DONE and not force:
-                skipped += 1
-            else:
-                requeue.append(row.id)
-        if new_rows:
-            conn.execute(dialect_insert(self.engine, images).on_conflict_do_nothing(), new_rows)
-        if requeue:  # (--force) done images keep their faces until done again: their counts move along
-            person_counts.subtract(conn, requeue)
-            conn.execute(
-                update(images).where(images.c.id.in_(requeue)).values(scan_id=scan_id, queued_at=now, **_QUEUED_AFRESH)
-            )
-            person_counts.add(conn, requeue)
-        if unreadable:  # listed unreadable again: failed again, now in this scan
-            conn.execute(
-                update(images)
-                .where(images.c.id == bindparam("b_id"))
-                .values(
-                    scan_id=scan_id,
-                    status=FAILED,
-                    error_code=bindparam("b_code"),
-                    error_message=bindparam("b_message"),
-                    queued_at=now,
-                    processed_at=now,
-                ),
-                unreadable,
-            )
-        if not keep_ids:
-            return [], skipped
-        queued = conn.execute(
-            select(images.c.id)
-            .where(
-                images.c.bucket == bucket,
-                images.c.backend == backend,
-                images.c.scan_id == scan_id,
-                images.c.status == QUEUED,
-                images.c.key.in_(listed_keys),
-            )
-            .order_by(images.c.id)
-        )
-        return list(queued.scalars()), skipped
+                    scan_states.count_handed_over(conn, recorded.moved_from)
+                    scan_states.set_listing_counts(conn, scan_id, report.listed, report.skipped, report.held_elsewhere)
+                if ends:  # with the last chunk: no crash falls between the two
+                    scan_states.end_listing(conn, scan_id)
 
-    # -- worker side ---------------------------------------------------------------------------
+        pending = chunks(listed, CHUNK_SIZE)
+        chunk = next(pending, None)
+        while chunk is not None:
+            try:
+                following = next(pending, None)
+            except Exception:  # the listing stopped part-way: what it read is kept
+                record(chunk, ends=False)
+                raise
+            record(chunk, ends=following is None)
+            chunk = following
+        if not report.listed:
+            record(None, ends=True)
+        Scans(self.engine).finish_if_drained([scan_id])
+        return report
 
-    @retry_database
-    def pending(self, image_ids: Sequence[int]) -> list[QueuedImage]:
-        """The images of a batch that are still ``queued`` (a redelivered batch may be half done)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    images.c.id,
-                    images.c.scan_id,
-                    scans.c.source,
-                    images.c.bucket,
-                    images.c.key,
-                    images.c.etag,
-                    images.c.size,
-                    images.c.attempts,
-                    images.c.backend,
-                    scans.c.prefilter_faces,
-                    images.c.paid_calls,
-                    images.c.calls_saved,
-                    images.c.started_by,
-                    images.c.retries,
-                    images.c.retry_since,
-                    scans.c.reuse_results,
-                )
-                .join(scans, images.c.scan_id == scans.c.id)
-                .where(images.c.id.in_(list(image_ids)), images.c.status == QUEUED)
-                .order_by(images.c.id)
-            )
-            return [QueuedImage(**row._mapping) for row in rows]
-
-    def known_picture(self, content_hash: str, size: int, backend: str) -> KnownPicture | None:
-        """The first image recognized by ``backend`` whose bytes have this MD5 and size, if any."""
-        return self.known_pictures([(content_hash, size)], backend).get((content_hash, size))
-
-    @retry_database
-    def start(self, batch: Sequence[QueuedImage], max_deliveries: int, delivery: str = "") -> list[QueuedImage]:
-        """Count a delivery on each image before work starts, and quarantine repeat offenders.
-
-        ``delivery`` names the message being run (Celery: task id and retry number). A message
-        delivered again with the same name means its earlier run never ended: it may have crashed
-        the worker, and counts. A new message (a retry after a handled error, a deferred image sent
-        again, ``--resume``) follows runs that ended, so the count starts over at one. The count is
-        committed first, so a worker killed by an image still leaves a mark; an image started
-        ``max_deliveries`` times by one message is failed instead of tried again.
-        """
-        poison = [image for image in batch if image.started_by == delivery and image.attempts >= max_deliveries]
-        live = [image for image in batch if image not in poison]
-        with self.engine.begin() as conn:
-            if poison:
-                message = f"processing was interrupted {max_deliveries} times (the image may crash workers)"
-                conn.execute(
-                    update(images)
-                    .where(images.c.id.in_([image.id for image in poison]), images.c.status == QUEUED)
-                    .values(status=FAILED, error_code="Quarantined", error_message=message, processed_at=utcnow())
-                )
-            if live:  # absolute values: a retried start counts once
-                conn.execute(
-                    update(images)
-                    .where(images.c.id == bindparam("b_id"))
-                    .values(attempts=bindparam("b_attempts"), started_by=delivery),
-                    [
-                        {"b_id": image.id, "b_attempts": image.attempts + 1 if image.started_by == delivery else 1}
-                        for image in live
-                    ],
-                )
-        if poison:
-            self.finish_scans({image.scan_id for image in poison})
-        return live
-
-    def save_outcomes(self, outcomes: Sequence[ImageOutcome]) -> None:
-        """Write a batch's results in one transaction: image rows updated, faces replaced.
-
-        Then, in its own statement after that commit, finish the batch's scans that have nothing
-        left queued: of two workers writing a scan's last batches at once, the later one sees both.
-        Each step is retried on its own while the database is unreachable, and every value is set,
-        never added, so a step written twice counts nothing twice.
-        """
-        outcomes = list({outcome.image_id: outcome for outcome in outcomes}.values())  # an image once
-        if outcomes:
-            self.finish_scans(self._write_outcomes(outcomes))
-
-    @retry_database
-    def _write_outcomes(self, outcomes: Sequence[ImageOutcome]) -> set[int]:
-        """The write transaction; returns the batch's scan ids."""
-        ids = [outcome.image_id for outcome in outcomes]
-        now = utcnow()
-        if self.engine.dialect.name != "postgresql":
-            rows = [row for o in outcomes if o.result for row in face_row_dicts(o.image_id, o.result)]
-            with self.engine.begin() as conn:
-                return write_outcomes_portable(conn, outcomes, ids, rows, now)
-        face_tuples = (values for o in outcomes if o.result for values in face_values(o.image_id, o.result))
-        with self.engine.begin() as conn:
-            return write_outcomes_postgresql(conn, outcomes, ids, face_tuples, now)
-
-    @retry_database
-    def note_unserved_scan(self, scan_id: int, reason: str) -> None:
-        """Tell the scan that a worker could not serve its next batch (the slot goes back to the broker)."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(scans).where(scans.c.id == scan_id).values(unserved_at=utcnow(), unserved_reason=reason[:2000])
-            )
-
-    @retry_database
-    def note_unserved(self, image_ids: Sequence[int], reason: str) -> None:
-        """Tell the batch's scans that a worker could not serve it (the batch goes back to the broker)."""
-        scan_ids = select(images.c.scan_id).where(images.c.id.in_(list(image_ids))).distinct()
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(scans)
-                .where(scans.c.id.in_(scan_ids))
-                .values(unserved_at=utcnow(), unserved_reason=reason[:2000])
-            )
-
-    @retry_database
     def finish_scans(self, scan_ids: Iterable[int]) -> None:
-        """Mark scans finished when nothing of them is queued (also right away for an empty scan)."""
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            finish_scans_if_drained(conn, scan_ids)
+        Scans(self.engine).finish_if_drained(scan_ids)
 
     # -- reading -------------------------------------------------------------------------------
+
+    def refused_writes(self) -> int:
+        """Late writes refused because their run had lost its claim (``celebscan metrics``)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(refused_writes)).scalar_one()
 
     def latest_scan_id(self) -> int | None:
         with self.engine.connect() as conn:
@@ -493,14 +278,22 @@ class ResultStore:
                     func.count(images.c.copied_from),
                 ).where(in_scan)
             ).one()
-            # With a broker, the workers list the key space in parts, each counting what it listed.
-            parts, parts_ended, parts_listed, parts_skipped = conn.execute(
+            # A source listed in parts: each part counts what it listed.
+            parts, parts_ended, parts_listed, parts_skipped, parts_held, listed_at = conn.execute(
                 select(
                     func.count(),
                     func.count().filter(listing_parts.c.status != QUEUED),
                     func.coalesce(func.sum(listing_parts.c.listed), 0),
                     func.coalesce(func.sum(listing_parts.c.skipped), 0),
+                    func.coalesce(func.sum(listing_parts.c.held_elsewhere), 0),
+                    func.max(listing_parts.c.claimed_at).filter(listing_parts.c.status == QUEUED),
                 ).where(listing_parts.c.scan_id == scan_id)
+            ).one()
+            # Calls paid by runs whose late writes were refused (they lost their claim): still paid.
+            refused, refused_calls = conn.execute(
+                select(func.count(), func.coalesce(func.sum(refused_writes.c.paid_calls), 0)).where(
+                    refused_writes.c.scan_id == scan_id
+                )
             ).one()
             failures: dict[str, int] = {}
             retrying: dict[str, int] = {}
@@ -530,12 +323,16 @@ class ResultStore:
             finished_at=scan.finished_at,
             listed=scan.listed + int(parts_listed),
             skipped=scan.skipped + int(parts_skipped),
+            held_elsewhere=scan.held_elsewhere + int(parts_held),
+            handed_over=scan.handed_over,
+            refused_writes=int(refused),
+            listing_active_at=aware_utc(listed_at) if listed_at is not None else None,
             counts=counts,
             faces=face_count,
             people=people,
             failures=failures,
             last_processed_at=last,
-            paid_calls=int(paid_calls),
+            paid_calls=int(paid_calls) + int(refused_calls),
             calls_saved=int(calls_saved),
             reused=int(reused),
             retrying=retrying,
@@ -554,38 +351,3 @@ class ResultStore:
     def people(self, scan_id: int | None = None, limit: int | None = None) -> list[PersonFound]:
         """Everyone found, most images first (see :func:`worker.findings.people_found`)."""
         return people_found(self.engine, scan_id, limit)
-
-
-#: The state of an image queued by a scan: new, or listed again after it failed or was left queued.
-_QUEUED_AFRESH: dict[str, Any] = dict(
-    status=QUEUED,
-    attempts=0,
-    error_code=None,
-    error_message=None,
-    retries=0,
-    retry_since=None,
-    claimed_by=None,
-    claimed_at=None,
-    not_before=None,
-    copied_from=None,
-)
-
-#: A chunk of listed objects in one statement (arrays, not a thousand bound rows); returns the
-#: (key, etag) of each row it inserted.
-_POSTGRESQL_INSERT_NEW = text("""
-INSERT INTO images (scan_id, bucket, key, etag, size, backend, status, attempts, queued_at)
-SELECT :scan_id, :bucket, listed.key, listed.etag, listed.size, :backend, 'queued', 0, :now
-  FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[])) AS listed(key, etag, size)
-ON CONFLICT ON CONSTRAINT uq_images_natural_key DO NOTHING
-RETURNING key, etag
-""")
-
-
-def _known_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> dict[tuple[str, str], Any]:
-    """The rows (id, status) of the given keys already recorded for this bucket and backend, by (key, etag)."""
-    rows = conn.execute(
-        select(images.c.id, images.c.key, images.c.etag, images.c.status).where(
-            images.c.bucket == bucket, images.c.backend == backend, images.c.key.in_(list(keys))
-        )
-    )
-    return {(row.key, row.etag): row for row in rows}

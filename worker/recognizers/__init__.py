@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from worker.backends import BACKENDS, PAID_BACKENDS
 from worker.errors import ConfigurationError, RecognizerUnavailableError
 
 if TYPE_CHECKING:
@@ -19,9 +20,7 @@ if TYPE_CHECKING:
     from worker.settings import Settings
     from worker.sources import S3Location
 
-BACKENDS = ("local", "rekognition")
-#: Backends whose calls are billed per image.
-PAID_BACKENDS = frozenset({"rekognition"})
+__all__ = ["BACKENDS", "PAID_BACKENDS", "Recognizer", "Recognizers", "build_recognizer"]
 
 
 class Recognizer(Protocol):

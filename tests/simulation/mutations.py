@@ -1,0 +1,141 @@
+"""Bugs put back on purpose, to show the simulation catches them (``bench.simulate --mutation``).
+
+The first two are the ones the issue names; the others are bugs the simulation found, each kept
+with the seeds that caught it (``tests/test_simulation.py``).
+
+- ``unfenced-write``: a batch's write matches its images by id alone, as before the claim token
+  fenced it: a run that lost its claim overwrites what another wrote.
+- ``listing-end-apart``: a part's last page is committed, and the scan's listing ended in a
+  transaction of its own after it, as before: a crash between the two leaves the listing open.
+- ``resume-releases-claims``: ``scan --resume`` gives back every claim of the scan, live or not,
+  as before: the live runs' images are recognized again.
+- ``scan-takes-held-images``: a scan listing an image that another scan's run holds takes it over,
+  as before: both recognize it.
+- ``read-any-version``: a worker reads whatever the key holds now, not the version listed: an
+  object overwritten after the listing gets the new picture's result under the old ETag, and
+  the new version is paid for again (found by the simulation).
+- ``no-listing-help``: window slots with nothing to claim never list a part left to nobody: a
+  part whose lister died, with its message already gone, stays unlisted and the scan open for
+  ever (found by the simulation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import pytest
+from sqlalchemy import bindparam, update
+
+from worker.outcomes import copy_faces_portable, replace_faces_portable
+from worker.queue import pictures
+from worker.queue import scans as scan_states
+from worker.queue.images import ImageQueue, Written
+from worker.queue.parts import ListingParts
+from worker.schema import images
+
+MUTATIONS = (
+    "unfenced-write",
+    "listing-end-apart",
+    "resume-releases-claims",
+    "scan-takes-held-images",
+    "read-any-version",
+    "no-listing-help",
+)
+
+
+def _unfenced_write(self, token, outcomes):
+    """The write as it was: every outcome's image updated by its id, whoever holds it now."""
+    outcomes = list({outcome.image_id: outcome for outcome in outcomes}.values())
+    ids = {o.image_id for o in outcomes}
+    with self.engine.begin() as conn:
+        for outcome in outcomes:
+            values = outcome.image_values()
+            conn.execute(
+                update(images)
+                .where(images.c.id == bindparam("b_id"))
+                .values(
+                    status=values["status"],
+                    error_code=values["error_code"],
+                    error_message=values["error_message"],
+                    paid_calls=images.c.paid_calls + values["paid_calls"],
+                    not_before=values["not_before"],
+                    content_hash=values["content_hash"] or images.c.content_hash,
+                    copied_from=values["copied_from"],
+                    claimed_by=None,
+                ),
+                {"b_id": outcome.image_id},
+            )
+        replace_faces_portable(conn, outcomes)
+        copy_faces_portable(conn, outcomes)
+        pictures.release(conn, token)
+        scan_ids = set(
+            conn.execute(images.select().with_only_columns(images.c.scan_id).where(images.c.id.in_(ids))).scalars()
+        )
+    return Written(frozenset(ids), frozenset(), frozenset(), frozenset(scan_ids))
+
+
+def _listing_end_apart(record_page):
+    def record_page_then_end(self, part, objects, last_key, ended):
+        original = scan_states.end_listing_if_parts_ended
+        scan_states.end_listing_if_parts_ended = lambda conn, scan_id: False
+        try:
+            recorded = record_page(self, part, objects, last_key, ended)
+        finally:
+            scan_states.end_listing_if_parts_ended = original
+        if recorded is not None and ended:
+            with self.engine.begin() as conn:
+                scan_states.end_listing_if_parts_ended(conn, part.scan_id)
+        return recorded
+
+    return record_page_then_end
+
+
+def _releasing_every_claim(repair):
+    def repair_releasing(self, scan_id):
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(images).where(images.c.scan_id == scan_id, images.c.status == "queued").values(claimed_by=None)
+            )
+        return repair(self, scan_id)
+
+    return repair_releasing
+
+
+def _taking_held(record):
+    def record_taking_held(self, conn, *arguments, **options):
+        return record(ImageQueue(self.engine, lease_seconds=0), conn, *arguments, **options)
+
+    return record_taking_held
+
+
+def _reading_any_version(read):
+    def read_any(self, bucket, key, etag=None):
+        return read(self, bucket, key)
+
+    return read_any
+
+
+@contextmanager
+def applied(mutation: str | None) -> Iterator[None]:
+    import worker.batch
+    from worker.queue.scans import Scans
+    from worker.sources import S3Reader
+
+    with ExitStack() as stack:
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        if mutation == "unfenced-write":
+            patch.setattr(ImageQueue, "write", _unfenced_write)
+        elif mutation == "listing-end-apart":
+            patch.setattr(ListingParts, "record_page", _listing_end_apart(ListingParts.record_page))
+        elif mutation == "resume-releases-claims":
+            patch.setattr(Scans, "repair", _releasing_every_claim(Scans.repair))
+        elif mutation == "scan-takes-held-images":
+            patch.setattr(ImageQueue, "record", _taking_held(ImageQueue.record))
+        elif mutation == "read-any-version":
+            patch.setattr(S3Reader, "read", _reading_any_version(S3Reader.read))
+        elif mutation == "no-listing-help":
+            patch.setattr(worker.batch, "_help_list", lambda scan_id, context, token: False)
+        elif mutation is not None:
+            raise ValueError(f"unknown mutation {mutation!r}; one of {', '.join(MUTATIONS)}")
+        yield

@@ -1,0 +1,730 @@
+"""An image's lifecycle in the queue of record, and every transition of it.
+
+    listed ──record──▶ queued ──claim──▶ queued, claimed by T ──start──▶ started by T ──write──▶ done | failed
+                          ▲                   │        ▲                      │
+                          │                   │        └──renew (T's lease)───┘
+                          │                   └──release / defer (not_before)──▶ queued
+                          └──record by a later scan: failed (retried), done (--force), queued nobody holds
+
+A run of a worker holds its images by a claim token ``T`` (one per run of a message, so two
+deliveries of one message never share one) with a lease that the live holder renews
+(``worker/queue/leases.py``). Every transition of a claimed image is one statement guarded by
+``status = 'queued' AND claimed_by = T``: the token is a fencing token. A holder whose lease ran
+out and whose images another holder took changes nothing by writing late; its write is refused,
+logged once, and kept in ``refused_writes`` so the call it paid for is still counted. A write that
+is replayed (its commit's acknowledgement was lost) finds its own rows by ``started_by = T`` and
+changes nothing either. A row goes back from ``done`` or ``failed`` to ``queued`` only when a
+scan lists it again (a retry of a failure, or ``--force``), never by a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import DBAPIError
+
+from worker import person_counts
+from worker.database import aware_utc, utcnow
+from worker.outcomes import (
+    ImageOutcome,
+    QueuedImage,
+    copy_faces_portable,
+    replace_faces_portable,
+    stream_faces_postgresql,
+)
+from worker.queue import pictures
+from worker.retry import retry_database
+from worker.schema import DONE, FAILED, QUEUED, images, refused_writes, scans
+from worker.sql import dialect_insert
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """What a window slot that found nothing to claim needs to know: go on waiting, or stop."""
+
+    finished: bool  # the scan is finished: nothing queued, listing done
+    listing: bool  # the listing is still adding images
+    in_flight: bool  # images of the scan are claimed by other runs (or deferred) and still queued
+    budget_spent: bool  # --max-cost: every image the budget pays for has been handed out
+    next_due: datetime | None  # the earliest time a deferred image may be tried again
+
+    @property
+    def worth_waiting(self) -> bool:
+        """More work may come: images still listed, deferred, or held by runs that may die."""
+        return not self.finished and not self.budget_spent and (self.listing or self.in_flight)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording a chunk of a listing did with its objects."""
+
+    listed: int
+    skipped: int  # done before (same etag), in another scan
+    held_elsewhere: int  # queued in another scan that holds them in flight: left there
+    moved_from: dict[int, int] = field(default_factory=dict)  # images taken over, by the scan they left
+    image_ids: list[int] = field(default_factory=list)  # queued in this scan (only when asked for)
+
+
+@dataclass(frozen=True)
+class Started:
+    images: list[QueuedImage]  # started by this run: it works on them
+    quarantined: int  # failed at once: runs started them too often without ending
+    scan_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a run's write did: the images it wrote, those a replay found written already, and
+    those it no longer held (refused)."""
+
+    written: frozenset[int]
+    replayed: frozenset[int]
+    refused: frozenset[int]
+    scan_ids: frozenset[int]
+
+
+def held_by(token: str):
+    """The fence: a queued image that the run ``token`` holds."""
+    return and_(images.c.status == QUEUED, images.c.claimed_by == token)
+
+
+def _claimable(now: datetime, lease: timedelta):
+    """A queued image nobody holds, or whose holder's lease ran out."""
+    return and_(images.c.status == QUEUED, or_(images.c.claimed_by.is_(None), images.c.claimed_at < now - lease))
+
+
+class ImageQueue:
+    """The ``images`` table as a queue: every transition of an image, each one guarded statement."""
+
+    def __init__(self, engine: Engine, lease_seconds: float = 120.0) -> None:
+        self.engine = engine
+        self.lease = timedelta(seconds=lease_seconds)
+
+    # -- listing ---------------------------------------------------------------------------------
+
+    def record(self, conn, scan_id: int, bucket: str, backend: str, chunk: Sequence, force: bool, keep_ids=False):
+        """Record a chunk of listed objects in scan ``scan_id`` (in the caller's transaction).
+
+        A new object is inserted ``queued``. One known already: skipped when it is done (same etag)
+        and ``force`` is off; left to another scan that holds it in flight (a live claim); taken
+        over when it is queued and nobody holds it (its scan's workers died or were stopped),
+        failed (retried) or done with ``force``; and counted as this scan's when it already is (a
+        listing resumed lists it again). A listing entry that can never be read is recorded
+        ``failed`` at once. Every move is guarded by the state it was seen in.
+        """
+        now = utcnow()
+        if conn.dialect.name != "postgresql":  # SQLite's write lock first: the reads below stay true
+            conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=scans.c.listed))
+        elif not any(item.error for item in chunk):
+            # One statement inserts what is new (a fresh bucket: everything) and says what it took;
+            # only the rest is looked up.
+            inserted = {
+                (key, etag)
+                for key, etag in conn.execute(
+                    _POSTGRESQL_INSERT_NEW,
+                    {
+                        "scan_id": scan_id,
+                        "bucket": bucket,
+                        "backend": backend,
+                        "now": now,
+                        "keys": [item.key for item in chunk],
+                        "etags": [item.etag for item in chunk],
+                        "sizes": [item.size for item in chunk],
+                    },
+                )
+            }
+            rest = [item for item in chunk if (item.key, item.etag) not in inserted]
+            return self._record_known(conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now)
+        return self._record_known(conn, scan_id, bucket, backend, chunk, chunk, force, keep_ids, now)
+
+    def _record_known(self, conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now) -> Recorded:
+        known = _known_objects(conn, bucket, backend, [item.key for item in rest]) if rest else {}
+        new_rows: list[dict[str, Any]] = []
+        unreadable: list[tuple[int, tuple[str, str]]] = []  # entries that can never be read: failed again
+        retried: list[int] = []  # failed, or done with --force: queued afresh
+        orphans: list[int] = []  # queued in another scan, nobody holding them
+        skipped = held = 0
+        for item in rest:
+            row = known.get((item.key, item.etag))
+            if row is None:
+                new_rows.append(_new_row(scan_id, bucket, backend, item, now))
+            elif row.scan_id == scan_id:
+                continue  # this scan's already (a resumed listing)
+            elif row.status == QUEUED and row.claimed_by is not None and aware_utc(row.claimed_at) >= now - self.lease:
+                held += 1
+            elif item.error:
+                unreadable.append((row.id, item.error))
+            elif row.status == QUEUED:
+                orphans.append(row.id)
+            elif row.status == DONE and not force:
+                skipped += 1
+            else:
+                retried.append(row.id)
+        if new_rows:
+            conn.execute(dialect_insert(self.engine, images).on_conflict_do_nothing(), new_rows)
+        movable = _claimable(now, self.lease) | (images.c.status != QUEUED)
+        moves = [
+            (retried, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now)),
+            (orphans, dict(scan_id=scan_id, claimed_by=None, claimed_at=None, started_by=None)),
+        ]
+        for row_id, (code, message) in unreadable:
+            failed = dict(status=FAILED, error_code=code, error_message=message, processed_at=now)
+            moves.append(([row_id], dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now, **failed)))
+        moved: dict[int, int] = {}
+        for ids, values in moves:
+            taken = _move(conn, ids, scan_id, movable, values)
+            held += len(ids) - sum(taken.values())  # claimed meanwhile: left where it is
+            for old, count in taken.items():
+                moved[old] = moved.get(old, 0) + count
+        ids_queued: list[int] = []
+        if keep_ids:
+            ids_queued = list(
+                conn.execute(
+                    select(images.c.id)
+                    .where(
+                        images.c.bucket == bucket,
+                        images.c.backend == backend,
+                        images.c.scan_id == scan_id,
+                        images.c.status == QUEUED,
+                        images.c.key.in_([item.key for item in chunk]),
+                    )
+                    .order_by(images.c.id)
+                ).scalars()
+            )
+        return Recorded(len(chunk), skipped, held, moved, ids_queued)
+
+    # -- claims ----------------------------------------------------------------------------------
+
+    @retry_database
+    def claim(self, scan_id: int, default_limit: int, token: str) -> list[int]:
+        """Claim the scan's next images for the run ``token``: queued ones nobody holds (or whose
+        holder's lease ran out), due, oldest first, within the ``--max-cost`` budget; as many as
+        the scan's batch size (``default_limit`` when it names none)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            postgresql = conn.dialect.name == "postgresql"
+            if not postgresql:  # take SQLite's write lock first, so two processes never pick the same rows
+                conn.execute(_LOCK_SCAN_SQLITE, {"scan_id": scan_id})
+            budget, batch_size, reuse = conn.execute(_CLAIM_SETTINGS, {"scan_id": scan_id}).one()
+            left = None
+            if budget is not None:  # handed_out is counted under the scan's row lock
+                handed = conn.execute(_HANDED_OUT_LOCKED, {"scan_id": scan_id}).scalar_one()
+                left = max(0, budget - handed)
+            moment = {"scan_id": scan_id, "now": now, "cutoff": now - self.lease}
+            candidates = _CANDIDATES_SKIP_LOCKED if postgresql else _CANDIDATES
+            picked = [
+                (image_id, bool(fresh))
+                for image_id, fresh in conn.execute(candidates, {**moment, "limit": batch_size or default_limit})
+            ]
+            if left is not None:  # within the budget: fresh images that will cost a call
+                picked = _within_budget(conn, picked, left, reuse)
+            if not picked:
+                return []
+            claimed = list(
+                conn.execute(
+                    _CLAIM_PICKED, {**moment, "ids": [image_id for image_id, _ in picked], "token": token}
+                ).scalars()
+            )
+            fresh = sum(is_fresh for image_id, is_fresh in picked if image_id in set(claimed))
+            if budget is not None and fresh:
+                conn.execute(update(scans).where(scans.c.id == scan_id).values(handed_out=scans.c.handed_out + fresh))
+        return sorted(claimed)
+
+    @retry_database
+    def claim_ids(self, image_ids: Sequence[int], token: str) -> list[int]:
+        """Claim the given images for ``token``: those queued that nobody else holds (a batch
+        named by its ids: the messages of scans from before the window, and tests)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            return sorted(
+                conn.execute(
+                    update(images)
+                    .where(
+                        images.c.id.in_(list(image_ids)),
+                        _claimable(now, self.lease) | held_by(token),
+                    )
+                    .values(claimed_by=token, claimed_at=now)
+                    .returning(images.c.id)
+                ).scalars()
+            )
+
+    @retry_database
+    def held(self, token: str, image_ids: Sequence[int]) -> list[QueuedImage]:
+        """The images of ``image_ids`` that ``token`` still holds, with what a worker needs of them."""
+        return self._read(and_(images.c.id.in_(list(image_ids)), held_by(token)))
+
+    def queued(self, image_ids: Sequence[int]) -> list[QueuedImage]:
+        """The images of ``image_ids`` still queued, whoever holds them (a read, for tests and tools)."""
+        return self._read(and_(images.c.id.in_(list(image_ids)), images.c.status == QUEUED))
+
+    def _read(self, condition) -> list[QueuedImage]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    images.c.id,
+                    images.c.scan_id,
+                    scans.c.source,
+                    images.c.bucket,
+                    images.c.key,
+                    images.c.etag,
+                    images.c.size,
+                    images.c.attempts,
+                    images.c.backend,
+                    scans.c.prefilter_faces,
+                    images.c.paid_calls,
+                    images.c.calls_saved,
+                    images.c.started_by,
+                    images.c.retries,
+                    images.c.retry_since,
+                    scans.c.reuse_results,
+                )
+                .join(scans, images.c.scan_id == scans.c.id)
+                .where(condition)
+                .order_by(images.c.id)
+            )
+            return [QueuedImage(**row._mapping) for row in rows]
+
+    @retry_database
+    def start(self, token: str, batch: Sequence[QueuedImage], max_starts: int) -> Started:
+        """Count a start on each image before work on it begins, and quarantine repeat offenders.
+
+        ``attempts`` counts the runs that started an image and never wrote its outcome (a crash,
+        a lost lease); a run that ends without crashing gives its count back (a deferral writes
+        it back, a release takes it back). The count is committed first, so a worker killed by an
+        image still leaves a mark; an image started ``max_starts`` times is failed instead of
+        tried again. Only images ``token`` holds are started (the others were taken over).
+        """
+        poison = [image.id for image in batch if image.attempts >= max_starts]
+        live = [image.id for image in batch if image.attempts < max_starts]
+        scan_ids: set[int] = set()
+        with self.engine.begin() as conn:
+            quarantined = 0
+            if poison:
+                message = f"processing was interrupted {max_starts} times (the image may crash workers)"
+                quarantined = conn.execute(
+                    update(images)
+                    .where(images.c.id.in_(poison), held_by(token), images.c.started_by.is_distinct_from(token))
+                    .values(
+                        status=FAILED,
+                        error_code="Quarantined",
+                        error_message=message,
+                        processed_at=utcnow(),
+                        claimed_by=None,
+                        started_by=token,
+                    )
+                ).rowcount
+                scan_ids = {image.scan_id for image in batch if image.id in set(poison)}
+            started: set[int] = set()
+            if live:
+                conn.execute(  # once per run: a replayed start counts nothing twice
+                    update(images)
+                    .where(images.c.id.in_(live), held_by(token), images.c.started_by.is_distinct_from(token))
+                    .values(attempts=images.c.attempts + 1, started_by=token)
+                )
+                started = set(
+                    conn.execute(
+                        select(images.c.id).where(images.c.id.in_(live), held_by(token), images.c.started_by == token)
+                    ).scalars()
+                )
+        return Started([image for image in batch if image.id in started], quarantined, frozenset(scan_ids))
+
+    @retry_database
+    def release(self, token: str) -> int:
+        """Give back what ``token`` holds and did not write: its run ended (a deadline, an error)
+        without crashing, so the images it started get their start count back."""
+        with self.engine.begin() as conn:
+            released = conn.execute(
+                update(images)
+                .where(held_by(token), images.c.started_by == token)
+                .values(claimed_by=None, started_by=None, attempts=images.c.attempts - 1)
+            ).rowcount
+            released += conn.execute(update(images).where(held_by(token)).values(claimed_by=None)).rowcount
+            pictures.release(conn, token)
+        return released
+
+    def state(self, scan_id: int) -> ClaimState:
+        """Where the scan stands for a slot that found nothing to claim (one query)."""
+        with self.engine.connect() as conn:
+            scan = conn.execute(_SCAN_STATE, {"scan_id": scan_id}).one()
+        spent = scan.budget_images is not None and scan.handed_out >= scan.budget_images
+        return ClaimState(
+            finished=scan.finished_at is not None,
+            listing=scan.listing_finished_at is None and not scan.listing_error,
+            in_flight=bool(scan.held) or scan.next_due is not None,
+            budget_spent=spent and not scan.held,
+            next_due=aware_utc(scan.next_due) if scan.next_due is not None else None,
+        )
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    @retry_database
+    def write(self, token: str, outcomes: Sequence[ImageOutcome]) -> Written:
+        """Write a run's outcomes in one transaction: the images ``token`` still holds are updated
+        and their faces replaced; the pictures it held are let go. Images it no longer holds are
+        left as they are: a replay of this write finds them written by ``token`` already; any
+        other is a refused write, logged and kept in ``refused_writes`` with the calls it paid for.
+        """
+        outcomes = list({outcome.image_id: outcome for outcome in outcomes}.values())  # an image once
+        ids = [outcome.image_id for outcome in outcomes]
+        now = utcnow()
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                written, scan_ids = _write_postgresql(conn, token, outcomes, ids, now)
+            else:
+                written, scan_ids = _write_portable(conn, token, outcomes, ids, now)
+            replayed, replayed_scans, refused = _classify_unwritten(
+                conn, token, [o for o in outcomes if o.image_id not in written]
+            )
+            if refused:
+                _record_refusals(conn, token, [o for o in outcomes if o.image_id in refused], now)
+            pictures.release(conn, token)
+        for image_id in sorted(refused):
+            log.warning(
+                "refused a late write of image %d: run %s no longer holds it (its lease ran out)", image_id, token
+            )
+        return Written(
+            frozenset(written), frozenset(replayed), frozenset(refused), frozenset(scan_ids | replayed_scans)
+        )
+
+
+def renew(conn, token: str, now) -> None:
+    """Extend the lease of the images ``token`` holds (see ``worker/queue/leases.py``)."""
+    conn.execute(update(images).where(held_by(token)).values(claimed_at=now))
+
+
+def _new_row(scan_id: int, bucket: str, backend: str, item, now) -> dict[str, Any]:
+    row = dict(
+        scan_id=scan_id,
+        bucket=bucket,
+        key=item.key,
+        etag=item.etag,
+        size=item.size,
+        backend=backend,
+        queued_at=now,
+        processed_at=None,
+        **_QUEUED_AFRESH,
+    )
+    if item.error:
+        row.update(status=FAILED, error_code=item.error[0], error_message=item.error[1], processed_at=now)
+    return row
+
+
+def _move(conn, ids: list[int], scan_id: int, movable, values: dict[str, Any]) -> dict[int, int]:
+    """Move the images into scan ``scan_id`` if still ``movable`` (they are locked while moved, so a
+    claim taken meanwhile keeps its image where it is); their person counts move along. Returns how
+    many left each scan."""
+    if not ids:
+        return {}
+    query = select(images.c.id, images.c.scan_id).where(images.c.id.in_(ids), images.c.scan_id != scan_id, movable)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(of=images)
+    rows = conn.execute(query).all()
+    if not rows:
+        return {}
+    locked = [row.id for row in rows]
+    person_counts.subtract(conn, locked)  # (--force) done images keep their faces until done again
+    conn.execute(update(images).where(images.c.id.in_(locked)).values(**values))
+    person_counts.add(conn, locked)
+    moved: dict[int, int] = {}
+    for row in rows:
+        moved[row.scan_id] = moved.get(row.scan_id, 0) + 1
+    return moved
+
+
+def _write_portable(conn, token: str, outcomes, ids, now) -> tuple[set[int], set[int]]:
+    """SQLAlchemy Core statements that any dialect runs (SQLite): (images written, their scans)."""
+    # The write lock first, so the images found held below are still held when updated.
+    conn.execute(update(images).where(images.c.id.in_(ids), held_by(token)).values(claimed_at=images.c.claimed_at))
+    rows = conn.execute(select(images.c.id, images.c.scan_id).where(images.c.id.in_(ids), held_by(token))).all()
+    written = {row.id for row in rows}
+    if not written:
+        return set(), set()
+    mine = [o for o in outcomes if o.image_id in written]
+
+    def added(name: str) -> Any:
+        return images.c[name] + bindparam(f"b_{name}", type_=Integer)
+
+    def kept_unless_given(name: str, type_) -> Any:
+        return func.coalesce(bindparam(f"b_{name}", type_=type_), images.c[name])
+
+    conn.execute(
+        update(images)
+        .where(images.c.id == bindparam("b_id"), held_by(token))
+        .values(
+            status=bindparam("b_status"),
+            width=bindparam("b_width"),
+            height=bindparam("b_height"),
+            error_code=bindparam("b_error_code"),
+            error_message=bindparam("b_error_message"),
+            processed_at=bindparam("b_now"),
+            paid_calls=added("paid_calls"),
+            calls_saved=added("calls_saved"),
+            attempts=kept_unless_given("attempts", Integer),
+            retries=kept_unless_given("retries", Integer),
+            retry_since=kept_unless_given("retry_since", DateTime(timezone=True)),
+            not_before=bindparam("b_not_before", type_=DateTime(timezone=True)),
+            content_hash=kept_unless_given("content_hash", String),
+            copied_from=bindparam("b_copied_from", type_=Integer),
+            work_ms=bindparam("b_work_ms", type_=Integer),
+            claimed_by=None,
+            started_by=token,
+        ),
+        [
+            {**{f"b_{name}": value for name, value in o.image_values().items()}, "b_now": None if o.deferred else now}
+            for o in mine
+        ],
+    )
+    replace_faces_portable(conn, mine)
+    copy_faces_portable(conn, mine)
+    return written, {row.scan_id for row in rows}
+
+
+def _write_postgresql(conn, token: str, outcomes, ids, now) -> tuple[set[int], set[int]]:
+    """The same writes on PostgreSQL: the images updated from one JSON document (returning those
+    the run still held), then their faces replaced with ``COPY`` (``worker.outcomes``)."""
+    dbapi_connection = conn.connection.dbapi_connection
+    parameters = {
+        "images": orjson.dumps([o.image_values() for o in outcomes]).decode(),
+        "ids": ids,
+        "now": now,
+        "token": token,
+    }
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(_POSTGRESQL_UPDATE_IMAGES, parameters)
+            rows = cursor.fetchall()
+            written = {image_id for image_id, _ in rows}
+            if written:
+                stream_faces_postgresql(cursor, [o for o in outcomes if o.image_id in written])
+        return written, {scan_id for _, scan_id in rows}
+    except dbapi_connection.Error as exc:
+        # As SQLAlchemy reports it (what the retries catch); a lost connection is dropped from the pool.
+        disconnected = conn.dialect.is_disconnect(exc, dbapi_connection, None)
+        if disconnected:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            "writing a batch",
+            None,
+            exc,
+            dbapi_connection.Error,
+            connection_invalidated=disconnected,
+            dialect=conn.dialect,
+        ) from exc
+
+
+def _classify_unwritten(conn, token: str, outcomes) -> tuple[set[int], set[int], set[int]]:
+    """Of outcomes not written: (those this run wrote already: a replay, their scans, those it no
+    longer held)."""
+    if not outcomes:
+        return set(), set(), set()
+    rows = conn.execute(
+        select(images.c.id, images.c.scan_id, images.c.status, images.c.claimed_by, images.c.started_by).where(
+            images.c.id.in_([o.image_id for o in outcomes])
+        )
+    ).all()
+    # A run's own write leaves its token in started_by and no claim; nothing else does: a scan
+    # taking an image over clears started_by, another run's start or write sets its own.
+    replayed = [row for row in rows if row.started_by == token and (row.status != QUEUED or row.claimed_by is None)]
+    replayed_ids = {row.id for row in replayed}
+    return replayed_ids, {row.scan_id for row in replayed}, {o.image_id for o in outcomes} - replayed_ids
+
+
+def _record_refusals(conn, token: str, outcomes, now) -> None:
+    rows = conn.execute(select(images.c.id, images.c.scan_id).where(images.c.id.in_([o.image_id for o in outcomes])))
+    scan_of = {row.id: row.scan_id for row in rows}
+    conn.execute(
+        dialect_insert(conn.engine, refused_writes).on_conflict_do_nothing(),
+        [
+            dict(
+                image_id=o.image_id,
+                token=token,
+                scan_id=scan_of.get(o.image_id),
+                status=o.status,
+                paid_calls=o.paid_calls,
+                refused_at=now,
+            )
+            for o in outcomes
+        ],
+    )
+
+
+def _within_budget(conn, picked: list[tuple[int, bool]], left: int, reuse: bool) -> list[tuple[int, bool]]:
+    """The picked images the budget allows, oldest first: those handed out before (already counted),
+    copies of pictures already recognized (free: an S3 ETag that is the MD5 of a known picture),
+    and up to ``left`` others. Returns (id, counts against the budget)."""
+    fresh_ids = [image_id for image_id, fresh in picked if fresh]
+    free: set[int] = set()
+    if reuse and fresh_ids:
+        known = images.alias("known")
+        free = set(
+            conn.execute(
+                select(images.c.id).where(
+                    images.c.id.in_(fresh_ids),
+                    exists().where(
+                        known.c.content_hash == images.c.etag,
+                        known.c.size == images.c.size,
+                        known.c.backend == images.c.backend,
+                        known.c.status == DONE,
+                    ),
+                )
+            ).scalars()
+        )
+    allowed: list[tuple[int, bool]] = []
+    for image_id, fresh in picked:
+        if not fresh or image_id in free:
+            allowed.append((image_id, False))
+        elif left > 0:
+            allowed.append((image_id, True))
+            left -= 1
+    return allowed
+
+
+def _known_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> dict[tuple[str, str], Any]:
+    """The rows of the given keys already recorded for this bucket and backend, by (key, etag)."""
+    rows = conn.execute(
+        select(
+            images.c.id,
+            images.c.key,
+            images.c.etag,
+            images.c.status,
+            images.c.scan_id,
+            images.c.claimed_by,
+            images.c.claimed_at,
+        ).where(images.c.bucket == bucket, images.c.backend == backend, images.c.key.in_(list(keys)))
+    )
+    return {(row.key, row.etag): row for row in rows}
+
+
+def done_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> set[tuple[str, str]]:
+    """(key, etag) of the given keys already ``done`` with this backend: what a scan would skip."""
+    return {known for known, row in _known_objects(conn, bucket, backend, keys).items() if row.status == DONE}
+
+
+def _claim_statements():
+    claimable = and_(
+        images.c.status == QUEUED,
+        or_(images.c.claimed_by.is_(None), images.c.claimed_at < bindparam("cutoff")),
+    )
+    candidates = (
+        select(images.c.id, images.c.claimed_at.is_(None))
+        .where(
+            images.c.scan_id == bindparam("scan_id"),
+            claimable,
+            or_(images.c.not_before.is_(None), images.c.not_before <= bindparam("now")),
+        )
+        .order_by(images.c.id)
+        .limit(bindparam("limit"))
+    )
+    return (
+        update(scans).where(scans.c.id == bindparam("scan_id")).values(handed_out=scans.c.handed_out),
+        select(scans.c.budget_images, scans.c.batch_size, scans.c.reuse_results).where(
+            scans.c.id == bindparam("scan_id")
+        ),
+        select(scans.c.handed_out).where(scans.c.id == bindparam("scan_id")).with_for_update(),
+        candidates,
+        candidates.with_for_update(skip_locked=True, of=images),
+        update(images)
+        .where(images.c.id.in_(bindparam("ids", expanding=True)), claimable)
+        .values(claimed_by=bindparam("token"), claimed_at=bindparam("now"))
+        .returning(images.c.id),
+    )
+
+
+#: Built once: every turn of every window slot claims.
+(
+    _LOCK_SCAN_SQLITE,
+    _CLAIM_SETTINGS,
+    _HANDED_OUT_LOCKED,
+    _CANDIDATES,
+    _CANDIDATES_SKIP_LOCKED,
+    _CLAIM_PICKED,
+) = _claim_statements()
+
+
+def _scan_state_statement():
+    in_scan_queued = and_(images.c.scan_id == scans.c.id, images.c.status == QUEUED)
+    held = exists().where(in_scan_queued, images.c.claimed_by.is_not(None))
+    next_due = (
+        select(func.min(images.c.not_before)).where(in_scan_queued, images.c.not_before.is_not(None)).scalar_subquery()
+    )
+    return select(
+        scans.c.finished_at,
+        scans.c.listing_finished_at,
+        scans.c.listing_error,
+        scans.c.budget_images,
+        scans.c.handed_out,
+        held.label("held"),
+        next_due.label("next_due"),
+    ).where(scans.c.id == bindparam("scan_id"))
+
+
+#: Built once, as every idle turn of every window slot runs it.
+_SCAN_STATE = _scan_state_statement()
+
+#: The state of an image queued by a scan: new, or listed again after it failed (or with --force).
+_QUEUED_AFRESH: dict[str, Any] = dict(
+    status=QUEUED,
+    attempts=0,
+    error_code=None,
+    error_message=None,
+    retries=0,
+    retry_since=None,
+    claimed_by=None,
+    claimed_at=None,
+    started_by=None,
+    not_before=None,
+    copied_from=None,
+)
+
+#: A chunk of listed objects in one statement (arrays, not a thousand bound rows); returns the
+#: (key, etag) of each row it inserted.
+_POSTGRESQL_INSERT_NEW = text("""
+INSERT INTO images (scan_id, bucket, key, etag, size, backend, status, attempts, queued_at)
+SELECT :scan_id, :bucket, listed.key, listed.etag, listed.size, :backend, 'queued', 0, :now
+  FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[])) AS listed(key, etag, size)
+ON CONFLICT ON CONSTRAINT uq_images_natural_key DO NOTHING
+RETURNING key, etag
+""")
+
+#: The fenced update: only images still queued and held by the run are written. A batch touches
+#: its own rows by key, where a sequential scan is never right; without statistics (a young table,
+#: before autovacuum's first ANALYZE) the planner picks one anyway: over 15,000 faces that was 4 ms
+#: a batch. ``SET LOCAL`` lasts until the transaction ends.
+_POSTGRESQL_UPDATE_IMAGES = """
+SET LOCAL enable_seqscan = off;
+UPDATE images SET status = u.status, width = u.width, height = u.height, error_code = u.error_code,
+       error_message = u.error_message, processed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE %(now)s END,
+       paid_calls = images.paid_calls + u.paid_calls, calls_saved = images.calls_saved + u.calls_saved,
+       attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
+       retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL,
+       started_by = %(token)s,
+       content_hash = COALESCE(u.content_hash, images.content_hash), copied_from = u.copied_from,
+       work_ms = u.work_ms
+  FROM json_to_recordset(%(images)s::json)
+       AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
+            paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz,
+            not_before timestamptz, content_hash text, copied_from integer, work_ms integer)
+ WHERE images.id = u.id AND images.id = ANY(%(ids)s) AND images.status = 'queued' AND images.claimed_by = %(token)s
+RETURNING images.id, images.scan_id
+"""

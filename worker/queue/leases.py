@@ -1,0 +1,65 @@
+"""Leases that live holders renew.
+
+A claim (on images, on the pictures a run is calling for, on a listing part) lasts
+``CELEBSCAN_LEASE_SECONDS`` from its last renewal; then any other holder, or ``scan --resume``,
+may take it over. A live holder renews everything it holds every quarter lease, from a thread
+beside its work, so a slow call or a long retry never loses its claims, while a crashed holder's
+claims come free within one lease. Renewal stops at the run's deadline (``CELEBSCAN_BATCH_SECONDS``):
+a run that hangs past it loses its claims like a crashed one, and the task's time limits end it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker import clock
+from worker.queue import images, parts, pictures
+
+log = logging.getLogger(__name__)
+#: Renewals never come closer than this (a lease of a second or less is a test's).
+MIN_RENEWAL_SECONDS = 0.25
+
+#: Builds the context that keeps ``token``'s leases while a run works: (engine, token, lease seconds,
+#: run deadline on the clock's monotonic time or None) -> context manager.
+LeaseKeeping = Callable[[Engine, str, float, "float | None"], AbstractContextManager]
+
+
+def renew_all(engine: Engine, token: str) -> None:
+    """Renew every claim ``token`` holds, in one transaction."""
+    now = clock.utcnow()
+    with engine.begin() as conn:
+        images.renew(conn, token, now)
+        pictures.renew(conn, token, now)
+        parts.renew(conn, token, now)
+
+
+@contextmanager
+def keep_leases_in_a_thread(
+    engine: Engine, token: str, lease_seconds: float, deadline: float | None = None
+) -> Iterator[None]:
+    """Renew ``token``'s leases every quarter lease while the block runs (until ``deadline``)."""
+    stop = threading.Event()
+
+    def renew_until_stopped() -> None:
+        while not stop.wait(max(lease_seconds / 4, MIN_RENEWAL_SECONDS)):
+            if deadline is not None and clock.monotonic() > deadline:
+                log.warning("run %s passed its deadline: its leases are no longer renewed", token)
+                return
+            try:
+                renew_all(engine, token)
+            except SQLAlchemyError as exc:  # the database is away: the next round tries again
+                log.warning("could not renew the leases of run %s: %s", token, exc)
+
+    keeper = threading.Thread(target=renew_until_stopped, name=f"lease-keeper-{token}", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()
