@@ -69,6 +69,7 @@ MATRIX = {
     "bad/tiny.jpg": (lambda: jpeg(60, 60), "failed", "ImageTooSmall"),
     "bad/photo.heic": (lambda: b"\x00\x00\x00\x18ftypheic" + bytes(500), "failed", "InvalidImageFormat"),
     "bad/deleted.jpg": (lambda: jpeg(300, 200), "failed", "ObjectNotFound"),
+    "bad/overwritten.jpg": (lambda: jpeg(310, 200), "failed", "ObjectChanged"),
     "ok/cmyk.jpg": (lambda: encode(halves(300, 200).convert("CMYK"), "JPEG"), "done", None),
     "ok/16bit.png": (lambda: encode(Image.fromarray(np.full((200, 300), 40000, np.uint16)), "PNG"), "done", None),
     "ok/palette-transparent.png": (palette_with_transparency, "done", None),
@@ -105,6 +106,7 @@ def test_every_bad_input_ends_failed_with_its_code_and_the_worker_goes_on(
     result = CliRunner().invoke(cli, ["scan", f"s3://{bucket}/"], env=env, catch_exceptions=False)
     assert result.exit_code == 0 and f"listed {len(MATRIX)} images" in result.output, result.output
     s3.delete_object(Bucket=bucket, Key="bad/deleted.jpg")  # gone between listing and processing
+    s3.put_object(Bucket=bucket, Key="bad/overwritten.jpg", Body=jpeg(320, 200))  # another version since
 
     store = ResultStore.connect(postgres_url)
     scan_id = store.latest_scan_id()

@@ -433,3 +433,21 @@ def test_a_second_scan_started_while_the_first_runs_on_procfile_workers(
     assert figures_add_up(one) and figures_add_up(two)
     assert one.counts["done"] + two.counts["done"] == 60
     assert sum(calls.values()) == 60 == len(calls), "each picture paid for once"
+
+
+def test_status_says_when_a_folder_listing_stopped_and_resume_continues_it(store, tmp_path, stepping):
+    """A folder is listed by the scan command alone: when it was killed mid-listing, ``status`` says
+    so and names the ``--resume`` that lists the rest."""
+    from producer.cli import format_summary
+    from worker.settings import Settings
+
+    folder = photo_folder(tmp_path, 3)
+    scan_id = store.create_scan(str(folder), "local")
+    with store.engine.begin() as conn:
+        [part_id] = ListingParts(store.engine).create(conn, scan_id, [""])
+    ListingParts(store.engine).claim(part_id, "scan-1:killed")  # then the scan command died
+    settings = Settings(database_url=str(store.engine.url))
+    assert "stopped" not in format_summary(store.summary(scan_id), settings), "a live listing is not reported"
+    stepping.advance(settings.lease_seconds + 1)
+    status = format_summary(store.summary(scan_id), settings)
+    assert f"the listing of {folder} stopped" in status and f"celebscan scan --resume {scan_id}" in status

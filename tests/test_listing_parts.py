@@ -199,3 +199,45 @@ def test_a_slice_cut_on_a_part_it_took_over_names_that_part(store, s3):
     assert cut.part_id == part_ids[1] and cut.next_in == 0.0, "the part it took and cut is sent on"
     alone = list_part(part_ids[2], parts, pages(s3), "message-3", slice_seconds=600, steal_seconds=0)
     assert alone.next_in is None and alone.listed < OBJECTS / 4, "with no time to take others, its own part only"
+
+
+def test_a_folder_listing_killed_part_way_resumes_after_its_last_key(store, tmp_path):
+    """A folder is one part, listed a page at a time in walking order: a lister killed after two
+    pages leaves them recorded, and another lister (once the lease ran out) lists only the rest."""
+    from worker.listing import list_folder, walking_order
+    from worker.listing_parts import folder_pages, list_parts_here
+
+    folder = tmp_path / "photos"
+    names = ["a.jpg", "b/c.jpg", "b/d/e.jpg", "b/f.jpg", "b.jpg", "c/g.jpg", "z.jpg"]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(name.encode())
+    walked = [item.key for item in list_folder(folder)]
+    assert (
+        walked
+        == sorted(names, key=walking_order)
+        == ["a.jpg", "b.jpg", "z.jpg", "b/c.jpg", "b/f.jpg", "b/d/e.jpg", "c/g.jpg"]
+    )
+    for after in walked:
+        assert [item.key for item in list_folder(folder, after=after)] == walked[walked.index(after) + 1 :]
+
+    scan_id = store.create_scan(str(folder), "local")
+    with store.engine.begin() as conn:
+        [part_id] = ListingParts(store.engine).create(conn, scan_id, [""])
+    pages = folder_pages(page_size=2)
+
+    def killed_after_two_pages(part):
+        for number, page in enumerate(pages(part)):
+            if number == 2:
+                raise SystemExit("killed")
+            yield page
+
+    with pytest.raises(SystemExit):
+        list_parts_here(ListingParts(store.engine), killed_after_two_pages, [part_id], "scan-1", patience=0)
+    assert sorted(recorded_keys(store, scan_id)) == sorted(walked[:4])
+    summary = store.summary(scan_id)
+    assert summary.listing == "listing" and summary.listed == 4
+    list_parts_here(ListingParts(store.engine, lease_seconds=0), pages, [part_id], "scan-1 --resume", patience=0)
+    keys = recorded_keys(store, scan_id)
+    assert sorted(keys) == sorted(walked) and len(keys) == len(set(keys))
+    assert store.summary(scan_id).listing == "listed" and store.summary(scan_id).listed == len(walked)
