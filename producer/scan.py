@@ -30,12 +30,12 @@ from producer.cost import Estimate, price_list, usd
 from producer.embedded import default_workers, drain_scan
 from producer.enqueue import check_broker, masked_broker, open_window
 from worker.database import CHUNK_SIZE, chunks, masked_url
-from worker.errors import ConfigurationError, ListingFailedError
+from worker.errors import ConfigurationError, ListingFailedError, ListingTakenOverError
 from worker.listing import ListedObject, check_bucket, fits_in_a_page, list_folder, list_s3, split_key_space
 from worker.listing_parts import Pager, folder_pages, list_parts_here, s3_pages
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue
-from worker.queue.parts import ListingParts
+from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
 from worker.recognizers import PAID_BACKENDS
 from worker.reports import ScanSummary
@@ -108,17 +108,23 @@ def run_scan(
         return _resume(store, settings, request, say, services)
     source, inventory = _open_source(request, settings, services)
     budget = _budget(settings, request.max_cost, say)
-    scan_id = Scans(store.engine).create(
-        source.url,
-        settings.backend,
-        prefilter_faces=request.prefilter_faces,
-        budget_images=budget,
-        batch_size=settings.batch_size,
-        reuse_results=not request.force,
-        inventory=request.inventory,
-    )
+    token = f"scan:{uuid.uuid4().hex[:12]}"
+    parts = ListingParts(store.engine, settings.lease_seconds)
+    with store.engine.begin() as conn:  # the scan, and its source as one part this command holds
+        scan_id = scan_states.insert_scan(
+            conn,
+            source.url,
+            settings.backend,
+            prefilter_faces=request.prefilter_faces,
+            budget_images=budget,
+            batch_size=settings.batch_size,
+            reuse_results=not request.force,
+            inventory=request.inventory,
+        )
+        [root] = parts.create(conn, scan_id, [source.prefix if source.is_s3 else ""], request.force, token)
     say(f"scan {scan_id}: {source.url} (backend {settings.backend}, database {masked_url(settings.database_url)})")
-    listing = _Listing(store, settings, services, scan_id, source, request.force, inventory)
+    listing = _Listing(store, settings, services, scan_id, source, request.force, inventory, token)
+    listing.root = parts.claim(root, token)
     report: QueueReport | None
     if settings.embedded:
         report = _drain_while_listing(store, settings, scan_id, listing.set_up_and_list, say)
@@ -162,60 +168,67 @@ def _open_source(request: ScanRequest, settings: Settings, services: Services):
 
 
 class _Listing:
-    """Setting up a scan's listing (its parts), and listing what this process lists."""
+    """A scan's listing as this process sets it up and lists it: the scan's source is one part
+    (``root``) this command holds from the scan's creation on. A folder, a prefix one request
+    lists whole, and an inventory are listed here, a page a transaction; a bigger key space is
+    split into parts (the root replaced by them in one transaction) that the workers list, or,
+    without a broker, threads here."""
 
-    def __init__(self, store, settings, services, scan_id, source, force, inventory=None) -> None:
+    def __init__(self, store, settings, services, scan_id, source, force, inventory=None, token=None) -> None:
         self.store, self.settings, self.services = store, settings, services
         self.scan_id, self.source, self.force, self.inventory = scan_id, source, force, inventory
         self.parts = ListingParts(store.engine, settings.lease_seconds)
-        self.token = f"scan-{scan_id}:{uuid.uuid4().hex[:8]}"
+        self.token = token or f"scan:{uuid.uuid4().hex[:12]}"
+        self.root: PartClaim | None = None
 
     def set_up_and_list(self, with_workers: bool = False) -> QueueReport | None:
-        """Record the listing's parts and list those this process lists; with the workers listing
-        (``with_workers``: a broker and a big S3 key space), send them and return None."""
+        """List the source from its root part: here, or split for the workers (``with_workers``:
+        a broker and a big S3 key space; then return None once they have the parts)."""
+        root = self.root
+        if root is None:  # another process holds the listing: it goes on there
+            return self.report()
         if self.inventory is not None:
             if with_workers:
                 self.services.open_window(self.scan_id, ())  # the workers start on the first images recorded
-            return self._record_inventory()
+            return self._record_inventory(root)
         if not self.source.is_s3:
-            part_ids = self._create_parts([], [""])
             if with_workers:
-                self.services.open_window(self.scan_id, ())  # the workers start on the first images recorded
-            return self.list_here(part_ids)
+                self.services.open_window(self.scan_id, ())
+            return self.list_here([root.id])
         s3 = self.services.s3()
         try:
             big = not fits_in_a_page(s3, self.source.bucket, self.source.prefix)
-            if with_workers and big:
-                exact, prefixes = split_key_space(
-                    s3, self.source.bucket, self.source.prefix, self.settings.listing_parts
-                )
-            elif big:
-                exact, prefixes = split_key_space(s3, self.source.bucket, self.source.prefix, EMBEDDED_LISTING_PARTS)
-            else:
-                exact, prefixes = [], [self.source.prefix]
+            if big:
+                count = self.settings.listing_parts if with_workers else EMBEDDED_LISTING_PARTS
+                exact, prefixes = split_key_space(s3, self.source.bucket, self.source.prefix, count)
         except ConfigurationError as exc:
             Scans(self.store.engine).note_listing_error(self.scan_id, str(exc))
             raise ListingFailedError(
                 f"{exc}; scan {self.scan_id} listed nothing: fix the cause and scan {self.source.url} again"
             ) from exc
-        part_ids = self._create_parts(exact, prefixes)
+        part_ids = self._split(root, exact, prefixes) if big else [root.id]
+        if part_ids is None:
+            return self.report()
         if with_workers and big:
             self.services.open_window(self.scan_id, part_ids)
             return None
         if with_workers:
-            self.services.open_window(self.scan_id, ())  # the workers start on the first images recorded
+            self.services.open_window(self.scan_id, ())
         return self.list_here(part_ids)
 
-    def _create_parts(self, exact: list[ListedObject], prefixes: list[str]) -> list[int]:
-        """The parts, and the objects named exactly like a split prefix (under no part), in one
-        transaction; with no part at all, the listing ends in it too."""
+    def _split(self, root: PartClaim, exact: list[ListedObject], prefixes: list[str]) -> list[int] | None:
+        """The root part replaced by the split's parts, with the objects named exactly like a split
+        prefix (under no part), in one transaction; with no part at all, the listing ends in it
+        too. None when another process took the root over meanwhile."""
         with self.store.engine.begin() as conn:
-            part_ids = self.parts.create(conn, self.scan_id, prefixes, self.force)
+            part_ids = self.parts.split(conn, root, prefixes)
+            if part_ids is None:
+                return None
             if exact:
                 recorded = ImageQueue(self.store.engine, self.settings.lease_seconds).record(
                     conn, self.scan_id, self.source.bucket, self.settings.backend, exact, self.force
                 )
-                scan_states.count_handed_over(conn, recorded.moved_from)
+                scan_states.count_handed_over(conn, recorded.moved)
                 scan_states.set_listing_counts(
                     conn, self.scan_id, recorded.listed, recorded.skipped, recorded.held_elsewhere
                 )
@@ -238,6 +251,10 @@ class _Listing:
             with ThreadPoolExecutor(threads) as pool:
                 share = [part_ids[i::threads] for i in range(threads)]
                 list(pool.map(lambda ids: list_parts_here(self.parts, self.pager(), ids, self.token, patience), share))
+        return self.report()
+
+    def report(self) -> QueueReport:
+        """What the listing recorded so far; a listing that failed is an error the user reads."""
         summary = self.store.summary(self.scan_id)
         if summary.listing == "listing failed":
             raise ListingFailedError(
@@ -247,7 +264,7 @@ class _Listing:
             )
         return QueueReport([], summary.listed, summary.skipped, summary.held_elsewhere)
 
-    def _record_inventory(self) -> QueueReport:
+    def _record_inventory(self, root: PartClaim) -> QueueReport:
         try:
             return self.store.queue_images(
                 self.scan_id,
@@ -257,7 +274,10 @@ class _Listing:
                 force=self.force,
                 keep_ids=False,
                 lease_seconds=self.settings.lease_seconds,
+                part=root,
             )
+        except ListingTakenOverError:  # this process stalled; the one that took over goes on
+            return self.report()
         except ConfigurationError as exc:  # the listing stopped part-way (access denied, endpoint gone)
             Scans(self.store.engine).note_listing_error(self.scan_id, str(exc))
             listed = self.store.summary(self.scan_id).listed
@@ -284,8 +304,9 @@ def _say_listed(store, scan_id: int, report: QueueReport, budget: int | None, ma
 
 def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: Say, services: Services) -> ScanSummary:
     """Set right and hand out again what a scan still has to do. Claims that live runs hold are
-    left to them (they renew their leases); those whose lease ran out are taken by whoever claims
-    next. The budget is renewed (``--max-cost``: the next part; without it: everything)."""
+    left to them (they renew their leases): a part a live process lists, images a live worker
+    recognizes; those whose lease ran out are taken by whoever claims next. The budget is renewed
+    (``--max-cost``: the next part; without it: everything)."""
     scan = store.summary(request.resume_id or 0)
     settings = settings.replace(backend=scan.backend)  # the scan's own backend
     scans = Scans(store.engine)
@@ -296,18 +317,13 @@ def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: S
     if repair.finished:
         say(f"scan {scan.id}: nothing was left to do; it is finished now")
     scan = store.summary(scan.id)
-    source = Source.from_url(scan.source)
-    listing = _Listing(store, settings, services, scan.id, source, force=not _reuses(store, scan.id))
-    unlisted = listing.parts.unfinished(scan.id)
-    relist = scan.listing == "listing" and scan.listing_parts is None
     say(f"scan {scan.id}: resuming {scan.counts['queued']} queued images (backend {settings.backend})")
-    if unlisted:
-        say(f"and the listing of {len(unlisted)} parts of its source not listed yet")
-    elif relist:
-        say("and its listing, which had not started")
     if scan.finished_at is not None:
-        return store.summary(scan.id)
-    to_list_here = _resume_listing(store, settings, services, listing, scan, unlisted, relist)
+        return scan
+    listing = _Listing(
+        store, settings, services, scan.id, Source.from_url(scan.source), force=not _reuses(store, scan.id)
+    )
+    to_list_here = _resume_listing(store, settings, services, listing, scan, say)
     if settings.embedded:
         _drain_while_listing(store, settings, scan.id, to_list_here, say)
     else:
@@ -320,19 +336,34 @@ def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: S
     return store.summary(scan.id)
 
 
-def _resume_listing(store, settings, services, listing: _Listing, scan, unlisted, relist):
-    """What is left of the scan's listing: parts for the workers (sent with the window), or a
-    listing for this process (returned, to run). With a broker the window is opened here."""
-    if relist:
-        inventory = _inventory_of(store, scan.id)
+def _resume_listing(store, settings, services, listing: _Listing, scan, say: Say):
+    """What is left of the scan's listing, and who lists it: the workers (its parts sent with the
+    window), or this process (returned, to run); with a broker the window is opened here. A part
+    another live process lists is left to it."""
+    with_workers = not settings.embedded
+    unlisted = listing.parts.unfinished(scan.id)
+    if scan.listing == "listing" and scan.listing_parts is None:  # a scan from before listings had parts
+        with store.engine.begin() as conn:
+            root = listing.parts.create(conn, scan.id, [listing.source.prefix if listing.source.is_s3 else ""])
+        unlisted = root
+    inventory = _inventory_of(store, scan.id)
+    first = listing.parts.unstarted_root(scan.id)
+    if (inventory is not None and unlisted) or first is not None:  # the whole source: not begun, not split
+        part_id = unlisted[0] if inventory is not None else first
+        listing.root = listing.parts.claim(part_id, listing.token) if part_id is not None else None
+        if listing.root is None:
+            say("its listing goes on in another process (the scan command that started it)")
+            if with_workers:
+                services.open_window(scan.id, ())
+            return None
+        say("and its listing, which had stopped")
         if inventory is not None:
-            request = ScanRequest(scan.source, inventory=inventory)
-            _, listing.inventory = _open_source(request, settings, services)
-        if not settings.embedded:
-            return lambda: listing.set_up_and_list(with_workers=True)
-        return listing.set_up_and_list
-    workers_list = not settings.embedded and listing.source.is_s3
-    if not settings.embedded:
+            _, listing.inventory = _open_source(ScanRequest(scan.source, inventory=inventory), settings, services)
+        return lambda: listing.set_up_and_list(with_workers=with_workers)
+    if unlisted:
+        say(f"and the listing of {len(unlisted)} parts of its source not listed yet")
+    workers_list = with_workers and listing.source.is_s3
+    if with_workers:
         services.open_window(scan.id, unlisted if workers_list else ())
     if unlisted and not workers_list:
         return lambda: listing.list_here(unlisted)

@@ -116,7 +116,8 @@ def test_a_late_write_from_a_run_that_lost_its_claim_is_refused_and_its_call_sti
         as_a_saw_it, "ThrottlingException", "slow down", retries=5, retry_since=stepping.now()
     )
     late_deferral = images.write("run-a", [retry_later])
-    assert late_done.refused == late_deferral.refused == {image_id} and not late_done.written
+    assert late_done.refused == {image_id} and not late_done.written
+    assert not late_deferral.written and not late_deferral.refused, "a deferral that lost its claim changes nothing"
 
     summary = store.summary(scan_id)
     assert summary.counts == {"queued": 0, "done": 1, "failed": 0} and summary.finished_at is not None
@@ -451,3 +452,36 @@ def test_status_says_when_a_folder_listing_stopped_and_resume_continues_it(store
     stepping.advance(settings.lease_seconds + 1)
     status = format_summary(store.summary(scan_id), settings)
     assert f"the listing of {folder} stopped" in status and f"celebscan scan --resume {scan_id}" in status
+
+
+def test_resume_leaves_a_listing_to_the_live_scan_command_and_takes_it_over_once_it_died(store, stepping):
+    """The scan's source is one part the scan command holds from the scan's creation on: a
+    ``--resume`` while it still splits the key space leaves it alone; once its lease ran out, a
+    ``--resume`` splits the key space itself and hands the parts to the workers, and nothing is
+    listed twice."""
+    from producer.scan import ScanRequest, Services, run_scan
+    from worker.settings import Settings
+
+    bucket = Bucket()
+    for number in range(30):
+        bucket.put(f"{'abc'[number % 3]}/{number:02d}.png", picture_bytes(number))
+    s3 = SimS3(bucket, Scheduler(random.Random(0)), random.Random(0), Faults(active=False), page_cap=4)
+    windows: list[tuple[int, int]] = []
+    services = Services(
+        s3=lambda: s3, open_window=lambda scan, parts: windows.append((scan, len(parts))), check_broker=lambda: None
+    )
+    settings = Settings(database_url=str(store.engine.url), broker_url="redis://not-used", backend="rekognition")
+    scan_id = Scans(store.engine).create("s3://sim/", "rekognition")
+    with store.engine.begin() as conn:  # as `scan` leaves it when it dies before splitting
+        ListingParts(store.engine).create(conn, scan_id, [""], claimed_by="scan:died")
+    run_scan(store, settings, ScanRequest(resume_id=scan_id), say=lambda line: None, services=services)
+    assert windows == [(scan_id, 0)] and ListingParts(store.engine).progress(scan_id).total == 1, "left to it"
+    stepping.advance(settings.lease_seconds + 1)
+    lines: list[str] = []
+    run_scan(store, settings, ScanRequest(resume_id=scan_id), say=lines.append, services=services)
+    parts = ListingParts(store.engine).unfinished(scan_id)
+    assert windows[-1] == (scan_id, len(parts)) and len(parts) > 1, lines
+    for part_id in parts:
+        list_part(part_id, ListingParts(store.engine), s3_pages(s3), "worker", slice_seconds=600)
+    summary = store.summary(scan_id)
+    assert (summary.listing, summary.listed, sum(summary.counts.values())) == ("listed", 30, 30)

@@ -90,6 +90,7 @@ def fault_scan(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_p
         "CELEBSCAN_BACKEND": "rekognition",
         "CELEBSCAN_BATCH_SIZE": "4",
         "CELEBSCAN_VISIBILITY_TIMEOUT": "5",
+        "CELEBSCAN_LEASE_SECONDS": "4",  # a killed worker's images come free within seconds
         "CELEBSCAN_MAX_ATTEMPTS": "10",
     }
     store = ResultStore.connect(postgres_url)

@@ -47,7 +47,12 @@ def two_hosts():
 
 def test_two_worker_hosts_and_one_cut_off_mid_scan(two_hosts, tmp_path):
     net, services = two_hosts
-    env = services.worker_env(CELEBSCAN_BATCH_SIZE="10", CELEBSCAN_VISIBILITY_TIMEOUT="10", CELEBSCAN_MAX_ATTEMPTS="10")
+    env = services.worker_env(
+        CELEBSCAN_BATCH_SIZE="10",
+        CELEBSCAN_VISIBILITY_TIMEOUT="10",
+        CELEBSCAN_LEASE_SECONDS="8",
+        CELEBSCAN_MAX_ATTEMPTS="10",
+    )
     fill_bucket("photos", [f"p/{n:04d}.jpg" for n in range(IMAGES)], jpeg(200, 160))
 
     result = CliRunner().invoke(cli, ["scan", "s3://photos/p/"], env=env, catch_exceptions=False)

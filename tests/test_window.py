@@ -128,6 +128,7 @@ def test_a_worker_node_killed_while_it_lists_loses_and_doubles_nothing(synthetic
             postgres_url,
             CELEBSCAN_LISTING_PARTS="4",
             CELEBSCAN_VISIBILITY_TIMEOUT="5",
+            CELEBSCAN_LEASE_SECONDS="5",
             CELEBSCAN_BATCH_SIZE="50",
         )
         with celery_workers(2, env, tmp_path, concurrency=2) as nodes:

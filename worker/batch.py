@@ -422,11 +422,10 @@ def _help_list(scan_id: int, context: WorkerContext, token: str) -> bool:
     nobody holds (or whose holder's lease ran out): so a listing whose lister died, or whose
     message was lost, still ends while any slot lives. Returns whether it listed."""
     parts = context.listing_parts
+    if not parts.listed_by_workers(scan_id):  # a folder, an inventory: the scan command (or --resume) lists it
+        return False
     part = parts.claim_next(scan_id, token)
     if part is None:
-        return False
-    if not part.source.is_s3:  # a folder is listed by the scan command (``scan --resume`` after it died)
-        parts.release(part)
         return False
     pages = s3_pages(context.s3_lister, attempts=context.max_attempts)
     list_slice(part, parts, pages, deadline=clock.monotonic() + LIST_SLICE_SECONDS)
@@ -450,7 +449,7 @@ def take_next_batch(
     state = context.images.state(scan_id)
     if state.listing and _help_list(scan_id, context, token):
         return SlotStep(BatchReport(), next_in=0.0)
-    if not state.finished and not state.listing and not state.in_flight:  # drained, maybe: finish it
+    if not state.finished and not state.listing and not state.queued:  # drained, maybe: finish it
         context.scans.finish_if_drained([scan_id])
         state = context.images.state(scan_id)
     if not state.worth_waiting and state.next_due is None:

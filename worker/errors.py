@@ -37,6 +37,12 @@ class ListingFailedError(ConfigurationError):
     code = "ListingFailed"
 
 
+class ListingTakenOverError(ConfigurationError):
+    """Another process lists this scan's source now (this one stalled longer than its lease)."""
+
+    code = "ListingTakenOver"
+
+
 class RecognizerUnavailableError(ConfigurationError):
     """This worker cannot run the recognizer a batch needs; the batch goes back for another worker.
 

@@ -89,13 +89,15 @@ def s3_pages(s3_client, *, attempts: int = 5, page_size: int = 1000) -> Pager:
 
 
 def folder_pages(page_size: int = CHUNK_SIZE) -> Pager:
-    """A folder's pages: its image files in walking order, after the part's last key."""
+    """A folder's pages: its image files in walking order, after the part's last key. A page ends
+    at a file whose name is its key (not one recorded by a printable stand-in for a name that is
+    not UTF-8, which would not sort where the walk puts it), so a resumed walk starts right."""
 
     def pages(part: PartClaim) -> Iterator[Page]:
         page: list[ListedObject] = []
         for item in list_folder(Path(part.bucket), after=part.last_key):
             page.append(item)
-            if len(page) == page_size:
+            if len(page) >= page_size and (item.error is None or item.error[0] != "InvalidFileName"):
                 yield Page(page, page[-1].key, ended=False)
                 page = []
         yield Page(page, page[-1].key if page else None, ended=True)

@@ -62,6 +62,9 @@ scans = Table(
     # figures add up: listed = skipped + held_elsewhere + (its images + handed_over).
     Column("held_elsewhere", BigInteger, nullable=False, server_default=text("0")),
     Column("handed_over", BigInteger, nullable=False, server_default=text("0")),
+    # The calls the images handed over had cost in this scan (a call is counted where it was made).
+    Column("handed_over_paid_calls", BigInteger, nullable=False, server_default=text("0")),
+    Column("handed_over_calls_saved", BigInteger, nullable=False, server_default=text("0")),
     # The S3 Inventory manifest the scan read instead of listing (``--resume`` reads it again).
     Column("inventory", Text),
 )

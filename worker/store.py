@@ -18,11 +18,12 @@ from typing import Protocol
 from sqlalchemy import Engine, func, select
 
 from worker.database import CHUNK_SIZE, aware_utc, chunks, connect
-from worker.errors import ConfigurationError
+from worker.errors import ConfigurationError, ListingTakenOverError
 from worker.findings import PersonFound, people_found, result_records
 from worker.outcomes import KnownPicture
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue, done_objects
+from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
 from worker.reports import (
     ResultRecord,
@@ -158,6 +159,7 @@ class ResultStore:
         force: bool = False,
         keep_ids: bool = True,
         lease_seconds: float = 120.0,
+        part: PartClaim | None = None,
     ) -> QueueReport:
         """Record a listing that this process reads whole (an S3 Inventory) in scan ``scan_id``,
         a chunk per transaction, and end the scan's listing with the last chunk.
@@ -165,14 +167,20 @@ class ResultStore:
         Each object is recorded as :meth:`ImageQueue.record` says (new: queued; done: skipped
         unless ``force``; ...). The scan's figures are set, not added, from the running totals, so
         a listing read again from the start (``scan --resume`` of an interrupted one) ends with
-        the right ones. ``keep_ids`` returns the queued ids (tests and small jobs).
+        the right ones. ``keep_ids`` returns the queued ids (tests and small jobs). With ``part``
+        (the listing part the scan command holds for the whole source), each chunk renews its claim
+        and is recorded only while it holds it (else :class:`ListingTakenOverError`), and the last
+        chunk ends the part with it.
         """
         queue = ImageQueue(self.engine, lease_seconds)
+        parts = ListingParts(self.engine, lease_seconds)
         report = QueueReport([], 0, 0)
 
         def record(chunk: list | None, ends: bool) -> None:
             nonlocal report
             with self.engine.begin() as conn:
+                if part is not None and not parts.hold(conn, part):
+                    raise ListingTakenOverError(f"another process lists scan {scan_id} now; this one stops")
                 if chunk:
                     recorded = queue.record(conn, scan_id, bucket, backend, chunk, force, keep_ids)
                     report = QueueReport(
@@ -181,9 +189,11 @@ class ResultStore:
                         report.skipped + recorded.skipped,
                         report.held_elsewhere + recorded.held_elsewhere,
                     )
-                    scan_states.count_handed_over(conn, recorded.moved_from)
+                    scan_states.count_handed_over(conn, recorded.moved)
                     scan_states.set_listing_counts(conn, scan_id, report.listed, report.skipped, report.held_elsewhere)
-                if ends:  # with the last chunk: no crash falls between the two
+                if ends and part is not None:  # with the last chunk: no crash falls between the two
+                    parts.end(conn, part)
+                elif ends:
                     scan_states.end_listing(conn, scan_id)
 
         pending = chunks(listed, CHUNK_SIZE)
@@ -332,8 +342,8 @@ class ResultStore:
             people=people,
             failures=failures,
             last_processed_at=last,
-            paid_calls=int(paid_calls) + int(refused_calls),
-            calls_saved=int(calls_saved),
+            paid_calls=int(paid_calls) + int(refused_calls) + scan.handed_over_paid_calls,
+            calls_saved=int(calls_saved) + scan.handed_over_calls_saved,
             reused=int(reused),
             retrying=retrying,
             unserved=unserved_reason(scan, last, counts[QUEUED]),

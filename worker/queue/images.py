@@ -20,6 +20,7 @@ scan lists it again (a retry of a failure, or ``--force``), never by a worker.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -68,11 +69,27 @@ class ClaimState:
     in_flight: bool  # images of the scan are claimed by other runs (or deferred) and still queued
     budget_spent: bool  # --max-cost: every image the budget pays for has been handed out
     next_due: datetime | None  # the earliest time a deferred image may be tried again
+    queued: bool = False  # images of the scan are still queued (some may have come since the claim)
 
     @property
     def worth_waiting(self) -> bool:
-        """More work may come: images still listed, deferred, or held by runs that may die."""
-        return not self.finished and not self.budget_spent and (self.listing or self.in_flight)
+        """More work may come: images still listed, queued, deferred, or held by runs that may die."""
+        return not self.finished and not self.budget_spent and (self.listing or self.in_flight or self.queued)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """Images a listing took over from other scans, by the scan they left, with the calls those
+    images had cost there (they stay in that scan's figures; the images start over at zero)."""
+
+    images: Counter = field(default_factory=Counter)
+    paid_calls: Counter = field(default_factory=Counter)
+    calls_saved: Counter = field(default_factory=Counter)
+
+    def __add__(self, other: Moved) -> Moved:
+        return Moved(
+            self.images + other.images, self.paid_calls + other.paid_calls, self.calls_saved + other.calls_saved
+        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,7 @@ class Recorded:
     listed: int
     skipped: int  # done before (same etag), in another scan
     held_elsewhere: int  # queued in another scan that holds them in flight: left there
-    moved_from: dict[int, int] = field(default_factory=dict)  # images taken over, by the scan they left
+    moved: Moved = field(default_factory=Moved)  # images taken over from other scans
     image_ids: list[int] = field(default_factory=list)  # queued in this scan (only when asked for)
 
 
@@ -181,22 +198,25 @@ class ImageQueue:
                 skipped += 1
             else:
                 retried.append(row.id)
-        if new_rows:
-            conn.execute(dialect_insert(self.engine, images).on_conflict_do_nothing(), new_rows)
-        movable = _claimable(now, self.lease) | (images.c.status != QUEUED)
-        moves = [
-            (retried, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now)),
-            (orphans, dict(scan_id=scan_id, claimed_by=None, claimed_at=None, started_by=None)),
+        if new_rows:  # one another scan's listing inserted meanwhile is that scan's: left to it
+            inserted = conn.execute(
+                dialect_insert(self.engine, images).on_conflict_do_nothing().returning(images.c.id), new_rows
+            ).all()
+            held += len(new_rows) - len(inserted)
+        finished = images.c.status != QUEUED
+        unheld = _claimable(now, self.lease)
+        moves = [  # each guarded by the state it was seen in
+            (retried, finished, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now)),
+            (orphans, unheld, dict(scan_id=scan_id, claimed_by=None, claimed_at=None, started_by=None)),
         ]
         for row_id, (code, message) in unreadable:
             failed = dict(status=FAILED, error_code=code, error_message=message, processed_at=now)
-            moves.append(([row_id], dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now, **failed)))
-        moved: dict[int, int] = {}
-        for ids, values in moves:
+            moves.append(([row_id], finished | unheld, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now, **failed)))
+        moved = Moved()
+        for ids, movable, values in moves:
             taken = _move(conn, ids, scan_id, movable, values)
-            held += len(ids) - sum(taken.values())  # claimed meanwhile: left where it is
-            for old, count in taken.items():
-                moved[old] = moved.get(old, 0) + count
+            held += len(ids) - sum(taken.images.values())  # claimed (or written) meanwhile: left where it is
+            moved += taken
         ids_queued: list[int] = []
         if keep_ids:
             ids_queued = list(
@@ -226,6 +246,9 @@ class ImageQueue:
             postgresql = conn.dialect.name == "postgresql"
             if not postgresql:  # take SQLite's write lock first, so two processes never pick the same rows
                 conn.execute(_LOCK_SCAN_SQLITE, {"scan_id": scan_id})
+            mine = list(conn.execute(_HELD_BY_TOKEN, {"scan_id": scan_id, "token": token}).scalars())
+            if mine:  # a replay: this run's claim committed, its answer was lost
+                return sorted(mine)
             budget, batch_size, reuse = conn.execute(_CLAIM_SETTINGS, {"scan_id": scan_id}).one()
             left = None
             if budget is not None:  # handed_out is counted under the scan's row lock
@@ -374,6 +397,7 @@ class ImageQueue:
             in_flight=bool(scan.held) or scan.next_due is not None,
             budget_spent=spent and not scan.held,
             next_due=aware_utc(scan.next_due) if scan.next_due is not None else None,
+            queued=bool(scan.queued),
         )
 
     # -- outcomes --------------------------------------------------------------------------------
@@ -393,8 +417,10 @@ class ImageQueue:
                 written, scan_ids = _write_postgresql(conn, token, outcomes, ids, now)
             else:
                 written, scan_ids = _write_portable(conn, token, outcomes, ids, now)
+            # A deferral that did not land changes nothing and cost nothing: not worth a refusal.
+            unwritten = [o for o in outcomes if o.image_id not in written]
             replayed, replayed_scans, refused = _classify_unwritten(
-                conn, token, [o for o in outcomes if o.image_id not in written]
+                conn, token, [o for o in unwritten if not o.deferred or o.paid_calls or o.calls_saved]
             )
             if refused:
                 _record_refusals(conn, token, [o for o in outcomes if o.image_id in refused], now)
@@ -430,25 +456,29 @@ def _new_row(scan_id: int, bucket: str, backend: str, item, now) -> dict[str, An
     return row
 
 
-def _move(conn, ids: list[int], scan_id: int, movable, values: dict[str, Any]) -> dict[int, int]:
+def _move(conn, ids: list[int], scan_id: int, movable, values: dict[str, Any]) -> Moved:
     """Move the images into scan ``scan_id`` if still ``movable`` (they are locked while moved, so a
-    claim taken meanwhile keeps its image where it is); their person counts move along. Returns how
-    many left each scan."""
+    claim taken or a write made meanwhile keeps its image where it is); their person counts move
+    along, their calls stay in the figures of the scan they leave."""
     if not ids:
-        return {}
-    query = select(images.c.id, images.c.scan_id).where(images.c.id.in_(ids), images.c.scan_id != scan_id, movable)
+        return Moved()
+    query = select(images.c.id, images.c.scan_id, images.c.paid_calls, images.c.calls_saved).where(
+        images.c.id.in_(ids), images.c.scan_id != scan_id, movable
+    )
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(of=images)
     rows = conn.execute(query).all()
     if not rows:
-        return {}
+        return Moved()
     locked = [row.id for row in rows]
     person_counts.subtract(conn, locked)  # (--force) done images keep their faces until done again
-    conn.execute(update(images).where(images.c.id.in_(locked)).values(**values))
+    conn.execute(update(images).where(images.c.id.in_(locked)).values(paid_calls=0, calls_saved=0, **values))
     person_counts.add(conn, locked)
-    moved: dict[int, int] = {}
+    moved = Moved()
     for row in rows:
-        moved[row.scan_id] = moved.get(row.scan_id, 0) + 1
+        moved.images[row.scan_id] += 1
+        moved.paid_calls[row.scan_id] += row.paid_calls
+        moved.calls_saved[row.scan_id] += row.calls_saved
     return moved
 
 
@@ -637,6 +667,11 @@ def _claim_statements():
         .limit(bindparam("limit"))
     )
     return (
+        select(images.c.id).where(
+            images.c.claimed_by == bindparam("token"),
+            images.c.status == QUEUED,
+            images.c.scan_id == bindparam("scan_id"),
+        ),
         update(scans).where(scans.c.id == bindparam("scan_id")).values(handed_out=scans.c.handed_out),
         select(scans.c.budget_images, scans.c.batch_size, scans.c.reuse_results).where(
             scans.c.id == bindparam("scan_id")
@@ -653,6 +688,7 @@ def _claim_statements():
 
 #: Built once: every turn of every window slot claims.
 (
+    _HELD_BY_TOKEN,
     _LOCK_SCAN_SQLITE,
     _CLAIM_SETTINGS,
     _HANDED_OUT_LOCKED,
@@ -664,6 +700,7 @@ def _claim_statements():
 
 def _scan_state_statement():
     in_scan_queued = and_(images.c.scan_id == scans.c.id, images.c.status == QUEUED)
+    queued = exists().where(in_scan_queued)
     held = exists().where(in_scan_queued, images.c.claimed_by.is_not(None))
     next_due = (
         select(func.min(images.c.not_before)).where(in_scan_queued, images.c.not_before.is_not(None)).scalar_subquery()
@@ -675,6 +712,7 @@ def _scan_state_statement():
         scans.c.budget_images,
         scans.c.handed_out,
         held.label("held"),
+        queued.label("queued"),
         next_due.label("next_due"),
     ).where(scans.c.id == bindparam("scan_id"))
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
 
 from worker.database import utcnow
 from worker.queue import scans as scan_states
@@ -38,6 +38,7 @@ class PartClaim:
     last_key: str | None
     force: bool
     token: str
+    inventory: bool = False  # the scan reads an S3 Inventory: only its scan command lists it
 
     @property
     def bucket(self) -> str:
@@ -63,15 +64,66 @@ class ListingParts:
         self.lease = timedelta(seconds=lease_seconds)
         self.images = ImageQueue(engine, lease_seconds)
 
-    def create(self, conn, scan_id: int, prefixes: Sequence[str], force: bool = False) -> list[int]:
-        """One part per prefix, to list (in the caller's transaction); returns their ids in prefix order."""
+    def create(
+        self, conn, scan_id: int, prefixes: Sequence[str], force: bool = False, claimed_by: str | None = None
+    ) -> list[int]:
+        """One part per prefix, to list (in the caller's transaction), held by ``claimed_by`` if
+        given; returns their ids in prefix order."""
         if not prefixes:
             return []
+        claim = dict(claimed_by=claimed_by, claimed_at=utcnow()) if claimed_by else {}
         rows = conn.execute(
             listing_parts.insert().returning(listing_parts.c.id, sort_by_parameter_order=True),
-            [dict(scan_id=scan_id, prefix=prefix, force=force, status=QUEUED) for prefix in prefixes],
+            [dict(scan_id=scan_id, prefix=prefix, force=force, status=QUEUED, **claim) for prefix in prefixes],
         )
         return [row.id for row in rows]
+
+    def split(self, conn, part: PartClaim, prefixes: Sequence[str]) -> list[int] | None:
+        """Replace the part, which its holder has not begun to list, by one part per prefix (in the
+        caller's transaction). None, changing nothing, when ``part.token`` no longer holds it: its
+        lease ran out and another holder lists it now."""
+        taken = conn.execute(
+            delete(listing_parts).where(
+                listing_parts.c.id == part.id,
+                listing_parts.c.claimed_by == part.token,
+                listing_parts.c.status == QUEUED,
+                listing_parts.c.last_key.is_(None),
+            )
+        ).rowcount
+        if not taken:
+            return None
+        return self.create(conn, part.scan_id, prefixes, part.force)
+
+    def hold(self, conn, part: PartClaim) -> bool:
+        """Renew the part's lease in the caller's transaction; False when ``part.token`` lost it."""
+        return bool(
+            conn.execute(
+                update(listing_parts)
+                .where(
+                    listing_parts.c.id == part.id,
+                    listing_parts.c.claimed_by == part.token,
+                    listing_parts.c.status == QUEUED,
+                )
+                .values(claimed_at=utcnow())
+            ).rowcount
+        )
+
+    def end(self, conn, part: PartClaim) -> bool:
+        """The part is listed (its holder read it whole: an inventory), and with it perhaps the scan's
+        listing, in the caller's transaction; False when ``part.token`` lost it."""
+        ended = conn.execute(
+            update(listing_parts)
+            .where(
+                listing_parts.c.id == part.id,
+                listing_parts.c.claimed_by == part.token,
+                listing_parts.c.status == QUEUED,
+            )
+            .values(status=DONE, claimed_at=utcnow())
+        ).rowcount
+        if ended:
+            scan_states.lock_scan(conn, part.scan_id)
+            scan_states.end_listing_if_parts_ended(conn, part.scan_id)
+        return bool(ended)
 
     def _claimable(self, token: str, now):
         """Parts still to list that ``token`` may hold: nobody's, its own, or a lapsed claim."""
@@ -99,9 +151,20 @@ class ListingParts:
             ).one_or_none()
             if row is None:
                 return None
-            scan = conn.execute(select(scans.c.source, scans.c.backend).where(scans.c.id == row.scan_id)).one()
+            scan = conn.execute(
+                select(scans.c.source, scans.c.backend, scans.c.inventory).where(scans.c.id == row.scan_id)
+            ).one()
         source = Source.from_url(scan.source)
-        return PartClaim(part_id, row.scan_id, source, scan.backend, row.prefix, row.last_key, row.force, token)
+        return PartClaim(
+            part_id, row.scan_id, source, scan.backend, row.prefix, row.last_key, row.force, token, bool(scan.inventory)
+        )
+
+    def listed_by_workers(self, scan_id: int) -> bool:
+        """Whether the scan's parts may be listed by any worker: an S3 key space (a folder may not
+        be on the workers' machines; an inventory is read by the scan command)."""
+        with self.engine.connect() as conn:
+            scan = conn.execute(select(scans.c.source, scans.c.inventory).where(scans.c.id == scan_id)).one()
+        return Source.from_url(scan.source).is_s3 and scan.inventory is None
 
     def scan_of(self, part_id: int) -> int | None:
         with self.engine.connect() as conn:
@@ -152,24 +215,32 @@ class ListingParts:
                 )
                 .values(**values)
             ).rowcount
-            if not held:
-                return self._replayed(conn, part, new_last_key, ended)
-            if objects:
-                recorded = self.images.record(conn, part.scan_id, part.bucket, part.backend, objects, part.force)
-                conn.execute(
-                    update(listing_parts)
-                    .where(listing_parts.c.id == part.id)
-                    .values(
-                        listed=listing_parts.c.listed + recorded.listed,
-                        skipped=listing_parts.c.skipped + recorded.skipped,
-                        held_elsewhere=listing_parts.c.held_elsewhere + recorded.held_elsewhere,
-                    )
+            if held:
+                self._record(conn, part, objects, ended)
+                recorded: PartClaim | None = dataclasses.replace(part, last_key=new_last_key)
+            else:
+                recorded = self._replayed(conn, part, new_last_key, ended)
+        if recorded is not None and ended:  # nothing may be left to do (all skipped, a budget spent)
+            scan_states.Scans(self.engine).finish_if_drained([part.scan_id])
+        return recorded
+
+    def _record(self, conn, part: PartClaim, objects: list, ended: bool) -> None:
+        """The page's objects and the part's counts; at its last page, the end of the listing."""
+        if objects:
+            recorded = self.images.record(conn, part.scan_id, part.bucket, part.backend, objects, part.force)
+            conn.execute(
+                update(listing_parts)
+                .where(listing_parts.c.id == part.id)
+                .values(
+                    listed=listing_parts.c.listed + recorded.listed,
+                    skipped=listing_parts.c.skipped + recorded.skipped,
+                    held_elsewhere=listing_parts.c.held_elsewhere + recorded.held_elsewhere,
                 )
-                scan_states.count_handed_over(conn, recorded.moved_from)
-            if ended:
-                scan_states.lock_scan(conn, part.scan_id)
-                scan_states.end_listing_if_parts_ended(conn, part.scan_id)
-        return dataclasses.replace(part, last_key=new_last_key)
+            )
+            scan_states.count_handed_over(conn, recorded.moved)
+        if ended:
+            scan_states.lock_scan(conn, part.scan_id)
+            scan_states.end_listing_if_parts_ended(conn, part.scan_id)
 
     def _replayed(self, conn, part: PartClaim, new_last_key: str | None, ended: bool) -> PartClaim | None:
         row = conn.execute(
@@ -227,12 +298,27 @@ class ListingParts:
             if failed:
                 scan_states.lock_scan(conn, part.scan_id)
                 scan_states.end_listing_if_parts_ended(conn, part.scan_id)
+        if failed:
+            scan_states.Scans(self.engine).finish_if_drained([part.scan_id])
 
     def is_open(self, part_id: int) -> bool:
         """Whether the part is still to list."""
         with self.engine.connect() as conn:
             status = conn.execute(select(listing_parts.c.status).where(listing_parts.c.id == part_id)).scalar()
         return status == QUEUED
+
+    def unstarted_root(self, scan_id: int) -> int | None:
+        """The scan's one part when it is the whole source and nothing of it was listed yet (the
+        scan command died before it split or listed it): ``--resume`` takes it over, to split it."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(listing_parts.c.id, listing_parts.c.status, listing_parts.c.last_key)
+                .where(listing_parts.c.scan_id == scan_id)
+                .limit(2)
+            ).all()
+        if len(rows) == 1 and rows[0].status == QUEUED and rows[0].last_key is None:
+            return rows[0].id
+        return None
 
     def unfinished(self, scan_id: int) -> list[int]:
         """The parts of the scan still to list (``scan --resume`` sends them again; a part a live

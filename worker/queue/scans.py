@@ -11,7 +11,7 @@ Every change of a scan's state is one guarded statement here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, and_, bindparam, exists, select, update
@@ -45,22 +45,16 @@ class Scans:
         inventory: str | None = None,
     ) -> int:
         with self.engine.begin() as conn:
-            return conn.execute(
-                scans.insert()
-                .values(
-                    source=source,
-                    backend=backend,
-                    created_at=utcnow(),
-                    listed=0,
-                    skipped=0,
-                    prefilter_faces=prefilter_faces,
-                    budget_images=budget_images,
-                    batch_size=batch_size,
-                    reuse_results=reuse_results,
-                    inventory=inventory,
-                )
-                .returning(scans.c.id)
-            ).scalar_one()
+            return insert_scan(
+                conn,
+                source,
+                backend,
+                prefilter_faces=prefilter_faces,
+                budget_images=budget_images,
+                batch_size=batch_size,
+                reuse_results=reuse_results,
+                inventory=inventory,
+            )
 
     @retry_database
     def note_listing_error(self, scan_id: int, reason: str) -> None:
@@ -104,6 +98,15 @@ class Scans:
     def _open(self, scan_id: int) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(select(scans.c.finished_at).where(scans.c.id == scan_id)).scalar() is None
+
+
+def insert_scan(conn, source: str, backend: str, **options) -> int:
+    """A new scan (in the caller's transaction: its listing's first part is made with it)."""
+    return conn.execute(
+        scans.insert()
+        .values(source=source, backend=backend, created_at=utcnow(), listed=0, skipped=0, **options)
+        .returning(scans.c.id)
+    ).scalar_one()
 
 
 def _listing_open(scan_id: int):
@@ -152,10 +155,19 @@ def set_listing_counts(conn, scan_id: int, listed: int, skipped: int, held_elsew
     )
 
 
-def count_handed_over(conn, moved_from: Mapping[int, int]) -> None:
-    """Images a listing took over from other scans, counted on those scans (in its transaction)."""
-    for scan_id, count in sorted(moved_from.items()):
-        conn.execute(update(scans).where(scans.c.id == scan_id).values(handed_over=scans.c.handed_over + count))
+def count_handed_over(conn, moved) -> None:
+    """Images a listing took over from other scans (``worker.queue.images.Moved``), counted on the
+    scans they left with the calls they had cost there (in the listing's transaction)."""
+    for scan_id in sorted(moved.images):
+        conn.execute(
+            update(scans)
+            .where(scans.c.id == scan_id)
+            .values(
+                handed_over=scans.c.handed_over + moved.images[scan_id],
+                handed_over_paid_calls=scans.c.handed_over_paid_calls + moved.paid_calls[scan_id],
+                handed_over_calls_saved=scans.c.handed_over_calls_saved + moved.calls_saved[scan_id],
+            )
+        )
 
 
 def _finish_scans_statement():
