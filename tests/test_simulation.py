@@ -25,12 +25,12 @@ POSTGRESQL_SEEDS = 100
 #: Bugs put back (``tests/simulation/mutations.py``), each with seeds that catch it: the two the
 #: issue names, the two the issue reproduced by hand, and the two the simulation found.
 CAUGHT_BY = {
-    "unfenced-write": [13, 43, 92],
-    "listing-end-apart": [93, 173],
-    "resume-releases-claims": [23, 66, 72],
-    "scan-takes-held-images": [11, 53],
-    "read-any-version": [95, 177],
-    "no-listing-help": [53, 100],
+    "unfenced-write": [14, 103, 141],
+    "listing-end-apart": [130, 165],
+    "resume-releases-claims": [23, 99, 220],
+    "scan-takes-held-images": [11, 104],
+    "read-any-version": [177, 318],
+    "no-listing-help": [100, 193],
 }
 
 

@@ -21,18 +21,20 @@ with the seeds that caught it (``tests/test_simulation.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import pytest
 from sqlalchemy import bindparam, update
 
+from worker.database import utcnow
 from worker.outcomes import copy_faces_portable, replace_faces_portable
 from worker.queue import pictures
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue, Written
 from worker.queue.parts import ListingParts
-from worker.schema import images
+from worker.schema import images, listing_parts
 
 MUTATIONS = (
     "unfenced-write",
@@ -75,20 +77,33 @@ def _unfenced_write(self, token, outcomes):
     return Written(frozenset(ids), frozenset(), frozenset(), frozenset(scan_ids))
 
 
-def _listing_end_apart(record_page):
-    def record_page_then_end(self, part, objects, last_key, ended):
-        original = scan_states.end_listing_if_parts_ended
-        scan_states.end_listing_if_parts_ended = lambda conn, scan_id: False
-        try:
-            recorded = record_page(self, part, objects, last_key, ended)
-        finally:
-            scan_states.end_listing_if_parts_ended = original
-        if recorded is not None and ended:
-            with self.engine.begin() as conn:
-                scan_states.end_listing_if_parts_ended(conn, part.scan_id)
-        return recorded
-
-    return record_page_then_end
+def _listing_end_apart(self, part, objects, last_key, ended):
+    """The page (and its part's end) committed first, the scan's listing ended after it in a
+    transaction of its own, as it was."""
+    new_last_key = last_key if last_key is not None else part.last_key
+    with self.engine.begin() as conn:
+        values: dict = dict(claimed_at=utcnow(), last_key=new_last_key)
+        if ended:
+            values["status"] = "done"
+        held = conn.execute(
+            update(listing_parts)
+            .where(
+                listing_parts.c.id == part.id,
+                listing_parts.c.claimed_by == part.token,
+                listing_parts.c.status == "queued",
+                listing_parts.c.last_key.is_not_distinct_from(part.last_key),
+            )
+            .values(**values)
+        ).rowcount
+        if not held:
+            return self._replayed(conn, part, new_last_key, ended)
+        self._record(conn, part, objects, ended=False)
+    if ended:
+        with self.engine.begin() as conn:
+            scan_states.lock_scan(conn, part.scan_id)
+            scan_states.end_listing_if_parts_ended(conn, part.scan_id)
+        scan_states.Scans(self.engine).finish_if_drained([part.scan_id])
+    return dataclasses.replace(part, last_key=new_last_key)
 
 
 def _releasing_every_claim(repair):
@@ -127,7 +142,7 @@ def applied(mutation: str | None) -> Iterator[None]:
         if mutation == "unfenced-write":
             patch.setattr(ImageQueue, "write", _unfenced_write)
         elif mutation == "listing-end-apart":
-            patch.setattr(ListingParts, "record_page", _listing_end_apart(ListingParts.record_page))
+            patch.setattr(ListingParts, "record_page", _listing_end_apart)
         elif mutation == "resume-releases-claims":
             patch.setattr(Scans, "repair", _releasing_every_claim(Scans.repair))
         elif mutation == "scan-takes-held-images":
