@@ -123,7 +123,7 @@ def run_scan(
         )
         [root] = parts.create(conn, scan_id, [source.prefix if source.is_s3 else ""], request.force, token)
     say(f"scan {scan_id}: {source.url} (backend {settings.backend}, database {masked_url(settings.database_url)})")
-    listing = _Listing(store, settings, services, scan_id, source, request.force, inventory, token)
+    listing = _Listing(store, settings, services, scan_id, source, request.force, inventory, token, say)
     listing.root = parts.claim(root, token)
     report: QueueReport | None
     if settings.embedded:
@@ -174,8 +174,10 @@ class _Listing:
     split into parts (the root replaced by them in one transaction) that the workers list, or,
     without a broker, threads here."""
 
-    def __init__(self, store, settings, services, scan_id, source, force, inventory=None, token=None) -> None:
-        self.store, self.settings, self.services = store, settings, services
+    def __init__(
+        self, store, settings, services, scan_id, source, force, inventory=None, token=None, say: Say = print
+    ) -> None:
+        self.store, self.settings, self.services, self.say = store, settings, services, say
         self.scan_id, self.source, self.force, self.inventory = scan_id, source, force, inventory
         self.parts = ListingParts(store.engine, settings.lease_seconds)
         self.token = token or f"scan:{uuid.uuid4().hex[:12]}"
@@ -211,6 +213,7 @@ class _Listing:
             return self.report()
         if with_workers and big:
             self.services.open_window(self.scan_id, part_ids)
+            self.say(f"listing {self.source.url} on the workers: the key space split into {len(part_ids)} parts")
             return None
         if with_workers:
             self.services.open_window(self.scan_id, ())
@@ -321,7 +324,7 @@ def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: S
     if scan.finished_at is not None:
         return scan
     listing = _Listing(
-        store, settings, services, scan.id, Source.from_url(scan.source), force=not _reuses(store, scan.id)
+        store, settings, services, scan.id, Source.from_url(scan.source), not _reuses(store, scan.id), say=say
     )
     to_list_here = _resume_listing(store, settings, services, listing, scan, say)
     if settings.embedded:

@@ -90,6 +90,16 @@ def photo_folder(tmp_path, pictures: int, folders=("",)):
     return folder
 
 
+def scanned_folder(store, tmp_path, pictures: int):
+    """A folder of distinct pictures listed into a new scan, and a worker context that recognizes
+    them with a paid stub: (the folder, the stub, the context, the scan id)."""
+    folder = photo_folder(tmp_path, pictures)
+    stub = PaidStub()
+    scan_id = store.create_scan(str(folder), "rekognition")
+    store.queue_images(scan_id, str(folder), "rekognition", list_folder(folder))
+    return folder, stub, folder_worker_context(store, stub), scan_id
+
+
 def figures_add_up(summary) -> bool:
     """listed = skipped + held elsewhere + the scan's images + handed over to later scans."""
     images_in_scan = sum(summary.counts.values())
@@ -148,11 +158,7 @@ def test_metrics_count_the_stale_writes_refused(store, stepping):
 
 
 def test_a_second_scan_leaves_images_in_flight_to_the_first_and_both_finish(store, tmp_path):
-    folder = photo_folder(tmp_path, 6)
-    stub = PaidStub()
-    context = folder_worker_context(store, stub)
-    first = store.create_scan(str(folder), "rekognition")
-    store.queue_images(first, str(folder), "rekognition", list_folder(folder))
+    folder, stub, context, first = scanned_folder(store, tmp_path, 6)
     in_flight = context.images.claim(first, 3, "run-of-scan-1")
     assert len(in_flight) == 3
 
@@ -178,11 +184,7 @@ def test_resume_while_runs_are_alive_takes_no_claim_they_hold(store, tmp_path):
     from producer.scan import ScanRequest, Services, run_scan
     from worker.settings import Settings
 
-    folder = photo_folder(tmp_path, 6)
-    stub = PaidStub()
-    context = folder_worker_context(store, stub)
-    scan_id = store.create_scan(str(folder), "rekognition")
-    store.queue_images(scan_id, str(folder), "rekognition", list_folder(folder))
+    _, stub, context, scan_id = scanned_folder(store, tmp_path, 6)
     held = context.images.claim(scan_id, 3, "live-run")
     windows = []
     services = Services(

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
 
 from worker import clock
@@ -178,21 +179,26 @@ def _process_held(image_ids: Sequence[int], context: WorkerContext, token: str, 
         context.recognizers.get(backend)
     if any(image.prefilter_faces and image.backend in PAID_BACKENDS for image in held):
         context.prefilter.check_available()
-    interrupted = any(image.attempts for image in held)
-    groups = [[image] for image in held] if interrupted else [held]
+    crashed_before = any(image.attempts for image in held)
+    groups = [[image] for image in held] if crashed_before else [held]
     done = failed = refused = 0
     deferred: list[ImageOutcome] = []
     known = _known_by_etag(held, context)
     recognized: dict[tuple[str, int], ImageOutcome] = {}  # this batch's pictures, for copies within it
+    out_of_time = False
     for group in groups:
-        if clock.monotonic() >= deadline:
+        if out_of_time or clock.monotonic() >= deadline:
             break
         started = images.start(token, group, MAX_DELIVERIES)
         outcomes = []
-        for image in started.images:
-            if clock.monotonic() >= deadline:
-                break
-            outcomes.append(process_image(image, context, recognized, known, token))
+        try:
+            for image in started.images:
+                if clock.monotonic() >= deadline:
+                    break
+                outcomes.append(process_image(image, context, recognized, known, token))
+        except SoftTimeLimitExceeded:  # the task's time limit: write what is done, give back the rest
+            log.warning("run %s reached its time limit; it writes the %d images it finished", token, len(outcomes))
+            out_of_time = True
         written = images.write(token, outcomes)
         context.scans.finish_if_drained(written.scan_ids | started.scan_ids)
         ours = [o for o in outcomes if o.image_id in written.written | written.replayed]
@@ -355,6 +361,8 @@ def _process_image(
         return ImageOutcome.done(image.id, width, height, result, paid_calls=int(paid))
     except TransientError as exc:
         return _transient_outcome(image, exc, context, width, height)
+    except SoftTimeLimitExceeded:  # the run's time is up: not the image's fault
+        raise
     except CelebscanError as exc:
         log.info("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, exc)
         return ImageOutcome.failed(image.id, exc.code, str(exc), width, height)

@@ -64,6 +64,17 @@ def _build_context(**_) -> None:
     worker_context()
 
 
+def _context_or_sent_back(send_back) -> WorkerContext | None:
+    """This process's context; when it cannot be built (the database is away as a replaced pool
+    process starts), the message is sent back for later and None returned: never lost."""
+    try:
+        return worker_context()
+    except Exception as exc:
+        log.warning("this worker cannot reach what it needs yet (%s); the message is sent back for later", exc)
+        _sending_or_requeued(send_back)
+        return None
+
+
 def _run_token(request) -> str:
     return f"{request.id}:{uuid.uuid4().hex[:8]}"
 
@@ -108,7 +119,10 @@ def take_next_batch_task(self, scan_id: int, idle_rounds: int = 0) -> dict:
         countdown = min(countdown, settings.visibility_timeout / 2)
         _sending_or_requeued(lambda: send_window_slots(app, scan_id, countdown=countdown, idle_rounds=rounds))
 
-    report = run_window_slot(scan_id, worker_context(), _run_token(self.request), send_on, idle_rounds)
+    context = _context_or_sent_back(lambda: send_on(HAND_BACK_SECONDS, idle_rounds + 1))
+    if context is None:
+        return {}
+    report = run_window_slot(scan_id, context, _run_token(self.request), send_on, idle_rounds)
     return dataclasses.asdict(report)
 
 
@@ -119,9 +133,12 @@ def list_part_task(self, part_id: int) -> dict:
     def send_on(part: int, countdown: float) -> None:
         _sending_or_requeued(lambda: send_listing_parts(app, [part], countdown=countdown))
 
+    context = _context_or_sent_back(lambda: send_on(part_id, HAND_BACK_SECONDS))
+    if context is None:
+        return {}
     step = run_listing_part(
         part_id,
-        worker_context(),
+        context,
         _run_token(self.request),
         send_on,
         slice_seconds=min(LIST_SLICE_SECONDS, settings.visibility_timeout / 4),

@@ -56,6 +56,13 @@ class PartsProgress:
         return self.done + self.failed
 
 
+def held(part: PartClaim):
+    """The fence: the part is still to list and held by ``part.token``."""
+    return and_(
+        listing_parts.c.id == part.id, listing_parts.c.claimed_by == part.token, listing_parts.c.status == QUEUED
+    )
+
+
 class ListingParts:
     """The ``listing_parts`` table: creating, claiming, recording and ending a scan's parts."""
 
@@ -82,44 +89,19 @@ class ListingParts:
         """Replace the part, which its holder has not begun to list, by one part per prefix (in the
         caller's transaction). None, changing nothing, when ``part.token`` no longer holds it: its
         lease ran out and another holder lists it now."""
-        taken = conn.execute(
-            delete(listing_parts).where(
-                listing_parts.c.id == part.id,
-                listing_parts.c.claimed_by == part.token,
-                listing_parts.c.status == QUEUED,
-                listing_parts.c.last_key.is_(None),
-            )
-        ).rowcount
+        taken = conn.execute(delete(listing_parts).where(held(part), listing_parts.c.last_key.is_(None))).rowcount
         if not taken:
             return None
         return self.create(conn, part.scan_id, prefixes, part.force)
 
     def hold(self, conn, part: PartClaim) -> bool:
         """Renew the part's lease in the caller's transaction; False when ``part.token`` lost it."""
-        return bool(
-            conn.execute(
-                update(listing_parts)
-                .where(
-                    listing_parts.c.id == part.id,
-                    listing_parts.c.claimed_by == part.token,
-                    listing_parts.c.status == QUEUED,
-                )
-                .values(claimed_at=utcnow())
-            ).rowcount
-        )
+        return bool(conn.execute(update(listing_parts).where(held(part)).values(claimed_at=utcnow())).rowcount)
 
     def end(self, conn, part: PartClaim) -> bool:
         """The part is listed (its holder read it whole: an inventory), and with it perhaps the scan's
         listing, in the caller's transaction; False when ``part.token`` lost it."""
-        ended = conn.execute(
-            update(listing_parts)
-            .where(
-                listing_parts.c.id == part.id,
-                listing_parts.c.claimed_by == part.token,
-                listing_parts.c.status == QUEUED,
-            )
-            .values(status=DONE, claimed_at=utcnow())
-        ).rowcount
+        ended = conn.execute(update(listing_parts).where(held(part)).values(status=DONE, claimed_at=utcnow())).rowcount
         if ended:
             scan_states.lock_scan(conn, part.scan_id)
             scan_states.end_listing_if_parts_ended(conn, part.scan_id)
@@ -205,17 +187,12 @@ class ListingParts:
             values: dict = dict(claimed_at=now, last_key=new_last_key)
             if ended:
                 values["status"] = DONE
-            held = conn.execute(
+            moved_on = conn.execute(
                 update(listing_parts)
-                .where(
-                    listing_parts.c.id == part.id,
-                    listing_parts.c.claimed_by == part.token,
-                    listing_parts.c.status == QUEUED,
-                    listing_parts.c.last_key.is_not_distinct_from(part.last_key),
-                )
+                .where(held(part), listing_parts.c.last_key.is_not_distinct_from(part.last_key))
                 .values(**values)
             ).rowcount
-            if held:
+            if moved_on:
                 self._record(conn, part, objects, ended)
                 recorded: PartClaim | None = dataclasses.replace(part, last_key=new_last_key)
             else:
@@ -261,15 +238,7 @@ class ListingParts:
     def release(self, part: PartClaim) -> None:
         """Let go of the part (the slice ended; the next holder claims it afresh)."""
         with self.engine.begin() as conn:
-            conn.execute(
-                update(listing_parts)
-                .where(
-                    listing_parts.c.id == part.id,
-                    listing_parts.c.claimed_by == part.token,
-                    listing_parts.c.status == QUEUED,
-                )
-                .values(claimed_by=None)
-            )
+            conn.execute(update(listing_parts).where(held(part)).values(claimed_by=None))
 
     @retry_database
     def release_all(self, token: str) -> None:
@@ -287,13 +256,7 @@ class ListingParts:
         scan's listing with it once no other part is left to list (in the same transaction)."""
         with self.engine.begin() as conn:
             failed = conn.execute(
-                update(listing_parts)
-                .where(
-                    listing_parts.c.id == part.id,
-                    listing_parts.c.claimed_by == part.token,
-                    listing_parts.c.status == QUEUED,
-                )
-                .values(status=FAILED, error=reason[:2000])
+                update(listing_parts).where(held(part)).values(status=FAILED, error=reason[:2000])
             ).rowcount
             if failed:
                 scan_states.lock_scan(conn, part.scan_id)
