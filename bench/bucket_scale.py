@@ -10,7 +10,11 @@ producer's peak RSS, Redis's peak memory, PostgreSQL bytes per queued image, and
 listing rate to the named baseline measured in the same run: one boto3 ListObjectsV2 paginator
 listing the same bucket without recording anything (what ``aws s3api list-objects-v2`` does).
 
-    python -m bench.bucket_scale [--sizes 100000 1000000] [--layouts prefixed flat]
+With ``--latency 1.0`` the stand-in answers each call after a second, as Rekognition does: the
+workers' calls then wait on the network while the same processes list (a thread of each run lists
+while its calls are in flight).
+
+    python -m bench.bucket_scale [--sizes 100000 1000000] [--layouts prefixed flat] [--latency SECONDS]
 """
 
 from __future__ import annotations
@@ -69,13 +73,14 @@ def wait_for_listing(engine, size: int, timeout: float = 3600.0) -> float:
     raise TimeoutError("the workers did not finish listing")
 
 
-def measure(size: int, layout: str, workdir: Path) -> dict[str, float]:
+def measure(size: int, layout: str, workdir: Path, latency: float = 0.0) -> dict[str, float]:
     with ExitStack() as stack:
         postgres = stack.enter_context(running(PostgresServer()))
         broker = stack.enter_context(running(RedisServer()))
         s3_url = stack.enter_context(serving_in_a_process("big", size, 100 if layout == "prefixed" else 0))
         standin = stack.enter_context(RekognitionStandIn(s3_endpoint=s3_url))
         standin.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
+        standin.delay = latency
         env = {
             **AWS_TEST_ENV,
             "AWS_ENDPOINT_URL_S3": s3_url,
@@ -137,9 +142,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--layouts", nargs="+", default=["prefixed", "flat"], choices=["prefixed", "flat"])
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds the stand-in takes to answer a call")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="celebscan-scale-"))
-    results = {(size, layout): measure(size, layout, workdir) for layout in args.layouts for size in args.sizes}
+    print(f"recognizer stand-in answering after {args.latency:g} s")
+    results = {
+        (size, layout): measure(size, layout, workdir, args.latency) for layout in args.layouts for size in args.sizes
+    }
     print(f"\n{'figure':<34}" + "".join(f"{f'{s:,} {layout}':>20}" for s, layout in results))
     rows = [
         ("`scan` returned (s)", "scan_returned_s", "{:.1f}"),

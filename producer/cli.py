@@ -218,7 +218,12 @@ def _pace_lines(store: ResultStore, settings: Settings, calls: int) -> list[str]
             f"account's RecognizeCelebrities quota (calls per second)"
         ]
     pace = Pace(
-        calls, quota, store.seconds_per_image("rekognition"), settings.worker_concurrency, settings.worker_hourly_price
+        calls,
+        quota,
+        store.seconds_per_image("rekognition"),
+        settings.worker_concurrency,
+        settings.worker_hourly_price,
+        settings.calls_in_flight,
     )
     lines = [
         f"  time at the quota: {calls:,} calls at {quota.calls_per_second:g} calls/s ({quota.source}) take "
@@ -231,8 +236,10 @@ def _pace_lines(store: ResultStore, settings: Settings, calls: int) -> list[str]
         )
     else:
         lines.append(
-            f"  workers to keep that pace: {pace.processes} processes ({pace.seconds_per_image:.2f} s per image, "
-            f"measured) = {_plural(pace.machines, 'machine')} of {settings.worker_concurrency} "
+            f"  workers to keep that pace: {_plural(pace.processes, 'process', 'processes')} "
+            f"({pace.seconds_per_image:.2f} s per image, measured; {settings.calls_in_flight} calls in flight "
+            f"each, {env_var('calls_in_flight')}) = "
+            f"{_plural(pace.machines, 'machine')} of {settings.worker_concurrency} "
             f"({env_var('worker_concurrency')}), {usd(pace.machine_cost)} for that time at "
             f"${settings.worker_hourly_price:g} per machine-hour ({env_var('worker_hourly_price')})"
         )

@@ -4,8 +4,10 @@ At Rekognition's per-account quota of calls per second a big bucket takes days, 
 the price per image, is what a user plans around. The quota is ``CELEBSCAN_REKOGNITION_TPS`` when
 set; else the account's own value for RecognizeCelebrities from the Service Quotas API (the
 applied quota, or the region's default when none was applied), which is also where it is raised.
-The time a worker process spends per image is measured: the mean over the latest recognized
-images in this database (``images.work_ms``; copies excluded).
+The time an image takes is measured: the mean over the latest recognized images in this database
+(``images.work_ms``: read, decode and the call; copies excluded). A worker process keeps
+``CELEBSCAN_CALLS_IN_FLIGHT`` of them going at once, so the processes needed are the quota times
+that time, divided by the calls each keeps in flight.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ class Pace:
 
     calls: int
     quota: Quota
-    seconds_per_image: float | None  # a worker process's measured time per image; None: not measured yet
+    seconds_per_image: float | None  # the measured time an image takes; None: not measured yet
     processes_per_machine: int
     machine_price: float  # USD per machine-hour
+    calls_in_flight: int = 1  # images a worker process works at once
 
     @property
     def seconds(self) -> float:
@@ -45,10 +48,10 @@ class Pace:
 
     @property
     def processes(self) -> int | None:
-        """Worker processes whose calls together reach the quota."""
+        """Worker processes whose calls in flight together reach the quota."""
         if self.seconds_per_image is None:
             return None
-        return max(1, math.ceil(self.quota.calls_per_second * self.seconds_per_image))
+        return max(1, math.ceil(self.quota.calls_per_second * self.seconds_per_image / self.calls_in_flight))
 
     @property
     def machines(self) -> int | None:

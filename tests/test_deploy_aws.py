@@ -97,6 +97,7 @@ def test_the_database_password_never_reaches_user_data(template):
     assert referenced <= {
         "CelebscanPackage",
         "WorkerConcurrency",
+        "CallsInFlight",
         "RekognitionTps",
         "AWS::StackName",
         "AWS::Region",

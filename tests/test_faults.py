@@ -7,6 +7,7 @@ and no face row is doubled.
 
 import os
 import signal
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -92,6 +93,7 @@ def fault_scan(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_p
         "CELEBSCAN_VISIBILITY_TIMEOUT": "5",
         "CELEBSCAN_LEASE_SECONDS": "4",  # a killed worker's images come free within seconds
         "CELEBSCAN_MAX_ATTEMPTS": "10",
+        "CELEBSCAN_CALLS_IN_FLIGHT": "8",  # a batch's calls go together; a kill loses at most these
     }
     store = ResultStore.connect(postgres_url)
     yield FaultScan(store, env, f"s3://{bucket}/f/", tmp_path)
@@ -100,17 +102,22 @@ def fault_scan(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_p
 
 
 @pytest.mark.parametrize("victim", ["pool process", "whole node"])
-def test_a_worker_killed_mid_batch(fault_scan, victim):
+def test_a_worker_killed_mid_batch(fault_scan, victim, rekognition):
     """SIGKILL to a worker's pool process (redelivered at once) or to the whole node (after the
-    visibility timeout)."""
+    visibility timeout), its calls in flight: every image done once; the calls the kill lost are
+    paid again, and no more than the calls it had in flight."""
     scan_id = fault_scan.start()
     with celery_workers(2, fault_scan.env, fault_scan.logs) as nodes:
         fault_scan.until_under_way(scan_id)
-        victims = pool_children(nodes[0]) + ([nodes[0].pid] if victim == "whole node" else [])
-        for pid in victims:
+        callers = pool_children(nodes[0])
+        for pid in callers + ([nodes[0].pid] if victim == "whole node" else []):
             os.kill(pid, signal.SIGKILL)
         wait_for_scan(fault_scan.store, scan_id, timeout=300)
     assert fault_scan.check(scan_id, f"{victim} SIGKILL")["failed"] == 0
+    paid = Counter(call.digest for call in rekognition.calls if call.answered == "ok")
+    bound = IMAGES + len(callers) * int(fault_scan.env["CELEBSCAN_CALLS_IN_FLIGHT"])
+    print(f"{sum(paid.values())} paid calls for {IMAGES} pictures (bound: {bound})")
+    assert len(paid) == IMAGES and sum(paid.values()) <= bound and max(paid.values()) <= 1 + len(callers)
 
 
 def test_warm_shutdown_mid_scan(fault_scan):

@@ -33,6 +33,7 @@ def estimate(env, source: str) -> str:
 
 def test_the_time_at_the_quota_and_the_fleet_measured_from_a_sample(photos, rekognition):
     bucket, scan_env = photos
+    scan_env = {**scan_env, "CELEBSCAN_CALLS_IN_FLIGHT": "4"}
     env = {**scan_env, "CELEBSCAN_REKOGNITION_TPS": "50"}
     before = estimate(env, f"s3://{bucket}/")
     assert "time at the quota: 40 calls at 50 calls/s (CELEBSCAN_REKOGNITION_TPS) take 1 s" in before, before
@@ -42,12 +43,15 @@ def test_the_time_at_the_quota_and_the_fleet_measured_from_a_sample(photos, reko
     celebscan("scan", f"s3://{bucket}/sample/", "--backend", "rekognition", "--workers", "1", env=scan_env)
     after = estimate(env, f"s3://{bucket}/")
     found = re.search(
-        r"workers to keep that pace: (\d+) processes \((\d+\.\d+) s per image, measured\) = 1 machine", after
+        r"workers to keep that pace: (\d+) process(?:es)? \((\d+\.\d+) s per image, measured; 4 calls in flight "
+        r"each, CELEBSCAN_CALLS_IN_FLIGHT\) = (\d+) machines? of 2",
+        after,
     )
     assert found, after
     processes, seconds = int(found[1]), float(found[2])
-    lowest, highest = math.ceil(50 * (seconds - 0.005)), math.ceil(50 * (seconds + 0.005))  # printed rounded
-    assert seconds >= 0.1 and lowest <= processes <= highest, "enough processes to make 50 calls a second"
+    lowest, highest = math.ceil(50 * (seconds - 0.005) / 4), math.ceil(50 * (seconds + 0.005) / 4)  # rounded
+    assert seconds >= 0.1 and lowest <= processes <= highest, "enough calls in flight to make 50 calls a second"
+    assert int(found[3]) == math.ceil(processes / 2)
     assert "time at the quota: 20 calls at 50 calls/s" in after and "$0.0416 per machine-hour" in after
 
 

@@ -25,12 +25,12 @@ POSTGRESQL_SEEDS = 100
 #: Bugs put back (``tests/simulation/mutations.py``), each with seeds that catch it: the two the
 #: issue names, the two the issue reproduced by hand, and the two the simulation found.
 CAUGHT_BY = {
-    "unfenced-write": [14, 103, 141],
-    "listing-end-apart": [130, 165],
-    "resume-releases-claims": [23, 99, 220],
-    "scan-takes-held-images": [11, 104],
-    "read-any-version": [177, 318],
-    "no-listing-help": [100, 193],
+    "unfenced-write": [14, 328],
+    "listing-end-apart": [93, 130, 211],
+    "resume-releases-claims": [99, 220],
+    "scan-takes-held-images": [0, 78, 104],
+    "read-any-version": [88, 318, 352],
+    "no-listing-help": [193, 327, 353],
 }
 
 

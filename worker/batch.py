@@ -13,10 +13,13 @@ import dataclasses
 import hashlib
 import logging
 import random
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
@@ -25,6 +28,7 @@ from worker import clock
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, TransientError
 from worker.images import ImageLimits, decode_image
+from worker.inflight import Lanes, RunPictures, lanes_for
 from worker.listing_parts import LIST_SLICE_SECONDS, list_slice, s3_pages
 from worker.outcomes import ImageOutcome, KnownPicture, QueuedImage
 from worker.prefilter import FacePrefilter
@@ -50,6 +54,15 @@ RESEND_BASE_SECONDS = 5.0
 RESEND_MAX_SECONDS = 300.0
 #: A copy of a picture another run is recognizing right now is queued again after this, to copy its result.
 PICTURE_WAIT_SECONDS = 2.0
+#: A copy waits this long for another image of its own run to be recognized before it is queued again.
+PICTURE_PATIENCE_SECONDS = 30.0
+#: A run looks at the calls that came back (and claims more) at least this often.
+WAIT_SECONDS = 0.5
+#: A run that has calls in flight claims more of its scan for this long, then ends and sends its slot on.
+REFILL_SECONDS = 30.0
+#: The slice of the listing a run's helper thread lists at a time, and its pause when nothing is left to it.
+HELP_SLICE_SECONDS = 2.0
+HELP_IDLE_SECONDS = 2.0
 
 
 @dataclass
@@ -71,6 +84,14 @@ class WorkerContext:
     batch_seconds: float = 300.0
     #: How a run keeps its leases while it works (a thread; the simulation has its own).
     keep_leases: LeaseKeeping = keep_leases_in_a_thread
+    #: Images a run keeps in flight with a paid recognizer (the local one works one at a time).
+    calls_in_flight: int = 1
+    #: Where a run works its images, given how many at once (threads; the simulation: inline).
+    lanes: Callable[[int], Lanes] = lanes_for
+    #: How long a run with calls in flight goes on claiming its scan's next batches.
+    refill_seconds: float = REFILL_SECONDS
+    #: Whether a run working one image at a time also claims next batches (the simulation does).
+    refill_inline: bool = False
 
     #: Lists S3 key-space parts (a client that leaves timestamps unparsed), built on first use.
     settings: Settings | None = None
@@ -114,6 +135,7 @@ class WorkerContext:
             batch_size=settings.batch_size,
             lease_seconds=settings.lease_seconds,
             batch_seconds=settings.run_seconds,
+            calls_in_flight=settings.calls_in_flight,
             settings=settings,
         )
 
@@ -155,67 +177,222 @@ def process_claimed(image_ids: Sequence[int], context: WorkerContext, token: str
 
     Raises :class:`RecognizerUnavailableError` before touching any image when this worker cannot
     run what the batch needs. A batch holding an image that a run started and never ended (it may
-    have crashed a worker) is processed and saved one image at a time, so the culprit alone is
-    quarantined and its neighbours' work is kept. The run starts no image after its deadline
+    have crashed a worker) is processed and saved one image at a time, alone, so the culprit alone
+    is quarantined and its neighbours' work is kept. The run starts no image after its deadline
     (``batch_seconds``); the images it did not reach are released for another run. On any error
     the run gives back what it holds before the error goes on.
     """
-    deadline = clock.monotonic() + context.batch_seconds
-    images = context.images
-    try:
-        with context.keep_leases(context.store.engine, token, context.lease_seconds, deadline):
-            report = _process_held(image_ids, context, token, deadline)
-        released = images.release(token)
-    except Exception:
-        _release_quietly(images, token)
-        raise
-    return dataclasses.replace(report, released=released)
+    return _Run(context, token).work(image_ids)
 
 
-def _process_held(image_ids: Sequence[int], context: WorkerContext, token: str, deadline: float) -> BatchReport:
-    images = context.images
-    held = images.held(token, image_ids)
-    for backend in sorted({image.backend for image in held}):
-        context.recognizers.get(backend)
-    if any(image.prefilter_faces and image.backend in PAID_BACKENDS for image in held):
-        context.prefilter.check_available()
-    crashed_before = any(image.attempts for image in held)
-    groups = [[image] for image in held] if crashed_before else [held]
-    done = failed = refused = 0
-    deferred: list[ImageOutcome] = []
-    known = _known_by_etag(held, context)
-    recognized: dict[tuple[str, int], ImageOutcome] = {}  # this batch's pictures, for copies within it
-    out_of_time = False
-    for group in groups:
-        if out_of_time or clock.monotonic() >= deadline:
-            break
-        started = images.start(token, group, MAX_DELIVERIES)
-        outcomes = []
+def run_of(token: str) -> str:
+    """The run a batch's token belongs to (a run's later batches are ``<run token>/<n>``)."""
+    return token.split("/", 1)[0]
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """Images claimed together under one token: started together, written in one transaction."""
+
+    token: str
+    left: int  # images submitted and not yet back
+    outcomes: list[ImageOutcome] = field(default_factory=list)
+    scan_ids: frozenset[int] = frozenset()
+    written: bool = False
+
+
+class _Run:
+    """One run: its first batch and, while its scan has more and time is left, further batches
+    claimed as calls come back (each under a token of its own, ``<run token>/<n>``), so that
+    ``CELEBSCAN_CALLS_IN_FLIGHT`` calls stay in flight; a batch is written as soon as its last image
+    is back. While calls wait, a thread of the run helps list the scan's source."""
+
+    def __init__(self, context: WorkerContext, token: str, scan_id: int | None = None) -> None:
+        self.context, self.token, self.scan_id = context, token, scan_id
+        self.tokens = [token]  # every token of the run: the lease keeper renews them all
+        now = clock.monotonic()
+        self.deadline = now + context.batch_seconds
+        self.refill_until = now + context.refill_seconds
+        self.pictures: RunPictures[tuple[str, int], ImageOutcome] = RunPictures()
+        self.in_flight: dict[Future, _Chunk] = {}
+        self.chunks: list[_Chunk] = []
+        self.stopped = False  # the deadline or the time limit: no image starts any more
+        self.refilling = scan_id is not None
+        self.totals = dict(done=0, failed=0, refused=0, skipped=0)
+        self.deferred: list[ImageOutcome] = []
+
+    def live_tokens(self) -> tuple[str, ...]:
+        return tuple(self.tokens)
+
+    def work(self, first_ids: Sequence[int]) -> BatchReport:
+        images = self.context.images
         try:
-            for image in started.images:
-                if clock.monotonic() >= deadline:
-                    break
-                outcomes.append(process_image(image, context, recognized, known, token))
-        except SoftTimeLimitExceeded:  # the task's time limit: write what is done, give back the rest
-            log.warning("run %s reached its time limit; it writes the %d images it finished", token, len(outcomes))
-            out_of_time = True
-        written = images.write(token, outcomes)
-        context.scans.finish_if_drained(written.scan_ids | started.scan_ids)
-        ours = [o for o in outcomes if o.image_id in written.written | written.replayed]
-        done += sum(o.status == DONE for o in ours)
-        failed += started.quarantined + sum(o.status == FAILED for o in ours)
-        deferred += [o for o in ours if o.deferred]
-        refused += len(written.refused)
-    now = utcnow()
-    resend_after = max(((o.not_before - now).total_seconds() for o in deferred if o.not_before), default=0.0)
-    return BatchReport(
-        done=done,
-        failed=failed,
-        skipped=len(image_ids) - len(held),
-        deferred=tuple(o.image_id for o in deferred),
-        resend_after=resend_after,
-        refused=refused,
-    )
+            with self.context.keep_leases(
+                self.context.store.engine, self.live_tokens, self.context.lease_seconds, self.deadline
+            ):
+                self._work(first_ids)
+            released = sum(images.release(token) for token in self.tokens)
+        except Exception:
+            for token in self.tokens:
+                _release_quietly(images, token)
+            raise
+        now = utcnow()
+        resend_after = max(((o.not_before - now).total_seconds() for o in self.deferred if o.not_before), default=0.0)
+        return BatchReport(
+            **self.totals,
+            deferred=tuple(o.image_id for o in self.deferred),
+            resend_after=resend_after,
+            released=released,
+        )
+
+    def _work(self, first_ids: Sequence[int]) -> None:
+        held = self.context.images.held(self.token, first_ids)
+        self.totals["skipped"] = len(first_ids) - len(held)
+        for backend in sorted({image.backend for image in held}):
+            self.context.recognizers.get(backend)
+        if any(image.prefilter_faces and image.backend in PAID_BACKENDS for image in held):
+            self.context.prefilter.check_available()
+        paid = any(image.backend in PAID_BACKENDS for image in held)
+        lanes = self.context.lanes(self.context.calls_in_flight if paid else 1)
+        self.refilling = self.refilling and (lanes.size > 1 or self.context.refill_inline)
+        helper = _ListingHelper(self) if lanes.size > 1 and self.scan_id is not None else None
+        try:
+            self._start(self.token, held, lanes)
+            self._pipeline(lanes)
+        except SoftTimeLimitExceeded:  # the task's time limit: write what is back, give back the rest
+            log.warning("run %s reached its time limit; it writes the images it finished", self.token)
+            self._stop()
+            self._collect(lanes, patience=None)
+            for chunk in self.chunks:  # what the limit cut short between taking an outcome and its write
+                if not chunk.written and chunk.outcomes:
+                    self._write(chunk)
+        finally:
+            lanes.close()
+            if helper is not None:
+                helper.stop()
+
+    def _pipeline(self, lanes: Lanes) -> None:
+        while True:
+            if not self.stopped and clock.monotonic() >= self.deadline:
+                self._stop()
+            if self.refilling and not self.stopped and self._room(lanes):
+                self._refill(lanes)
+            if not self.in_flight:
+                return
+            self._collect(lanes, patience=WAIT_SECONDS)
+
+    def _room(self, lanes: Lanes) -> bool:
+        if clock.monotonic() >= self.refill_until:
+            self.refilling = False
+            return False
+        return len(self.in_flight) < lanes.size  # a lane free: the next batch waits for lanes, not for claims
+
+    def _refill(self, lanes: Lanes) -> None:
+        assert self.scan_id is not None
+        token = f"{run_of(self.token)}/{len(self.tokens)}"
+        self.tokens.append(token)
+        image_ids = self.context.images.claim(self.scan_id, self.context.batch_size, token)
+        if not image_ids:
+            self.refilling = False
+            return
+        self._start(token, self.context.images.held(token, image_ids), lanes)
+
+    def _start(self, token: str, held: Sequence[QueuedImage], lanes: Lanes) -> None:
+        known = _known_by_etag(held, self.context)
+        if any(image.attempts for image in held):
+            self._drain(lanes)
+            for image in held:
+                self._isolated(token, image, known)
+            return
+        started = self.context.images.start(token, held, MAX_DELIVERIES)
+        self.totals["failed"] += started.quarantined
+        chunk = _Chunk(token, len(started.images), scan_ids=started.scan_ids)
+        self.chunks.append(chunk)
+        for image in started.images:
+            future = lanes.submit(partial(process_image, image, self.context, self.pictures, known, token))
+            self.in_flight[future] = chunk
+        if not started.images:
+            self._write(chunk)
+
+    def _isolated(self, token: str, image: QueuedImage, known) -> None:
+        """An image that a run started and never ended: worked alone, written at once."""
+        if self.stopped or clock.monotonic() >= self.deadline:
+            return
+        started = self.context.images.start(token, [image], MAX_DELIVERIES)
+        self.totals["failed"] += started.quarantined
+        chunk = _Chunk(token, 0, scan_ids=started.scan_ids)
+        self.chunks.append(chunk)  # cut short by the time limit, it is written with what is back
+        for each in started.images:
+            chunk.outcomes.append(process_image(each, self.context, self.pictures, known, token))
+        self._write(chunk)
+
+    def _drain(self, lanes: Lanes) -> None:
+        while self.in_flight:
+            self._collect(lanes, patience=WAIT_SECONDS)
+
+    def _stop(self) -> None:
+        self.stopped = True
+        self.refilling = False
+        for future in self.in_flight:
+            future.cancel()  # not started yet: given back with the run's release
+
+    def _collect(self, lanes: Lanes, patience: float | None) -> None:
+        """Take what came back (waiting up to ``patience`` seconds; None: until all is back) and
+        write each batch whose last image is back."""
+        while True:
+            back = lanes.wait_any(self.in_flight, timeout=WAIT_SECONDS if patience is None else patience)
+            for future in back:  # the outcome is kept before the future is let go: the time limit may strike
+                chunk = self.in_flight[future]
+                error = None if future.cancelled() else future.exception()
+                if isinstance(error, SoftTimeLimitExceeded):  # an image worked inline, cut short
+                    self._stop()
+                elif error is not None:
+                    raise error
+                elif not future.cancelled():
+                    chunk.outcomes.append(future.result())  # twice at worst: a write takes an image once
+                del self.in_flight[future]
+                chunk.left -= 1
+            for chunk in self.chunks:
+                if chunk.left == 0 and not chunk.written:
+                    self._write(chunk)
+            if patience is not None or not self.in_flight:
+                return
+
+    def _write(self, chunk: _Chunk) -> None:
+        context = self.context
+        written = context.images.write(chunk.token, chunk.outcomes)
+        chunk.written = True
+        context.scans.finish_if_drained(written.scan_ids | chunk.scan_ids)
+        ours = [o for o in chunk.outcomes if o.image_id in written.written | written.replayed]
+        self.totals["done"] += sum(o.status == DONE for o in ours)
+        self.totals["failed"] += sum(o.status == FAILED for o in ours)
+        self.totals["refused"] += len(written.refused)
+        self.deferred += [o for o in ours if o.deferred]
+
+
+class _ListingHelper:
+    """A thread of a run whose calls wait on the network: it lists the scan's source meanwhile,
+    a short slice of a part nobody holds at a time, so slow calls never hold the listing up."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._list, name=f"lister-{run.token}", daemon=True)
+        self._thread.start()
+
+    def _list(self) -> None:
+        run = self.run
+        assert run.scan_id is not None
+        try:
+            while not self._stopping.is_set() and run.context.images.state(run.scan_id).listing:
+                if not _help_list(run.scan_id, run.context, run.token, slice_seconds=HELP_SLICE_SECONDS):
+                    self._stopping.wait(HELP_IDLE_SECONDS)
+        except Exception:  # the run goes on without help; a part it held comes free with its lease
+            log.exception("run %s stopped helping the listing", run.token)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
 
 
 def _release_quietly(images: ImageQueue, token: str) -> None:
@@ -243,7 +420,7 @@ def _known_by_etag(batch: Sequence[QueuedImage], context: WorkerContext) -> dict
 def process_image(
     image: QueuedImage,
     context: WorkerContext,
-    recognized: dict[tuple[str, int], ImageOutcome] | None = None,
+    pictures: RunPictures[tuple[str, int], ImageOutcome] | None = None,
     known: dict[tuple[str, int], KnownPicture] | None = None,
     token: str = "",
 ) -> ImageOutcome:
@@ -255,21 +432,22 @@ def process_image(
     ``content_hash``.
 
     Pay once per picture (unless the scan runs with ``--force``): an image whose bytes are those of
-    a picture already recognized with the same backend (earlier, or in this batch: ``recognized``,
-    by MD5 and size) copies its result instead of calling the recognizer. An S3 object's ETag is
-    its MD5 for a single-part upload, so such a copy is found before the object is read. Before a
-    paid call the run takes the picture (``worker/queue/pictures.py``); a copy whose picture another
+    a picture already recognized with the same backend (earlier, or in this run: ``pictures``, by
+    MD5 and size) copies its result instead of calling the recognizer. An S3 object's ETag is its
+    MD5 for a single-part upload, so such a copy is found before the object is read. A copy whose
+    picture another image of the run is being recognized for waits for that result; before a paid
+    call the run takes the picture (``worker/queue/pictures.py``), and a copy whose picture another
     run is recognizing right now waits for that result.
     """
     started = clock.monotonic()
-    outcome = _reused_or_processed(image, context, {} if recognized is None else recognized, known, token)
+    outcome = _reused_or_processed(image, context, RunPictures() if pictures is None else pictures, known, token)
     return dataclasses.replace(outcome, work_ms=round(1000 * (clock.monotonic() - started)))
 
 
 def _reused_or_processed(
     image: QueuedImage,
     context: WorkerContext,
-    recognized: dict[tuple[str, int], ImageOutcome],
+    pictures: RunPictures[tuple[str, int], ImageOutcome],
     known: dict[tuple[str, int], KnownPicture] | None,
     token: str,
 ) -> ImageOutcome:
@@ -280,13 +458,16 @@ def _reused_or_processed(
         if picture is not None:
             return ImageOutcome.copied(image, picture, image.etag)
     read: list[bytes] = []
-    outcome = _process_image(image, context, read, recognized, token)
-    if not read:
-        return outcome
-    if outcome.content_hash is None:
+    mine: list[tuple[str, int]] = []  # the picture this image has among the run's (see RunPictures)
+    outcome = None
+    try:
+        outcome = _process_image(image, context, read, pictures, mine, token)
+    finally:
+        for key in mine:
+            original = outcome is not None and outcome.status == DONE and outcome.copied_from is None
+            pictures.finish(key, outcome if original else None)
+    if read and outcome.content_hash is None:
         outcome = dataclasses.replace(outcome, content_hash=_md5(read[0]))
-    if outcome.status == DONE and outcome.copied_from is None:
-        recognized.setdefault((outcome.content_hash or "", len(read[0])), outcome)
     return outcome
 
 
@@ -306,15 +487,38 @@ def _etag_is_md5(image: QueuedImage) -> bool:
     )
 
 
-def _known_copy(
-    image: QueuedImage, data: bytes, context: WorkerContext, recognized: dict[tuple[str, int], ImageOutcome]
+def _copy_of(image: QueuedImage, earlier: ImageOutcome, content_hash: str) -> ImageOutcome:
+    picture = KnownPicture(earlier.image_id, earlier.width, earlier.height)
+    return ImageOutcome.copied(image, picture, content_hash, earlier.result)
+
+
+def _waiting_for_picture(image: QueuedImage, content_hash: str) -> ImageOutcome:
+    log.info("image waits for its picture: %s/%s is a copy being recognized now", image.bucket, image.key)
+    wait = timedelta(seconds=random.uniform(PICTURE_WAIT_SECONDS, 2 * PICTURE_WAIT_SECONDS))
+    return ImageOutcome.waiting(image, utcnow() + wait, content_hash)
+
+
+def _first_in_run(
+    image: QueuedImage,
+    data: bytes,
+    pictures: RunPictures[tuple[str, int], ImageOutcome],
+    mine: list[tuple[str, int]],
 ) -> ImageOutcome | None:
+    """Within the run: the copy of a picture another of its images was recognized for (waiting
+    for it while it is in flight), or None: this image has the picture now (added to ``mine``)."""
+    key = (_md5(data), len(data))
+    action, earlier = pictures.first_or_wait(key, PICTURE_PATIENCE_SECONDS)
+    if action == "copy" and earlier is not None:
+        return _copy_of(image, earlier, key[0])
+    if action == "busy":
+        return _waiting_for_picture(image, key[0])
+    mine.append(key)
+    return None
+
+
+def _known_copy(image: QueuedImage, data: bytes, context: WorkerContext) -> ImageOutcome | None:
     """The outcome of a picture already recognized whose bytes are ``data``, copied; or None."""
     content_hash = _md5(data)
-    earlier = recognized.get((content_hash, len(data)))
-    if earlier is not None:
-        picture = KnownPicture(earlier.image_id, earlier.width, earlier.height)
-        return ImageOutcome.copied(image, picture, content_hash, earlier.result)
     if content_hash == image.etag and _etag_is_md5(image):
         return None  # looked up by its ETag already
     known = context.store.known_picture(content_hash, len(data), image.backend)
@@ -329,16 +533,15 @@ def _wait_or_copy(image: QueuedImage, data: bytes, context: WorkerContext, token
     if context.pictures.take(Picture(image.backend, content_hash, len(data)), token):
         known = context.store.known_picture(content_hash, len(data), image.backend)
         return ImageOutcome.copied(image, known, content_hash) if known is not None else None
-    log.info("image waits for its picture: %s/%s is a copy another run is recognizing", image.bucket, image.key)
-    wait = timedelta(seconds=random.uniform(PICTURE_WAIT_SECONDS, 2 * PICTURE_WAIT_SECONDS))
-    return ImageOutcome.waiting(image, utcnow() + wait, content_hash)
+    return _waiting_for_picture(image, content_hash)
 
 
 def _process_image(
     image: QueuedImage,
     context: WorkerContext,
     read: list[bytes],
-    recognized: dict[tuple[str, int], ImageOutcome],
+    pictures: RunPictures[tuple[str, int], ImageOutcome],
+    mine: list[tuple[str, int]],
     token: str,
 ) -> ImageOutcome:
     width = height = None
@@ -348,7 +551,9 @@ def _process_image(
         recognizer = context.recognizers.get(image.backend)
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key, image.etag))
         read.append(data)
-        if image.reuse_results and (copy := _known_copy(image, data, context, recognized)) is not None:
+        if image.reuse_results and (copy := _first_in_run(image, data, pictures, mine)) is not None:
+            return copy
+        if image.reuse_results and (copy := _known_copy(image, data, context)) is not None:
             return copy
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height
@@ -425,7 +630,7 @@ class SlotStep:
     idle_rounds: int = 0
 
 
-def _help_list(scan_id: int, context: WorkerContext, token: str) -> bool:
+def _help_list(scan_id: int, context: WorkerContext, token: str, slice_seconds: float = LIST_SLICE_SECONDS) -> bool:
     """A slot with nothing to claim while its scan's S3 listing goes on lists a slice of a part
     nobody holds (or whose holder's lease ran out): so a listing whose lister died, or whose
     message was lost, still ends while any slot lives. Returns whether it listed."""
@@ -436,7 +641,7 @@ def _help_list(scan_id: int, context: WorkerContext, token: str) -> bool:
     if part is None:
         return False
     pages = s3_pages(context.s3_lister, attempts=context.max_attempts)
-    list_slice(part, parts, pages, deadline=clock.monotonic() + LIST_SLICE_SECONDS)
+    list_slice(part, parts, pages, deadline=clock.monotonic() + slice_seconds)
     return True
 
 
@@ -453,7 +658,7 @@ def take_next_batch(
     """
     image_ids = context.images.claim(scan_id, context.batch_size, token)
     if image_ids:
-        return SlotStep(process_claimed(image_ids, context, token), next_in=0.0)
+        return SlotStep(_Run(context, token, scan_id).work(image_ids), next_in=0.0)
     state = context.images.state(scan_id)
     if state.listing and _help_list(scan_id, context, token):
         return SlotStep(BatchReport(), next_in=0.0)

@@ -115,6 +115,13 @@ class Settings:
         "Rekognition calls per second shared by all workers (the account's quota); 0: no pacing.",
         minimum=0,
     )
+    calls_in_flight: int = _setting(
+        32,
+        "CELEBSCAN_CALLS_IN_FLIGHT",
+        "Rekognition calls a worker process keeps in flight at once (threads waiting on the network; each holds "
+        "its image in memory); the local recognizer works one image at a time.",
+        minimum=1,
+    )
     rate_limit_url: str = _setting(
         "",
         "CELEBSCAN_RATE_LIMIT_URL",
@@ -165,7 +172,7 @@ class Settings:
         "Rekognition's price per image by monthly tier: PRICE:IMAGES,... and a last PRICE for the rest.",
     )
     worker_concurrency: int = _setting(
-        8,
+        2,
         "CELEBSCAN_WORKER_CONCURRENCY",
         "Worker processes per machine (the deploy kit's WorkerConcurrency): `estimate` sizes the fleet with it.",
         minimum=1,

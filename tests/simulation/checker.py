@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, func, select, text
 
 from tests.simulation.world import md5
+from worker.batch import run_of
 from worker.schema import DONE, FAILED, QUEUED, faces, images, listing_parts, person_images, pictures, scans
 from worker.store import ResultStore
 
@@ -67,7 +68,7 @@ def check(sim: Simulation, result: RunResult) -> None:
         scan_rows = conn.execute(select(scans)).all()
         # A picture taken by a run that crashed stays until its lease runs out: nobody holds it.
         held_pictures = sum(
-            holder not in sim.dead_runs
+            run_of(holder) not in sim.dead_runs
             for (holder,) in conn.execute(
                 select(pictures.c.holder).where(
                     pictures.c.held_at >= sim.scheduler.now() - timedelta(seconds=sim.lease)

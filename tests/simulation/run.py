@@ -24,7 +24,7 @@ import random
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +263,8 @@ class Simulation:
             lease_seconds=self.lease,
             batch_seconds=self.settings.run_seconds,
             keep_leases=self._keep_leases,
+            refill_inline=True,  # a run claims its scan's next batches, one token each, as a fleet's do
+            refill_seconds=20.0,
             settings=self.settings,
             _s3_lister=self.s3,
         )
@@ -276,7 +278,9 @@ class Simulation:
             process.outstanding.append(picture)
 
     @contextmanager
-    def _keep_leases(self, engine: Engine, token: str, lease_seconds: float, deadline: float | None) -> Iterator[None]:
+    def _keep_leases(
+        self, engine: Engine, tokens: Callable[[], Collection[str]], lease_seconds: float, deadline: float | None
+    ) -> Iterator[None]:
         """The lease keeper, as a task of the process (the thread of production)."""
         process = self.current_process()
         stopped = [False]
@@ -287,12 +291,13 @@ class Simulation:
                 if stopped[0] or (deadline is not None and self.scheduler.t > deadline):
                     return
                 try:
-                    renew_all(engine, token)
+                    renew_all(engine, tokens())
                 except SQLAlchemyError:  # as the keeper thread does: the next round tries again
                     self.stats["renewals failed"] += 1
-                    self.unrenewed.add(token)
+                    self.unrenewed.update(tokens())
 
         if process is not None:
+            token = next(iter(tokens()))
             self.scheduler.spawn(self.guarded(process, keep, f"lease keeper of {token}"), f"keeper {token}", process)
         try:
             yield

@@ -434,9 +434,11 @@ class ImageQueue:
         )
 
 
-def renew(conn, token: str, now) -> None:
-    """Extend the lease of the images ``token`` holds (see ``worker/queue/leases.py``)."""
-    conn.execute(update(images).where(held_by(token)).values(claimed_at=now))
+def renew(conn, tokens: list[str], now) -> None:
+    """Extend the lease of the images the ``tokens`` hold (see ``worker/queue/leases.py``)."""
+    conn.execute(
+        update(images).where(images.c.status == QUEUED, images.c.claimed_by.in_(tokens)).values(claimed_at=now)
+    )
 
 
 def _new_row(scan_id: int, bucket: str, backend: str, item, now) -> dict[str, Any]:

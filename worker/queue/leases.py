@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 from sqlalchemy import Engine
@@ -25,25 +25,29 @@ log = logging.getLogger(__name__)
 #: Renewals never come closer than this (a lease of a second or less is a test's).
 MIN_RENEWAL_SECONDS = 0.25
 
-#: Builds the context that keeps ``token``'s leases while a run works: (engine, token, lease seconds,
-#: run deadline on the clock's monotonic time or None) -> context manager.
-LeaseKeeping = Callable[[Engine, str, float, "float | None"], AbstractContextManager]
+#: The tokens of a run, read at each renewal (a run takes a token for each batch it claims).
+Tokens = Callable[[], Collection[str]]
+#: Builds the context that keeps a run's leases while it works: (engine, the run's tokens, lease
+#: seconds, run deadline on the clock's monotonic time or None) -> context manager.
+LeaseKeeping = Callable[[Engine, Tokens, float, "float | None"], AbstractContextManager]
 
 
-def renew_all(engine: Engine, token: str) -> None:
-    """Renew every claim ``token`` holds, in one transaction."""
+def renew_all(engine: Engine, tokens: Collection[str]) -> None:
+    """Renew every claim the ``tokens`` hold, in one transaction."""
     now = clock.utcnow()
+    tokens = list(tokens)
     with engine.begin() as conn:
-        images.renew(conn, token, now)
-        pictures.renew(conn, token, now)
-        parts.renew(conn, token, now)
+        images.renew(conn, tokens, now)
+        pictures.renew(conn, tokens, now)
+        parts.renew(conn, tokens, now)
 
 
 @contextmanager
 def keep_leases_in_a_thread(
-    engine: Engine, token: str, lease_seconds: float, deadline: float | None = None
+    engine: Engine, tokens: Tokens, lease_seconds: float, deadline: float | None = None
 ) -> Iterator[None]:
-    """Renew ``token``'s leases every quarter lease while the block runs (until ``deadline``)."""
+    """Renew the leases of the run's ``tokens`` every quarter lease while the block runs (until ``deadline``)."""
+    token = next(iter(tokens()))
     stop = threading.Event()
 
     def renew_until_stopped() -> None:
@@ -52,7 +56,7 @@ def keep_leases_in_a_thread(
                 log.warning("run %s passed its deadline: its leases are no longer renewed", token)
                 return
             try:
-                renew_all(engine, token)
+                renew_all(engine, tokens())
             except SQLAlchemyError as exc:  # the database is away: the next round tries again
                 log.warning("could not renew the leases of run %s: %s", token, exc)
 

@@ -309,9 +309,9 @@ class ListingParts:
         return PartsProgress(total, rows.get(DONE, 0), rows.get(FAILED, 0)) if total else None
 
 
-def renew(conn, token: str, now) -> None:
+def renew(conn, tokens: list[str], now) -> None:
     conn.execute(
         update(listing_parts)
-        .where(listing_parts.c.claimed_by == token, listing_parts.c.status == QUEUED)
+        .where(listing_parts.c.claimed_by.in_(tokens), listing_parts.c.status == QUEUED)
         .values(claimed_at=now)
     )

@@ -64,8 +64,8 @@ class PictureLocks:
         return holder == token
 
 
-def renew(conn, token: str, now) -> None:
-    conn.execute(update(pictures).where(pictures.c.holder == token).values(held_at=now))
+def renew(conn, tokens: list[str], now) -> None:
+    conn.execute(update(pictures).where(pictures.c.holder.in_(tokens)).values(held_at=now))
 
 
 def release(conn, token: str) -> None:
