@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def main() -> int:
     accepted = sorted(standin.accepted_at)
     rejected = sum(c.answered == "ProvisionedThroughputExceededException" for c in standin.calls)
     rate = (len(accepted) - 1) / (accepted[-1] - accepted[0])
+    per_second = Counter(int(moment - accepted[0]) for moment in accepted)
+    print("calls per second:", " ".join(str(per_second[second]) for second in range(max(per_second) + 1)))
     share, rejected_share = rate / args.quota, rejected / len(standin.calls)
     lost = args.images - summary.counts["done"]
     met = share >= 0.95 and rejected_share < 0.01 and lost == 0

@@ -23,12 +23,13 @@ from functools import partial
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from worker import clock
 from worker.database import aware_utc, utcnow
-from worker.errors import CelebscanError, TransientError
+from worker.errors import CelebscanError, ServiceUnavailableError, TransientError
 from worker.images import ImageLimits, decode_image
-from worker.inflight import Lanes, RunPictures, lanes_for
+from worker.inflight import LaneInterrupted, Lanes, RunPictures, lanes_for
 from worker.listing_parts import LIST_SLICE_SECONDS, list_slice, s3_pages
 from worker.outcomes import ImageOutcome, KnownPicture, QueuedImage
 from worker.prefilter import FacePrefilter
@@ -58,11 +59,15 @@ PICTURE_WAIT_SECONDS = 2.0
 PICTURE_PATIENCE_SECONDS = 30.0
 #: A run looks at the calls that came back (and claims more) at least this often.
 WAIT_SECONDS = 0.5
-#: A run that has calls in flight claims more of its scan for this long, then ends and sends its slot on.
-REFILL_SECONDS = 30.0
+#: A run that has calls in flight claims more of its scan for up to this long (from half of it: the
+#: runs of a machine's processes, started together, do not all end together), then ends and sends its
+#: slot on: the few seconds its last calls take are the only time its process has fewer in flight.
+REFILL_SECONDS = 60.0
 #: The slice of the listing a run's helper thread lists at a time, and its pause when nothing is left to it.
-HELP_SLICE_SECONDS = 2.0
+HELP_SLICE_SECONDS = 5.0
 HELP_IDLE_SECONDS = 2.0
+#: How long a run waits for its listing helper past its slice before it ends without it.
+HELP_JOIN_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -196,7 +201,7 @@ class _Chunk:
 
     token: str
     left: int  # images submitted and not yet back
-    outcomes: list[ImageOutcome] = field(default_factory=list)
+    outcomes: dict[int, ImageOutcome] = field(default_factory=dict)  # by image id
     scan_ids: frozenset[int] = frozenset()
     written: bool = False
 
@@ -212,12 +217,13 @@ class _Run:
         self.tokens = [token]  # every token of the run: the lease keeper renews them all
         now = clock.monotonic()
         self.deadline = now + context.batch_seconds
-        self.refill_until = now + context.refill_seconds
+        self.refill_until = now + context.refill_seconds * random.uniform(0.5, 1.0)
         self.pictures: RunPictures[tuple[str, int], ImageOutcome] = RunPictures()
         self.in_flight: dict[Future, _Chunk] = {}
         self.chunks: list[_Chunk] = []
         self.stopped = False  # the deadline or the time limit: no image starts any more
         self.refilling = scan_id is not None
+        self.claim_size = 1  # the most a claim gave: the scan's batch size
         self.totals = dict(done=0, failed=0, refused=0, skipped=0)
         self.deferred: list[ImageOutcome] = []
 
@@ -252,7 +258,7 @@ class _Run:
             self.context.recognizers.get(backend)
         if any(image.prefilter_faces and image.backend in PAID_BACKENDS for image in held):
             self.context.prefilter.check_available()
-        paid = any(image.backend in PAID_BACKENDS for image in held)
+        paid = bool(held) and all(image.backend in PAID_BACKENDS for image in held)
         lanes = self.context.lanes(self.context.calls_in_flight if paid else 1)
         self.refilling = self.refilling and (lanes.size > 1 or self.context.refill_inline)
         helper = _ListingHelper(self) if lanes.size > 1 and self.scan_id is not None else None
@@ -261,15 +267,26 @@ class _Run:
             self._pipeline(lanes)
         except SoftTimeLimitExceeded:  # the task's time limit: write what is back, give back the rest
             log.warning("run %s reached its time limit; it writes the images it finished", self.token)
-            self._stop()
-            self._collect(lanes, patience=None)
-            for chunk in self.chunks:  # what the limit cut short between taking an outcome and its write
-                if not chunk.written and chunk.outcomes:
-                    self._write(chunk)
+            self._salvage(lanes)
+        except Exception:  # the calls already paid for are written before the error goes on
+            log.warning("run %s failed; it writes the images it finished", self.token)
+            try:
+                self._salvage(lanes)
+            except Exception:
+                log.exception("run %s could not write what it finished", self.token)
+            raise
         finally:
             lanes.close()
             if helper is not None:
                 helper.stop()
+
+    def _salvage(self, lanes: Lanes) -> None:
+        """Start nothing more, wait for the calls out, write every batch with outcomes."""
+        self._stop()
+        self._collect(lanes, patience=None)
+        for chunk in self.chunks:  # cut short between taking an outcome and its batch's write
+            if not chunk.written and chunk.outcomes:
+                self._write(chunk)
 
     def _pipeline(self, lanes: Lanes) -> None:
         while True:
@@ -285,7 +302,10 @@ class _Run:
         if clock.monotonic() >= self.refill_until:
             self.refilling = False
             return False
-        return len(self.in_flight) < lanes.size  # a lane free: the next batch waits for lanes, not for claims
+        # A lane free, and what is started and not yet written (a slow call keeps its batch open)
+        # within the lanes and a batch: all a crash could make the run pay for again.
+        unwritten = sum(chunk.left + len(chunk.outcomes) for chunk in self.chunks if not chunk.written)
+        return len(self.in_flight) < lanes.size and unwritten < lanes.size + self.claim_size
 
     def _refill(self, lanes: Lanes) -> None:
         assert self.scan_id is not None
@@ -304,6 +324,7 @@ class _Run:
             for image in held:
                 self._isolated(token, image, known)
             return
+        self.claim_size = max(self.claim_size, len(held))
         started = self.context.images.start(token, held, MAX_DELIVERIES)
         self.totals["failed"] += started.quarantined
         chunk = _Chunk(token, len(started.images), scan_ids=started.scan_ids)
@@ -323,7 +344,7 @@ class _Run:
         chunk = _Chunk(token, 0, scan_ids=started.scan_ids)
         self.chunks.append(chunk)  # cut short by the time limit, it is written with what is back
         for each in started.images:
-            chunk.outcomes.append(process_image(each, self.context, self.pictures, known, token))
+            chunk.outcomes[each.id] = process_image(each, self.context, self.pictures, known, token)
         self._write(chunk)
 
     def _drain(self, lanes: Lanes) -> None:
@@ -346,10 +367,13 @@ class _Run:
                 error = None if future.cancelled() else future.exception()
                 if isinstance(error, SoftTimeLimitExceeded):  # an image worked inline, cut short
                     self._stop()
+                elif isinstance(error, LaneInterrupted):  # its work was cut short: the image goes back
+                    pass
                 elif error is not None:
                     raise error
                 elif not future.cancelled():
-                    chunk.outcomes.append(future.result())  # twice at worst: a write takes an image once
+                    outcome = future.result()
+                    chunk.outcomes[outcome.image_id] = outcome
                 del self.in_flight[future]
                 chunk.left -= 1
             for chunk in self.chunks:
@@ -360,10 +384,11 @@ class _Run:
 
     def _write(self, chunk: _Chunk) -> None:
         context = self.context
-        written = context.images.write(chunk.token, chunk.outcomes)
-        chunk.written = True
+        outcomes = list(chunk.outcomes.values())
+        written = context.images.write(chunk.token, outcomes)
+        chunk.written, chunk.outcomes = True, {}
         context.scans.finish_if_drained(written.scan_ids | chunk.scan_ids)
-        ours = [o for o in chunk.outcomes if o.image_id in written.written | written.replayed]
+        ours = [o for o in outcomes if o.image_id in written.written | written.replayed]
         self.totals["done"] += sum(o.status == DONE for o in ours)
         self.totals["failed"] += sum(o.status == FAILED for o in ours)
         self.totals["refused"] += len(written.refused)
@@ -387,12 +412,18 @@ class _ListingHelper:
             while not self._stopping.is_set() and run.context.images.state(run.scan_id).listing:
                 if not _help_list(run.scan_id, run.context, run.token, slice_seconds=HELP_SLICE_SECONDS):
                     self._stopping.wait(HELP_IDLE_SECONDS)
-        except Exception:  # the run goes on without help; a part it held comes free with its lease
+        except Exception:  # the run goes on without help
             log.exception("run %s stopped helping the listing", run.token)
+            try:
+                run.context.listing_parts.release_all(run.token)
+            except Exception as exc:  # the database is away: the part comes free when its lease runs out
+                log.warning("could not release the part run %s was listing: %s", run.token, exc)
 
     def stop(self) -> None:
+        """Ends the helper after its slice; one that hangs (a page retried for minutes) is left to
+        end by itself: its part is fenced by the run's token, which nobody renews after the run."""
         self._stopping.set()
-        self._thread.join()
+        self._thread.join(HELP_SLICE_SECONDS + HELP_JOIN_GRACE_SECONDS)
 
 
 def _release_quietly(images: ImageQueue, token: str) -> None:
@@ -568,6 +599,9 @@ def _process_image(
         return _transient_outcome(image, exc, context, width, height)
     except SoftTimeLimitExceeded:  # the run's time is up: not the image's fault
         raise
+    except SQLAlchemyError as exc:  # a picture's lock or a copy's lookup: before any call, so no call is lost
+        transient = ServiceUnavailableError(f"the results database: {exc}", code="DatabaseUnavailable")
+        return _transient_outcome(image, transient, context, width, height)
     except CelebscanError as exc:
         log.info("image failed: %s/%s: %s: %s", image.bucket, image.key, exc.code, exc)
         return ImageOutcome.failed(image.id, exc.code, str(exc), width, height)

@@ -155,12 +155,19 @@ def _sql_text(clause) -> str:
     return clause if isinstance(clause, str) else str(clause.compile(compile_kwargs={"literal_binds": True}))
 
 
+#: A worker's run keeps up to CELEBSCAN_CALLS_IN_FLIGHT threads that each touch the database
+#: briefly (a picture's lock, a copy's lookup): connections beyond the pool's 5 open for a burst
+#: (a database that stalled a moment) and close again, rather than make a thread wait its turn.
+POOL_OVERFLOW = 40
+
+
 def _engine_options(url: str) -> dict[str, Any]:
     if make_url(url).get_backend_name() == "sqlite":
-        return {"connect_args": {"timeout": 60}}
+        return {"connect_args": {"timeout": 60}, "max_overflow": POOL_OVERFLOW}
     # psycopg2's plain executemany is one round trip per row; batch the UPDATEs (execute_batch)
     # and the INSERTs (multi-row VALUES) instead.
     return {
+        "max_overflow": POOL_OVERFLOW,
         "pool_pre_ping": True,
         "executemany_mode": "values_plus_batch",
         "executemany_batch_page_size": 500,

@@ -20,6 +20,10 @@ T = TypeVar("T")
 Key = TypeVar("Key")
 
 
+class LaneInterrupted(Exception):
+    """An image's work that a time limit cut short before it could end: it has no outcome."""
+
+
 class Lanes(Protocol):
     """Where a run's images are worked: ``size`` at a time."""
 
@@ -71,16 +75,23 @@ class InlineLanes:
         wanted = set(futures)
         done = {future for future in wanted if future.done()}
         while not done and self._waiting:
-            future, call = self._waiting.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
+            future, call = self._waiting[0]
             try:
+                self._waiting.popleft()
+                if not future.set_running_or_notify_cancel():
+                    continue
                 future.set_result(call())
             except BaseException as exc:
-                future.set_exception(exc)
-                if not isinstance(exc, Exception):  # a time limit, a simulated crash: the run stops here
+                if not future.done():
+                    future.set_exception(exc)
+                if not isinstance(exc, Exception):  # a simulated crash: the run stops here
                     raise
             if future in wanted:
+                done.add(future)
+        if not done and not self._waiting:  # cut short by a time limit between two steps above
+            for future in wanted:
+                if not future.cancel() and not future.done():
+                    future.set_exception(LaneInterrupted("its work was cut short"))
                 done.add(future)
         return done
 

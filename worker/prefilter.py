@@ -7,6 +7,7 @@ to the paid recognizer (so never billed). The detector misses some faces the ser
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +23,8 @@ class FacePrefilter:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self._embedder: FaceEmbedder | None = None
+        #: dlib's detector is CPU work under the GIL: a run's calls in flight take turns at it.
+        self._detecting = threading.Lock()
 
     def check_available(self) -> None:
         """Load dlib's detector now; :class:`RecognizerUnavailableError` when this worker cannot."""
@@ -34,6 +37,7 @@ class FacePrefilter:
                 raise RecognizerUnavailableError(f"this worker cannot run the face prefilter: {exc}") from exc
 
     def has_face(self, pixels: np.ndarray) -> bool:
-        self.check_available()
-        assert self._embedder is not None
-        return bool(self._embedder.detect(pixels))
+        with self._detecting:
+            self.check_available()
+            assert self._embedder is not None
+            return bool(self._embedder.detect(pixels))

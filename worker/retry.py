@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -50,12 +51,13 @@ DATABASE_PATIENCE_SECONDS = 300
 
 
 def retry_database(func: Callable[..., T]) -> Callable[..., T]:
-    """Retry ``func`` while the database is unreachable or locked (full jitter, up to 15 s apart)."""
+    """Retry ``func`` while the database is unreachable or locked, or every pooled connection is
+    busy (full jitter, up to 15 s apart)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs) -> T:
         retrying = Retrying(
-            retry=retry_if_exception_type((OperationalError, InterfaceError)),
+            retry=retry_if_exception_type((OperationalError, InterfaceError, PoolTimeoutError)),
             wait=wait_random_exponential(multiplier=0.5, max=15),
             stop=stop_after_delay(DATABASE_PATIENCE_SECONDS),
             reraise=True,
