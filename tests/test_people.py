@@ -14,7 +14,7 @@ from tests.clirun import celebscan
 from tests.conftest import write_outcomes
 from worker.listing import ListedObject
 from worker.outcomes import ImageOutcome
-from worker.results import BoundingBox, Celebrity, RecognitionResult
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 
 BUCKET = "photos"
 BOX = BoundingBox(0.1, 0.2, 0.3, 0.4)

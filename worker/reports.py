@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from worker.database import aware_utc
-from worker.results import BoundingBox
+from worker.recognition import BoundingBox
 from worker.schema import DONE, FAILED, QUEUED
 
 
