@@ -7,8 +7,8 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
+from worker.read_models import ResultRecord
 from worker.recognition import BoundingBox
-from worker.reports import ResultRecord
 
 RECOGNIZED = (40, 200, 90)
 UNRECOGNIZED = (255, 170, 0)

@@ -23,8 +23,8 @@ from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
+from worker.read_models import ImageError, ResultRecord, ScanSummary
 from worker.recognizers import BACKENDS, PAID_BACKENDS
-from worker.reports import ImageError, ResultRecord, ScanSummary
 from worker.settings import Settings, env_var
 from worker.sources import build_readers, parse_source
 from worker.store import ResultStore

@@ -37,8 +37,8 @@ from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
+from worker.read_models import ScanSummary
 from worker.recognizers import PAID_BACKENDS
-from worker.reports import ScanSummary
 from worker.settings import Settings
 from worker.sources import Source, parse_source
 from worker.store import QueueReport, ResultStore

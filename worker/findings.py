@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, Select, and_, exists, func, select, union
 
 from worker.database import CHUNK_SIZE
-from worker.reports import ResultRecord, result_record
+from worker.read_models import ResultRecord, result_record
 from worker.schema import faces, images, person_images, scans
 
 

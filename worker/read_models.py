@@ -1,4 +1,10 @@
-"""Reading results back: scan summaries, progress for monitoring, and one record per image."""
+"""The read side's types: what reading results back yields (the queries are in ``worker/findings.py``
+and ``worker/store.py``).
+
+A scan's summary (``status``, ``scan``'s last line), its progress by status (``metrics``, scaling),
+and one typed record per image (``results``, ``report``, ``show``), whose ``to_dict()`` is the JSON
+line ``results --format jsonl`` writes.
+"""
 
 from __future__ import annotations
 
