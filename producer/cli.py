@@ -368,7 +368,7 @@ def report(
 ) -> None:
     """One self-contained HTML page: the people found with their counts and a few annotated pictures
     of each, the failures, a filter by person."""
-    from producer.report import gather, render
+    from producer.html_report import gather, render
 
     settings = app.settings.replace(report_per_person=report_per_person)
     summary = _summary(app.store, scan_id)
@@ -398,7 +398,7 @@ def report(
 def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
     """Draw the faces found in the image KEY (boxes, names and confidence) into one picture."""
     from producer.annotate import annotate
-    from producer.report import read_picture
+    from producer.html_report import read_picture
 
     record = next(iter(app.store.result_records(scan_id, key=key)), None)
     if record is None:
