@@ -132,7 +132,7 @@ class UnknownFace:
 
 @dataclass(frozen=True)
 class ImageError:
-    """Why an image could not be read: a stable code (README's bad-input table) and a message."""
+    """Why an image could not be read: a stable code (docs/operations.md's bad-input table) and a message."""
 
     code: str
     message: str
@@ -140,7 +140,7 @@ class ImageError:
 
 @dataclass(frozen=True)
 class ResultRecord:
-    """One image's result as ``celebscan results`` gives it (DESIGN.md's result record)."""
+    """One image's result as ``celebscan results`` gives it (docs/guide.md's result record)."""
 
     scan_id: int
     source: str
