@@ -29,7 +29,7 @@ from tests.servers import postgres_server
 from worker.database import utcnow
 from worker.listing import ListedObject
 from worker.outcomes import ImageOutcome, face_row_dicts
-from worker.results import RecognitionResult
+from worker.recognition import RecognitionResult
 from worker.schema import faces, images
 from worker.store import ResultStore
 

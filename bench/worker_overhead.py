@@ -23,9 +23,9 @@ from tests.imagemaker import encode, halves
 from tests.servers import postgres_server
 from worker.batch import WorkerContext, process_batch
 from worker.listing import list_folder
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.recognizers import Recognizers
 from worker.recognizers.stub import StubRecognizer
-from worker.results import BoundingBox, Celebrity, RecognitionResult
 from worker.settings import Settings
 from worker.sources import build_readers
 from worker.store import ResultStore

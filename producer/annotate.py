@@ -7,8 +7,8 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-from worker.reports import ResultRecord
-from worker.results import BoundingBox
+from worker.read_models import ResultRecord
+from worker.recognition import BoundingBox
 
 RECOGNIZED = (40, 200, 90)
 UNRECOGNIZED = (255, 170, 0)

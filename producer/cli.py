@@ -23,8 +23,8 @@ from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, GalleryError
 from worker.gallery import Gallery
+from worker.read_models import ImageError, ResultRecord, ScanSummary
 from worker.recognizers import BACKENDS, PAID_BACKENDS
-from worker.reports import ImageError, ResultRecord, ScanSummary
 from worker.settings import Settings, env_var
 from worker.sources import build_readers, parse_source
 from worker.store import ResultStore
@@ -375,7 +375,7 @@ def report(
 ) -> None:
     """One self-contained HTML page: the people found with their counts and a few annotated pictures
     of each, the failures, a filter by person."""
-    from producer.report import gather, render
+    from producer.html_report import gather, render
 
     settings = app.settings.replace(report_per_person=report_per_person)
     summary = _summary(app.store, scan_id)
@@ -405,7 +405,7 @@ def report(
 def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
     """Draw the faces found in the image KEY (boxes, names and confidence) into one picture."""
     from producer.annotate import annotate
-    from producer.report import read_picture
+    from producer.html_report import read_picture
 
     record = next(iter(app.store.result_records(scan_id, key=key)), None)
     if record is None:

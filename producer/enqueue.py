@@ -31,7 +31,7 @@ PIPELINE_SIZE = 1000
 
 def open_window(settings: Settings, scan_id: int, listing_parts: list[int] | tuple[int, ...] = ()) -> int:
     """Put the scan's window slots into the broker: ``settings.window`` small messages, each of
-    which a worker turns into the scan's next batch, then sends on (see ``worker/claims.py``);
+    which a worker turns into the scan's next batch, then sends on (``worker/batch.py``: ``take_next_batch``);
     first, one message per part of its key space for the workers to list (``worker/listing_parts.py``)."""
     with make_celery(settings) as app:
         try:

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from worker.reports import ResultRecord
+from worker.read_models import ResultRecord
 
 CSV_COLUMNS = (
     "scan_id",

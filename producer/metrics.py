@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from worker.aws import AWS_ERRORS, client, translate
 from worker.celery_config import LISTING_QUEUE, QUEUE, make_celery
 from worker.errors import ConfigurationError
-from worker.reports import ScanProgress
+from worker.read_models import ScanProgress
 from worker.schema import QUEUED, STATUSES
 from worker.settings import Settings
 from worker.store import ResultStore

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from producer.cost import Estimate, price_list, usd
-from producer.embedded import default_workers, drain_scan
 from producer.enqueue import check_broker, masked_broker, open_window
+from producer.local_pool import default_workers, drain_scan
 from worker.database import CHUNK_SIZE, chunks, masked_url
 from worker.errors import ConfigurationError, ListingFailedError, ListingTakenOverError
 from worker.listing import ListedObject, check_bucket, fits_in_a_page, list_folder, list_s3, split_key_space
@@ -37,8 +37,8 @@ from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
+from worker.read_models import ScanSummary
 from worker.recognizers import PAID_BACKENDS
-from worker.reports import ScanSummary
 from worker.settings import Settings
 from worker.sources import Source, parse_source
 from worker.store import QueueReport, ResultStore

@@ -7,8 +7,8 @@ from tests.imagemaker import jpeg
 from worker.batch import MAX_DELIVERIES, WorkerContext, process_batch
 from worker.errors import AccessDeniedError, ThrottledError
 from worker.listing import list_folder
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.recognizers.stub import StubRecognizer
-from worker.results import BoundingBox, Celebrity, RecognitionResult
 from worker.store import ResultStore
 
 FOUND = RecognitionResult(celebrities=(Celebrity("obama", "1", 95.0, BoundingBox(0.1, 0.1, 0.2, 0.2)),))

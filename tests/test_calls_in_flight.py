@@ -22,7 +22,7 @@ from worker.batch import take_next_batch
 from worker.inflight import InlineLanes, LaneInterrupted, RunPictures, ThreadLanes
 from worker.listing import list_folder
 from worker.queue.images import ImageQueue
-from worker.results import RecognitionResult
+from worker.recognition import RecognitionResult
 from worker.schema import images
 
 

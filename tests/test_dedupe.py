@@ -19,8 +19,8 @@ from tests.imagemaker import jpeg
 from tests.rekognition_standin import celebrity
 from worker.batch import process_batch
 from worker.listing import list_folder
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.recognizers.stub import StubRecognizer
-from worker.results import BoundingBox, Celebrity, RecognitionResult
 from worker.schema import faces, images
 from worker.store import ResultStore
 

@@ -27,8 +27,8 @@ from worker.outcomes import ImageOutcome
 from worker.queue.images import ImageQueue
 from worker.queue.parts import ListingParts
 from worker.queue.scans import Scans
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.recognizers.stub import StubRecognizer
-from worker.results import BoundingBox, Celebrity, RecognitionResult
 from worker.schema import listing_parts, scans
 from worker.tasks import run_window_slot
 

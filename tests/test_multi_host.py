@@ -109,7 +109,7 @@ def test_a_host_cut_off_in_the_middle_of_writing_a_batch_does_not_hold_its_image
     from worker.listing import ListedObject
     from worker.outcomes import ImageOutcome
     from worker.queue.images import ImageQueue
-    from worker.results import BoundingBox, Celebrity, RecognitionResult
+    from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 
     with ExitStack() as stack:
         try:
@@ -155,7 +155,7 @@ _STALLING_WRITER = """
 import threading
 import worker.outcomes as outcomes
 from worker.store import ResultStore
-from worker.results import BoundingBox, Celebrity, RecognitionResult
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 
 def stall(values):
     print("stalled in the COPY", flush=True)

@@ -14,7 +14,7 @@ from tests.clirun import celebscan
 from tests.conftest import write_outcomes
 from worker.listing import ListedObject
 from worker.outcomes import ImageOutcome
-from worker.results import BoundingBox, Celebrity, RecognitionResult
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 
 BUCKET = "photos"
 BOX = BoundingBox(0.1, 0.2, 0.3, 0.4)
@@ -112,9 +112,9 @@ def test_results_for_a_person_by_name_or_id_in_every_format(store, people_scan):
 
 
 def test_the_report_shows_counts_and_a_bounded_number_of_pictures(store, people_scan, tmp_path, monkeypatch):
-    import producer.report
+    import producer.html_report
 
-    monkeypatch.setattr(producer.report, "thumbnail", lambda record, readers: (None, "not read in this test"))
+    monkeypatch.setattr(producer.html_report, "thumbnail", lambda record, readers: (None, "not read in this test"))
     page = tmp_path / "report.html"
     output = cli(store, "report", "--output", str(page), "--per-person", "5").output
     html = page.read_text()

@@ -1,7 +1,7 @@
 """The seeded simulation of faults (``tests/simulation/``) as CI runs it: 500 seeds on SQLite and
 100 on PostgreSQL, each driving the real claim, listing, batch and write code through crashes at
 commits, lost acknowledgements, redelivered, duplicated and lost messages, stalls, throttling and
-overlapping scans, then checking DESIGN.md's guarantees. A failing seed prints the command that
+overlapping scans, then checking the guarantees of docs/operations.md. A failing seed prints the command that
 replays it. Every bug the simulation found stays here with the seeds that caught it, run with
 the bug put back (they must fail) and without it (they must pass); longer campaigns:
 ``python -m bench.simulate --seeds N``.

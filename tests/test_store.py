@@ -6,7 +6,7 @@ from sqlalchemy import func, select
 from tests.conftest import write_outcomes
 from worker.listing import ListedObject
 from worker.outcomes import ImageOutcome
-from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
 from worker.schema import faces, images
 
 BUCKET = "/photos"

@@ -38,8 +38,8 @@ from worker.queue.leases import LeaseKeeping, keep_leases_in_a_thread
 from worker.queue.parts import ListingParts
 from worker.queue.pictures import Picture, PictureLocks
 from worker.queue.scans import Scans
+from worker.recognition import RecognitionResult
 from worker.recognizers import PAID_BACKENDS, Recognizers
-from worker.results import RecognitionResult
 from worker.retry import call_with_retry
 from worker.schema import DONE, FAILED
 from worker.settings import Settings

@@ -12,7 +12,7 @@ from kombu import Queue
 from worker.settings import Settings
 
 TASK_NAME = "celebscan.process_batch"  # a list of image ids (messages from before the window)
-#: A window slot: "take the next batch of scan N" (see worker/claims.py).
+#: A window slot: "take the next batch of scan N" (see worker/batch.py, take_next_batch).
 SLOT_TASK_NAME = "celebscan.take_next_batch"
 #: A part of a scan's S3 key space to list (see worker/listing_parts.py).
 LIST_TASK_NAME = "celebscan.list_part"

@@ -1,4 +1,5 @@
-"""Who was found where: result records, and the people found with the images they are in.
+"""The read side's queries: who was found where (result records, and the people found with the
+images they are in); what they return is ``worker/read_models.py``.
 
 Both read by index at any size: records stream in chunks of image ids (constant memory), a
 person's images are found through ``ix_faces_name`` / ``ix_faces_person_id`` (the name or the
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, Select, and_, exists, func, select, union
 
 from worker.database import CHUNK_SIZE
-from worker.reports import ResultRecord, result_record
+from worker.read_models import ResultRecord, result_record
 from worker.schema import faces, images, person_images, scans
 
 
@@ -60,7 +61,7 @@ def result_records(
     persons: Sequence[str] = (),
     limit: int | None = None,
 ) -> Iterator[ResultRecord]:
-    """One record per image, in the result format of DESIGN.md, streamed in chunks of image ids.
+    """One record per image, in the result format of docs/guide.md, streamed in chunks of image ids.
 
     With no scan, every image's latest version (an object whose content changed has one row per
     etag; only the newest is reported). With ``key``, only images of that key; with ``persons``

@@ -16,7 +16,7 @@ import orjson
 from sqlalchemy import Integer, delete, literal, select
 
 from worker import person_counts
-from worker.results import RecognitionResult
+from worker.recognition import RecognitionResult
 from worker.schema import DONE, FAILED, QUEUED, faces
 from worker.sql import dialect_insert
 

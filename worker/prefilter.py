@@ -2,7 +2,7 @@
 
 An image in which dlib's detector finds no face is recorded ``done`` with no faces and never sent
 to the paid recognizer (so never billed). The detector misses some faces the service would find
-(small, turned or half-hidden ones): measured in ``bench/prefilter.py`` and the README.
+(small, turned or half-hidden ones): measured in ``bench/prefilter.py`` (docs/performance.md).
 """
 
 from __future__ import annotations

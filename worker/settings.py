@@ -262,5 +262,5 @@ def env_var(name: str) -> str:
 
 
 def documented_settings() -> list[tuple[str, str, str]]:
-    """(environment variable, default, help) for every setting: the README's configuration table."""
+    """(environment variable, default, help) for every setting: docs/settings.md's table."""
     return [(f.metadata["env"], repr(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)]

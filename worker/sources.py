@@ -1,7 +1,10 @@
-"""Reading one object's bytes from where a scan's images live.
+"""A scan's source (a folder or an S3 prefix, parsed from what the user typed) and reading one
+object's bytes from it.
 
-Listing belongs to the producer; the worker only reads what it is handed, by (bucket, key). For a
-local folder the bucket is the folder's absolute path and the key is relative to it.
+A reader reads what it is handed, by (bucket, key), and only the version that was listed (S3:
+``If-Match`` with the listed ETag; a folder: its size and time), refusing anything larger than
+``CELEBSCAN_MAX_IMAGE_BYTES`` unread. For a local folder the bucket is the folder's absolute path
+and the key is relative to it. Listing a source is ``worker/listing.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The store is the one object the CLI and workers hold. The queue of record's transitions live in
 ``worker/queue/`` (an image's, a listing part's, a scan's), each module the one owner of its
 lifecycle; this module records a listing that one process reads whole (an S3 Inventory, tests)
-through them, and reads results back (``worker.findings``, ``worker.reports``). Images are
+through them, and reads results back (``worker.findings``, ``worker.read_models``). Images are
 unique on their natural key (bucket, key, etag, backend), so listing the same object twice
 queues it once.
 """
@@ -25,7 +25,7 @@ from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue, done_objects
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
-from worker.reports import (
+from worker.read_models import (
     ResultRecord,
     ScanProgress,
     ScanSummary,

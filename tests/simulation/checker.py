@@ -1,6 +1,7 @@
-"""The invariants a simulated run must keep (DESIGN.md's guarantees), checked at its end, and the
-watches (triggers) that catch what happens on the way: a row going back from ``done``/``failed``
-to ``queued`` other than by a scan's listing, a budget exceeded even for a moment.
+"""The invariants a simulated run must keep (the guarantees of docs/operations.md, "Failure
+semantics"), checked at its end, and the watches (triggers) that catch what happens on the way: a
+row going back from ``done``/``failed`` to ``queued`` other than by a scan's listing, a budget
+exceeded even for a moment.
 """
 
 from __future__ import annotations

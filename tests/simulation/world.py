@@ -20,7 +20,7 @@ from botocore.exceptions import ClientError
 
 from tests.simulation.scheduler import Scheduler, SimulatedCrash
 from worker.images import LoadedImage
-from worker.results import BoundingBox, Celebrity, RecognitionResult
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.sources import S3Location
 
 BUCKET = "sim"

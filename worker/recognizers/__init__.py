@@ -1,7 +1,7 @@
 """Recognizers: one module per backend behind the small ``Recognizer`` protocol.
 
 ``local`` (dlib, offline, free) is the default; ``rekognition`` calls Amazon Rekognition. Both
-return :class:`worker.results.RecognitionResult`. Backends are imported only when built, so a
+return :class:`worker.recognition.RecognitionResult`. Backends are imported only when built, so a
 producer or a Rekognition worker never imports dlib.
 """
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from worker.images import LoadedImage
-    from worker.results import RecognitionResult
+    from worker.recognition import RecognitionResult
     from worker.settings import Settings
     from worker.sources import S3Location
 

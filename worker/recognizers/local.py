@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 from worker.face_embeddings import DetectedFace, FaceEmbedder
 from worker.gallery import Gallery, GalleryIndex
 from worker.images import LoadedImage
-from worker.results import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
+from worker.recognition import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
 from worker.settings import Settings
 from worker.sources import S3Location
 

@@ -1,4 +1,10 @@
-"""Reading results back: scan summaries, progress for monitoring, and one record per image."""
+"""The read side's types: what reading results back yields (the queries are in ``worker/findings.py``
+and ``worker/store.py``).
+
+A scan's summary (``status``, ``scan``'s last line), its progress by status (``metrics``, scaling),
+and one typed record per image (``results``, ``report``, ``show``), whose ``to_dict()`` is the JSON
+line ``results --format jsonl`` writes.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from worker.database import aware_utc
-from worker.results import BoundingBox
+from worker.recognition import BoundingBox
 from worker.schema import DONE, FAILED, QUEUED
 
 
@@ -126,7 +132,7 @@ class UnknownFace:
 
 @dataclass(frozen=True)
 class ImageError:
-    """Why an image could not be read: a stable code (README's bad-input table) and a message."""
+    """Why an image could not be read: a stable code (docs/operations.md's bad-input table) and a message."""
 
     code: str
     message: str
@@ -134,7 +140,7 @@ class ImageError:
 
 @dataclass(frozen=True)
 class ResultRecord:
-    """One image's result as ``celebscan results`` gives it (DESIGN.md's result record)."""
+    """One image's result as ``celebscan results`` gives it (docs/guide.md's result record)."""
 
     scan_id: int
     source: str

@@ -23,7 +23,7 @@ from producer.annotate import annotate, jpeg_bytes
 from worker.errors import CelebscanError
 from worker.findings import PersonFound
 from worker.images import ImageLimits, decode_image
-from worker.reports import ResultRecord, ScanSummary
+from worker.read_models import ResultRecord, ScanSummary
 from worker.sources import ObjectReader, Source
 from worker.store import ResultStore
 

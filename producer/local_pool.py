@@ -1,4 +1,4 @@
-"""Running a scan without a broker: a local process pool claiming batches from the database.
+"""The embedded scan's workers: a local process pool claiming a scan's batches from the database (no broker).
 
 Each pool process builds its :class:`WorkerContext` once (models, engine) in the initializer, as a
 Celery worker does in ``worker_process_init``, then takes the scan's batches one after another
