@@ -1,0 +1,117 @@
+"""S3 Event Notifications, as an SQS message body brings them: what happened to which object.
+
+The first piece of following a living bucket (``celebscan follow``, issue 21, still to come): a
+message is S3's own notification (``{"Records": [...]}``), or the same wrapped by SNS (its
+``Message`` holds S3's JSON as a string), or an EventBridge event (``detail-type`` "Object
+Created" / "Object Deleted"). S3 URL-encodes keys in its own notifications (a space as ``+``);
+EventBridge sends them as they are. ``s3:TestEvent``, sent when a notification is configured, is
+no event. An overwrite's or a delete's notifications may arrive out of order: the ``sequencer`` of
+two events of one key tells which came last (:func:`later`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+CREATED, REMOVED = "created", "removed"
+
+
+class MalformedEventError(ValueError):
+    """A message that is not an S3 event notification celebscan can read (left to the queue's
+    redrive policy, never dropped)."""
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    kind: str  # CREATED or REMOVED
+    bucket: str
+    key: str  # decoded: the object's real name
+    sequencer: str  # hexadecimal, ordered per key (see later()); "" when the sender gave none (moto)
+    etag: str | None = None  # created objects only
+    size: int | None = None
+    time: str = ""  # when S3 says it happened (ISO 8601)
+
+
+def parse_message(body: str | bytes) -> list[ObjectEvent]:
+    """The object events in one SQS message body (none for a test event)."""
+    try:
+        message = json.loads(body)
+    except (TypeError, ValueError) as exc:
+        raise MalformedEventError(f"not JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise MalformedEventError("not a JSON object")
+    if message.get("Type") == "Notification" and isinstance(message.get("Message"), str):  # through SNS
+        return parse_message(message["Message"])
+    if message.get("Event") == "s3:TestEvent":
+        return []
+    if message.get("source") == "aws.s3" and "detail" in message:
+        return _from_eventbridge(message)
+    records = message.get("Records")
+    if not isinstance(records, list):
+        raise MalformedEventError("neither S3 notification records, an SNS notification nor an EventBridge event")
+    return [event for record in records if (event := _from_record(record)) is not None]
+
+
+def _from_record(record: Any) -> ObjectEvent | None:
+    try:
+        name = str(record["eventName"])
+        s3 = record["s3"]
+        bucket, thing = s3["bucket"]["name"], s3["object"]
+        kind = _kind(name.removeprefix("s3:"))
+        if kind is None:
+            return None  # restore, replication, lifecycle transition...: nothing to recognize
+        return ObjectEvent(
+            kind=kind,
+            bucket=str(bucket),
+            key=unquote_plus(str(thing["key"])),
+            sequencer=str(thing.get("sequencer", "")),
+            etag=thing.get("eTag") if kind == CREATED else None,
+            size=int(thing["size"]) if kind == CREATED and "size" in thing else None,
+            time=str(record.get("eventTime", "")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedEventError(f"an S3 record without {exc}") from exc
+
+
+def _from_eventbridge(message: dict) -> list[ObjectEvent]:
+    kind = {"Object Created": CREATED, "Object Deleted": REMOVED}.get(str(message.get("detail-type")))
+    if kind is None:
+        return []
+    try:
+        detail = message["detail"]
+        thing = detail["object"]
+        return [
+            ObjectEvent(
+                kind=kind,
+                bucket=str(detail["bucket"]["name"]),
+                key=str(thing["key"]),
+                sequencer=str(thing.get("sequencer", "")),
+                etag=thing.get("etag") if kind == CREATED else None,
+                size=int(thing["size"]) if kind == CREATED and "size" in thing else None,
+                time=str(message.get("time", "")),
+            )
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedEventError(f"an EventBridge S3 event without {exc}") from exc
+
+
+def _kind(event_name: str) -> str | None:
+    if event_name.startswith("ObjectCreated:"):
+        return CREATED
+    if event_name.startswith("ObjectRemoved:"):
+        return REMOVED
+    return None
+
+
+def later(first: ObjectEvent, second: ObjectEvent) -> ObjectEvent:
+    """Of two events of one object, the one that happened last: S3 says to compare sequencers as
+    hexadecimal strings after padding the shorter with zeros on the right."""
+    width = max(len(first.sequencer), len(second.sequencer))
+    return second if _padded(second, width) > _padded(first, width) else first
+
+
+def _padded(event: ObjectEvent, width: int) -> str:
+    return event.sequencer.upper().ljust(width, "0")
