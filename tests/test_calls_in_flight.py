@@ -236,3 +236,36 @@ def test_inline_lanes_never_wait_for_work_a_time_limit_cut_short():
     future.set_running_or_notify_cancel()
     assert lanes.wait_any([future], timeout=1) == {future}
     assert isinstance(future.exception(), LaneInterrupted)
+
+
+def test_a_run_that_fails_writes_the_calls_it_paid_for_first(store, tmp_path, monkeypatch):
+    """Any error in the run (here a claim that fails on the third batch) still writes what came
+    back before it goes on: no paid call is lost, and nothing stays claimed."""
+    scan_id = queued_scan(store, tmp_path, [jpeg(200 + number, 150) for number in range(24)], batch_size=4)
+    claim = ImageQueue.claim
+    claims = []
+    failed, second_batch_called = threading.Event(), threading.Event()
+
+    def failing_third(self, *arguments):
+        claims.append(arguments)
+        if len(claims) == 3:
+            assert second_batch_called.wait(20)
+            failed.set()
+            raise RuntimeError("a bug in the third claim")
+        return claim(self, *arguments)
+
+    def second_batch_out_when_it_fails(calls: int) -> None:
+        if calls > 4:
+            second_batch_called.set()
+            assert failed.wait(20)
+
+    monkeypatch.setattr(ImageQueue, "claim", failing_third)
+    standin = PaidStandIn(together=1, on_call=second_batch_out_when_it_fails)
+    with pytest.raises(RuntimeError, match="third claim"):
+        take_next_batch(scan_id, in_flight_context(store, standin, 8), "run-1")
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(images.c.status, images.c.paid_calls, images.c.claimed_by)).all()
+    done = [row for row in rows if row.status == "done"]
+    assert len(done) == standin.calls > 4, "the second batch's calls out when the run failed are written too"
+    assert sum(row.paid_calls for row in done) == standin.calls
+    assert all(row.claimed_by is None for row in rows), "every claim given back"

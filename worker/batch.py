@@ -367,15 +367,15 @@ class _Run:
                 error = None if future.cancelled() else future.exception()
                 if isinstance(error, SoftTimeLimitExceeded):  # an image worked inline, cut short
                     self._stop()
-                elif isinstance(error, LaneInterrupted):  # its work was cut short: the image goes back
-                    pass
-                elif error is not None:
-                    raise error
-                elif not future.cancelled():
+                elif error is None and not future.cancelled():
                     outcome = future.result()
                     chunk.outcomes[outcome.image_id] = outcome
                 del self.in_flight[future]
                 chunk.left -= 1
+                # LaneInterrupted: its work was cut short, the image goes back. Anything else is a
+                # bug: the run writes what came back (its other futures) and fails.
+                if error is not None and not isinstance(error, (SoftTimeLimitExceeded, LaneInterrupted)):
+                    raise error
             for chunk in self.chunks:
                 if chunk.left == 0 and not chunk.written:
                     self._write(chunk)
