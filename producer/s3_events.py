@@ -57,21 +57,13 @@ def parse_message(body: str | bytes) -> list[ObjectEvent]:
 
 def _from_record(record: Any) -> ObjectEvent | None:
     try:
-        name = str(record["eventName"])
-        s3 = record["s3"]
-        bucket, thing = s3["bucket"]["name"], s3["object"]
-        kind = _kind(name.removeprefix("s3:"))
+        kind = _kind(str(record["eventName"]).removeprefix("s3:"))
         if kind is None:
             return None  # restore, replication, lifecycle transition...: nothing to recognize
-        return ObjectEvent(
-            kind=kind,
-            bucket=str(bucket),
-            key=unquote_plus(str(thing["key"])),
-            sequencer=str(thing.get("sequencer", "")),
-            etag=thing.get("eTag") if kind == CREATED else None,
-            size=int(thing["size"]) if kind == CREATED and "size" in thing else None,
-            time=str(record.get("eventTime", "")),
-        )
+        s3 = record["s3"]
+        thing = s3["object"]
+        key = unquote_plus(str(thing["key"]))  # S3's own notifications URL-encode keys
+        return _event(kind, s3["bucket"]["name"], key, thing, thing.get("eTag"), record.get("eventTime", ""))
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedEventError(f"an S3 record without {exc}") from exc
 
@@ -83,19 +75,24 @@ def _from_eventbridge(message: dict) -> list[ObjectEvent]:
     try:
         detail = message["detail"]
         thing = detail["object"]
-        return [
-            ObjectEvent(
-                kind=kind,
-                bucket=str(detail["bucket"]["name"]),
-                key=str(thing["key"]),
-                sequencer=str(thing.get("sequencer", "")),
-                etag=thing.get("etag") if kind == CREATED else None,
-                size=int(thing["size"]) if kind == CREATED and "size" in thing else None,
-                time=str(message.get("time", "")),
-            )
-        ]
+        key = str(thing["key"])  # EventBridge sends keys as they are
+        return [_event(kind, detail["bucket"]["name"], key, thing, thing.get("etag"), message.get("time", ""))]
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedEventError(f"an EventBridge S3 event without {exc}") from exc
+
+
+def _event(kind: str, bucket: Any, key: str, thing: dict, etag: Any, time: Any) -> ObjectEvent:
+    """An event from the fields both shapes share (an object's ETag and size only when created)."""
+    created = kind == CREATED
+    return ObjectEvent(
+        kind=kind,
+        bucket=str(bucket),
+        key=key,
+        sequencer=str(thing.get("sequencer", "")),
+        etag=etag if created else None,
+        size=int(thing["size"]) if created and "size" in thing else None,
+        time=str(time),
+    )
 
 
 def _kind(event_name: str) -> str | None:

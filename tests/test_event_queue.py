@@ -25,25 +25,26 @@ def other_queue(sqs, name: str) -> str:
     return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
 
 
+def configure(s3, bucket, *configurations: dict) -> None:
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration={"QueueConfigurations": list(configurations)}
+    )
+
+
+def queue_configuration(name: str, arn: str, events: list[str], prefix: str | None = None) -> dict:
+    configuration = {"Id": name, "QueueArn": arn, "Events": events}
+    if prefix is not None:  # none: the whole bucket
+        configuration["Filter"] = {"Key": {"FilterRules": [{"Name": "prefix", "Value": prefix}]}}
+    return configuration
+
+
 def configurations(s3, bucket) -> list[dict]:
     return s3.get_bucket_notification_configuration(Bucket=bucket).get("QueueConfigurations", [])
 
 
 def test_the_queue_is_set_up_and_receives_the_prefix_s_events(s3, sqs, bucket):
     elsewhere = other_queue(sqs, f"{bucket}-thumbnails")
-    s3.put_bucket_notification_configuration(
-        Bucket=bucket,
-        NotificationConfiguration={
-            "QueueConfigurations": [
-                {
-                    "Id": "thumbnails",
-                    "QueueArn": elsewhere,
-                    "Events": ["s3:ObjectCreated:*"],
-                    "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "thumbnails/"}]}},
-                }
-            ]
-        },
-    )
+    configure(s3, bucket, queue_configuration("thumbnails", elsewhere, ["s3:ObjectCreated:*"], "thumbnails/"))
 
     queue = set_up_event_queue(s3, sqs, ACCOUNT, bucket, "photos/", f"{bucket}-events")
 
@@ -85,10 +86,7 @@ def test_the_queue_is_set_up_and_receives_the_prefix_s_events(s3, sqs, bucket):
 )
 def test_an_overlapping_configuration_is_refused_before_anything_changes(s3, sqs, bucket, their_prefix, their_events):
     elsewhere = other_queue(sqs, f"{bucket}-other")
-    theirs = {"Id": "someone-else", "QueueArn": elsewhere, "Events": their_events}
-    if their_prefix is not None:  # none: the whole bucket
-        theirs["Filter"] = {"Key": {"FilterRules": [{"Name": "prefix", "Value": their_prefix}]}}
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [theirs]})
+    configure(s3, bucket, queue_configuration("someone-else", elsewhere, their_events, their_prefix))
 
     with pytest.raises(NotificationOverlapError, match="someone-else"):
         set_up_event_queue(s3, sqs, ACCOUNT, bucket, "photos/", f"{bucket}-events")
@@ -99,19 +97,11 @@ def test_an_overlapping_configuration_is_refused_before_anything_changes(s3, sqs
 
 def test_events_of_other_kinds_or_prefixes_are_no_overlap(s3, sqs, bucket):
     elsewhere = other_queue(sqs, f"{bucket}-other")
-    s3.put_bucket_notification_configuration(
-        Bucket=bucket,
-        NotificationConfiguration={
-            "QueueConfigurations": [
-                {"Id": "restores", "QueueArn": elsewhere, "Events": ["s3:ObjectRestore:*"]},
-                {
-                    "Id": "exports",
-                    "QueueArn": elsewhere,
-                    "Events": ["s3:ObjectCreated:*"],
-                    "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "exports/"}]}},
-                },
-            ]
-        },
+    configure(
+        s3,
+        bucket,
+        queue_configuration("restores", elsewhere, ["s3:ObjectRestore:*"]),
+        queue_configuration("exports", elsewhere, ["s3:ObjectCreated:*"], "exports/"),
     )
     queue = set_up_event_queue(s3, sqs, ACCOUNT, bucket, "photos/", f"{bucket}-events")
     assert {each["Id"] for each in configurations(s3, bucket)} == {"restores", "exports", queue.configuration_id}

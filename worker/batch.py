@@ -237,10 +237,9 @@ class _Run:
                 self.context.store.engine, self.live_tokens, self.context.lease_seconds, self.deadline
             ):
                 self._work(first_ids)
-            released = sum(images.release(token) for token in self.tokens)
+            released = images.release(*self.tokens)
         except Exception:
-            for token in self.tokens:
-                _release_quietly(images, token)
+            _release_quietly(images, *self.tokens)
             raise
         now = utcnow()
         resend_after = max(((o.not_before - now).total_seconds() for o in self.deferred if o.not_before), default=0.0)
@@ -426,11 +425,11 @@ class _ListingHelper:
         self._thread.join(HELP_SLICE_SECONDS + HELP_JOIN_GRACE_SECONDS)
 
 
-def _release_quietly(images: ImageQueue, token: str) -> None:
+def _release_quietly(images: ImageQueue, *tokens: str) -> None:
     try:
-        images.release(token)
+        images.release(*tokens)
     except Exception as exc:  # the database is away: the claims come free when their lease runs out
-        log.warning("could not release the claims of run %s: %s", token, exc)
+        log.warning("could not release the claims of run %s: %s", tokens[0], exc)
 
 
 def _known_by_etag(batch: Sequence[QueuedImage], context: WorkerContext) -> dict[tuple[str, int], KnownPicture] | None:

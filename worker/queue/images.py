@@ -373,17 +373,19 @@ class ImageQueue:
         return Started([image for image in batch if image.id in started], quarantined, frozenset(scan_ids))
 
     @retry_database
-    def release(self, token: str) -> int:
-        """Give back what ``token`` holds and did not write: its run ended (a deadline, an error)
-        without crashing, so the images it started get their start count back."""
+    def release(self, *tokens: str) -> int:
+        """Give back what the ``tokens`` (one run's) hold and did not write, in one transaction: the
+        run ended (a deadline, an error) without crashing, so the images it started get their start
+        count back."""
+        held = and_(images.c.status == QUEUED, images.c.claimed_by.in_(tokens))
         with self.engine.begin() as conn:
             released = conn.execute(
                 update(images)
-                .where(held_by(token), images.c.started_by == token)
+                .where(held, images.c.started_by == images.c.claimed_by)
                 .values(claimed_by=None, started_by=None, attempts=images.c.attempts - 1)
             ).rowcount
-            released += conn.execute(update(images).where(held_by(token)).values(claimed_by=None)).rowcount
-            pictures.release(conn, token)
+            released += conn.execute(update(images).where(held).values(claimed_by=None)).rowcount
+            pictures.release(conn, *tokens)
         return released
 
     def state(self, scan_id: int) -> ClaimState:

@@ -68,6 +68,6 @@ def renew(conn, tokens: list[str], now) -> None:
     conn.execute(update(pictures).where(pictures.c.holder.in_(tokens)).values(held_at=now))
 
 
-def release(conn, token: str) -> None:
-    """Let go of every picture ``token`` holds (in the transaction that writes its results)."""
-    conn.execute(delete(pictures).where(pictures.c.holder == token))
+def release(conn, *tokens: str) -> None:
+    """Let go of every picture the ``tokens`` hold (in the transaction that writes their results)."""
+    conn.execute(delete(pictures).where(pictures.c.holder.in_(tokens)))
