@@ -203,7 +203,6 @@ class _Chunk:
     left: int  # images submitted and not yet back
     outcomes: dict[int, ImageOutcome] = field(default_factory=dict)  # by image id
     scan_ids: frozenset[int] = frozenset()
-    written: bool = False
 
 
 class _Run:
@@ -220,7 +219,7 @@ class _Run:
         self.refill_until = now + context.refill_seconds * random.uniform(0.5, 1.0)
         self.pictures: RunPictures[tuple[str, int], ImageOutcome] = RunPictures()
         self.in_flight: dict[Future, _Chunk] = {}
-        self.chunks: list[_Chunk] = []
+        self.unwritten: list[_Chunk] = []  # batches started and not yet written
         self.stopped = False  # the deadline or the time limit: no image starts any more
         self.refilling = scan_id is not None
         self.claim_size = 1  # the most a claim gave: the scan's batch size
@@ -283,8 +282,8 @@ class _Run:
         """Start nothing more, wait for the calls out, write every batch with outcomes."""
         self._stop()
         self._collect(lanes, patience=None)
-        for chunk in self.chunks:  # cut short between taking an outcome and its batch's write
-            if not chunk.written and chunk.outcomes:
+        for chunk in list(self.unwritten):  # cut short between taking an outcome and its batch's write
+            if chunk.outcomes:
                 self._write(chunk)
 
     def _pipeline(self, lanes: Lanes) -> None:
@@ -303,7 +302,7 @@ class _Run:
             return False
         # A lane free, and what is started and not yet written (a slow call keeps its batch open)
         # within the lanes and a batch: all a crash could make the run pay for again.
-        unwritten = sum(chunk.left + len(chunk.outcomes) for chunk in self.chunks if not chunk.written)
+        unwritten = sum(chunk.left + len(chunk.outcomes) for chunk in self.unwritten)
         return len(self.in_flight) < lanes.size and unwritten < lanes.size + self.claim_size
 
     def _refill(self, lanes: Lanes) -> None:
@@ -327,7 +326,7 @@ class _Run:
         started = self.context.images.start(token, held, MAX_DELIVERIES)
         self.totals["failed"] += started.quarantined
         chunk = _Chunk(token, len(started.images), scan_ids=started.scan_ids)
-        self.chunks.append(chunk)
+        self.unwritten.append(chunk)
         for image in started.images:
             future = lanes.submit(partial(process_image, image, self.context, self.pictures, known, token))
             self.in_flight[future] = chunk
@@ -341,7 +340,7 @@ class _Run:
         started = self.context.images.start(token, [image], MAX_DELIVERIES)
         self.totals["failed"] += started.quarantined
         chunk = _Chunk(token, 0, scan_ids=started.scan_ids)
-        self.chunks.append(chunk)  # cut short by the time limit, it is written with what is back
+        self.unwritten.append(chunk)  # cut short by the time limit, it is written with what is back
         for each in started.images:
             chunk.outcomes[each.id] = process_image(each, self.context, self.pictures, known, token)
         self._write(chunk)
@@ -375,9 +374,8 @@ class _Run:
                 # bug: the run writes what came back (its other futures) and fails.
                 if error is not None and not isinstance(error, (SoftTimeLimitExceeded, LaneInterrupted)):
                     raise error
-            for chunk in self.chunks:
-                if chunk.left == 0 and not chunk.written:
-                    self._write(chunk)
+            for chunk in [each for each in self.unwritten if each.left == 0]:
+                self._write(chunk)
             if patience is not None or not self.in_flight:
                 return
 
@@ -385,7 +383,7 @@ class _Run:
         context = self.context
         outcomes = list(chunk.outcomes.values())
         written = context.images.write(chunk.token, outcomes)
-        chunk.written, chunk.outcomes = True, {}
+        self.unwritten.remove(chunk)
         context.scans.finish_if_drained(written.scan_ids | chunk.scan_ids)
         ours = [o for o in outcomes if o.image_id in written.written | written.replayed]
         self.totals["done"] += sum(o.status == DONE for o in ours)
