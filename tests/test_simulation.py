@@ -26,11 +26,11 @@ POSTGRESQL_SEEDS = 100
 #: issue names, the two the issue reproduced by hand, and the two the simulation found.
 CAUGHT_BY = {
     "unfenced-write": [187, 207, 328],
-    "listing-end-apart": [93, 130, 211],
+    "listing-end-apart": [39, 130, 211],
     "resume-releases-claims": [99, 116, 220],
-    "scan-takes-held-images": [3, 78, 104],
+    "scan-takes-held-images": [78, 104, 124],
     "read-any-version": [318, 352],
-    "no-listing-help": [193, 288, 317],
+    "no-listing-help": [45, 193, 353],
 }
 
 
