@@ -43,7 +43,7 @@ def scan_env(s3_url: str, rekognition_url: str, broker_url: str, postgres_url: s
     }
 
 
-@pytest.mark.parametrize("synthetic", [[SyntheticBucket("slow", 12_000, prefixes=0, page_delay=0.5)]], indirect=True)
+@pytest.mark.parametrize("synthetic", [[SyntheticBucket("slow", 12_000, prefixes=0, page_delay=1.0)]], indirect=True)
 def test_workers_finish_images_while_the_listing_is_still_going(synthetic, broker_url, postgres_url, tmp_path):
     url, _ = synthetic
     _reset_postgres(postgres_url)
@@ -62,7 +62,7 @@ def test_workers_finish_images_while_the_listing_is_still_going(synthetic, broke
                 done_before = conn.execute(
                     select(func.count()).where(images.c.status == "done", images.c.processed_at < listing_ended)
                 ).scalar_one()
-    print(f"\nimages done while the 6 s listing went on: {done_before}")
+    print(f"\nimages done while the 12 s listing went on: {done_before}")
     assert done_before > 0, "work must start while the listing goes on"
     store.engine.dispose()
 
