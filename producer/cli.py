@@ -173,6 +173,88 @@ def status(app: App, scan_id: int | None, watch: bool, interval: float) -> None:
 
 
 @cli.command()
+@click.argument("source", required=False)
+@click.option(
+    "--queue",
+    "queue_url",
+    metavar="SQS_URL",
+    help=f"The SQS queue the bucket sends its S3 Event Notifications to [env: {env_var('events_queue_url')}]",
+)
+@click.option(
+    "--setup",
+    is_flag=True,
+    help="Set the queue up instead (with its dead-letter queue, a policy for this bucket only, and the bucket's "
+    "notification configuration, keeping the others), print its URL and exit.",
+)
+@click.option("--queue-name", metavar="NAME", help="--setup: the queue's name (default celebscan-BUCKET-events).")
+@setting_option("--backend", setting="backend", type=click.Choice(BACKENDS), help="Recognizer to use.")
+@setting_option(
+    "--workers", setting="workers", type=click.IntRange(min=0), help="Without a broker: local processes (0: per core)."
+)
+@click.option(
+    "--receivers", type=click.IntRange(min=1, max=64), default=4, show_default=True, help="Receives in flight at once."
+)
+@click.option(
+    "--wait-seconds",
+    type=click.IntRange(min=1, max=20),
+    default=20,
+    show_default=True,
+    help="Long polling: how long a receive waits for a message (a stop waits for the receive in hand).",
+)
+@click.pass_obj
+def follow(
+    app: App,
+    source: str | None,
+    queue_url: str | None,
+    setup: bool,
+    queue_name: str | None,
+    backend: str | None,
+    workers: int | None,
+    receivers: int,
+    wait_seconds: int,
+) -> None:
+    """Keep the results of SOURCE (s3://bucket/prefix/) current as pictures arrive and leave.
+
+    Reads the bucket's S3 Event Notifications from an SQS queue: a new or overwritten image is
+    queued in the source's standing scan (the workers recognize it as in any scan), a deleted one
+    is left out of people, results and report (unless --include-deleted). Runs until SIGTERM or
+    Ctrl-C, which let the receives in hand finish. Set the queue up once with --setup.
+    """
+    import signal
+    import threading
+
+    from producer.follow import default_queue_name, run_follow, set_up
+
+    settings = app.settings.replace(backend=backend, workers=workers)
+    followed = parse_source(source or settings.follow_source or _missing("SOURCE", "follow_source"))
+    if not followed.is_s3:
+        raise click.UsageError("follow reads a bucket's events: give s3://bucket/prefix/")
+    if setup:
+        made = set_up(settings, followed, queue_name or default_queue_name(followed))
+        click.echo(f"queue: {made.url}")
+        click.echo(f"dead-letter queue: {made.dead_letter_arn}")
+        click.echo(f"{followed.url} sends its new and deleted objects' events there; now run:")
+        click.echo(f"  celebscan follow {followed.url} --queue {made.url}")
+        return
+    url = queue_url or settings.events_queue_url or _missing("--queue", "events_queue_url")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    counts = run_follow(
+        app.store, settings, followed, url, stop, click.echo, receivers=receivers, wait_seconds=wait_seconds
+    )
+    click.echo(
+        f"stopped: {counts.messages} messages, {counts.events} events applied ({counts.queued} queued, "
+        f"{counts.skipped} done before, {counts.deleted} images marked deleted, {counts.stale} out of date), "
+        f"{counts.ignored} ignored, {counts.malformed} unreadable (left to the dead-letter queue)"
+    )
+
+
+def _missing(what: str, setting: str):
+    raise click.UsageError(f"give {what} or set {env_var(setting)}")
+
+
+@cli.command()
 @click.argument("source")
 @click.pass_obj
 def estimate(app: App, source: str) -> None:
@@ -302,6 +384,12 @@ def metrics(app: App, fmt: str, cloudwatch: bool, every: float | None) -> None:
         time.sleep(max(0.0, reading.taken_at + every - time.time()))
 
 
+INCLUDE_DELETED_OPTION = click.option(
+    "--include-deleted",
+    is_flag=True,
+    help="Also images whose object a followed bucket deleted (celebscan follow); left out by default.",
+)
+
 PERSON_OPTION = click.option(
     "--person",
     "persons",
@@ -316,12 +404,15 @@ PERSON_OPTION = click.option(
 @PERSON_OPTION
 @click.option("--format", "fmt", type=click.Choice(sorted(WRITERS)), default="jsonl", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write to FILE instead of stdout.")
+@INCLUDE_DELETED_OPTION
 @click.pass_obj
-def results(app: App, scan_id: int | None, persons: tuple[str, ...], fmt: str, output: str | None) -> None:
+def results(
+    app: App, scan_id: int | None, persons: tuple[str, ...], fmt: str, output: str | None, include_deleted: bool
+) -> None:
     """One record per image: who is in it, or why it could not be read."""
     if scan_id is not None and app.store.scan_summary(scan_id) is None:
         raise click.ClickException(f"there is no scan {scan_id}")
-    records = app.store.result_records(scan_id, persons=persons)
+    records = app.store.result_records(scan_id, persons=persons, include_deleted=include_deleted)
     if output:
         with open(output, "w", encoding="utf-8", newline="") as handle:
             count = WRITERS[fmt](records, handle)
@@ -334,15 +425,16 @@ def results(app: App, scan_id: int | None, persons: tuple[str, ...], fmt: str, o
 @click.option("--scan", "scan_id", type=int, help="Only the people of this scan (default: of every result kept).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N people.")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
+@INCLUDE_DELETED_OPTION
 @click.pass_obj
-def people(app: App, scan_id: int | None, limit: int | None, fmt: str) -> None:
+def people(app: App, scan_id: int | None, limit: int | None, fmt: str, include_deleted: bool) -> None:
     """Everyone found, with the number of images each is in, most first.
 
     Two people with one name (Rekognition ids differ) are two lines, each with its id.
     """
     if scan_id is not None and app.store.scan_summary(scan_id) is None:
         raise click.ClickException(f"there is no scan {scan_id}")
-    found = app.store.people(scan_id, limit)
+    found = app.store.people(scan_id, limit, include_deleted)
     if fmt == "jsonl":
         for person in found:
             click.echo(json.dumps({"name": person.name, "id": person.person_id, "images": person.images}))
@@ -369,9 +461,15 @@ def people(app: App, scan_id: int | None, limit: int | None, fmt: str) -> None:
     type=click.IntRange(min=1),
     help="Pictures shown of each person (and of images in which nobody was recognized).",
 )
+@INCLUDE_DELETED_OPTION
 @click.pass_obj
 def report(
-    app: App, scan_id: int | None, persons: tuple[str, ...], output: Path, report_per_person: int | None
+    app: App,
+    scan_id: int | None,
+    persons: tuple[str, ...],
+    output: Path,
+    report_per_person: int | None,
+    include_deleted: bool,
 ) -> None:
     """One self-contained HTML page: the people found with their counts and a few annotated pictures
     of each, the failures, a filter by person."""
@@ -379,7 +477,7 @@ def report(
 
     settings = app.settings.replace(report_per_person=report_per_person)
     summary = _summary(app.store, scan_id)
-    content = gather(app.store, summary, settings.report_per_person, persons)
+    content = gather(app.store, summary, settings.report_per_person, persons, include_deleted)
     if persons and not content.people:
         raise click.ClickException(f"nobody called {' or '.join(persons)} was found in scan {summary.id}")
     readers = build_readers(settings)
@@ -537,6 +635,9 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     if summary.listing == "listing" and summary.listing_parts:
         ended, parts = summary.listing_parts
         listed += f" (the workers have listed {ended} of {parts} parts of the key space)"
+    if summary.standing:
+        state = "following" if summary.listing == "following" else state
+        listed = f"{summary.listed} recorded from the bucket's events"
     lines = [
         f"scan {summary.id} ({state}): {summary.source}, backend {summary.backend}",
         f"  images: {listed}, {summary.skipped} skipped (already done), "
@@ -546,6 +647,12 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
         lines.append(
             f"  {summary.held_elsewhere} left to another scan that was working on them (recognized there, once); "
             f"{summary.handed_over} taken over by a later scan"
+        )
+    if summary.standing:
+        renewed = f", a follower renewed it {_ago(summary.followed_at)}" if summary.followed_at else ""
+        lines.append(
+            f"  standing scan: {summary.events} events applied, {summary.deletions} deletions; "
+            f"{summary.deleted} of its images' objects are deleted (kept, left out of people and results){renewed}"
         )
     if _listing_stopped(summary, settings):
         lines.append(
@@ -602,6 +709,10 @@ def _listing_stopped(summary: ScanSummary, settings: Settings) -> bool:
         return False
     last = summary.listing_active_at or summary.created_at
     return (utcnow() - aware_utc(last)).total_seconds() > settings.lease_seconds
+
+
+def _ago(moment) -> str:
+    return f"{max(0.0, (utcnow() - aware_utc(moment)).total_seconds()):.0f} s ago"
 
 
 def _plural(count: int, one: str, many: str | None = None) -> str:

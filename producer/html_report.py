@@ -68,20 +68,31 @@ class ReportContent:
     per_person: int
 
 
-def gather(store: ResultStore, summary: ScanSummary, per_person: int, persons: Sequence[str] = ()) -> ReportContent:
+def gather(
+    store: ResultStore,
+    summary: ScanSummary,
+    per_person: int,
+    persons: Sequence[str] = (),
+    include_deleted: bool = False,
+) -> ReportContent:
     """Read what the page of ``summary``'s scan shows: ``per_person`` pictures of each person found
     (of ``persons`` only, when given), each picture once, and for everyone also as many pictures
     in which nobody was recognized; every query reads by index, so a scan of millions takes as long
-    as one of hundreds."""
-    people = [p for p in store.people(summary.id) if not persons or p.name in persons or p.person_id in persons]
+    as one of hundreds. Images of deleted objects (a followed bucket's) only with ``include_deleted``."""
+    everyone = store.people(summary.id, include_deleted=include_deleted)
+    people = [p for p in everyone if not persons or p.name in persons or p.person_id in persons]
     pictures: dict[str, ResultRecord] = {}
     for person in people[:PEOPLE_PICTURED]:  # a few queries each: the most found only (all are counted)
-        for record in store.result_records(summary.id, persons=[person.person_id or person.name], limit=per_person):
+        chosen = [person.person_id or person.name]
+        for record in store.result_records(
+            summary.id, persons=chosen, limit=per_person, include_deleted=include_deleted
+        ):
             pictures.setdefault(record.key, record)
     failures: list[ResultRecord] = []
     if not persons:
         nobody = 0
-        for record in store.result_records(summary.id, limit=per_person * NOBODY_LOOKAHEAD):
+        lookahead = per_person * NOBODY_LOOKAHEAD
+        for record in store.result_records(summary.id, limit=lookahead, include_deleted=include_deleted):
             if record.error is not None:
                 if len(failures) < FAILURES_SHOWN:
                     failures.append(record)

@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from typing import Protocol
 
 from worker import clock
 from worker.batch import BatchReport, WorkerContext, take_next_batch
@@ -21,12 +22,21 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
+class Stop(Protocol):
+    """Asks the drain to stop after the turn in hand (a ``threading.Event``, or a spawn context's
+    ``multiprocessing.Event`` for a pool)."""
+
+    def is_set(self) -> bool: ...
+
+
 #: An embedded drain never sleeps longer than this when it finds nothing to claim: the listing
 #: runs beside it, and a drain that slept long would only delay the end of the scan.
 EMBEDDED_MAX_IDLE_SECONDS = 0.5
 
 _process_context: WorkerContext | None = None
 _process_error: BaseException | None = None
+_process_stop: Stop | None = None
 
 
 def default_workers() -> int:
@@ -34,16 +44,21 @@ def default_workers() -> int:
 
 
 def drain_scan(
-    settings: Settings, scan_id: int, workers: int, on_progress: Callable[[], None] = lambda: None
+    settings: Settings,
+    scan_id: int,
+    workers: int,
+    on_progress: Callable[[], None] = lambda: None,
+    stop: Stop | None = None,
 ) -> BatchReport:
-    """Process the scan's images until it is finished (or nothing is left that may come);
-    ``workers == 1`` runs in this process, more in a process pool. ``on_progress`` is called
-    every half second or so, for a progress bar."""
+    """Process the scan's images until it is finished (or nothing is left that may come, or
+    ``stop`` is set: a followed source's scan goes on until then); ``workers == 1`` runs in this
+    process, more in a process pool (``stop`` then made by :func:`pool_stop`). ``on_progress`` is
+    called every half second or so, for a progress bar."""
     if workers <= 1:
         context = WorkerContext.from_settings(settings)
         context.recognizers.get(settings.backend)  # a missing extra stops the scan before any image
-        return drain(context, scan_id, on_progress)
-    with _pool(settings, workers) as pool:
+        return drain(context, scan_id, on_progress, stop)
+    with _pool(settings, workers, stop) as pool:
         futures = [pool.submit(_drain_in_process, scan_id) for _ in range(workers)]
         while True:
             _, running = wait(futures, timeout=EMBEDDED_MAX_IDLE_SECONDS, return_when=FIRST_EXCEPTION)
@@ -56,11 +71,14 @@ def drain_scan(
         return total
 
 
-def drain(context: WorkerContext, scan_id: int, on_step: Callable[[], None] = lambda: None) -> BatchReport:
-    """Take the scan's batches until there is nothing left to wait for; returns what was done."""
+def drain(
+    context: WorkerContext, scan_id: int, on_step: Callable[[], None] = lambda: None, stop: Stop | None = None
+) -> BatchReport:
+    """Take the scan's batches until there is nothing left to wait for (or ``stop`` is set);
+    returns what was done."""
     process = f"embedded:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     total, idle_rounds, turn = BatchReport(), 0, 0
-    while True:  # each turn is a run with a claim token of its own, as a slot's message is
+    while stop is None or not stop.is_set():  # each turn is a run with a claim token of its own, as a slot's
         step = take_next_batch(scan_id, context, f"{process}:{turn}", idle_rounds, max_idle=EMBEDDED_MAX_IDLE_SECONDS)
         total, turn, idle_rounds = total + step.report, turn + 1, step.idle_rounds
         on_step()
@@ -68,18 +86,25 @@ def drain(context: WorkerContext, scan_id: int, on_step: Callable[[], None] = la
             return total
         if step.next_in:
             clock.sleep(step.next_in)  # nothing to claim yet: the listing or a deferred image is due then
+    return total
 
 
-def _pool(settings: Settings, workers: int) -> ProcessPoolExecutor:
+def pool_stop():
+    """An event that stops the drains of a pool's processes (made in the pool's own context)."""
+    return multiprocessing.get_context("spawn").Event()
+
+
+def _pool(settings: Settings, workers: int, stop: Stop | None = None) -> ProcessPoolExecutor:
     """Spawned, not forked: a fork copies whatever the parent holds (broker connections whose
     after-fork clean-up can block, other threads' locks); tried and measured at 0.3 s saved of 11."""
     spawn = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_process, initargs=(settings,))
+    return ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_process, initargs=(settings, stop))
 
 
-def _init_process(settings: Settings) -> None:
+def _init_process(settings: Settings, stop: Stop | None = None) -> None:
     """Build the context and the scan's recognizer (models loaded) before the first batch arrives."""
-    global _process_context, _process_error
+    global _process_context, _process_error, _process_stop
+    _process_stop = stop
     logging.basicConfig(level=logging.WARNING)
     try:
         _process_context = WorkerContext.from_settings(settings)
@@ -92,4 +117,4 @@ def _drain_in_process(scan_id: int) -> BatchReport:
     if _process_error is not None:
         raise _process_error
     assert _process_context is not None
-    return drain(_process_context, scan_id)
+    return drain(_process_context, scan_id, stop=_process_stop)

@@ -314,7 +314,7 @@ def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: S
     settings = settings.replace(backend=scan.backend)  # the scan's own backend
     scans = Scans(store.engine)
     scans.renew_budget(scan.id, _budget(settings, request.max_cost, say))
-    repair = scans.repair(scan.id)
+    repair = scans.repair(scan.id, settings.lease_seconds)
     if repair.listing_ended:
         say(f"scan {scan.id}: its listing had ended without being recorded as ended; now it is")
     if repair.finished:

@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import boto3
+from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
 from tests.conftest import AWS_TEST_ENV
@@ -66,7 +67,8 @@ def start_stack(
 def fill_bucket(bucket: str, keys: list[str], body: bytes) -> None:
     """``body`` (a JPEG) under every key, each made a distinct file by a comment naming its key, so
     no object is a copy of another (celebscan would recognize a copy's picture only once)."""
-    s3 = boto3.client("s3")
+    workers = 16
+    s3 = boto3.client("s3", config=Config(max_pool_connections=workers))
     s3.create_bucket(Bucket=bucket)
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda key: s3.put_object(Bucket=bucket, Key=key, Body=jpeg_with_comment(body, key)), keys))

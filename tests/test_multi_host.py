@@ -81,12 +81,18 @@ def test_two_worker_hosts_and_one_cut_off_mid_scan(two_hosts, tmp_path):
         rows = conn.execute(select(func.count()).select_from(images)).scalar()
         keys = conn.execute(select(func.count(func.distinct(images.c.key)))).scalar()
         face_rows = conn.execute(select(func.count()).select_from(faces)).scalar()
+        failures = conn.execute(
+            select(images.c.key, images.c.attempts, images.c.error_code, images.c.error_message).where(
+                images.c.status == "failed"
+            )
+        ).all()
     store.engine.dispose()
     print(
         f"\nanswered calls: first host {calls_from(first)} (cut off), second {calls_from(second)}; "
         f"done {summary.counts['done']}, failed {summary.counts['failed']} in {elapsed:.1f} s"
     )
     assert calls_from(first) > 0 and calls_from(second) > 0
+    assert not failures, failures
     assert summary.counts == {"queued": 0, "done": IMAGES, "failed": 0}
     assert rows == keys == face_rows == IMAGES
     assert calls_from(second) >= IMAGES - calls_from(first)

@@ -33,7 +33,7 @@ from worker.inflight import LaneInterrupted, Lanes, RunPictures, lanes_for
 from worker.listing_parts import LIST_SLICE_SECONDS, list_slice, s3_pages
 from worker.outcomes import ImageOutcome, KnownPicture, QueuedImage
 from worker.prefilter import FacePrefilter
-from worker.queue.images import ImageQueue
+from worker.queue.images import ClaimState, ImageQueue
 from worker.queue.leases import LeaseKeeping, keep_leases_in_a_thread
 from worker.queue.parts import ListingParts
 from worker.queue.pictures import Picture, PictureLocks
@@ -216,6 +216,10 @@ class _Run:
         self.tokens = [token]  # every token of the run: the lease keeper renews them all
         now = clock.monotonic()
         self.deadline = now + context.batch_seconds
+        # After its deadline a run starts nothing, but waits for its calls out and writes them: its
+        # leases are kept for as long again (a loaded machine's slow calls must not cost the claims
+        # and count as interruptions); one that hangs longer loses them like a crashed run.
+        self.renew_until = self.deadline + context.batch_seconds
         self.refill_until = now + context.refill_seconds * random.uniform(0.5, 1.0)
         self.pictures: RunPictures[tuple[str, int], ImageOutcome] = RunPictures()
         self.in_flight: dict[Future, _Chunk] = {}
@@ -233,7 +237,7 @@ class _Run:
         images = self.context.images
         try:
             with self.context.keep_leases(
-                self.context.store.engine, self.live_tokens, self.context.lease_seconds, self.deadline
+                self.context.store.engine, self.live_tokens, self.context.lease_seconds, self.renew_until
             ):
                 self._work(first_ids)
             released = images.release(*self.tokens)
@@ -406,7 +410,7 @@ class _ListingHelper:
         run = self.run
         assert run.scan_id is not None
         try:
-            while not self._stopping.is_set() and run.context.images.state(run.scan_id).listing:
+            while not self._stopping.is_set() and _helpable(run.context.images.state(run.scan_id)):
                 if not _help_list(run.scan_id, run.context, run.token, slice_seconds=HELP_SLICE_SECONDS):
                     self._stopping.wait(HELP_IDLE_SECONDS)
         except Exception:  # the run goes on without help
@@ -650,6 +654,9 @@ def _with_retry(context: WorkerContext, call):
 #: A window slot that finds nothing to claim waits this long, doubling while it finds nothing.
 IDLE_BASE_SECONDS = 0.5
 IDLE_MAX_SECONDS = 30.0
+#: ... and at most this long while its scan is a followed source's (a window of 32 slots then
+#: looks every 60 ms on average, one query each: an upload is taken within a second or two).
+FOLLOW_MAX_IDLE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -659,6 +666,11 @@ class SlotStep:
     report: BatchReport
     next_in: float | None
     idle_rounds: int = 0
+
+
+def _helpable(state: ClaimState) -> bool:
+    """Whether a listing may need a hand: a standing scan's images come from events, not parts."""
+    return state.listing and not state.standing
 
 
 def _help_list(scan_id: int, context: WorkerContext, token: str, slice_seconds: float = LIST_SLICE_SECONDS) -> bool:
@@ -691,7 +703,11 @@ def take_next_batch(
     if image_ids:
         return SlotStep(_Run(context, token, scan_id).work(image_ids), next_in=0.0)
     state = context.images.state(scan_id)
-    if state.listing and _help_list(scan_id, context, token):
+    if state.unfollowed and context.scans.end_unfollowed(scan_id, context.lease_seconds):
+        state = context.images.state(scan_id)
+    if state.standing:  # events bring images any time: come back soon, whatever the window's rounds
+        max_idle = min(max_idle, FOLLOW_MAX_IDLE_SECONDS)
+    elif state.listing and _help_list(scan_id, context, token):
         return SlotStep(BatchReport(), next_in=0.0)
     if not state.finished and not state.listing and not state.queued:  # drained, maybe: finish it
         context.scans.finish_if_drained([scan_id])

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, Select, and_, exists, func, select, union
+from sqlalchemy import Engine, Select, and_, exists, func, select, union, union_all
 
 from worker.database import CHUNK_SIZE
 from worker.read_models import ResultRecord, result_record
@@ -28,30 +28,49 @@ class PersonFound:
     images: int
 
 
-def people_found(engine: Engine, scan_id: int | None = None, limit: int | None = None) -> list[PersonFound]:
+def people_found(
+    engine: Engine, scan_id: int | None = None, limit: int | None = None, include_deleted: bool = False
+) -> list[PersonFound]:
     """Everyone found (in one scan, or in every result kept), most images first.
 
     Read from the counts kept as faces are written (``worker/person_counts.py``): a row per scan
     and person. Without a scan every image row counts, so an older version of a changed file
-    counts too (until it is scanned again, a file has one row).
+    counts too (until it is scanned again, a file has one row). Images of deleted objects (a
+    followed bucket's) count only with ``include_deleted``, read from their faces (they are few).
     """
     with engine.connect() as conn:
-        rows = conn.execute(people_query(scan_id, limit))
+        rows = conn.execute(people_query(scan_id, limit, include_deleted))
         return [PersonFound(name, person_id or None, int(count)) for name, person_id, count in rows]
 
 
-def people_query(scan_id: int | None = None, limit: int | None = None) -> Select:
+def people_query(scan_id: int | None = None, limit: int | None = None, include_deleted: bool = False) -> Select:
     """(name, Rekognition id or '', images) of everyone found, most images first."""
-    images_in = func.sum(person_images.c.images)
-    query = (
-        select(person_images.c.name, person_images.c.person_id, images_in.label("images"))
-        .group_by(person_images.c.name, person_images.c.person_id)
-        .having(images_in > 0)
-        .order_by(images_in.desc(), person_images.c.name, person_images.c.person_id)
-    )
+    counted = select(person_images.c.name, person_images.c.person_id, person_images.c.images)
     if scan_id is not None:
-        query = query.where(person_images.c.scan_id == scan_id)
+        counted = counted.where(person_images.c.scan_id == scan_id)
+    if include_deleted:
+        counted = union_all(counted, _deleted_counts(scan_id))  # type: ignore[assignment]
+    rows = counted.subquery()
+    images_in = func.sum(rows.c.images)
+    query = (
+        select(rows.c.name, rows.c.person_id, images_in.label("images"))
+        .group_by(rows.c.name, rows.c.person_id)
+        .having(images_in > 0)
+        .order_by(images_in.desc(), rows.c.name, rows.c.person_id)
+    )
     return query.limit(limit) if limit is not None else query
+
+
+def _deleted_counts(scan_id: int | None) -> Select:
+    """(name, id, images) of the people in images of deleted objects (which the kept counts leave out)."""
+    person = func.coalesce(faces.c.person_id, "")
+    query = (
+        select(faces.c.name, person.label("person_id"), func.count(func.distinct(faces.c.image_id)).label("images"))
+        .join(images, images.c.id == faces.c.image_id)
+        .where(images.c.deleted_at.is_not(None), faces.c.name.is_not(None))
+        .group_by(faces.c.name, person)
+    )
+    return query.where(images.c.scan_id == scan_id) if scan_id is not None else query
 
 
 def result_records(
@@ -60,15 +79,18 @@ def result_records(
     key: str | None = None,
     persons: Sequence[str] = (),
     limit: int | None = None,
+    include_deleted: bool = False,
 ) -> Iterator[ResultRecord]:
     """One record per image, in the result format of docs/guide.md, streamed in chunks of image ids.
 
     With no scan, every image's latest version (an object whose content changed has one row per
     etag; only the newest is reported). With ``key``, only images of that key; with ``persons``
     (names or Rekognition ids), only images in which one of them was found; ``limit`` stops after
-    that many records.
+    that many records. Images of deleted objects (a followed bucket's) only with ``include_deleted``.
     """
     query = select(images, scans.c.source).join(scans, images.c.scan_id == scans.c.id).order_by(images.c.id)
+    if not include_deleted:
+        query = query.where(images.c.deleted_at.is_(None))
     if key is not None:
         query = query.where(images.c.key == key)
     if scan_id is not None:

@@ -5,7 +5,8 @@ Counting from the faces table reads every face (1.7 s for 10 million on this pro
 faces first takes their old faces out of the counts, then adds the new ones, in the same
 transaction, so a write repeated or redone never counts twice; an image requeued into another scan
 (``--force``) takes its counts along. The rows are updated in one order (scan, name, id), so two
-writers never wait on each other crosswise.
+writers never wait on each other crosswise. An image of a deleted object (``celebscan follow``)
+counts for nobody: the deletion takes its faces out, and no write counts them while it stays deleted.
 """
 
 from __future__ import annotations
@@ -20,21 +21,24 @@ from worker.sql import dialect_insert
 _NO_ID = ""
 
 
-def counts_query(image_ids: Sequence[int]) -> Select:
-    """(scan, name, id, images) of the named faces of these images, in lock order."""
+def counts_query(image_ids: Sequence[int], *, deleted_too: bool = False) -> Select:
+    """(scan, name, id, images) of the named faces of these images, in lock order (those of
+    deleted objects only when ``deleted_too``)."""
     person = func.coalesce(faces.c.person_id, _NO_ID)
-    return (
+    query = (
         select(images.c.scan_id, faces.c.name, person, func.count(func.distinct(faces.c.image_id)))
         .join(images, images.c.id == faces.c.image_id)
         .where(faces.c.image_id.in_(list(image_ids)), faces.c.name.is_not(None))
         .group_by(images.c.scan_id, faces.c.name, person)
         .order_by(images.c.scan_id, faces.c.name, person)
     )
+    return query if deleted_too else query.where(images.c.deleted_at.is_(None))
 
 
-def subtract(conn, image_ids: Sequence[int]) -> None:
-    """Take these images' current faces out of the counts (before the faces are replaced or moved)."""
-    rows = conn.execute(counts_query(image_ids)).all()
+def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False) -> None:
+    """Take these images' current faces out of the counts (before the faces are replaced or moved;
+    ``deleted_too``: just after the images were marked deleted, in that transaction)."""
+    rows = conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all()
     if rows:
         conn.execute(
             update(person_images)
@@ -70,7 +74,7 @@ def backfill(conn) -> None:
             ["scan_id", "name", "person_id", "images"],
             select(images.c.scan_id, faces.c.name, person, func.count(func.distinct(faces.c.image_id)))
             .join(images, images.c.id == faces.c.image_id)
-            .where(faces.c.name.is_not(None))
+            .where(faces.c.name.is_not(None), images.c.deleted_at.is_(None))
             .group_by(images.c.scan_id, faces.c.name, person),
         )
     )
@@ -81,7 +85,7 @@ POSTGRESQL_SUBTRACT = """
 UPDATE person_images p SET images = p.images - o.n
   FROM (SELECT i.scan_id, f.name, coalesce(f.person_id, '') AS person_id, count(DISTINCT f.image_id) AS n
           FROM faces f JOIN images i ON i.id = f.image_id
-         WHERE f.image_id = ANY(%(ids)s) AND f.name IS NOT NULL
+         WHERE f.image_id = ANY(%(ids)s) AND f.name IS NOT NULL AND i.deleted_at IS NULL
          GROUP BY 1, 2, 3) o
  WHERE p.scan_id = o.scan_id AND p.name = o.name AND p.person_id = o.person_id;
 """
@@ -89,7 +93,7 @@ POSTGRESQL_ADD = """
 INSERT INTO person_images (scan_id, name, person_id, images)
 SELECT i.scan_id, f.name, coalesce(f.person_id, ''), count(DISTINCT f.image_id)
   FROM faces f JOIN images i ON i.id = f.image_id
- WHERE f.image_id = ANY(%(ids)s) AND f.name IS NOT NULL
+ WHERE f.image_id = ANY(%(ids)s) AND f.name IS NOT NULL AND i.deleted_at IS NULL
  GROUP BY 1, 2, 3
  ORDER BY 1, 2, 3
 ON CONFLICT ON CONSTRAINT pk_person_images DO UPDATE SET images = person_images.images + EXCLUDED.images

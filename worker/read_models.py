@@ -39,7 +39,8 @@ class ScanSummary:
     retrying: dict[str, int] = field(default_factory=dict)
     #: Why workers hand this scan's batches back (none could run its recognizer), while none is served.
     unserved: str | None = None
-    #: "listing" while the source is being listed, "listed" after, "listing failed" (see listing_error).
+    #: "listing" while the source is being listed, "listed" after, "listing failed" (see listing_error);
+    #: "following" while a standing scan's follower records its bucket's events.
     listing: str = "listed"
     listing_error: str | None = None
     #: (parts ended, parts) of the source's listing; None when one process read it whole (an inventory).
@@ -53,6 +54,13 @@ class ScanSummary:
     refused_writes: int = 0
     #: When a lister last recorded a page of a part still to list (None: none did yet).
     listing_active_at: datetime | None = None
+    #: A standing scan (``celebscan follow``): when a follower last renewed it, the S3 events it
+    #: recorded, those that deleted an object, and its images whose object is deleted.
+    standing: bool = False
+    followed_at: datetime | None = None
+    events: int = 0
+    deletions: int = 0
+    deleted: int = 0
 
     @property
     def processed(self) -> int:
@@ -86,6 +94,8 @@ class ScanProgress:
 def listing_state(scan) -> str:
     if scan.listing_error:
         return "listing failed"
+    if scan.standing and not scan.listing_finished_at:
+        return "following"
     # scans made before listing_finished_at existed were listed in full before anything ran
     return "listed" if scan.listing_finished_at or scan.finished_at else "listing"
 
@@ -153,6 +163,8 @@ class ResultRecord:
     height: int | None
     celebrities: tuple[FoundCelebrity, ...] = ()
     unrecognized_faces: tuple[UnknownFace, ...] = ()
+    #: When its followed bucket said the object was deleted (shown only with --include-deleted).
+    deleted_at: datetime | None = None
 
     @property
     def names(self) -> list[str]:
@@ -162,6 +174,7 @@ class ResultRecord:
     def to_dict(self) -> dict[str, Any]:
         """The record in the JSON shape of ``results --format jsonl``."""
         error = {"code": self.error.code, "message": self.error.message} if self.error else None
+        deleted = {"deleted_at": aware_utc(self.deleted_at).isoformat()} if self.deleted_at else {}
         return {
             "scan_id": self.scan_id,
             "source": self.source,
@@ -174,6 +187,7 @@ class ResultRecord:
             "height": self.height,
             "celebrities": [celebrity.to_dict() for celebrity in self.celebrities],
             "unrecognized_faces": [face.to_dict() for face in self.unrecognized_faces],
+            **deleted,
         }
 
 
@@ -202,4 +216,5 @@ def result_record(row, face_rows) -> ResultRecord:
         unrecognized_faces=tuple(
             UnknownFace(_stored_box(f), round(f.face_confidence or 0.0, 2)) for f in face_rows if f.name is None
         ),
+        deleted_at=row.deleted_at,
     )

@@ -27,6 +27,9 @@ metadata = MetaData()
 QUEUED, DONE, FAILED = "queued", "done", "failed"
 STATUSES = (QUEUED, DONE, FAILED)
 
+#: A standing scan whose events are still being recorded.
+_OPEN_STANDING = "standing AND listing_finished_at IS NULL AND listing_error IS NULL"
+
 scans = Table(
     "scans",
     metadata,
@@ -67,6 +70,26 @@ scans = Table(
     Column("handed_over_calls_saved", BigInteger, nullable=False, server_default=text("0")),
     # The S3 Inventory manifest the scan read instead of listing (``--resume`` reads it again).
     Column("inventory", Text),
+    # A standing scan (``celebscan follow``): its "listing" is the bucket's events, open while a
+    # follower renews ``followed_at`` (a lease, CELEBSCAN_LEASE_SECONDS); one per source and backend
+    # at a time. When nobody followed it for a lease, its listing ends and it finishes once drained.
+    Column("standing", Boolean, nullable=False, server_default=text("false")),
+    Column("followed_at", DateTime(timezone=True)),
+    # S3 events recorded by its followers, and those of them that deleted an object.
+    Column("events", BigInteger, nullable=False, server_default=text("0")),
+    Column("deletions", BigInteger, nullable=False, server_default=text("0")),
+    # How long the oldest message of the last receive that brought any had waited in the queue
+    # (``metrics`` reports it: the events' lag).
+    Column("event_lag_seconds", Float),
+    # At most one open standing scan per source and backend: two followers starting together share one.
+    Index(
+        "uq_scans_standing",
+        "source",
+        "backend",
+        unique=True,
+        postgresql_where=text(_OPEN_STANDING),
+        sqlite_where=text(_OPEN_STANDING),
+    ),
 )
 
 images = Table(
@@ -114,6 +137,9 @@ images = Table(
     Column("copied_from", Integer),
     # Milliseconds a worker spent on the image (read, decode, recognize): `estimate` sizes a fleet with it.
     Column("work_ms", Integer),
+    # When a followed bucket said the object was deleted (``celebscan follow``): the row is kept
+    # for history and left out of people, results and the report unless asked for.
+    Column("deleted_at", DateTime(timezone=True)),
     UniqueConstraint("bucket", "key", "etag", "backend", name="uq_images_natural_key"),
     # With the id last, "is anything of this scan still queued?" reads the index backwards from the
     # newest images, which stay queued longest, instead of wading through the entries that finished
@@ -135,6 +161,14 @@ images = Table(
         "claimed_by",
         postgresql_where=text("claimed_by IS NOT NULL"),
         sqlite_where=text("claimed_by IS NOT NULL"),
+    ),
+    # Only the deleted objects' rows (a followed bucket's deletions): few, read by
+    # ``people --include-deleted``.
+    Index(
+        "ix_images_deleted",
+        "deleted_at",
+        postgresql_where=text("deleted_at IS NOT NULL"),
+        sqlite_where=text("deleted_at IS NOT NULL"),
     ),
 )
 
@@ -177,6 +211,21 @@ pictures = Table(
     Column("held_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("backend", "content_hash", "size", name="pk_pictures"),
     Index("ix_pictures_holder", "holder"),
+)
+
+object_events = Table(
+    "object_events",
+    metadata,
+    # The latest S3 event applied to each followed object (worker/queue/objects.py): an event whose
+    # sequencer is not later than this one's came out of order, or again, and changes nothing.
+    Column("bucket", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    # S3's sequencer, upper-case and right-padded with zeros to a fixed width so that the text
+    # order is S3's order; '' when the sender gave none (every such event applies).
+    Column("sequencer", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # created, removed
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("bucket", "key", name="pk_object_events"),
 )
 
 refused_writes = Table(

@@ -166,6 +166,17 @@ class Settings:
         minimum=1,
     )
 
+    follow_source: str = _setting(
+        "",
+        "CELEBSCAN_FOLLOW_SOURCE",
+        "The s3://bucket/prefix/ that `celebscan follow` follows when given none (the Procfile's events line).",
+    )
+    events_queue_url: str = _setting(
+        "",
+        "CELEBSCAN_EVENTS_QUEUE_URL",
+        "The SQS queue of S3 Event Notifications `celebscan follow` reads when given no --queue.",
+    )
+
     rekognition_prices: str = _setting(
         DEFAULT_REKOGNITION_PRICES,
         "CELEBSCAN_REKOGNITION_PRICES",

@@ -280,12 +280,13 @@ class ResultStore:
             counts.update(
                 conn.execute(select(images.c.status, func.count()).where(in_scan).group_by(images.c.status)).all()
             )
-            last, paid_calls, calls_saved, reused = conn.execute(
+            last, paid_calls, calls_saved, reused, deleted = conn.execute(
                 select(
                     func.max(images.c.processed_at),
                     func.coalesce(func.sum(images.c.paid_calls), 0),
                     func.coalesce(func.sum(images.c.calls_saved), 0),
                     func.count(images.c.copied_from),
+                    func.count(images.c.deleted_at),
                 ).where(in_scan)
             ).one()
             # A source listed in parts: each part counts what it listed.
@@ -350,14 +351,26 @@ class ResultStore:
             listing=listing_state(scan),
             listing_error=scan.listing_error,
             listing_parts=(parts_ended, parts) if parts else None,
+            standing=bool(scan.standing),
+            followed_at=aware_utc(scan.followed_at) if scan.followed_at is not None else None,
+            events=scan.events,
+            deletions=scan.deletions,
+            deleted=int(deleted),
         )
 
     def result_records(
-        self, scan_id: int | None = None, key: str | None = None, persons: Sequence[str] = (), limit: int | None = None
+        self,
+        scan_id: int | None = None,
+        key: str | None = None,
+        persons: Sequence[str] = (),
+        limit: int | None = None,
+        include_deleted: bool = False,
     ) -> Iterator[ResultRecord]:
         """One record per image, streamed (see :func:`worker.findings.result_records`)."""
-        return result_records(self.engine, scan_id, key, persons, limit)
+        return result_records(self.engine, scan_id, key, persons, limit, include_deleted)
 
-    def people(self, scan_id: int | None = None, limit: int | None = None) -> list[PersonFound]:
+    def people(
+        self, scan_id: int | None = None, limit: int | None = None, include_deleted: bool = False
+    ) -> list[PersonFound]:
         """Everyone found, most images first (see :func:`worker.findings.people_found`)."""
-        return people_found(self.engine, scan_id, limit)
+        return people_found(self.engine, scan_id, limit, include_deleted)

@@ -70,6 +70,8 @@ class ClaimState:
     budget_spent: bool  # --max-cost: every image the budget pays for has been handed out
     next_due: datetime | None  # the earliest time a deferred image may be tried again
     queued: bool = False  # images of the scan are still queued (some may have come since the claim)
+    standing: bool = False  # a followed source's scan: images arrive with its bucket's events
+    unfollowed: bool = False  # a standing scan still open that nobody followed for a lease
 
     @property
     def worth_waiting(self) -> bool:
@@ -393,13 +395,18 @@ class ImageQueue:
         with self.engine.connect() as conn:
             scan = conn.execute(_SCAN_STATE, {"scan_id": scan_id}).one()
         spent = scan.budget_images is not None and scan.handed_out >= scan.budget_images
+        listing = scan.listing_finished_at is None and not scan.listing_error
         return ClaimState(
             finished=scan.finished_at is not None,
-            listing=scan.listing_finished_at is None and not scan.listing_error,
+            listing=listing,
             in_flight=bool(scan.held) or scan.next_due is not None,
             budget_spent=spent and not scan.held,
             next_due=aware_utc(scan.next_due) if scan.next_due is not None else None,
             queued=bool(scan.queued),
+            standing=bool(scan.standing),
+            unfollowed=bool(scan.standing)
+            and listing
+            and (scan.followed_at is None or aware_utc(scan.followed_at) < utcnow() - self.lease),
         )
 
     # -- outcomes --------------------------------------------------------------------------------
@@ -715,6 +722,8 @@ def _scan_state_statement():
         scans.c.listing_error,
         scans.c.budget_images,
         scans.c.handed_out,
+        scans.c.standing,
+        scans.c.followed_at,
         held.label("held"),
         queued.label("queued"),
         next_due.label("next_due"),

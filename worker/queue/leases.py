@@ -4,8 +4,9 @@ A claim (on images, on the pictures a run is calling for, on a listing part) las
 ``CELEBSCAN_LEASE_SECONDS`` from its last renewal; then any other holder, or ``scan --resume``,
 may take it over. A live holder renews everything it holds every quarter lease, from a thread
 beside its work, so a slow call or a long retry never loses its claims, while a crashed holder's
-claims come free within one lease. Renewal stops at the run's deadline (``CELEBSCAN_BATCH_SECONDS``):
-a run that hangs past it loses its claims like a crashed one, and the task's time limits end it.
+claims come free within one lease. Renewal stops at a deadline the run names (twice
+``CELEBSCAN_BATCH_SECONDS``: time to start its images, then as long to see its calls back): a run
+that hangs past it loses its claims like a crashed one, and the task's time limits end it.
 """
 
 from __future__ import annotations

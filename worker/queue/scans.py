@@ -7,14 +7,22 @@ Every change of a scan's state is one guarded statement here:
   each write that may drain it, and when a window slot finds nothing to claim, so a crash right
   after the last write is repaired by the next slot (or by ``scan --resume``);
 - ``--resume`` repairs whatever a crash left (:meth:`Scans.repair`) and may run any number of times.
+
+A *standing* scan (``celebscan follow``) has no listing parts: its listing is the bucket's events,
+open while a follower renews ``followed_at``, one per source and backend at a time. Its listing
+ends, by a window slot or ``--resume``, only when nobody renewed it for a lease (a guarded statement
+that the renewal's own row update serializes with), then it finishes once drained like any scan; a
+follower that finds its scan ended opens a new one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import Engine, and_, bindparam, exists, select, update
+from sqlalchemy.exc import IntegrityError
 
 from worker.database import utcnow
 from worker.retry import retry_database
@@ -84,13 +92,47 @@ class Scans:
             with self.engine.begin() as conn:
                 conn.execute(_FINISH_SCANS, {"scan_ids": scan_ids, "now": utcnow()})
 
-    def repair(self, scan_id: int) -> Repair:
+    def open_standing(self, source: str, backend: str, **options) -> tuple[int, bool]:
+        """The open standing scan of ``source`` (its follow renewed), or a new one (and whether it
+        is new): two followers starting together share one (a unique index on the open standing
+        scans)."""
+        while True:
+            with self.engine.begin() as conn:
+                scan_id = conn.execute(
+                    select(scans.c.id).where(
+                        scans.c.standing.is_(True),
+                        scans.c.source == source,
+                        scans.c.backend == backend,
+                        scans.c.listing_finished_at.is_(None),
+                        scans.c.listing_error.is_(None),
+                    )
+                ).scalar()
+                if scan_id is not None and renew_follow(conn, scan_id):
+                    return scan_id, False
+            try:
+                with self.engine.begin() as conn:
+                    return insert_scan(conn, source, backend, standing=True, followed_at=utcnow(), **options), True
+            except IntegrityError:  # another follower opened it meanwhile: take that one
+                continue
+
+    @retry_database
+    def end_unfollowed(self, scan_id: int, lease_seconds: float) -> bool:
+        """End the listing of a standing scan nobody followed for a lease (then it finishes once
+        drained). Returns whether this call ended it."""
+        with self.engine.begin() as conn:
+            return end_unfollowed(conn, scan_id, lease_seconds)
+
+    def repair(self, scan_id: int, lease_seconds: float = 120.0) -> Repair:
         """Set right what a crash left half done (idempotent): a listing whose parts all ended but
-        that is still open, and a drained scan that is still open."""
+        that is still open (or a standing scan's that nobody follows), and a drained scan that is
+        still open."""
         with self.engine.begin() as conn:
             lock_scan(conn, scan_id)
             has_parts = conn.execute(select(exists().where(listing_parts.c.scan_id == scan_id))).scalar()
-            ended = end_listing_if_parts_ended(conn, scan_id) if has_parts else False
+            if has_parts:
+                ended = end_listing_if_parts_ended(conn, scan_id)
+            else:  # a standing scan's, or a scan's from before listings had parts
+                ended = end_unfollowed(conn, scan_id, lease_seconds)
         was_open = self._open(scan_id)
         self.finish_if_drained([scan_id])
         return Repair(listing_ended=ended, finished=was_open and not self._open(scan_id))
@@ -107,6 +149,23 @@ def insert_scan(conn, source: str, backend: str, **options) -> int:
         .values(source=source, backend=backend, created_at=utcnow(), listed=0, skipped=0, **options)
         .returning(scans.c.id)
     ).scalar_one()
+
+
+def renew_follow(conn, scan_id: int, lag_seconds: float | None = None) -> bool:
+    """A follower renews its standing scan (in the transaction that records a receive's events,
+    first), with the age of the receive's oldest message: False when the scan's listing ended
+    meanwhile (nobody followed it for a lease)."""
+    values: dict = dict(followed_at=utcnow())
+    if lag_seconds is not None:
+        values["event_lag_seconds"] = lag_seconds
+    return bool(conn.execute(update(scans).where(_listing_open(scan_id)).values(**values)).rowcount)
+
+
+def end_unfollowed(conn, scan_id: int, lease_seconds: float) -> bool:
+    cutoff = utcnow() - timedelta(seconds=lease_seconds)
+    unfollowed = scans.c.followed_at.is_(None) | (scans.c.followed_at < cutoff)
+    ended = update(scans).where(_listing_open(scan_id), scans.c.standing.is_(True), unfollowed)
+    return bool(conn.execute(ended.values(listing_finished_at=utcnow())).rowcount)
 
 
 def _listing_open(scan_id: int):

@@ -1,0 +1,149 @@
+"""A followed object's life as its bucket's events tell it: created (queued for recognition in the
+standing scan) or removed (its images marked deleted), the latest event by S3's sequencer winning.
+
+S3 may deliver the events of one key out of order, and SQS at least once. ``object_events`` keeps
+the sequencer of the last event applied to each key: an event applies only when its sequencer is
+later (one guarded upsert), so a repeat or an older event changes nothing. An applied creation is
+recorded as a listing records an object (:meth:`ImageQueue.record`: skipped when done with that
+ETag, left to a live holder, taken over otherwise), and clears the deletion of that version if the
+same bytes came back. An applied removal marks every version of the key deleted and takes its faces
+out of the people counts, in the same transaction. All of one receive is one transaction, committed
+before its messages are deleted from the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import or_, tuple_, update
+
+from worker import person_counts
+from worker.database import utcnow
+from worker.listing import ListedObject
+from worker.queue.images import ImageQueue
+from worker.queue.scans import count_handed_over
+from worker.schema import images, object_events, scans
+from worker.sql import dialect_insert
+
+CREATED, REMOVED = "created", "removed"
+#: Sequencers are compared as text after right-padding to this width (S3 says: pad the shorter).
+SEQUENCER_WIDTH = 64
+
+
+@dataclass(frozen=True)
+class ObjectChange:
+    """One object event, as the standing scan applies it (``producer/s3_events.py`` reads them)."""
+
+    kind: str  # CREATED or REMOVED
+    key: str
+    sequencer: str = ""  # S3's, hexadecimal; "" when the sender gave none: it always applies
+    etag: str = ""  # created objects only
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying a receive's events did."""
+
+    queued: int = 0  # created objects recorded queued in the standing scan
+    skipped: int = 0  # created objects done before with that ETag (or held by a live run elsewhere)
+    deleted: int = 0  # image rows marked deleted
+    stale: int = 0  # events older than (or the same as) one applied already: nothing changed
+
+
+def padded(sequencer: str) -> str:
+    return sequencer.upper().ljust(SEQUENCER_WIDTH, "0")[:SEQUENCER_WIDTH] if sequencer else ""
+
+
+def apply_changes(
+    conn, queue: ImageQueue, scan_id: int, bucket: str, backend: str, changes: Sequence[ObjectChange]
+) -> Applied:
+    """Apply one receive's changes of ``bucket``'s objects in the caller's transaction.
+
+    Of several changes of one key in the receive, the latest counts (by sequencer, else the last
+    delivered); it applies only when later than what ``object_events`` holds for the key.
+    """
+    latest: dict[str, ObjectChange] = {}
+    for change in changes:
+        kept = latest.get(change.key)
+        if kept is None or not change.sequencer or padded(change.sequencer) > padded(kept.sequencer):
+            latest[change.key] = change
+    applied = [change for change in latest.values() if _take(conn, bucket, change)]
+    stale = len(changes) - len(applied)
+    created = [change for change in applied if change.kind == CREATED]
+    removed = [change.key for change in applied if change.kind == REMOVED]
+    deleted = _mark_deleted(conn, bucket, removed) if removed else 0
+    queued = skipped = 0
+    if created:
+        _restore(conn, bucket, backend, created)
+        listed = [ListedObject(change.key, change.etag, change.size) for change in created]
+        recorded = queue.record(conn, scan_id, bucket, backend, listed, force=False, keep_ids=False)
+        count_handed_over(conn, recorded.moved)
+        skipped = recorded.skipped + recorded.held_elsewhere
+        queued = len(created) - skipped
+    conn.execute(
+        update(scans)
+        .where(scans.c.id == scan_id)
+        .values(
+            listed=scans.c.listed + queued + skipped,
+            skipped=scans.c.skipped + skipped,
+            events=scans.c.events + len(applied),
+            deletions=scans.c.deletions + len(removed),
+        )
+    )
+    return Applied(queued, skipped, deleted, stale)
+
+
+def _take(conn, bucket: str, change: ObjectChange) -> bool:
+    """Record ``change`` as the key's latest event, if it is later than the one recorded (one
+    statement: two followers applying events of one key never both win)."""
+    insert = dialect_insert(conn.engine, object_events)
+    sequencer = padded(change.sequencer)
+    statement = insert.values(
+        bucket=bucket, key=change.key, sequencer=sequencer, kind=change.kind, applied_at=utcnow()
+    ).on_conflict_do_update(
+        index_elements=[object_events.c.bucket, object_events.c.key],
+        set_={"sequencer": insert.excluded.sequencer, "kind": insert.excluded.kind, "applied_at": utcnow()},
+        where=or_(insert.excluded.sequencer == "", object_events.c.sequencer < insert.excluded.sequencer),
+    )
+    return bool(conn.execute(statement).rowcount)
+
+
+def _mark_deleted(conn, bucket: str, keys: Sequence[str]) -> int:
+    """Every version of these keys marked deleted, and their faces taken out of the counts.
+
+    The rows are updated first: on PostgreSQL that waits for a write of them in flight, so the
+    faces taken out are the ones that write left."""
+    marked = list(
+        conn.execute(
+            update(images)
+            .where(images.c.bucket == bucket, images.c.key.in_(list(keys)), images.c.deleted_at.is_(None))
+            .values(deleted_at=utcnow())
+            .returning(images.c.id)
+        ).scalars()
+    )
+    if marked:
+        person_counts.subtract(conn, marked, deleted_too=True)
+    return len(marked)
+
+
+def _restore(conn, bucket: str, backend: str, created: Sequence[ObjectChange]) -> None:
+    """A version that was deleted and whose very bytes came back (same key and ETag) is no longer
+    deleted: its result stands, and counts again."""
+    versions = [(change.key, change.etag) for change in created]
+    restored = list(
+        conn.execute(
+            update(images)
+            .where(
+                images.c.bucket == bucket,
+                images.c.backend == backend,
+                tuple_(images.c.key, images.c.etag).in_(versions),
+                images.c.deleted_at.is_not(None),
+            )
+            .values(deleted_at=None)
+            .returning(images.c.id)
+        ).scalars()
+    )
+    if restored:
+        person_counts.add(conn, restored)
