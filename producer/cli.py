@@ -356,8 +356,8 @@ def _publish_backlog(app: App, settings: Settings) -> None:
 @click.option(
     "--cloudwatch",
     is_flag=True,
-    help=f"Also publish PendingImages, BacklogImages, BacklogPerWorker, QueueLength (batches) and "
-    f"WorkersOnline to CloudWatch "
+    help=f"Also publish PendingImages, BacklogImages, BacklogPerWorker, QueueLength (batches), "
+    f"WorkersOnline and, when following a bucket, EventsWaiting and EventLagSeconds to CloudWatch "
     f"[namespace: {env_var('cloudwatch_namespace')}, default Celebscan].",
 )
 @click.option(

@@ -111,23 +111,26 @@ class Follower:
         queue_url: str,
         sqs,
         *,
-        on_new_scan: Callable[[int], None] = lambda scan_id: None,
+        open_window: Callable[[int], None] | None = None,
         wait_seconds: int = WAIT_SECONDS,
     ) -> None:
         self.store, self.settings, self.source = store, settings, source
         self.queue_url, self.sqs, self.wait_seconds = queue_url, sqs, wait_seconds
-        self.on_new_scan = on_new_scan
+        self.open_window = open_window
         self.counts = FollowCounts()
         self.images = ImageQueue(store.engine, settings.lease_seconds)
         self._scan_lock = threading.Lock()
         self.scan_id = self._open_scan()
 
     def _open_scan(self) -> int:
-        """The source's standing scan; a new one gets its window (``on_new_scan``)."""
+        """The source's standing scan, with its window in the broker (``open_window``: with a
+        broker). The window is noted once sent: a follower that failed to send it (the broker
+        away, a crash) leaves it to the next one, and two sending it at once only add slots."""
         scans = Scans(self.store.engine)
-        scan_id, new = scans.open_standing(self.source.url, self.settings.backend, batch_size=self.settings.batch_size)
-        if new:
-            self.on_new_scan(scan_id)
+        scan_id, _ = scans.open_standing(self.source.url, self.settings.backend, batch_size=self.settings.batch_size)
+        if self.open_window is not None and not scans.window_opened(scan_id):
+            self.open_window(scan_id)
+            scans.note_window_opened(scan_id)
         return scan_id
 
     def receive_once(self) -> int:
@@ -285,11 +288,16 @@ def run_follow(
         check_broker(settings)
 
     def open_scan_window(scan_id: int) -> None:
-        if not settings.embedded:
-            open_window(settings.replace(window=window), scan_id)
+        open_window(settings.replace(window=window), scan_id)
 
     follower = Follower(
-        store, settings, source, queue_url, sqs, on_new_scan=open_scan_window, wait_seconds=wait_seconds
+        store,
+        settings,
+        source,
+        queue_url,
+        sqs,
+        open_window=None if settings.embedded else open_scan_window,
+        wait_seconds=wait_seconds,
     )
     say(f"following {source.url} from {queue_url}: standing scan {follower.scan_id} (backend {settings.backend})")
     if settings.embedded:

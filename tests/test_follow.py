@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import uuid
 
@@ -25,6 +26,7 @@ from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.schema import DONE, QUEUED, images, scans
 from worker.settings import Settings
 from worker.sources import parse_source
+from worker.store import ResultStore
 
 NAMES = ["plain.jpg", "with space.jpg", "a+b.jpg", "100%.jpg", "été/北京 ☃.jpg"]
 
@@ -151,6 +153,128 @@ def test_a_deleted_picture_leaves_people_and_results_unless_asked_and_comes_back
     assert [p.name for p in store.people()] == ["Ada Lovelace"], "its result stands again, and counts"
     assert [r.key for r in store.result_records()] == ["photos/ada.jpg"]
     assert len(rows(store)) == 1 and rows(store)[0].status == DONE, "done before with that ETag: not paid again"
+
+
+def test_an_overwrite_supersedes_the_old_version_in_people_and_results(store, settings, s3, sqs, bucket, queue_url):
+    s3.put_object(Bucket=bucket, Key="photos/who.jpg", Body=jpeg_with_comment(jpeg(), "first"))
+    following = follower(store, settings, bucket, queue_url, sqs)
+    receive_all(following)
+    [first] = rows(store, key="photos/who.jpg")
+    _recognized(store, first.id, "Ada Lovelace")
+
+    s3.put_object(Bucket=bucket, Key="photos/who.jpg", Body=jpeg_with_comment(jpeg(), "second"))
+    receive_all(following)
+
+    old, new = rows(store, key="photos/who.jpg")
+    assert old.id == first.id and old.deleted_at is not None and new.status == QUEUED and new.deleted_at is None
+    assert store.people() == [], "the old version's people are gone with it"
+    _recognized(store, new.id, "Grace Hopper")
+    assert [(p.name, p.images) for p in store.people()] == [("Grace Hopper", 1)]
+    assert [r.etag for r in store.result_records()] == [new.etag]
+
+
+def test_bytes_that_come_back_are_the_result_again_even_behind_a_deleted_newer_version(
+    store, settings, s3, sqs, bucket, queue_url
+):
+    first_bytes = jpeg_with_comment(jpeg(), "first")
+    s3.put_object(Bucket=bucket, Key="photos/who.jpg", Body=first_bytes)
+    following = follower(store, settings, bucket, queue_url, sqs)
+    receive_all(following)
+    _recognized(store, rows(store)[0].id, "Ada Lovelace")
+    s3.put_object(Bucket=bucket, Key="photos/who.jpg", Body=jpeg_with_comment(jpeg(), "second"))
+    receive_all(following)
+    _recognized(store, rows(store)[1].id, "Grace Hopper")
+
+    s3.put_object(Bucket=bucket, Key="photos/who.jpg", Body=first_bytes)  # reverted
+    receive_all(following)
+
+    first, second = rows(store)
+    assert first.deleted_at is None and second.deleted_at is not None
+    assert [(p.name, p.images) for p in store.people()] == [("Ada Lovelace", 1)]
+    assert [r.etag for r in store.result_records()] == [first.etag], "the newer row is deleted: it hides nothing"
+    assert [r.etag for r in store.result_records(key="photos/who.jpg")] == [first.etag]
+
+
+def test_an_object_that_failed_in_the_standing_scan_is_tried_again_when_it_comes_back(
+    store, settings, sqs, bucket, queue_url
+):
+    from tests.conftest import write_outcomes
+
+    following = follower(store, settings, bucket, queue_url, sqs)
+    created = record(bucket, "ObjectCreated:Put", "photos/k.jpg", "01", eTag="e1", size=5)
+    send(sqs, queue_url, created)
+    receive_all(following)
+    [row] = rows(store)
+    write_outcomes(store, [ImageOutcome.failed(row.id, "ObjectNotFound", "gone before it was read")])
+    listed = store.summary(following.scan_id).listed
+
+    send(sqs, queue_url, record(bucket, "ObjectCreated:Put", "photos/k.jpg", "02", eTag="e1", size=5))
+    send(sqs, queue_url, record(bucket, "ObjectCreated:Put", "photos/k.jpg", "02", eTag="e1", size=5))
+    receive_all(following)
+
+    [row] = rows(store)
+    assert (row.status, row.error_code, row.scan_id) == (QUEUED, None, following.scan_id)
+    assert store.summary(following.scan_id).listed == listed + 1 and following.counts.queued == 2
+
+
+def test_a_catch_up_listing_undoes_a_deletion_whose_object_is_back(store, settings, s3, sqs, bucket, queue_url):
+    from datetime import timedelta
+
+    from worker.database import utcnow
+    from worker.listing import ListedObject
+
+    s3.put_object(Bucket=bucket, Key="photos/ada.jpg", Body=jpeg())
+    following = follower(store, settings, bucket, queue_url, sqs)
+    receive_all(following)
+    [row] = rows(store)
+    _recognized(store, row.id, "Ada Lovelace")
+    s3.delete_object(Bucket=bucket, Key="photos/ada.jpg")
+    receive_all(following)
+    listed_again = [ListedObject(row.key, row.etag, row.size)]  # the re-upload's event was lost
+    scan_id = store.create_scan(f"s3://{bucket}/photos/", "rekognition")
+
+    store.queue_images(scan_id, bucket, "rekognition", listed_again)
+    assert rows(store)[0].deleted_at is not None, "a deletion of the last minute stands against a listing"
+
+    with store.engine.begin() as conn:
+        conn.execute(images.update().values(deleted_at=utcnow() - timedelta(minutes=5)))
+    report = store.queue_images(
+        store.create_scan(f"s3://{bucket}/photos/", "rekognition"), bucket, "rekognition", listed_again
+    )
+
+    assert report.skipped == 1 and rows(store)[0].deleted_at is None
+    assert [(p.name, p.images) for p in store.people()] == [("Ada Lovelace", 1)]
+
+
+def test_followers_of_two_backends_each_apply_their_copy_of_an_event(store, settings, sqs, bucket, queue_url):
+    local_queue = sqs.create_queue(QueueName=f"{bucket}-local")["QueueUrl"]
+    paid = follower(store, settings, bucket, queue_url, sqs)
+    local = follower(store, settings.replace(backend="local"), bucket, local_queue, sqs)
+    event = record(bucket, "ObjectCreated:Put", "photos/k.jpg", "01", eTag="e1", size=5)
+    for url in (queue_url, local_queue):  # SNS fan-out: one copy for each follower's queue
+        send(sqs, url, event)
+    receive_all(paid)
+    receive_all(local)
+
+    assert sorted((row.backend, row.scan_id) for row in rows(store)) == sorted(
+        [("rekognition", paid.scan_id), ("local", local.scan_id)]
+    )
+
+
+def test_a_window_a_follower_failed_to_send_is_sent_by_the_next(store, settings, sqs, bucket, queue_url):
+    sent: list[int] = []
+
+    def broker_away(scan_id: int) -> None:
+        raise ConnectionError("the broker is away")
+
+    with pytest.raises(ConnectionError):
+        Follower(store, settings, parse_source(f"s3://{bucket}/photos/"), queue_url, sqs, open_window=broker_away)
+    restarted = Follower(
+        store, settings, parse_source(f"s3://{bucket}/photos/"), queue_url, sqs, open_window=sent.append
+    )
+    again = Follower(store, settings, parse_source(f"s3://{bucket}/photos/"), queue_url, sqs, open_window=sent.append)
+
+    assert sent == [restarted.scan_id] and again.scan_id == restarted.scan_id
 
 
 def _recognized(store, image_id: int, name: str) -> None:
@@ -308,3 +432,70 @@ def test_follow_needs_a_bucket_and_a_queue(database_url):
     assert "give SOURCE" in runner.invoke(cli, ["follow"], env=env).output
     assert "give s3://" in runner.invoke(cli, ["follow", "/tmp"], env=env).output
     assert "give --queue" in runner.invoke(cli, ["follow", f"s3://b-{uuid.uuid4().hex[:6]}/"], env=env).output
+
+
+@pytest.mark.slow
+def test_readme_s_follow_path_with_the_procfile_s_events_and_worker_lines(
+    aws_env, moto_url, sqs, rekognition, broker_url, postgres_url, s3, bucket, tmp_path
+):
+    """README's set-up line, then the Procfile's ``events`` and ``worker`` lines as a user starts
+    them: uploads recognized, deletions left out of people, an unreadable message left to the
+    dead-letter queue, SIGTERM a clean stop, and README's catch-up scan skipping what is done."""
+    from tests.conftest import _reset_postgres
+    from tests.servers import wait_until
+    from tests.test_readme_paths import PROCFILE, README, run_as_user, shell_command, user_env
+
+    _reset_postgres(postgres_url)
+    odd = lambda key: key is not None and key[-5] in "13579"  # noqa: E731  # photos/NNN.jpg
+    rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity(f"Person {int(odd(key))}")]}
+    env = {
+        **user_env(tmp_path, broker_url, postgres_url, aws_env, rekognition.url),
+        "AWS_ENDPOINT_URL_SQS": moto_url,
+        "AWS_ENDPOINT_URL_STS": moto_url,
+    }
+    [block] = [block for block in README.split("```sh\n")[1:] if "--setup" in block.split("```")[0]]
+    [setup, follow_line, catch_up] = [
+        line.split(" #", 1)[0].strip().replace("my-bucket", bucket) for line in block.split("```")[0].splitlines()
+    ]
+    assert setup.endswith("--setup") and "--queue QUEUE_URL --backend rekognition" in follow_line
+    assert catch_up.startswith("celebscan scan") and catch_up.endswith("--backend rekognition")
+    said = run_as_user(setup, env, tmp_path).splitlines()
+    [queue_url] = [line.split(": ", 1)[1] for line in said if line.startswith("queue: ")]
+    again = run_as_user(setup, env, tmp_path)
+    assert f"celebscan follow s3://{bucket}/photos/ --queue {queue_url}" in again, "setting up again changes nothing"
+    events_env = {
+        **env,
+        "CELEBSCAN_FOLLOW_SOURCE": f"s3://{bucket}/photos/",
+        "CELEBSCAN_EVENTS_QUEUE_URL": queue_url,
+        "CELEBSCAN_BACKEND": "rekognition",
+    }
+    store = ResultStore.connect(postgres_url)
+    events_log = tmp_path / "events.log"
+    with (
+        shell_command(PROCFILE["worker"], env, tmp_path, tmp_path / "worker.log"),
+        shell_command(PROCFILE["events"], events_env, tmp_path, events_log) as events,
+    ):
+        for n in range(20):
+            s3.put_object(Bucket=bucket, Key=f"photos/{n:03d}.jpg", Body=jpeg_with_comment(jpeg(), str(n)))
+        sqs.send_message(QueueUrl=queue_url, MessageBody="not an event")
+        wait_until(lambda: len(rows(store, status=DONE)) == 20, timeout=180, what="20 uploads recognized")
+        assert {p.name: p.images for p in store.people()} == {"Person 0": 10, "Person 1": 10}
+        for n in (1, 3, 5):
+            s3.delete_object(Bucket=bucket, Key=f"photos/{n:03d}.jpg")
+        wait_until(lambda: sum(r.deleted_at is not None for r in rows(store)) == 3, timeout=60, what="3 deletions")
+        people = run_as_user("celebscan people", env, tmp_path)
+        assert "10  Person 0" in people and " 7  Person 1" in people, people
+        events.send_signal(signal.SIGTERM)
+        assert events.wait(timeout=60) == 0
+    log = events_log.read_text()
+    assert "stopped: " in log and "Traceback" not in log, log
+    assert sum("not an S3 event notification" in line for line in log.splitlines()) >= 1
+    [scan_id] = {row.scan_id for row in rows(store)}
+    assert store.summary(scan_id).standing and len(rekognition.calls) == 20
+
+    s3.put_object(Bucket=bucket, Key="photos/before-follow.jpg", Body=jpeg_with_comment(jpeg(), "late"))
+    with shell_command(PROCFILE["worker"], env, tmp_path, tmp_path / "worker2.log"):
+        output = run_as_user(catch_up, env, tmp_path)
+        wait_until(lambda: store.summary(store.latest_scan_id()).finished_at is not None, timeout=180, what="catch-up")
+    assert len(rekognition.calls) == 21, f"the catch-up scan paid for the new image only: {output}"
+    store.engine.dispose()

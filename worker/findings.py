@@ -97,14 +97,15 @@ def result_records(
         query = query.where(images.c.scan_id == scan_id)
     else:
         newer = images.alias("newer")
-        query = query.where(
-            ~exists().where(
-                newer.c.bucket == images.c.bucket,
-                newer.c.key == images.c.key,
-                newer.c.backend == images.c.backend,
-                newer.c.id > images.c.id,
-            )
+        newer_version = exists().where(
+            newer.c.bucket == images.c.bucket,
+            newer.c.key == images.c.key,
+            newer.c.backend == images.c.backend,
+            newer.c.id > images.c.id,
         )
+        if not include_deleted:  # a deleted newer version hides nothing: the object may be back as it was
+            newer_version = newer_version.where(newer.c.deleted_at.is_(None))
+        query = query.where(~newer_version)
     left = limit
     last_id = 0
     if persons:

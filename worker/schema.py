@@ -81,6 +81,8 @@ scans = Table(
     # How long the oldest message of the last receive that brought any had waited in the queue
     # (``metrics`` reports it: the events' lag).
     Column("event_lag_seconds", Float),
+    # When a follower put the standing scan's window into the broker (until then, any follower does).
+    Column("window_opened_at", DateTime(timezone=True)),
     # At most one open standing scan per source and backend: two followers starting together share one.
     Index(
         "uq_scans_standing",
@@ -216,16 +218,18 @@ pictures = Table(
 object_events = Table(
     "object_events",
     metadata,
-    # The latest S3 event applied to each followed object (worker/queue/objects.py): an event whose
+    # The latest S3 event a follower applied to each followed object (worker/queue/objects.py): an event whose
     # sequencer is not later than this one's came out of order, or again, and changes nothing.
     Column("bucket", Text, nullable=False),
     Column("key", Text, nullable=False),
+    # Per backend: a follower of each backend orders its own copy of the events (SNS fan-out).
+    Column("backend", String(32), nullable=False),
     # S3's sequencer, upper-case and right-padded with zeros to a fixed width so that the text
     # order is S3's order; '' when the sender gave none (every such event applies).
     Column("sequencer", String(64), nullable=False),
     Column("kind", String(16), nullable=False),  # created, removed
     Column("applied_at", DateTime(timezone=True), nullable=False),
-    PrimaryKeyConstraint("bucket", "key", name="pk_object_events"),
+    PrimaryKeyConstraint("bucket", "key", "backend", name="pk_object_events"),
 )
 
 refused_writes = Table(

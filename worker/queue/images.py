@@ -39,6 +39,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import DBAPIError
@@ -103,6 +104,7 @@ class Recorded:
     held_elsewhere: int  # queued in another scan that holds them in flight: left there
     moved: Moved = field(default_factory=Moved)  # images taken over from other scans
     image_ids: list[int] = field(default_factory=list)  # queued in this scan (only when asked for)
+    already: int = 0  # this scan's already, left as they are
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,31 @@ class Written:
     replayed: frozenset[int]
     refused: frozenset[int]
     scan_ids: frozenset[int]
+
+
+#: A listing undoes only deletions older than this: one applied while the page was on its way
+#: (the object deleted just after S3 listed it) stands.
+RESTORE_AFTER = timedelta(seconds=60)
+_ANY_DELETED = select(images.c.id).where(images.c.deleted_at.is_not(None)).limit(1)
+
+
+def restore_deleted(
+    conn, bucket: str, versions: Sequence[tuple[str, str]], deleted_before: datetime | None = None
+) -> list[int]:
+    """Rows of these (key, etag) versions marked deleted (by a followed bucket's events) whose object
+    is there again, as an event or a listing says: no longer deleted, counted again (any backend)."""
+    if not versions:
+        return []
+    restorable = [images.c.bucket == bucket, tuple_(images.c.key, images.c.etag).in_(list(versions))]
+    restorable.append(
+        images.c.deleted_at.is_not(None) if deleted_before is None else images.c.deleted_at < deleted_before
+    )
+    restored = list(
+        conn.execute(update(images).where(*restorable).values(deleted_at=None).returning(images.c.id)).scalars()
+    )
+    if restored:
+        person_counts.add(conn, restored)
+    return restored
 
 
 def held_by(token: str):
@@ -142,7 +169,17 @@ class ImageQueue:
 
     # -- listing ---------------------------------------------------------------------------------
 
-    def record(self, conn, scan_id: int, bucket: str, backend: str, chunk: Sequence, force: bool, keep_ids=False):
+    def record(
+        self,
+        conn,
+        scan_id: int,
+        bucket: str,
+        backend: str,
+        chunk: Sequence,
+        force: bool,
+        keep_ids=False,
+        retry_own_failures=False,
+    ):
         """Record a chunk of listed objects in scan ``scan_id`` (in the caller's transaction).
 
         A new object is inserted ``queued``. One known already: skipped when it is done (same etag)
@@ -150,12 +187,17 @@ class ImageQueue:
         over when it is queued and nobody holds it (its scan's workers died or were stopped),
         failed (retried) or done with ``force``; and counted as this scan's when it already is (a
         listing resumed lists it again). A listing entry that can never be read is recorded
-        ``failed`` at once. Every move is guarded by the state it was seen in.
+        ``failed`` at once. Every move is guarded by the state it was seen in. With
+        ``retry_own_failures`` (a followed bucket's event: the object is there again), one that
+        failed in this very scan is queued afresh too.
         """
         now = utcnow()
         if conn.dialect.name != "postgresql":  # SQLite's write lock first: the reads below stay true
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=scans.c.listed))
-        elif not any(item.error for item in chunk):
+        if conn.execute(_ANY_DELETED).first() is not None:  # a followed bucket's: the listing says it is back
+            listed = [(item.key, item.etag) for item in chunk if not item.error]
+            restore_deleted(conn, bucket, listed, deleted_before=now - RESTORE_AFTER)
+        if conn.dialect.name == "postgresql" and not any(item.error for item in chunk):
             # One statement inserts what is new (a fresh bucket: everything) and says what it took;
             # only the rest is looked up.
             inserted = {
@@ -174,22 +216,31 @@ class ImageQueue:
                 )
             }
             rest = [item for item in chunk if (item.key, item.etag) not in inserted]
-            return self._record_known(conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now)
-        return self._record_known(conn, scan_id, bucket, backend, chunk, chunk, force, keep_ids, now)
+            return self._record_known(
+                conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now, retry_own_failures
+            )
+        return self._record_known(
+            conn, scan_id, bucket, backend, chunk, chunk, force, keep_ids, now, retry_own_failures
+        )
 
-    def _record_known(self, conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now) -> Recorded:
+    def _record_known(
+        self, conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now, retry_own_failures
+    ) -> Recorded:
         known = _known_objects(conn, bucket, backend, [item.key for item in rest]) if rest else {}
         new_rows: list[dict[str, Any]] = []
         unreadable: list[tuple[int, tuple[str, str]]] = []  # entries that can never be read: failed again
         retried: list[int] = []  # failed, or done with --force: queued afresh
         orphans: list[int] = []  # queued in another scan, nobody holding them
-        skipped = held = 0
+        own_failures: list[int] = []  # failed in this scan, and there again (retry_own_failures)
+        skipped = held = already = 0
         for item in rest:
             row = known.get((item.key, item.etag))
             if row is None:
                 new_rows.append(_new_row(scan_id, bucket, backend, item, now))
+            elif row.scan_id == scan_id and retry_own_failures and row.status == FAILED and not item.error:
+                own_failures.append(row.id)
             elif row.scan_id == scan_id:
-                continue  # this scan's already (a resumed listing)
+                already += 1  # this scan's already (a resumed listing, an event delivered again)
             elif row.status == QUEUED and row.claimed_by is not None and aware_utc(row.claimed_at) >= now - self.lease:
                 held += 1
             elif item.error:
@@ -214,6 +265,15 @@ class ImageQueue:
         for row_id, (code, message) in unreadable:
             failed = dict(status=FAILED, error_code=code, error_message=message, processed_at=now)
             moves.append(([row_id], finished | unheld, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now, **failed)))
+        if own_failures:  # still failed and this scan's: queued afresh, its calls kept where they were made
+            already += (
+                len(own_failures)
+                - conn.execute(
+                    update(images)
+                    .where(images.c.id.in_(own_failures), images.c.scan_id == scan_id, images.c.status == FAILED)
+                    .values(dict(_QUEUED_AFRESH, queued_at=now))
+                ).rowcount
+            )
         moved = Moved()
         for ids, movable, values in moves:
             taken = _move(conn, ids, scan_id, movable, values)
@@ -234,7 +294,7 @@ class ImageQueue:
                     .order_by(images.c.id)
                 ).scalars()
             )
-        return Recorded(len(chunk), skipped, held, moved, ids_queued)
+        return Recorded(len(chunk), skipped, held, moved, ids_queued, already)
 
     # -- claims ----------------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@ the sequencer of the last event applied to each key: an event applies only when 
 later (one guarded upsert), so a repeat or an older event changes nothing. An applied creation is
 recorded as a listing records an object (:meth:`ImageQueue.record`: skipped when done with that
 ETag, left to a live holder, taken over otherwise), and clears the deletion of that version if the
-same bytes came back. An applied removal marks every version of the key deleted and takes its faces
-out of the people counts, in the same transaction. All of one receive is one transaction, committed
+same bytes came back; the key's other versions (an overwrite's) are marked deleted, as they are gone
+from the bucket. An applied removal marks every version of the key deleted and takes its faces out
+of the people counts, in the same transaction. All of one receive is one transaction, committed
 before its messages are deleted from the queue.
 """
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import or_, tuple_, update
+from sqlalchemy import and_, or_, update
 
 from worker import person_counts
 from worker.database import utcnow
 from worker.listing import ListedObject
-from worker.queue.images import ImageQueue
+from worker.queue.images import ImageQueue, restore_deleted
 from worker.queue.scans import count_handed_over
 from worker.schema import images, object_events, scans
 from worker.sql import dialect_insert
@@ -69,24 +70,25 @@ def apply_changes(
         kept = latest.get(change.key)
         if kept is None or not change.sequencer or padded(change.sequencer) > padded(kept.sequencer):
             latest[change.key] = change
-    applied = [change for change in latest.values() if _take(conn, bucket, change)]
+    applied = [change for change in latest.values() if _take(conn, bucket, backend, change)]
     stale = len(changes) - len(applied)
     created = [change for change in applied if change.kind == CREATED]
     removed = [change.key for change in applied if change.kind == REMOVED]
     deleted = _mark_deleted(conn, bucket, removed) if removed else 0
     queued = skipped = 0
     if created:
-        _restore(conn, bucket, backend, created)
+        _supersede(conn, bucket, created)
+        restore_deleted(conn, bucket, [(change.key, change.etag) for change in created])
         listed = [ListedObject(change.key, change.etag, change.size) for change in created]
-        recorded = queue.record(conn, scan_id, bucket, backend, listed, force=False, keep_ids=False)
+        recorded = queue.record(conn, scan_id, bucket, backend, listed, force=False, retry_own_failures=True)
         count_handed_over(conn, recorded.moved)
         skipped = recorded.skipped + recorded.held_elsewhere
-        queued = len(created) - skipped
+        queued = len(created) - skipped - recorded.already
     conn.execute(
         update(scans)
         .where(scans.c.id == scan_id)
         .values(
-            listed=scans.c.listed + queued + skipped,
+            listed=scans.c.listed + queued + skipped,  # what the events brought, once
             skipped=scans.c.skipped + skipped,
             events=scans.c.events + len(applied),
             deletions=scans.c.deletions + len(removed),
@@ -95,15 +97,15 @@ def apply_changes(
     return Applied(queued, skipped, deleted, stale)
 
 
-def _take(conn, bucket: str, change: ObjectChange) -> bool:
+def _take(conn, bucket: str, backend: str, change: ObjectChange) -> bool:
     """Record ``change`` as the key's latest event, if it is later than the one recorded (one
     statement: two followers applying events of one key never both win)."""
     insert = dialect_insert(conn.engine, object_events)
     sequencer = padded(change.sequencer)
     statement = insert.values(
-        bucket=bucket, key=change.key, sequencer=sequencer, kind=change.kind, applied_at=utcnow()
+        bucket=bucket, key=change.key, backend=backend, sequencer=sequencer, kind=change.kind, applied_at=utcnow()
     ).on_conflict_do_update(
-        index_elements=[object_events.c.bucket, object_events.c.key],
+        index_elements=[object_events.c.bucket, object_events.c.key, object_events.c.backend],
         set_={"sequencer": insert.excluded.sequencer, "kind": insert.excluded.kind, "applied_at": utcnow()},
         where=or_(insert.excluded.sequencer == "", object_events.c.sequencer < insert.excluded.sequencer),
     )
@@ -111,14 +113,25 @@ def _take(conn, bucket: str, change: ObjectChange) -> bool:
 
 
 def _mark_deleted(conn, bucket: str, keys: Sequence[str]) -> int:
-    """Every version of these keys marked deleted, and their faces taken out of the counts.
+    """A removal: every version of these keys marked deleted."""
+    return _mark(conn, bucket, images.c.key.in_(list(keys)))
+
+
+def _supersede(conn, bucket: str, created: Sequence[ObjectChange]) -> int:
+    """An overwrite: the key's other versions are gone from the bucket, marked deleted like a
+    removal's, so people count each object once, as it is now."""
+    return _mark(conn, bucket, or_(*(and_(images.c.key == c.key, images.c.etag != c.etag) for c in created)))
+
+
+def _mark(conn, bucket: str, versions) -> int:
+    """The bucket's image rows of ``versions`` marked deleted, and their faces taken out of the counts.
 
     The rows are updated first: on PostgreSQL that waits for a write of them in flight, so the
     faces taken out are the ones that write left."""
     marked = list(
         conn.execute(
             update(images)
-            .where(images.c.bucket == bucket, images.c.key.in_(list(keys)), images.c.deleted_at.is_(None))
+            .where(images.c.bucket == bucket, versions, images.c.deleted_at.is_(None))
             .values(deleted_at=utcnow())
             .returning(images.c.id)
         ).scalars()
@@ -126,24 +139,3 @@ def _mark_deleted(conn, bucket: str, keys: Sequence[str]) -> int:
     if marked:
         person_counts.subtract(conn, marked, deleted_too=True)
     return len(marked)
-
-
-def _restore(conn, bucket: str, backend: str, created: Sequence[ObjectChange]) -> None:
-    """A version that was deleted and whose very bytes came back (same key and ETag) is no longer
-    deleted: its result stands, and counts again."""
-    versions = [(change.key, change.etag) for change in created]
-    restored = list(
-        conn.execute(
-            update(images)
-            .where(
-                images.c.bucket == bucket,
-                images.c.backend == backend,
-                tuple_(images.c.key, images.c.etag).in_(versions),
-                images.c.deleted_at.is_not(None),
-            )
-            .values(deleted_at=None)
-            .returning(images.c.id)
-        ).scalars()
-    )
-    if restored:
-        person_counts.add(conn, restored)

@@ -115,6 +115,17 @@ class Scans:
             except IntegrityError:  # another follower opened it meanwhile: take that one
                 continue
 
+    def window_opened(self, scan_id: int) -> bool:
+        with self.engine.connect() as conn:
+            opened = conn.execute(select(scans.c.window_opened_at).where(scans.c.id == scan_id)).scalar()
+        return opened is not None
+
+    @retry_database
+    def note_window_opened(self, scan_id: int) -> None:
+        """After the window is in the broker (a follower that died before sending it leaves it to the next)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(scans).where(scans.c.id == scan_id).values(window_opened_at=utcnow()))
+
     @retry_database
     def end_unfollowed(self, scan_id: int, lease_seconds: float) -> bool:
         """End the listing of a standing scan nobody followed for a lease (then it finishes once
