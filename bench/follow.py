@@ -85,6 +85,13 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="latency: uploads per second")
     parser.add_argument("--burst", type=int, default=50_000, help="burst: events waiting before follow starts")
     parser.add_argument("--quota", type=float, default=50.0, help="the stand-in's quota, calls/s")
+    parser.add_argument(
+        "--feed-rate",
+        type=float,
+        default=0.0,
+        help="burst: send the events at this rate while follow runs, instead of all before (moto's SQS slows "
+        "with every message waiting: 50,000 waiting at once are served at ~15/s)",
+    )
     parser.add_argument("--latency", type=float, default=1.0, help="the stand-in's answer time, s")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-burst", action="store_true")
@@ -174,17 +181,29 @@ def measure_burst(args: argparse.Namespace, logs: Path) -> bool:
         print(f"  {total} distinct JPEGs put (no notification configured yet) in {time.monotonic() - started:.0f} s")
         queue_url = set_up(bucket, env)
         speed_up_moto_sqs()
-        started = time.monotonic()
-        with moto_counts_unread():
-            sent = send_events(bucket, queue_url, parts.moto_url)
         sqs = boto3.client("sqs", endpoint_url=parts.moto_url)
-        print(
-            f"  {sent} S3 event messages (S3's JSON, one record each, real ETags and sizes) sent to the queue with "
-            f"send_message_batch in {time.monotonic() - started:.0f} s, not by moto's notifications (and moto's "
-            f"SQS made linear in this process: see speed_up_moto_sqs); "
-            f"{waiting(sqs, queue_url)} waiting when follow starts",
-            flush=True,
-        )
+        feeder = None
+        if args.feed_rate:  # events arrive faster than the quota while follow runs: the backlog is in the database
+            feeder = threading.Thread(
+                target=lambda: send_events(bucket, queue_url, parts.moto_url, rate=args.feed_rate), daemon=True
+            )
+            print(
+                f"  {total} S3 event messages (S3's JSON, one record each, real ETags and sizes) sent to the queue "
+                f"with send_message_batch at {args.feed_rate:g}/s ({args.feed_rate / args.quota:.1f}x the quota) "
+                f"while follow runs, not by moto's notifications (moto's SQS slows with every message waiting)",
+                flush=True,
+            )
+        else:
+            started = time.monotonic()
+            with moto_counts_unread():
+                sent = send_events(bucket, queue_url, parts.moto_url)
+            print(
+                f"  {sent} S3 event messages (S3's JSON, one record each, real ETags and sizes) sent to the queue "
+                f"with send_message_batch in {time.monotonic() - started:.0f} s, not by moto's notifications (and "
+                f"moto's SQS made linear in this process: see speed_up_moto_sqs); "
+                f"{waiting(sqs, queue_url)} waiting when follow starts",
+                flush=True,
+            )
         store = ResultStore.connect(parts.postgres_url)
         stack.callback(store.engine.dispose)
         broker = redis.Redis.from_url(parts.redis_url)
@@ -192,6 +211,8 @@ def measure_burst(args: argparse.Namespace, logs: Path) -> bool:
             with following(bucket, queue_url, env, logs / "burst-follow.log") as follower:
                 sampler = Sampler(broker, psutil.Process(follower.pid))
                 sampler.start()
+                if feeder is not None:
+                    feeder.start()
                 try:
                     drain_started, follow_started = time.monotonic(), datetime.now(UTC)
                     timeout = max(900.0, 4 * total / args.quota)
@@ -371,8 +392,9 @@ class Uploader:
             return {key: future.result() for key, future in futures.items()}
 
 
-def send_events(bucket: str, queue_url: str, sqs_url: str) -> int:
-    """One S3 ObjectCreated:Put notification per object under the prefix, as S3 sends them."""
+def send_events(bucket: str, queue_url: str, sqs_url: str, rate: float = 0.0) -> int:
+    """One S3 ObjectCreated:Put notification per object under the prefix, as S3 sends them: all at
+    once, or ``rate`` a second (a load generator's pacing, batches of 10)."""
     s3 = boto3.client("s3")
     objects = [
         thing
@@ -414,6 +436,12 @@ def send_events(bucket: str, queue_url: str, sqs_url: str) -> int:
             raise RuntimeError(f"send_message_batch failed: {failed}")
         return len(batch)
 
+    if rate:
+        started = time.monotonic()
+        for n, batch in enumerate(batches):
+            send(batch)
+            time.sleep(max(0.0, started + (n + 1) * 10 / rate - time.monotonic()))
+        return len(entries)
     with ThreadPoolExecutor(8) as pool:
         return sum(pool.map(send, batches))
 

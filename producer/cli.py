@@ -225,7 +225,7 @@ def follow(
 
     from producer.follow import default_queue_name, run_follow, set_up
 
-    settings = app.settings.replace(backend=backend, workers=workers)
+    settings = app.settings.replace(backend=backend or app.settings.follow_backend or None, workers=workers)
     followed = parse_source(source or settings.follow_source or _missing("SOURCE", "follow_source"))
     if not followed.is_s3:
         raise click.UsageError("follow reads a bucket's events: give s3://bucket/prefix/")

@@ -264,7 +264,7 @@ def test_user_data_runs_the_events_unit_when_following(template):
     script, variables = user_data(template)
     settings = re.search(r"<<'SETTINGS'\n(.*?)\nSETTINGS\n", script, re.S).group(1).splitlines()
     assert {"CELEBSCAN_FOLLOW_SOURCE=${FollowSource}", "CELEBSCAN_EVENTS_QUEUE_URL=${EventsQueueUrl}"} <= set(settings)
-    assert "CELEBSCAN_BACKEND=${FollowBackend}" in settings
+    assert "CELEBSCAN_FOLLOW_BACKEND=${FollowBackend}" in settings
     assert variables["EventsQueueUrl"] == {"Fn::If": ["Follow", {"Ref": "EventsQueue"}, ""]}
     assert "follow_source='${FollowSource}'\n" in script
     assert 'if [ -n "$follow_source" ]; then\n  systemctl enable --now celebscan-events.service\nfi\n' in script

@@ -467,7 +467,7 @@ def test_readme_s_follow_path_with_the_procfile_s_events_and_worker_lines(
         **env,
         "CELEBSCAN_FOLLOW_SOURCE": f"s3://{bucket}/photos/",
         "CELEBSCAN_EVENTS_QUEUE_URL": queue_url,
-        "CELEBSCAN_BACKEND": "rekognition",
+        "CELEBSCAN_FOLLOW_BACKEND": "rekognition",
     }
     store = ResultStore.connect(postgres_url)
     events_log = tmp_path / "events.log"

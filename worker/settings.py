@@ -171,6 +171,12 @@ class Settings:
         "CELEBSCAN_FOLLOW_SOURCE",
         "The s3://bucket/prefix/ that `celebscan follow` follows when given none (the Procfile's events line).",
     )
+    follow_backend: str = _setting(
+        "",
+        "CELEBSCAN_FOLLOW_BACKEND",
+        "The recognizer `celebscan follow` records uploads for when given no --backend (empty: CELEBSCAN_BACKEND's).",
+        choices=("", *BACKENDS),
+    )
     events_queue_url: str = _setting(
         "",
         "CELEBSCAN_EVENTS_QUEUE_URL",
