@@ -26,12 +26,13 @@ runs on a fresh stack.
    moto's SQS server, in this process, scans its whole queue on every receive and delete: with
    50,000 messages waiting it hands out ~15-17 a second with one core busy (the follower then
    waits on it, with next to nothing queued in the database), so a burst of 10,000 measures
-   celebscan rather than moto on a 2-core machine.
+   celebscan rather than moto on a 2-core machine; ``--feed-rate 100`` sends the events while
+   follow runs, at twice the quota, so 50,000 build their backlog in the database instead.
 
 Exits 1 when a goal is missed.
 
-    python -m bench.follow [--seconds 300] [--rate 20] [--burst 50000] [--quota 50] [--latency 1.0]
-        [--skip-latency] [--skip-burst]
+    python -m bench.follow [--seconds 300] [--rate 20] [--burst 50000] [--feed-rate 0] [--quota 50]
+        [--latency 1.0] [--skip-latency] [--skip-burst]
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ from pathlib import Path
 from urllib.parse import quote_plus
 
 import boto3
-import psutil
 import redis
 from botocore.config import Config
 from sqlalchemy import func, select
@@ -209,7 +209,7 @@ def measure_burst(args: argparse.Namespace, logs: Path) -> bool:
         broker = redis.Redis.from_url(parts.redis_url)
         with celery_workers(1, env, logs, concurrency=2, name="burst-worker"):
             with following(bucket, queue_url, env, logs / "burst-follow.log") as follower:
-                sampler = Sampler(broker, psutil.Process(follower.pid))
+                sampler = Sampler(broker, follower.pid)
                 sampler.start()
                 if feeder is not None:
                     feeder.start()
@@ -533,7 +533,7 @@ class Sampler:
     """Every 0.5 s: the broker's queues, the slots workers hold, the follower's RSS."""
 
     broker: redis.Redis
-    follower: psutil.Process
+    follower: int  # its pid
     moments: list[datetime] = field(default_factory=list)
     queued: list[int] = field(default_factory=list)
     held: list[int] = field(default_factory=list)
@@ -553,8 +553,8 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             try:
-                rss = self.follower.memory_info().rss
-            except psutil.Error:
+                rss = resident_bytes(self.follower)
+            except OSError:  # the follower ended
                 return
             with self.broker.pipeline() as pipe:
                 pipe.llen(QUEUE)
@@ -578,6 +578,14 @@ def ms(seconds: list[float]) -> str:
 
 def load() -> str:
     return " ".join(f"{each:.2f}" for each in os.getloadavg())
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory (``VmRSS`` of ``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 if __name__ == "__main__":
