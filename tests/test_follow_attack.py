@@ -196,3 +196,21 @@ def test_a_receive_whose_commit_answer_was_lost_counts_nothing_twice(store, sett
         receive_all(following)
     summary = store.summary(following.scan_id)
     assert (summary.events, summary.deletions, summary.listed) == (2, 1, 1)
+
+
+def test_an_own_failure_retried_keeps_the_standing_scan_s_figures_adding_up(store, settings, sqs, bucket, queue_url):
+    """An object that failed in the standing scan and came back is queued again in its one row:
+    the scan listed it once (it counted twice, and listed = skipped + held + rows + handed over broke)."""
+    from tests.conftest import write_outcomes
+
+    following = follower(store, settings, bucket, queue_url, sqs)
+    send(sqs, queue_url, record(bucket, "ObjectCreated:Put", "photos/k.jpg", "01", eTag="e1", size=5))
+    receive_all(following)
+    [row] = rows(store)
+    write_outcomes(store, [ImageOutcome.failed(row.id, "ObjectNotFound", "gone before it was read")])
+    send(sqs, queue_url, record(bucket, "ObjectCreated:Put", "photos/k.jpg", "02", eTag="e1", size=5))
+    receive_all(following)
+    [row] = rows(store)
+    assert row.status == "queued" and following.counts.queued == 2
+
+    figures_add_up(store, following.scan_id)

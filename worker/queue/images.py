@@ -104,7 +104,8 @@ class Recorded:
     held_elsewhere: int  # queued in another scan that holds them in flight: left there
     moved: Moved = field(default_factory=Moved)  # images taken over from other scans
     image_ids: list[int] = field(default_factory=list)  # queued in this scan (only when asked for)
-    already: int = 0  # this scan's already, left as they are
+    already: int = 0  # this scan's already, left as they are (or queued afresh: own_failures_retried)
+    own_failures_retried: int = 0  # of those, failed in this scan and queued again (retry_own_failures)
 
 
 @dataclass(frozen=True)
@@ -265,15 +266,15 @@ class ImageQueue:
         for row_id, (code, message) in unreadable:
             failed = dict(status=FAILED, error_code=code, error_message=message, processed_at=now)
             moves.append(([row_id], finished | unheld, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now, **failed)))
+        own_failures_retried = 0
         if own_failures:  # still failed and this scan's: queued afresh, its calls kept where they were made
-            already += (
-                len(own_failures)
-                - conn.execute(
-                    update(images)
-                    .where(images.c.id.in_(own_failures), images.c.scan_id == scan_id, images.c.status == FAILED)
-                    .values(dict(_QUEUED_AFRESH, queued_at=now))
-                ).rowcount
-            )
+            # Still this scan's one row: already in its figures, not listed a second time.
+            already += len(own_failures)
+            own_failures_retried = conn.execute(
+                update(images)
+                .where(images.c.id.in_(own_failures), images.c.scan_id == scan_id, images.c.status == FAILED)
+                .values(dict(_QUEUED_AFRESH, queued_at=now))
+            ).rowcount
         moved = Moved()
         for ids, movable, values in moves:
             taken = _move(conn, ids, scan_id, movable, values)
@@ -294,7 +295,7 @@ class ImageQueue:
                     .order_by(images.c.id)
                 ).scalars()
             )
-        return Recorded(len(chunk), skipped, held, moved, ids_queued, already)
+        return Recorded(len(chunk), skipped, held, moved, ids_queued, already, own_failures_retried)
 
     # -- claims ----------------------------------------------------------------------------------
 
