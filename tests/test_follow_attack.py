@@ -214,3 +214,68 @@ def test_an_own_failure_retried_keeps_the_standing_scan_s_figures_adding_up(stor
     assert row.status == "queued" and following.counts.queued == 2
 
     figures_add_up(store, following.scan_id)
+
+
+def test_a_catch_up_scan_from_an_old_inventory_does_not_undo_a_later_deletion(
+    store, settings, s3, sqs, bucket, queue_url, rekognition, database_url
+):
+    """An S3 Inventory is a report made hours or days ago: a catch-up scan from it undid a deletion
+    the follower applied after the report was made (the picture gone from the bucket was back in
+    people). Only deletions older than the report are undone."""
+    from datetime import timedelta
+
+    from tests.clirun import celebscan
+    from tests.imagemaker import jpeg
+    from tests.test_inventory import row, write_inventory
+    from worker.database import utcnow
+
+    s3.put_object(Bucket=bucket, Key="photos/ada.jpg", Body=jpeg())
+    following = follower(store, settings, bucket, queue_url, sqs)
+    receive_all(following)
+    [image] = rows(store)
+    _recognized(store, image.id, "Ada Lovelace")
+    manifest = write_inventory(s3, bucket, [[row(s3, bucket, "photos/ada.jpg")]])  # made on 2025-01-01
+    s3.delete_object(Bucket=bucket, Key="photos/ada.jpg")  # long after the inventory was made
+    receive_all(following)
+    with store.engine.begin() as conn:  # the deletion is an hour old when the catch-up scan runs
+        conn.execute(images.update().values(deleted_at=utcnow() - timedelta(hours=1)))
+
+    celebscan(
+        "--database-url",
+        database_url,
+        "scan",
+        f"s3://{bucket}/photos/",
+        "--inventory",
+        manifest,
+        "--backend",
+        "rekognition",
+        "--workers",
+        "1",
+    )
+
+    assert rows(store)[0].deleted_at is not None, "the object is gone: an inventory from before says nothing"
+    assert store.people() == []
+
+    # A report made after the deletion that lists the object: it is back, the deletion is undone.
+    import json
+    import time
+
+    bucket_name, key = manifest.removeprefix("s3://").split("/", 1)
+    document = json.loads(s3.get_object(Bucket=bucket_name, Key=key)["Body"].read())
+    s3.put_object(
+        Bucket=bucket_name, Key=key, Body=json.dumps({**document, "creationTimestamp": str(int(time.time() * 1000))})
+    )
+    celebscan(
+        "--database-url",
+        database_url,
+        "scan",
+        f"s3://{bucket}/photos/",
+        "--inventory",
+        manifest,
+        "--backend",
+        "rekognition",
+        "--workers",
+        "1",
+    )
+    assert rows(store)[0].deleted_at is None
+    assert [p.name for p in store.people()] == ["Ada Lovelace"]

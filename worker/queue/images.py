@@ -180,6 +180,7 @@ class ImageQueue:
         force: bool,
         keep_ids=False,
         retry_own_failures=False,
+        listed_at: datetime | None = None,
     ):
         """Record a chunk of listed objects in scan ``scan_id`` (in the caller's transaction).
 
@@ -190,14 +191,17 @@ class ImageQueue:
         listing resumed lists it again). A listing entry that can never be read is recorded
         ``failed`` at once. Every move is guarded by the state it was seen in. With
         ``retry_own_failures`` (a followed bucket's event: the object is there again), one that
-        failed in this very scan is queued afresh too.
+        failed in this very scan is queued afresh too. A deletion of a followed bucket's object
+        that the chunk lists is undone when older than when the listing saw it (``listed_at``, an
+        inventory's report; None: now) by :data:`RESTORE_AFTER`.
         """
         now = utcnow()
         if conn.dialect.name != "postgresql":  # SQLite's write lock first: the reads below stay true
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=scans.c.listed))
         if conn.execute(_ANY_DELETED).first() is not None:  # a followed bucket's: the listing says it is back
             listed = [(item.key, item.etag) for item in chunk if not item.error]
-            restore_deleted(conn, bucket, listed, deleted_before=now - RESTORE_AFTER)
+            seen = now if listed_at is None else min(now, listed_at)
+            restore_deleted(conn, bucket, listed, deleted_before=seen - RESTORE_AFTER)
         if conn.dialect.name == "postgresql" and not any(item.error for item in chunk):
             # One statement inserts what is new (a fresh bucket: everything) and says what it took;
             # only the rest is looked up.
