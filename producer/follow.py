@@ -91,6 +91,7 @@ def changes_for(source: Source, events: list[ObjectEvent]) -> tuple[list[ObjectC
             continue
         if event.key.endswith("/") or not is_image_name(event.key):
             continue
+        _check_storable(event)
         if event.kind == CREATED:
             if not event.etag or event.size is None:
                 raise MalformedEventError(f"a creation of {event.key!r} without its ETag or size")
@@ -98,6 +99,28 @@ def changes_for(source: Source, events: list[ObjectEvent]) -> tuple[list[ObjectC
         else:
             changes.append(ObjectChange(event.kind, event.key, event.sequencer))
     return changes, len(events) - len(changes)
+
+
+#: What S3 allows, and what the database stores: a key of at most 1,024 bytes of UTF-8, an ETag
+#: of at most 128 characters (``images.etag``), a size that fits a signed 64-bit integer.
+MAX_KEY_BYTES, MAX_ETAG_CHARS, MAX_SIZE = 1024, 128, 2**63 - 1
+
+
+def _check_storable(event: ObjectEvent) -> None:
+    """An event whose key, ETag or size S3 never sends (and the database cannot store) is
+    malformed: its message alone is left to the dead-letter queue. Found by the database instead,
+    it failed the receive's one transaction, and the good messages received with it went to the
+    dead-letter queue too."""
+    try:
+        encoded = event.key.encode()
+    except UnicodeEncodeError as exc:
+        raise MalformedEventError(f"a key that is not UTF-8 ({exc.reason})") from exc
+    if "\x00" in event.key or len(encoded) > MAX_KEY_BYTES:
+        raise MalformedEventError(f"a key S3 does not allow: {event.key[:100]!r}")
+    if event.etag is not None and len(event.etag.strip('"')) > MAX_ETAG_CHARS:
+        raise MalformedEventError(f"an ETag of {len(event.etag)} characters for {event.key!r}")
+    if event.size is not None and not 0 <= event.size <= MAX_SIZE:
+        raise MalformedEventError(f"a size of {event.size} bytes for {event.key!r}")
 
 
 class Follower:

@@ -17,6 +17,7 @@ import gzip
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import unquote
 
 from worker.aws import AWS_ERRORS, translate
@@ -35,6 +36,17 @@ class Manifest:
     destination_bucket: str
     columns: tuple[str, ...]
     files: tuple[str, ...]  # keys of the gzipped CSV data files in the destination bucket
+    #: When S3 made the report (its ``creationTimestamp``); the epoch when it says nothing.
+    made_at: datetime = datetime.fromtimestamp(0, UTC)
+
+
+@dataclass(frozen=True)
+class InventoryListing:
+    """An inventory's objects, and when the report was made: it undoes only a followed bucket's
+    deletions from before then (one applied since, the report knows nothing of)."""
+
+    objects: Iterator[ListedObject]
+    made_at: datetime
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -72,7 +84,15 @@ def read_manifest(s3_client, url: str) -> Manifest:
         destination_bucket=destination,
         columns=columns,
         files=tuple(item["key"] for item in document.get("files", ())),
+        made_at=_made_at(document.get("creationTimestamp")),
     )
+
+
+def _made_at(milliseconds) -> datetime:
+    try:
+        return datetime.fromtimestamp(int(milliseconds) / 1000, UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return datetime.fromtimestamp(0, UTC)
 
 
 def list_inventory(s3_client, manifest: Manifest, prefix: str = "") -> Iterator[ListedObject]:

@@ -154,7 +154,7 @@ def _open_source(request: ScanRequest, settings: Settings, services: Services):
         if source.is_s3:
             check_bucket(services.s3(), source.bucket, source.prefix)
         return source, None
-    from producer.inventory import list_inventory, read_manifest
+    from producer.inventory import InventoryListing, list_inventory, read_manifest
     from worker.aws import client
 
     s3 = client("s3", settings)
@@ -164,7 +164,7 @@ def _open_source(request: ScanRequest, settings: Settings, services: Services):
         raise ConfigurationError(
             f"the inventory {request.inventory} lists s3://{manifest.source_bucket}/, not {request.source}"
         )
-    return source, list_inventory(s3, manifest, source.prefix)
+    return source, InventoryListing(list_inventory(s3, manifest, source.prefix), manifest.made_at)
 
 
 class _Listing:
@@ -273,8 +273,9 @@ class _Listing:
                 self.scan_id,
                 self.source.bucket,
                 self.settings.backend,
-                self.inventory,
+                self.inventory.objects,
                 force=self.force,
+                listed_at=self.inventory.made_at,
                 keep_ids=False,
                 lease_seconds=self.settings.lease_seconds,
                 part=root,

@@ -160,6 +160,7 @@ class ResultStore:
         keep_ids: bool = True,
         lease_seconds: float = 120.0,
         part: PartClaim | None = None,
+        listed_at: datetime | None = None,
     ) -> QueueReport:
         """Record a listing that this process reads whole (an S3 Inventory) in scan ``scan_id``,
         a chunk per transaction, and end the scan's listing with the last chunk.
@@ -170,7 +171,8 @@ class ResultStore:
         the right ones. ``keep_ids`` returns the queued ids (tests and small jobs). With ``part``
         (the listing part the scan command holds for the whole source), each chunk renews its claim
         and is recorded only while it holds it (else :class:`ListingTakenOverError`), and the last
-        chunk ends the part with it.
+        chunk ends the part with it. ``listed_at``: when the listing saw these objects (an
+        inventory's report was made; None: now), which undoes only deletions older than that.
         """
         queue = ImageQueue(self.engine, lease_seconds)
         parts = ListingParts(self.engine, lease_seconds)
@@ -182,7 +184,7 @@ class ResultStore:
                 if part is not None and not parts.hold(conn, part):
                     raise ListingTakenOverError(f"another process lists scan {scan_id} now; this one stops")
                 if chunk:
-                    recorded = queue.record(conn, scan_id, bucket, backend, chunk, force, keep_ids)
+                    recorded = queue.record(conn, scan_id, bucket, backend, chunk, force, keep_ids, listed_at=listed_at)
                     report = QueueReport(
                         report.image_ids + recorded.image_ids,
                         report.listed + recorded.listed,

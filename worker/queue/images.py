@@ -104,7 +104,8 @@ class Recorded:
     held_elsewhere: int  # queued in another scan that holds them in flight: left there
     moved: Moved = field(default_factory=Moved)  # images taken over from other scans
     image_ids: list[int] = field(default_factory=list)  # queued in this scan (only when asked for)
-    already: int = 0  # this scan's already, left as they are
+    already: int = 0  # this scan's already, left as they are (or queued afresh: own_failures_retried)
+    own_failures_retried: int = 0  # of those, failed in this scan and queued again (retry_own_failures)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class ImageQueue:
         force: bool,
         keep_ids=False,
         retry_own_failures=False,
+        listed_at: datetime | None = None,
     ):
         """Record a chunk of listed objects in scan ``scan_id`` (in the caller's transaction).
 
@@ -189,14 +191,17 @@ class ImageQueue:
         listing resumed lists it again). A listing entry that can never be read is recorded
         ``failed`` at once. Every move is guarded by the state it was seen in. With
         ``retry_own_failures`` (a followed bucket's event: the object is there again), one that
-        failed in this very scan is queued afresh too.
+        failed in this very scan is queued afresh too. A deletion of a followed bucket's object
+        that the chunk lists is undone when older than when the listing saw it (``listed_at``, an
+        inventory's report; None: now) by :data:`RESTORE_AFTER`.
         """
         now = utcnow()
         if conn.dialect.name != "postgresql":  # SQLite's write lock first: the reads below stay true
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=scans.c.listed))
         if conn.execute(_ANY_DELETED).first() is not None:  # a followed bucket's: the listing says it is back
             listed = [(item.key, item.etag) for item in chunk if not item.error]
-            restore_deleted(conn, bucket, listed, deleted_before=now - RESTORE_AFTER)
+            seen = now if listed_at is None else min(now, listed_at)
+            restore_deleted(conn, bucket, listed, deleted_before=seen - RESTORE_AFTER)
         if conn.dialect.name == "postgresql" and not any(item.error for item in chunk):
             # One statement inserts what is new (a fresh bucket: everything) and says what it took;
             # only the rest is looked up.
@@ -265,15 +270,15 @@ class ImageQueue:
         for row_id, (code, message) in unreadable:
             failed = dict(status=FAILED, error_code=code, error_message=message, processed_at=now)
             moves.append(([row_id], finished | unheld, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now, **failed)))
+        own_failures_retried = 0
         if own_failures:  # still failed and this scan's: queued afresh, its calls kept where they were made
-            already += (
-                len(own_failures)
-                - conn.execute(
-                    update(images)
-                    .where(images.c.id.in_(own_failures), images.c.scan_id == scan_id, images.c.status == FAILED)
-                    .values(dict(_QUEUED_AFRESH, queued_at=now))
-                ).rowcount
-            )
+            # Still this scan's one row: already in its figures, not listed a second time.
+            already += len(own_failures)
+            own_failures_retried = conn.execute(
+                update(images)
+                .where(images.c.id.in_(own_failures), images.c.scan_id == scan_id, images.c.status == FAILED)
+                .values(dict(_QUEUED_AFRESH, queued_at=now))
+            ).rowcount
         moved = Moved()
         for ids, movable, values in moves:
             taken = _move(conn, ids, scan_id, movable, values)
@@ -294,7 +299,7 @@ class ImageQueue:
                     .order_by(images.c.id)
                 ).scalars()
             )
-        return Recorded(len(chunk), skipped, held, moved, ids_queued, already)
+        return Recorded(len(chunk), skipped, held, moved, ids_queued, already, own_failures_retried)
 
     # -- claims ----------------------------------------------------------------------------------
 

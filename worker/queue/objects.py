@@ -75,7 +75,7 @@ def apply_changes(
     created = [change for change in applied if change.kind == CREATED]
     removed = [change.key for change in applied if change.kind == REMOVED]
     deleted = _mark_deleted(conn, bucket, removed) if removed else 0
-    queued = skipped = 0
+    queued = skipped = retried = 0
     if created:
         _supersede(conn, bucket, created)
         restore_deleted(conn, bucket, [(change.key, change.etag) for change in created])
@@ -84,17 +84,19 @@ def apply_changes(
         count_handed_over(conn, recorded.moved)
         skipped = recorded.skipped + recorded.held_elsewhere
         queued = len(created) - skipped - recorded.already
+        retried = recorded.own_failures_retried  # queued afresh, already counted as listed
     conn.execute(
         update(scans)
         .where(scans.c.id == scan_id)
         .values(
-            listed=scans.c.listed + queued + skipped,  # what the events brought, once
+            # What the events brought, once: an object that failed here and came back is still one row.
+            listed=scans.c.listed + queued + skipped,
             skipped=scans.c.skipped + skipped,
             events=scans.c.events + len(applied),
             deletions=scans.c.deletions + len(removed),
         )
     )
-    return Applied(queued, skipped, deleted, stale)
+    return Applied(queued + retried, skipped, deleted, stale)
 
 
 def _take(conn, bucket: str, backend: str, change: ObjectChange) -> bool:
