@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-CREATED, REMOVED = "created", "removed"
+from worker.schema import CREATED, REMOVED
 
 
 class MalformedEventError(ValueError):

@@ -23,7 +23,7 @@ from worker.batch import take_next_batch
 from worker.outcomes import ImageOutcome
 from worker.queue.scans import Scans
 from worker.recognition import BoundingBox, Celebrity, RecognitionResult
-from worker.schema import DONE, QUEUED, images, scans
+from worker.schema import DONE, QUEUED, images, object_events, scans
 from worker.settings import Settings
 from worker.sources import parse_source
 from worker.store import ResultStore
@@ -237,8 +237,9 @@ def test_a_catch_up_listing_undoes_a_deletion_whose_object_is_back(store, settin
     store.queue_images(scan_id, bucket, "rekognition", listed_again)
     assert rows(store)[0].deleted_at is not None, "a deletion of the last minute stands against a listing"
 
-    with store.engine.begin() as conn:
+    with store.engine.begin() as conn:  # the deletion, and the event that told it, five minutes ago
         conn.execute(images.update().values(deleted_at=utcnow() - timedelta(minutes=5)))
+        conn.execute(object_events.update().values(applied_at=utcnow() - timedelta(minutes=5)))
     report = store.queue_images(
         store.create_scan(f"s3://{bucket}/photos/", "rekognition"), bucket, "rekognition", listed_again
     )

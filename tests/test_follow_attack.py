@@ -1,19 +1,18 @@
 """Adversarial cases of following a living bucket: a bad event beside good ones, the standing
 scan's figures and people counts against a recount, an overwrite racing a worker's write, receives
 applied concurrently, a lost commit answer, catch-up scans (an inventory, a page recorded late) and
-a second backend's follower. The two marked xfail are known and not fixed."""
+a second backend's follower."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 from sqlalchemy import func, select
 
 from tests import test_follow
 from tests.test_follow import _recognized, follower, receive_all, record, rows, send
 from worker.outcomes import ImageOutcome
-from worker.schema import faces, images, person_images
+from worker.schema import faces, images, object_events, person_images
 
 # The fixtures of test_follow, shared (a queue made by ``follow --setup``, its SQS client, settings).
 sqs, settings, queue_url = test_follow.sqs, test_follow.settings, test_follow.queue_url
@@ -240,8 +239,9 @@ def test_a_catch_up_scan_from_an_old_inventory_does_not_undo_a_later_deletion(
     manifest = write_inventory(s3, bucket, [[row(s3, bucket, "photos/ada.jpg")]])  # made on 2025-01-01
     s3.delete_object(Bucket=bucket, Key="photos/ada.jpg")  # long after the inventory was made
     receive_all(following)
-    with store.engine.begin() as conn:  # the deletion is an hour old when the catch-up scan runs
+    with store.engine.begin() as conn:  # the deletion (and its event) an hour old when the catch-up scan runs
         conn.execute(images.update().values(deleted_at=utcnow() - timedelta(hours=1)))
+        conn.execute(object_events.update().values(applied_at=utcnow() - timedelta(hours=1)))
 
     celebscan(
         "--database-url",
@@ -284,34 +284,50 @@ def test_a_catch_up_scan_from_an_old_inventory_does_not_undo_a_later_deletion(
     assert [p.name for p in store.people()] == ["Ada Lovelace"]
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: object_events keeps no ETag to tell a listed version superseded")
 def test_a_catch_up_page_recorded_just_after_an_overwrite_event_leaves_the_old_version_live(
     store, settings, sqs, bucket, queue_url
 ):
-    """A catch-up scan's page lists k at e1 and a deletion of d; the overwrite of k (e2) and the
-    deletion of d are applied by the follower before the page is recorded: the page records the
-    gone versions as live rows, newer than e2's by id."""
+    """A catch-up scan's page lists k at e1 and d; the overwrite of k (e2) and the deletion of d are
+    applied by the follower before the page is recorded: the page recorded the gone versions as live
+    rows (k/e1 newer than e2's by id, so results showed it). Now they are listed and skipped; the
+    same page seen more than a minute after those events is recorded as S3 listed it."""
+    from datetime import timedelta
+
+    from worker.database import utcnow
     from worker.listing import ListedObject
 
     following = follower(store, settings, bucket, queue_url, sqs)
     catch_up = store.create_scan(f"s3://{bucket}/photos/", "rekognition")
     page = [ListedObject("photos/k.jpg", "e1", 5), ListedObject("photos/d.jpg", "ed", 5)]  # S3 listed them
+    page.append(ListedObject("photos/other.jpg", "eo", 5))  # no event: recorded as listed
     send(sqs, queue_url, record(bucket, "ObjectCreated:Put", "photos/k.jpg", "02", eTag="e2", size=5))
     send(sqs, queue_url, record(bucket, "ObjectRemoved:Delete", "photos/d.jpg", "02"))
     receive_all(following)
-    store.queue_images(catch_up, bucket, "rekognition", page)  # the page, recorded a moment later
+    report = store.queue_images(catch_up, bucket, "rekognition", page)  # the page, recorded a moment later
 
     live = sorted((row.key, row.etag) for row in rows(store) if row.deleted_at is None)
-    assert live == [("photos/k.jpg", "e2")], "versions gone from the bucket before the page was recorded"
+    assert live == [("photos/k.jpg", "e2"), ("photos/other.jpg", "eo")], "versions gone before the page was recorded"
+    assert (report.listed, report.skipped) == (3, 2)
+    figures_add_up(store, catch_up)
+
+    with store.engine.begin() as conn:  # the events, long before a later listing
+        conn.execute(object_events.update().values(applied_at=utcnow() - timedelta(minutes=5)))
+    later = store.create_scan(f"s3://{bucket}/photos/", "rekognition")
+    store.queue_images(later, bucket, "rekognition", page[:2])
+    assert {(row.key, row.etag) for row in rows(store, scan_id=later)} == {
+        ("photos/k.jpg", "e1"),
+        ("photos/d.jpg", "ed"),
+    }
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a removal marks every backend's rows, whatever their own order")
 def test_a_late_removal_applied_by_another_backend_s_follower_hides_a_live_object(
     store, settings, sqs, bucket, queue_url
 ):
     """SNS fan-out, one queue per backend: the paid follower applied create, delete, create again;
-    the local follower, behind, applies the delete: the paid backend's live object is marked deleted
-    (until the local follower applies the creation too)."""
+    the local follower, behind, applies the delete: it marked the paid backend's live object deleted
+    (until the local follower applied the creation too). Now it marks only what no later event of
+    the row's own backend overtook; the reverse (a late creation restoring a row its own follower
+    saw deleted since) holds too."""
     local_queue = sqs.create_queue(QueueName=f"{bucket}-local")["QueueUrl"]
     paid = follower(store, settings, bucket, queue_url, sqs)
     local = follower(store, settings.replace(backend="local"), bucket, local_queue, sqs)
@@ -327,3 +343,12 @@ def test_a_late_removal_applied_by_another_backend_s_follower_hides_a_live_objec
 
     [paid_row] = rows(store, backend="rekognition")
     assert paid_row.deleted_at is None, "the paid follower's latest event is a creation"
+    assert rows(store, backend="local") == [], "of the local follower's receive, the removal is the latest"
+
+    send(sqs, queue_url, record(bucket, "ObjectRemoved:Delete", "photos/k.jpg", "04"))
+    receive_all(paid)
+    send(sqs, local_queue, again)  # the local follower, behind again: the creation of 03
+    receive_all(local)
+    assert rows(store, backend="rekognition")[0].deleted_at is not None, "the paid follower saw it deleted since"
+    [local_row] = rows(store, backend="local")
+    assert local_row.deleted_at is None and local_row.status == "queued"

@@ -25,6 +25,8 @@ from sqlalchemy import (
 metadata = MetaData()
 
 QUEUED, DONE, FAILED = "queued", "done", "failed"
+#: What a followed object's latest event did (``object_events.kind``).
+CREATED, REMOVED = "created", "removed"
 STATUSES = (QUEUED, DONE, FAILED)
 
 #: A standing scan whose events are still being recorded.
@@ -228,6 +230,9 @@ object_events = Table(
     # order is S3's order; '' when the sender gave none (every such event applies).
     Column("sequencer", String(64), nullable=False),
     Column("kind", String(16), nullable=False),  # created, removed
+    # The created version's ETag (NULL for a removal): a catch-up listing that saw another version
+    # just before this event was applied records nothing gone from the bucket.
+    Column("etag", String(128)),
     Column("applied_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("bucket", "key", "backend", name="pk_object_events"),
 )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,7 +55,7 @@ from worker.outcomes import (
 )
 from worker.queue import pictures
 from worker.retry import retry_database
-from worker.schema import DONE, FAILED, QUEUED, images, refused_writes, scans
+from worker.schema import DONE, FAILED, QUEUED, REMOVED, images, object_events, refused_writes, scans
 from worker.sql import dialect_insert
 
 log = logging.getLogger(__name__)
@@ -133,16 +133,19 @@ _ANY_DELETED = select(images.c.id).where(images.c.deleted_at.is_not(None)).limit
 
 
 def restore_deleted(
-    conn, bucket: str, versions: Sequence[tuple[str, str]], deleted_before: datetime | None = None
+    conn, bucket: str, versions: Sequence[tuple[str, str]], deleted_before: datetime | None = None, unless=None
 ) -> list[int]:
     """Rows of these (key, etag) versions marked deleted (by a followed bucket's events) whose object
-    is there again, as an event or a listing says: no longer deleted, counted again (any backend)."""
+    is there again, as an event or a listing says: no longer deleted, counted again (any backend;
+    ``unless``: a condition on the rows left as they are)."""
     if not versions:
         return []
     restorable = [images.c.bucket == bucket, tuple_(images.c.key, images.c.etag).in_(list(versions))]
     restorable.append(
         images.c.deleted_at.is_not(None) if deleted_before is None else images.c.deleted_at < deleted_before
     )
+    if unless is not None:
+        restorable.append(~unless)
     restored = list(
         conn.execute(update(images).where(*restorable).values(deleted_at=None).returning(images.c.id)).scalars()
     )
@@ -191,17 +194,31 @@ class ImageQueue:
         listing resumed lists it again). A listing entry that can never be read is recorded
         ``failed`` at once. Every move is guarded by the state it was seen in. With
         ``retry_own_failures`` (a followed bucket's event: the object is there again), one that
-        failed in this very scan is queued afresh too. A deletion of a followed bucket's object
-        that the chunk lists is undone when older than when the listing saw it (``listed_at``, an
-        inventory's report; None: now) by :data:`RESTORE_AFTER`.
+        failed in this very scan is queued afresh too.
+
+        A followed bucket's events and a listing tell of the same objects: the one that saw later
+        wins. A deletion of an object the chunk lists is undone when older than when the listing saw
+        it (``listed_at``, an inventory's report; None: now) by :data:`RESTORE_AFTER`; a version the
+        chunk lists is skipped when an event applied since then says it is gone (deleted, or
+        overwritten by another version), as the listing may have seen it just before.
         """
         now = utcnow()
         if conn.dialect.name != "postgresql":  # SQLite's write lock first: the reads below stay true
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=scans.c.listed))
+        seen = now if listed_at is None else min(now, listed_at)
+        gone: set[tuple[str, str]] = set()
+        if not retry_own_failures and conn.execute(_any_event(bucket)).first() is not None:
+            gone = _gone_since(conn, bucket, chunk, seen - RESTORE_AFTER)
+            chunk = [item for item in chunk if (item.key, item.etag) not in gone]
         if conn.execute(_ANY_DELETED).first() is not None:  # a followed bucket's: the listing says it is back
             listed = [(item.key, item.etag) for item in chunk if not item.error]
-            seen = now if listed_at is None else min(now, listed_at)
             restore_deleted(conn, bucket, listed, deleted_before=seen - RESTORE_AFTER)
+        recorded = self._record_chunk(conn, scan_id, bucket, backend, chunk, force, keep_ids, now, retry_own_failures)
+        if gone:  # listed, and nothing to do: skipped
+            return replace(recorded, listed=recorded.listed + len(gone), skipped=recorded.skipped + len(gone))
+        return recorded
+
+    def _record_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids, now, retry_own_failures):
         if conn.dialect.name == "postgresql" and not any(item.error for item in chunk):
             # One statement inserts what is new (a fresh bucket: everything) and says what it took;
             # only the rest is looked up.
@@ -720,6 +737,43 @@ def _known_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> dict
         ).where(images.c.bucket == bucket, images.c.backend == backend, images.c.key.in_(list(keys)))
     )
     return {(row.key, row.etag): row for row in rows}
+
+
+def _any_event(bucket: str):
+    """Whether a follower applied any event of ``bucket`` (cheap: the primary key's first column)."""
+    return select(object_events.c.key).where(object_events.c.bucket == bucket).limit(1)
+
+
+def _gone_since(conn, bucket: str, chunk: Sequence, since: datetime) -> set[tuple[str, str]]:
+    """(key, etag) of the chunk's versions that an event applied at ``since`` or later says are
+    gone from the bucket: the key's latest such event (any backend's; by sequencer, then when it
+    was applied) is a removal, or the creation of another version."""
+    keys = [item.key for item in chunk if not item.error]
+    if not keys:
+        return set()
+    latest: dict[str, Any] = {}
+    for event in conn.execute(
+        select(
+            object_events.c.key,
+            object_events.c.sequencer,
+            object_events.c.kind,
+            object_events.c.etag,
+            object_events.c.applied_at,
+        ).where(object_events.c.bucket == bucket, object_events.c.key.in_(keys), object_events.c.applied_at >= since)
+    ):
+        kept = latest.get(event.key)
+        if kept is None or (event.sequencer, aware_utc(event.applied_at)) > (
+            kept.sequencer,
+            aware_utc(kept.applied_at),
+        ):
+            latest[event.key] = event
+    return {
+        (item.key, item.etag)
+        for item in chunk
+        if (event := latest.get(item.key)) is not None
+        and not item.error
+        and (event.kind == REMOVED or (event.etag is not None and event.etag != item.etag))
+    }
 
 
 def done_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> set[tuple[str, str]]:

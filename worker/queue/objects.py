@@ -17,17 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, exists, false, or_, select, update
 
 from worker import person_counts
 from worker.database import utcnow
 from worker.listing import ListedObject
 from worker.queue.images import ImageQueue, restore_deleted
 from worker.queue.scans import count_handed_over
-from worker.schema import images, object_events, scans
+from worker.schema import CREATED, REMOVED, images, object_events, scans
 from worker.sql import dialect_insert
 
-CREATED, REMOVED = "created", "removed"
 #: Sequencers are compared as text after right-padding to this width (S3 says: pad the shorter).
 SEQUENCER_WIDTH = 64
 
@@ -74,11 +73,12 @@ def apply_changes(
     stale = len(changes) - len(applied)
     created = [change for change in applied if change.kind == CREATED]
     removed = [change.key for change in applied if change.kind == REMOVED]
-    deleted = _mark_deleted(conn, bucket, removed) if removed else 0
+    deleted = _mark_deleted(conn, bucket, backend, [c for c in applied if c.kind == REMOVED]) if removed else 0
     queued = skipped = retried = 0
     if created:
-        _supersede(conn, bucket, created)
-        restore_deleted(conn, bucket, [(change.key, change.etag) for change in created])
+        _supersede(conn, bucket, backend, created)
+        versions = [(change.key, change.etag) for change in created]
+        restore_deleted(conn, bucket, versions, unless=_overtaken_elsewhere(bucket, backend, created))
         listed = [ListedObject(change.key, change.etag, change.size) for change in created]
         recorded = queue.record(conn, scan_id, bucket, backend, listed, force=False, retry_own_failures=True)
         count_handed_over(conn, recorded.moved)
@@ -104,25 +104,61 @@ def _take(conn, bucket: str, backend: str, change: ObjectChange) -> bool:
     statement: two followers applying events of one key never both win)."""
     insert = dialect_insert(conn.engine, object_events)
     sequencer = padded(change.sequencer)
+    etag = change.etag if change.kind == CREATED else None
     statement = insert.values(
-        bucket=bucket, key=change.key, backend=backend, sequencer=sequencer, kind=change.kind, applied_at=utcnow()
+        bucket=bucket,
+        key=change.key,
+        backend=backend,
+        sequencer=sequencer,
+        kind=change.kind,
+        etag=etag,
+        applied_at=utcnow(),
     ).on_conflict_do_update(
         index_elements=[object_events.c.bucket, object_events.c.key, object_events.c.backend],
-        set_={"sequencer": insert.excluded.sequencer, "kind": insert.excluded.kind, "applied_at": utcnow()},
+        set_={
+            "sequencer": insert.excluded.sequencer,
+            "kind": insert.excluded.kind,
+            "etag": insert.excluded.etag,
+            "applied_at": utcnow(),
+        },
         where=or_(insert.excluded.sequencer == "", object_events.c.sequencer < insert.excluded.sequencer),
     )
     return bool(conn.execute(statement).rowcount)
 
 
-def _mark_deleted(conn, bucket: str, keys: Sequence[str]) -> int:
+def _mark_deleted(conn, bucket: str, backend: str, removed: Sequence[ObjectChange]) -> int:
     """A removal: every version of these keys marked deleted."""
-    return _mark(conn, bucket, images.c.key.in_(list(keys)))
+    keys = images.c.key.in_([change.key for change in removed])
+    return _mark(conn, bucket, and_(keys, ~_overtaken_elsewhere(bucket, backend, removed)))
 
 
-def _supersede(conn, bucket: str, created: Sequence[ObjectChange]) -> int:
+def _supersede(conn, bucket: str, backend: str, created: Sequence[ObjectChange]) -> int:
     """An overwrite: the key's other versions are gone from the bucket, marked deleted like a
     removal's, so people count each object once, as it is now."""
-    return _mark(conn, bucket, or_(*(and_(images.c.key == c.key, images.c.etag != c.etag) for c in created)))
+    versions = or_(*(and_(images.c.key == c.key, images.c.etag != c.etag) for c in created))
+    return _mark(conn, bucket, and_(versions, ~_overtaken_elsewhere(bucket, backend, created)))
+
+
+def _overtaken_elsewhere(bucket: str, backend: str, changes: Sequence[ObjectChange]):
+    """An image row of another backend whose own follower applied a later event of its key than
+    ``changes`` hold: a removal or creation that this follower applies late says nothing of it (with
+    one queue per backend, each follower is behind or ahead on its own). A condition on ``images``."""
+    later = [
+        and_(object_events.c.key == change.key, object_events.c.sequencer > padded(change.sequencer))
+        for change in changes
+        if change.sequencer
+    ]
+    if not later:
+        return false()
+    return exists(
+        select(object_events.c.key).where(
+            object_events.c.bucket == bucket,
+            object_events.c.key == images.c.key,
+            object_events.c.backend == images.c.backend,
+            object_events.c.backend != backend,
+            or_(*later),
+        )
+    )
 
 
 def _mark(conn, bucket: str, versions) -> int:
