@@ -234,7 +234,7 @@ def follow(
         click.echo(f"queue: {made.url}")
         click.echo(f"dead-letter queue: {made.dead_letter_arn}")
         click.echo(f"{followed.url} sends its new and deleted objects' events there; now run:")
-        click.echo(f"  celebscan follow {followed.url} --queue {made.url}")
+        click.echo(f"  celebscan follow {followed.url} --queue {made.url} --backend {settings.backend}")
         return
     url = queue_url or settings.events_queue_url or _missing("--queue", "events_queue_url")
     stop = threading.Event()
@@ -514,7 +514,8 @@ def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
     picture = annotate(read_picture(record, build_readers(app.settings)), record)
     picture.save(output)
     names = ", ".join(f"{c.name} ({c.match_confidence:.0f})" for c in record.celebrities) or "nobody"
-    click.echo(f"wrote {output}: {names}; {len(record.unrecognized_faces)} unrecognized faces")
+    unknown = len(record.unrecognized_faces)
+    click.echo(f"wrote {output}: {names}; {unknown} unrecognized face{'s' if unknown != 1 else ''}")
 
 
 @cli.group(cls=CelebscanGroup)

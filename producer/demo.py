@@ -19,7 +19,7 @@ from PIL import Image
 from worker.errors import MissingDependencyError
 
 HOPPER, COLLINS = "Grace Hopper", "Eileen Collins"
-DEMO_INSTALL_HINT = "pip install 'celebscan[local,demo]'"
+DEMO_INSTALL_HINT = "pip install '.[local,demo]' in a clone of celebscan"
 
 
 @dataclass(frozen=True)

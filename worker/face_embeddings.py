@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 EMBEDDING_SIZE = 128
 LANDMARKS_MODEL = "shape_predictor_5_face_landmarks.dat"
 DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-INSTALL_HINT = "pip install 'celebscan[local]'"
+INSTALL_HINT = "pip install '.[local]' in a clone of celebscan"
 
 
 @dataclass(frozen=True)
