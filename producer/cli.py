@@ -247,6 +247,7 @@ def follow(
         f"stopped: {counts.messages} messages, {counts.events} events applied ({counts.queued} queued, "
         f"{counts.skipped} done before, {counts.deleted} images marked deleted, {counts.stale} out of date), "
         f"{counts.ignored} ignored, {counts.malformed} unreadable (left to the dead-letter queue)"
+        + (f", {counts.left} left to come back (S3 could not say which version is current)" if counts.left else "")
     )
 
 

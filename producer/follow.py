@@ -22,13 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from producer.enqueue import check_broker, open_window
 from producer.event_queue import EventQueue, NotificationOverlapError, set_up_event_queue
 from producer.local_pool import default_workers, drain_scan, pool_stop
 from producer.s3_events import CREATED, MalformedEventError, ObjectEvent, parse_message
-from worker.aws import AWS_ERRORS, translate
-from worker.errors import CelebscanError, ConfigurationError
+from worker.aws import AWS_ERRORS, client, translate
+from worker.errors import CelebscanError, ConfigurationError, ObjectMissingError
 from worker.images import is_image_name
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue
@@ -64,6 +65,7 @@ class FollowCounts:
     stale: int = 0  # older than (or the same as) an event applied already
     ignored: int = 0  # another bucket or prefix, not an image, a test event's
     malformed: int = 0  # left to the dead-letter queue
+    left: int = 0  # left on the queue to come back: a versioned bucket's current version not read
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -80,11 +82,22 @@ class Received:
     changes: list[ObjectChange]
     ignored: int = 0
     malformed: str | None = None
+    left: str | None = None  # why it was left on the queue to come back (S3 could not be asked)
 
 
-def changes_for(source: Source, events: list[ObjectEvent]) -> tuple[list[ObjectChange], int]:
+#: The current version of a key (ETag, size), or None when it has none: S3 asked.
+CurrentVersion = Callable[[str], tuple[str, int] | None]
+
+
+def changes_for(
+    source: Source, events: list[ObjectEvent], current: CurrentVersion | None = None
+) -> tuple[list[ObjectChange], int]:
     """The events that concern ``source`` (its bucket, under its prefix, an image's name), as
-    changes to apply, and how many were ignored."""
+    changes to apply, and how many were ignored.
+
+    A versioned bucket's permanent deletion of one version may leave another version current (an
+    older one, when the current was deleted; the same, when an old one was): ``current`` asks S3,
+    and the change is the creation of what is current, or a removal when nothing is."""
     changes = []
     for event in events:
         if event.bucket != source.bucket or not event.key.startswith(source.prefix):
@@ -96,6 +109,8 @@ def changes_for(source: Source, events: list[ObjectEvent]) -> tuple[list[ObjectC
             if not event.etag or event.size is None:
                 raise MalformedEventError(f"a creation of {event.key!r} without its ETag or size")
             changes.append(ObjectChange(CREATED, event.key, event.sequencer, event.etag.strip('"'), event.size))
+        elif event.one_version and current is not None and (version := current(event.key)) is not None:
+            changes.append(ObjectChange(CREATED, event.key, event.sequencer, version[0].strip('"'), version[1]))
         else:
             changes.append(ObjectChange(event.kind, event.key, event.sequencer))
     return changes, len(events) - len(changes)
@@ -143,6 +158,8 @@ class Follower:
         self.counts = FollowCounts()
         self.images = ImageQueue(store.engine, settings.lease_seconds)
         self._scan_lock = threading.Lock()
+        self._s3: Any = None  # made at the first versioned deletion (HEAD): most buckets never need it
+        self._s3_lock = threading.Lock()  # receivers are threads; boto3 builds clients unsafely at once
         self.scan_id = self._open_scan()
 
     def _open_scan(self) -> int:
@@ -172,7 +189,7 @@ class Follower:
         received = [self._read(message) for message in messages]
         lag = _oldest_age(messages)
         applied = self._apply([change for each in received for change in each.changes], lag)
-        readable = [each for each in received if each.malformed is None]
+        readable = [each for each in received if each.malformed is None and each.left is None]
         self._delete(readable)
         self.counts.add(
             messages=len(messages),
@@ -182,13 +199,14 @@ class Follower:
             deleted=applied.deleted,
             stale=applied.stale,
             ignored=sum(each.ignored for each in readable),
-            malformed=len(received) - len(readable),
+            malformed=sum(each.malformed is not None for each in received),
+            left=sum(each.left is not None for each in received),
         )
         return len(messages)
 
     def _read(self, message: dict) -> Received:
         try:
-            changes, ignored = changes_for(self.source, parse_message(message.get("Body", "")))
+            changes, ignored = changes_for(self.source, parse_message(message.get("Body", "")), self._current_version)
         except MalformedEventError as exc:
             log.warning(
                 "message %s is not an S3 event notification celebscan can read (%s); "
@@ -197,7 +215,24 @@ class Follower:
                 exc,
             )
             return Received(message["ReceiptHandle"], [], malformed=str(exc))
+        except CelebscanError as exc:
+            log.warning("message %s left on the queue to come back: %s", message.get("MessageId", "?"), exc)
+            return Received(message["ReceiptHandle"], [], left=str(exc))
         return Received(message["ReceiptHandle"], changes, ignored)
+
+    def _current_version(self, key: str) -> tuple[str, int] | None:
+        """What S3 holds under ``key`` now (HEAD; a denial or an outage raises, typed)."""
+        with self._s3_lock:
+            if self._s3 is None:
+                self._s3 = client("s3", self.settings)
+        try:
+            head = self._s3.head_object(Bucket=self.source.bucket, Key=key)
+        except AWS_ERRORS as exc:
+            error = translate(exc, f"s3://{self.source.bucket}/{key}")
+            if isinstance(error, ObjectMissingError):
+                return None
+            raise error from exc
+        return str(head["ETag"]), int(head["ContentLength"])
 
     def _apply(self, changes: list[ObjectChange], lag: float | None) -> Applied:
         while True:

@@ -12,7 +12,7 @@ two events of one key tells which came last (:func:`later`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -33,6 +33,9 @@ class ObjectEvent:
     etag: str | None = None  # created objects only
     size: int | None = None
     time: str = ""  # when S3 says it happened (ISO 8601)
+    #: A versioned bucket's permanent deletion of one version (``ObjectRemoved:Delete`` with a
+    #: version id): the key may still hold another, current version, which only S3 can tell.
+    one_version: bool = False
 
 
 def parse_message(body: str | bytes) -> list[ObjectEvent]:
@@ -63,7 +66,9 @@ def _from_record(record: Any) -> ObjectEvent | None:
         s3 = record["s3"]
         thing = s3["object"]
         key = unquote_plus(str(thing["key"]))  # S3's own notifications URL-encode keys
-        return _event(kind, s3["bucket"]["name"], key, thing, thing.get("eTag"), record.get("eventTime", ""))
+        event = _event(kind, s3["bucket"]["name"], key, thing, thing.get("eTag"), record.get("eventTime", ""))
+        one_version = str(record["eventName"]).removeprefix("s3:") == "ObjectRemoved:Delete"
+        return replace(event, one_version=True) if one_version and _versioned(thing.get("versionId")) else event
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedEventError(f"an S3 record without {exc}") from exc
 
@@ -76,7 +81,9 @@ def _from_eventbridge(message: dict) -> list[ObjectEvent]:
         detail = message["detail"]
         thing = detail["object"]
         key = str(thing["key"])  # EventBridge sends keys as they are
-        return [_event(kind, detail["bucket"]["name"], key, thing, thing.get("etag"), message.get("time", ""))]
+        event = _event(kind, detail["bucket"]["name"], key, thing, thing.get("etag"), message.get("time", ""))
+        one_version = detail.get("deletion-type") == "Permanently Deleted" and _versioned(thing.get("version-id"))
+        return [replace(event, one_version=True) if kind == REMOVED and one_version else event]
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedEventError(f"an EventBridge S3 event without {exc}") from exc
 
@@ -93,6 +100,11 @@ def _event(kind: str, bucket: Any, key: str, thing: dict, etag: Any, time: Any) 
         size=int(thing["size"]) if created and "size" in thing else None,
         time=str(time),
     )
+
+
+def _versioned(version_id: Any) -> bool:
+    """A version id of a versioned bucket (an unversioned or suspended bucket's is absent or "null")."""
+    return isinstance(version_id, str) and version_id not in ("", "null")
 
 
 def _kind(event_name: str) -> str | None:

@@ -248,6 +248,72 @@ def test_a_catch_up_listing_undoes_a_deletion_whose_object_is_back(store, settin
     assert [(p.name, p.images) for p in store.people()] == [("Ada Lovelace", 1)]
 
 
+def test_a_versioned_bucket_s_deleted_version_leaves_the_current_one_live(store, settings, s3, sqs, bucket, queue_url):
+    """In a versioned bucket, ``ObjectRemoved:Delete`` with a version id deletes that version for
+    good: an old one (the current stays), or the current one (the one before is current again).
+    The follower asks S3 what is current; a delete marker (a plain delete) removes the object."""
+    versioned = f"{bucket}-v"  # no notifications: the events below are the only ones
+    s3.create_bucket(Bucket=versioned)
+    s3.put_bucket_versioning(Bucket=versioned, VersioningConfiguration={"Status": "Enabled"})
+    oldest = s3.put_object(Bucket=versioned, Key="photos/k.jpg", Body=jpeg_with_comment(jpeg(), "oldest"))
+    first = s3.put_object(Bucket=versioned, Key="photos/k.jpg", Body=jpeg())
+    second = s3.put_object(Bucket=versioned, Key="photos/k.jpg", Body=jpeg_with_comment(jpeg(), "second"))
+    etags = [first["ETag"].strip('"'), second["ETag"].strip('"')]
+    following = follower(store, settings, versioned, queue_url, sqs)
+    for sequencer, response in (("01", first), ("02", second)):
+        size = s3.head_object(Bucket=versioned, Key="photos/k.jpg", VersionId=response["VersionId"])["ContentLength"]
+        send(
+            sqs,
+            queue_url,
+            record(versioned, "ObjectCreated:Put", "photos/k.jpg", sequencer, eTag=response["ETag"], size=size),
+        )
+        receive_all(following)
+
+    def live() -> list[str]:
+        return [row.etag for row in rows(store) if row.deleted_at is None]
+
+    assert live() == [etags[1]]
+
+    s3.delete_object(Bucket=versioned, Key="photos/k.jpg", VersionId=oldest["VersionId"])  # an old version
+    send(sqs, queue_url, record(versioned, "ObjectRemoved:Delete", "photos/k.jpg", "03", versionId=oldest["VersionId"]))
+    receive_all(following)
+    assert live() == [etags[1]], "the current version is still there"
+
+    s3.delete_object(Bucket=versioned, Key="photos/k.jpg", VersionId=second["VersionId"])  # the current one
+    send(sqs, queue_url, record(versioned, "ObjectRemoved:Delete", "photos/k.jpg", "04", versionId=second["VersionId"]))
+    receive_all(following)
+    assert live() == [etags[0]], "the version before is current again: its row is back, the deleted one is gone"
+    assert len(rows(store)) == 2, "no new row, no new call: the first picture's row is restored"
+
+    s3.delete_object(Bucket=versioned, Key="photos/k.jpg")  # a delete marker
+    marker = record(versioned, "ObjectRemoved:DeleteMarkerCreated", "photos/k.jpg", "05", versionId="m1")
+    send(sqs, queue_url, marker)
+    receive_all(following)
+    assert live() == []
+    assert following.counts.left == 0 and following.counts.malformed == 0
+
+
+def test_a_versioned_deletion_s3_cannot_be_asked_about_comes_back(store, settings, sqs, bucket, queue_url, monkeypatch):
+    """S3 unreachable (or throttling) while the follower asks what is current: that message is left
+    on the queue to come back, and the others of the receive are applied."""
+    from worker.errors import ThrottledError
+
+    following = follower(store, settings, bucket, queue_url, sqs)
+    receive_all(following)
+
+    def throttled(key: str):
+        raise ThrottledError(f"s3://{bucket}/{key}: SlowDown")
+
+    monkeypatch.setattr(following, "_current_version", throttled)
+    send(sqs, queue_url, record(bucket, "ObjectCreated:Put", "photos/a.jpg", "01", eTag="ea", size=5))
+    send(sqs, queue_url, record(bucket, "ObjectRemoved:Delete", "photos/b.jpg", "01", versionId="v1"))
+    assert following.receive_once() + following.receive_once() >= 2
+
+    assert [row.key for row in rows(store)] == ["photos/a.jpg"]
+    assert following.counts.left == 1 and following.counts.malformed == 0
+    assert waiting(sqs, queue_url) == 1, "left to come back (in flight until its visibility timeout)"
+
+
 def test_followers_of_two_backends_each_apply_their_copy_of_an_event(store, settings, sqs, bucket, queue_url):
     local_queue = sqs.create_queue(QueueName=f"{bucket}-local")["QueueUrl"]
     paid = follower(store, settings, bucket, queue_url, sqs)

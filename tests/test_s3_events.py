@@ -85,6 +85,25 @@ def test_eventbridge_events_carry_keys_as_they_are():
     assert parse_message(json.dumps({**event, "detail-type": "Object Restore Completed"})) == []
 
 
+def test_a_versioned_bucket_s_permanent_deletion_of_one_version_is_told_apart():
+    """Only ``ObjectRemoved:Delete`` with a real version id may leave another version current; a
+    delete marker, and an unversioned or suspended bucket's deletion ("null"), remove the object."""
+
+    def one_version(name: str, **fields) -> bool:
+        [event] = parse_message(json.dumps({"Records": [s3_record(name, "a.jpg", "0C", **fields)]}))
+        return event.kind == REMOVED and event.one_version
+
+    assert one_version("ObjectRemoved:Delete", versionId="3HL4kqtJvjVBH40Nrjfkd")
+    assert not one_version("ObjectRemoved:Delete")
+    assert not one_version("ObjectRemoved:Delete", versionId="null")
+    assert not one_version("ObjectRemoved:DeleteMarkerCreated", versionId="3HL4kqtJvjVBH40Nrjfkd")
+    detail = {"bucket": {"name": "photos"}, "object": {"key": "a.jpg", "version-id": "3HL4", "sequencer": "0C"}}
+    bridge = {"source": "aws.s3", "detail-type": "Object Deleted", "detail": detail}
+    [permanent] = parse_message(json.dumps({**bridge, "detail": {**detail, "deletion-type": "Permanently Deleted"}}))
+    [marker] = parse_message(json.dumps({**bridge, "detail": {**detail, "deletion-type": "Delete Marker Created"}}))
+    assert permanent.one_version and not marker.one_version
+
+
 def test_test_events_and_other_kinds_of_event_are_no_object_events():
     assert parse_message(json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "photos"})) == []
     restore = {"Records": [s3_record("ObjectRestore:Completed", "a.jpg", "0B")]}
