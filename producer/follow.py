@@ -158,7 +158,7 @@ class Follower:
         self.counts = FollowCounts()
         self.images = ImageQueue(store.engine, settings.lease_seconds)
         self._scan_lock = threading.Lock()
-        self._s3: Any = None  # made at the first versioned deletion (HEAD): most buckets never need it
+        self._s3: Any = None  # made at the first versioned deletion: most buckets never need it
         self._s3_lock = threading.Lock()  # receivers are threads; boto3 builds clients unsafely at once
         self.scan_id = self._open_scan()
 
@@ -221,18 +221,24 @@ class Follower:
         return Received(message["ReceiptHandle"], changes, ignored)
 
     def _current_version(self, key: str) -> tuple[str, int] | None:
-        """What S3 holds under ``key`` now (HEAD; a denial or an outage raises, typed)."""
+        """What S3 holds under ``key`` now (ETag, size), or None. Asked by listing the key as a
+        prefix, not by a HEAD: a HEAD of a missing key is "denied" (403), not "missing", to a
+        role without ``s3:ListBucket`` on the whole bucket; listing needs only what the workers'
+        listing does. A denial or an outage raises, typed."""
         with self._s3_lock:
             if self._s3 is None:
                 self._s3 = client("s3", self.settings)
         try:
-            head = self._s3.head_object(Bucket=self.source.bucket, Key=key)
+            page = self._s3.list_objects_v2(Bucket=self.source.bucket, Prefix=key, MaxKeys=1)
         except AWS_ERRORS as exc:
-            error = translate(exc, f"s3://{self.source.bucket}/{key}")
-            if isinstance(error, ObjectMissingError):
+            error = translate(exc, f"listing s3://{self.source.bucket}/{key}")
+            if isinstance(error, ObjectMissingError):  # the bucket itself is gone
                 return None
             raise error from exc
-        return str(head["ETag"]), int(head["ContentLength"])
+        first = next(iter(page.get("Contents", ())), None)  # the key itself sorts before any longer one
+        if first is None or first["Key"] != key:
+            return None
+        return str(first["ETag"]), int(first["Size"])
 
     def _apply(self, changes: list[ObjectChange], lag: float | None) -> Applied:
         while True:

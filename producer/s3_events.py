@@ -34,7 +34,7 @@ class ObjectEvent:
     size: int | None = None
     time: str = ""  # when S3 says it happened (ISO 8601)
     #: A versioned bucket's permanent deletion of one version (``ObjectRemoved:Delete`` with a
-    #: version id): the key may still hold another, current version, which only S3 can tell.
+    #: version id, "null" too): the key may still hold another, current version, which only S3 can tell.
     one_version: bool = False
 
 
@@ -103,8 +103,9 @@ def _event(kind: str, bucket: Any, key: str, thing: dict, etag: Any, time: Any) 
 
 
 def _versioned(version_id: Any) -> bool:
-    """A version id of a versioned bucket (an unversioned or suspended bucket's is absent or "null")."""
-    return isinstance(version_id, str) and version_id not in ("", "null")
+    """A version id: the bucket is (or was) versioned. "null" counts: the version of an object
+    written before versioning was enabled, or while it was suspended, may be one of several."""
+    return isinstance(version_id, str) and version_id != ""
 
 
 def _kind(event_name: str) -> str | None:

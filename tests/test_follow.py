@@ -290,6 +290,15 @@ def test_a_versioned_bucket_s_deleted_version_leaves_the_current_one_live(store,
     send(sqs, queue_url, marker)
     receive_all(following)
     assert live() == []
+
+    # Every version gone for good, and another key that starts with this one's name: not it.
+    s3.put_object(Bucket=versioned, Key="photos/k.jpg.other.jpg", Body=jpeg_with_comment(jpeg(), "other"))
+    for version in s3.list_object_versions(Bucket=versioned, Prefix="photos/k.jpg").get("Versions", []):
+        if version["Key"] == "photos/k.jpg":
+            s3.delete_object(Bucket=versioned, Key="photos/k.jpg", VersionId=version["VersionId"])
+    send(sqs, queue_url, record(versioned, "ObjectRemoved:Delete", "photos/k.jpg", "06", versionId=first["VersionId"]))
+    receive_all(following)
+    assert live() == [] and len(rows(store)) == 2
     assert following.counts.left == 0 and following.counts.malformed == 0
 
 

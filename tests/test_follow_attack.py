@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from tests import test_follow
 from tests.test_follow import _recognized, follower, receive_all, record, rows, send
 from worker.outcomes import ImageOutcome
-from worker.schema import faces, images, object_events, person_images
+from worker.schema import faces, images, object_events, person_images, scans
 
 # The fixtures of test_follow, shared (a queue made by ``follow --setup``, its SQS client, settings).
 sqs, settings, queue_url = test_follow.sqs, test_follow.settings, test_follow.queue_url
@@ -352,3 +352,52 @@ def test_a_late_removal_applied_by_another_backend_s_follower_hides_a_live_objec
     assert rows(store, backend="rekognition")[0].deleted_at is not None, "the paid follower saw it deleted since"
     [local_row] = rows(store, backend="local")
     assert local_row.deleted_at is None and local_row.status == "queued"
+
+
+def test_a_lagging_backend_s_older_event_applied_just_now_does_not_make_a_listing_skip_the_current_version(
+    store, settings, sqs, bucket, queue_url
+):
+    """The rekognition follower applied the creation of e2 (sequencer 05) long ago; the local
+    follower, behind, applied e1's (03) just now. A listing that sees e2 records it: the key's
+    latest event is e2's, and it is old."""
+    from datetime import timedelta
+
+    from worker.database import utcnow
+    from worker.listing import ListedObject
+
+    local_queue = sqs.create_queue(QueueName=f"{bucket}-local")["QueueUrl"]
+    paid = follower(store, settings, bucket, queue_url, sqs)
+    send(sqs, queue_url, record(bucket, "ObjectCreated:Put", "photos/k.jpg", "05", eTag="e2", size=5))
+    receive_all(paid)
+    with store.engine.begin() as conn:
+        conn.execute(object_events.update().values(applied_at=utcnow() - timedelta(hours=2)))
+    local = follower(store, settings.replace(backend="local"), bucket, local_queue, sqs)
+    send(sqs, local_queue, record(bucket, "ObjectCreated:Put", "photos/k.jpg", "03", eTag="e1", size=5))
+    receive_all(local)
+
+    catch_up = store.create_scan(f"s3://{bucket}/photos/", "local")
+    report = store.queue_images(catch_up, bucket, "local", [ListedObject("photos/k.jpg", "e2", 5)])
+
+    assert report.skipped == 0
+    assert [(row.etag, row.scan_id) for row in rows(store, backend="local", etag="e2")] == [("e2", catch_up)]
+
+
+def test_a_listing_read_again_keeps_its_scan_s_figures_after_an_overwrite(store, settings, sqs, bucket, queue_url):
+    """A listing recorded again in its own scan (an inventory's scan resumed reads it from the
+    start) after the follower overwrote one of its objects: the row it recorded the first time is
+    this scan's already, not skipped; the scan's figures still add up."""
+    from worker.listing import ListedObject
+
+    following = follower(store, settings, bucket, queue_url, sqs)
+    scan_id = store.create_scan(f"s3://{bucket}/photos/", "rekognition")
+    page = [ListedObject("photos/k.jpg", "e1", 5), ListedObject("photos/j.jpg", "ej", 5)]
+    store.queue_images(scan_id, bucket, "rekognition", page)
+    send(sqs, queue_url, record(bucket, "ObjectCreated:Put", "photos/k.jpg", "02", eTag="e2", size=5))
+    receive_all(following)
+
+    again = store.queue_images(scan_id, bucket, "rekognition", page)
+
+    assert (again.listed, again.skipped) == (2, 0)
+    with store.engine.begin() as conn:  # the figures as the inventory's resume rebuilds them
+        conn.execute(scans.update().where(scans.c.id == scan_id).values(listed=again.listed, skipped=again.skipped))
+    figures_add_up(store, scan_id)

@@ -86,8 +86,9 @@ def test_eventbridge_events_carry_keys_as_they_are():
 
 
 def test_a_versioned_bucket_s_permanent_deletion_of_one_version_is_told_apart():
-    """Only ``ObjectRemoved:Delete`` with a real version id may leave another version current; a
-    delete marker, and an unversioned or suspended bucket's deletion ("null"), remove the object."""
+    """Only ``ObjectRemoved:Delete`` with a version id ("null" too: a version written before
+    versioning was enabled, or while suspended) may leave another version current; a delete
+    marker, and an unversioned bucket's deletion (no version id), remove the object."""
 
     def one_version(name: str, **fields) -> bool:
         [event] = parse_message(json.dumps({"Records": [s3_record(name, "a.jpg", "0C", **fields)]}))
@@ -95,7 +96,7 @@ def test_a_versioned_bucket_s_permanent_deletion_of_one_version_is_told_apart():
 
     assert one_version("ObjectRemoved:Delete", versionId="3HL4kqtJvjVBH40Nrjfkd")
     assert not one_version("ObjectRemoved:Delete")
-    assert not one_version("ObjectRemoved:Delete", versionId="null")
+    assert one_version("ObjectRemoved:Delete", versionId="null")
     assert not one_version("ObjectRemoved:DeleteMarkerCreated", versionId="3HL4kqtJvjVBH40Nrjfkd")
     detail = {"bucket": {"name": "photos"}, "object": {"key": "a.jpg", "version-id": "3HL4", "sequencer": "0C"}}
     bridge = {"source": "aws.s3", "detail-type": "Object Deleted", "detail": detail}

@@ -214,8 +214,14 @@ class ImageQueue:
             listed = [(item.key, item.etag) for item in chunk if not item.error]
             restore_deleted(conn, bucket, listed, deleted_before=seen - RESTORE_AFTER)
         recorded = self._record_chunk(conn, scan_id, bucket, backend, chunk, force, keep_ids, now, retry_own_failures)
-        if gone:  # listed, and nothing to do: skipped
-            return replace(recorded, listed=recorded.listed + len(gone), skipped=recorded.skipped + len(gone))
+        if gone:  # listed, and nothing to do: this scan's already (a resumed listing), else skipped
+            own = _own_rows(conn, scan_id, bucket, backend, gone)
+            return replace(
+                recorded,
+                listed=recorded.listed + len(gone),
+                skipped=recorded.skipped + len(gone) - own,
+                already=recorded.already + own,
+            )
         return recorded
 
     def _record_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids, now, retry_own_failures):
@@ -745,9 +751,10 @@ def _any_event(bucket: str):
 
 
 def _gone_since(conn, bucket: str, chunk: Sequence, since: datetime) -> set[tuple[str, str]]:
-    """(key, etag) of the chunk's versions that an event applied at ``since`` or later says are
-    gone from the bucket: the key's latest such event (any backend's; by sequencer, then when it
-    was applied) is a removal, or the creation of another version."""
+    """(key, etag) of the chunk's versions that the key's latest event (any backend's; by
+    sequencer, then when it was applied), applied at ``since`` or later, says are gone from the
+    bucket: a removal, or the creation of another version. (The latest first, then its time: a
+    lagging backend's older event applied just now says nothing against a later one.)"""
     keys = [item.key for item in chunk if not item.error]
     if not keys:
         return set()
@@ -759,7 +766,7 @@ def _gone_since(conn, bucket: str, chunk: Sequence, since: datetime) -> set[tupl
             object_events.c.kind,
             object_events.c.etag,
             object_events.c.applied_at,
-        ).where(object_events.c.bucket == bucket, object_events.c.key.in_(keys), object_events.c.applied_at >= since)
+        ).where(object_events.c.bucket == bucket, object_events.c.key.in_(keys))
     ):
         kept = latest.get(event.key)
         if kept is None or (event.sequencer, aware_utc(event.applied_at)) > (
@@ -772,8 +779,21 @@ def _gone_since(conn, bucket: str, chunk: Sequence, since: datetime) -> set[tupl
         for item in chunk
         if (event := latest.get(item.key)) is not None
         and not item.error
+        and aware_utc(event.applied_at) >= since
         and (event.kind == REMOVED or (event.etag is not None and event.etag != item.etag))
     }
+
+
+def _own_rows(conn, scan_id: int, bucket: str, backend: str, versions: set[tuple[str, str]]) -> int:
+    """How many of these (key, etag) versions are rows of scan ``scan_id`` already."""
+    return conn.execute(
+        select(func.count()).where(
+            images.c.scan_id == scan_id,
+            images.c.bucket == bucket,
+            images.c.backend == backend,
+            tuple_(images.c.key, images.c.etag).in_(list(versions)),
+        )
+    ).scalar_one()
 
 
 def done_objects(conn, bucket: str, backend: str, keys: Sequence[str]) -> set[tuple[str, str]]:
