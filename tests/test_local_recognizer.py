@@ -123,5 +123,7 @@ def test_a_missing_dependency_names_the_install_command(monkeypatch, package):
     from worker.face_embeddings import FaceEmbedder
 
     monkeypatch.setitem(sys.modules, package, None)
-    with pytest.raises(MissingDependencyError, match=rf"{package} is missing.*pip install 'celebscan\[local\]'"):
+    with pytest.raises(
+        MissingDependencyError, match=rf"{package} is missing.*pip install '\.\[local\]' in a clone of celebscan"
+    ):
         FaceEmbedder()
