@@ -226,9 +226,8 @@ def test_a_catch_up_scan_from_an_old_inventory_does_not_undo_a_later_deletion(
     people). Only deletions older than the report are undone."""
     from datetime import timedelta
 
-    from tests.clirun import celebscan
     from tests.imagemaker import jpeg
-    from tests.test_inventory import row, write_inventory
+    from tests.test_inventory import row, scan_inventory, write_inventory
     from worker.database import utcnow
 
     s3.put_object(Bucket=bucket, Key="photos/ada.jpg", Body=jpeg())
@@ -243,18 +242,7 @@ def test_a_catch_up_scan_from_an_old_inventory_does_not_undo_a_later_deletion(
         conn.execute(images.update().values(deleted_at=utcnow() - timedelta(hours=1)))
         conn.execute(object_events.update().values(applied_at=utcnow() - timedelta(hours=1)))
 
-    celebscan(
-        "--database-url",
-        database_url,
-        "scan",
-        f"s3://{bucket}/photos/",
-        "--inventory",
-        manifest,
-        "--backend",
-        "rekognition",
-        "--workers",
-        "1",
-    )
+    scan_inventory(database_url, f"s3://{bucket}/photos/", manifest)
 
     assert rows(store)[0].deleted_at is not None, "the object is gone: an inventory from before says nothing"
     assert store.people() == []
@@ -268,18 +256,7 @@ def test_a_catch_up_scan_from_an_old_inventory_does_not_undo_a_later_deletion(
     s3.put_object(
         Bucket=bucket_name, Key=key, Body=json.dumps({**document, "creationTimestamp": str(int(time.time() * 1000))})
     )
-    celebscan(
-        "--database-url",
-        database_url,
-        "scan",
-        f"s3://{bucket}/photos/",
-        "--inventory",
-        manifest,
-        "--backend",
-        "rekognition",
-        "--workers",
-        "1",
-    )
+    scan_inventory(database_url, f"s3://{bucket}/photos/", manifest)
     assert rows(store)[0].deleted_at is None
     assert [p.name for p in store.people()] == ["Ada Lovelace"]
 
@@ -328,6 +305,10 @@ def test_a_late_removal_applied_by_another_backend_s_follower_hides_a_live_objec
     (until the local follower applied the creation too). Now it marks only what no later event of
     the row's own backend overtook; the reverse (a late creation restoring a row its own follower
     saw deleted since) holds too."""
+    from datetime import timedelta
+
+    from worker.database import utcnow
+
     local_queue = sqs.create_queue(QueueName=f"{bucket}-local")["QueueUrl"]
     paid = follower(store, settings, bucket, queue_url, sqs)
     local = follower(store, settings.replace(backend="local"), bucket, local_queue, sqs)
@@ -347,6 +328,8 @@ def test_a_late_removal_applied_by_another_backend_s_follower_hides_a_live_objec
 
     send(sqs, queue_url, record(bucket, "ObjectRemoved:Delete", "photos/k.jpg", "04"))
     receive_all(paid)
+    with store.engine.begin() as conn:  # a deletion older than a listing's minute: no other path undoes it
+        conn.execute(images.update().values(deleted_at=utcnow() - timedelta(minutes=5)))
     send(sqs, local_queue, again)  # the local follower, behind again: the creation of 03
     receive_all(local)
     assert rows(store, backend="rekognition")[0].deleted_at is not None, "the paid follower saw it deleted since"

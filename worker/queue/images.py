@@ -105,7 +105,7 @@ class Recorded:
     moved: Moved = field(default_factory=Moved)  # images taken over from other scans
     image_ids: list[int] = field(default_factory=list)  # queued in this scan (only when asked for)
     already: int = 0  # this scan's already, left as they are (or queued afresh: own_failures_retried)
-    own_failures_retried: int = 0  # of those, failed in this scan and queued again (retry_own_failures)
+    own_failures_retried: int = 0  # of those, failed in this scan and queued again (from_events)
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class ImageQueue:
         chunk: Sequence,
         force: bool,
         keep_ids=False,
-        retry_own_failures=False,
+        from_events=False,
         listed_at: datetime | None = None,
     ):
         """Record a chunk of listed objects in scan ``scan_id`` (in the caller's transaction).
@@ -192,28 +192,30 @@ class ImageQueue:
         over when it is queued and nobody holds it (its scan's workers died or were stopped),
         failed (retried) or done with ``force``; and counted as this scan's when it already is (a
         listing resumed lists it again). A listing entry that can never be read is recorded
-        ``failed`` at once. Every move is guarded by the state it was seen in. With
-        ``retry_own_failures`` (a followed bucket's event: the object is there again), one that
-        failed in this very scan is queued afresh too.
+        ``failed`` at once. Every move is guarded by the state it was seen in.
 
-        A followed bucket's events and a listing tell of the same objects: the one that saw later
-        wins. A deletion of an object the chunk lists is undone when older than when the listing saw
-        it (``listed_at``, an inventory's report; None: now) by :data:`RESTORE_AFTER`; a version the
-        chunk lists is skipped when an event applied since then says it is gone (deleted, or
-        overwritten by another version), as the listing may have seen it just before.
+        A listing of a followed bucket and its events tell of the same objects: the one that saw
+        later wins. A deletion of an object the chunk lists is undone when older than when the
+        listing saw it (``listed_at``, an inventory's report; None: now) by :data:`RESTORE_AFTER`; a
+        version the chunk lists is skipped when an event applied since then says it is gone
+        (deleted, or overwritten by another version), as the listing may have seen it just before.
+        With ``from_events`` the chunk is the creations a follower applies (``worker/queue/objects.py``,
+        which weighs them against the other events itself): none of that, and one that failed in
+        this very scan is queued afresh (the object is there again).
         """
         now = utcnow()
         if conn.dialect.name != "postgresql":  # SQLite's write lock first: the reads below stay true
             conn.execute(update(scans).where(scans.c.id == scan_id).values(listed=scans.c.listed))
-        seen = now if listed_at is None else min(now, listed_at)
         gone: set[tuple[str, str]] = set()
-        if not retry_own_failures and conn.execute(_any_event(bucket)).first() is not None:
-            gone = _gone_since(conn, bucket, chunk, seen - RESTORE_AFTER)
-            chunk = [item for item in chunk if (item.key, item.etag) not in gone]
-        if conn.execute(_ANY_DELETED).first() is not None:  # a followed bucket's: the listing says it is back
-            listed = [(item.key, item.etag) for item in chunk if not item.error]
-            restore_deleted(conn, bucket, listed, deleted_before=seen - RESTORE_AFTER)
-        recorded = self._record_chunk(conn, scan_id, bucket, backend, chunk, force, keep_ids, now, retry_own_failures)
+        if not from_events:
+            seen = now if listed_at is None else min(now, listed_at)
+            if conn.execute(_any_event(bucket)).first() is not None:
+                gone = _gone_since(conn, bucket, chunk, seen - RESTORE_AFTER)
+                chunk = [item for item in chunk if (item.key, item.etag) not in gone]
+            if conn.execute(_ANY_DELETED).first() is not None:  # a followed bucket's: the listing says it is back
+                listed = [(item.key, item.etag) for item in chunk if not item.error]
+                restore_deleted(conn, bucket, listed, deleted_before=seen - RESTORE_AFTER)
+        recorded = self._record_chunk(conn, scan_id, bucket, backend, chunk, force, keep_ids, now, from_events)
         if gone:  # listed, and nothing to do: this scan's already (a resumed listing), else skipped
             own = _own_rows(conn, scan_id, bucket, backend, gone)
             return replace(
@@ -224,7 +226,7 @@ class ImageQueue:
             )
         return recorded
 
-    def _record_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids, now, retry_own_failures):
+    def _record_chunk(self, conn, scan_id, bucket, backend, chunk, force, keep_ids, now, from_events):
         if conn.dialect.name == "postgresql" and not any(item.error for item in chunk):
             # One statement inserts what is new (a fresh bucket: everything) and says what it took;
             # only the rest is looked up.
@@ -244,28 +246,22 @@ class ImageQueue:
                 )
             }
             rest = [item for item in chunk if (item.key, item.etag) not in inserted]
-            return self._record_known(
-                conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now, retry_own_failures
-            )
-        return self._record_known(
-            conn, scan_id, bucket, backend, chunk, chunk, force, keep_ids, now, retry_own_failures
-        )
+            return self._record_known(conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now, from_events)
+        return self._record_known(conn, scan_id, bucket, backend, chunk, chunk, force, keep_ids, now, from_events)
 
-    def _record_known(
-        self, conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now, retry_own_failures
-    ) -> Recorded:
+    def _record_known(self, conn, scan_id, bucket, backend, chunk, rest, force, keep_ids, now, from_events) -> Recorded:
         known = _known_objects(conn, bucket, backend, [item.key for item in rest]) if rest else {}
         new_rows: list[dict[str, Any]] = []
         unreadable: list[tuple[int, tuple[str, str]]] = []  # entries that can never be read: failed again
         retried: list[int] = []  # failed, or done with --force: queued afresh
         orphans: list[int] = []  # queued in another scan, nobody holding them
-        own_failures: list[int] = []  # failed in this scan, and there again (retry_own_failures)
+        own_failures: list[int] = []  # failed in this scan, and there again (from_events)
         skipped = held = already = 0
         for item in rest:
             row = known.get((item.key, item.etag))
             if row is None:
                 new_rows.append(_new_row(scan_id, bucket, backend, item, now))
-            elif row.scan_id == scan_id and retry_own_failures and row.status == FAILED and not item.error:
+            elif row.scan_id == scan_id and from_events and row.status == FAILED and not item.error:
                 own_failures.append(row.id)
             elif row.scan_id == scan_id:
                 already += 1  # this scan's already (a resumed listing, an event delivered again)
@@ -758,22 +754,11 @@ def _gone_since(conn, bucket: str, chunk: Sequence, since: datetime) -> set[tupl
     keys = [item.key for item in chunk if not item.error]
     if not keys:
         return set()
+    columns = [object_events.c[name] for name in ("key", "sequencer", "kind", "etag", "applied_at")]
+    events = conn.execute(select(*columns).where(object_events.c.bucket == bucket, object_events.c.key.in_(keys))).all()
     latest: dict[str, Any] = {}
-    for event in conn.execute(
-        select(
-            object_events.c.key,
-            object_events.c.sequencer,
-            object_events.c.kind,
-            object_events.c.etag,
-            object_events.c.applied_at,
-        ).where(object_events.c.bucket == bucket, object_events.c.key.in_(keys))
-    ):
-        kept = latest.get(event.key)
-        if kept is None or (event.sequencer, aware_utc(event.applied_at)) > (
-            kept.sequencer,
-            aware_utc(kept.applied_at),
-        ):
-            latest[event.key] = event
+    for event in sorted(events, key=lambda event: (event.sequencer, aware_utc(event.applied_at))):
+        latest[event.key] = event  # the later of a key's events last
     return {
         (item.key, item.etag)
         for item in chunk

@@ -72,15 +72,15 @@ def apply_changes(
     applied = [change for change in latest.values() if _take(conn, bucket, backend, change)]
     stale = len(changes) - len(applied)
     created = [change for change in applied if change.kind == CREATED]
-    removed = [change.key for change in applied if change.kind == REMOVED]
-    deleted = _mark_deleted(conn, bucket, backend, [c for c in applied if c.kind == REMOVED]) if removed else 0
+    removed = [change for change in applied if change.kind == REMOVED]
+    deleted = _mark_deleted(conn, bucket, backend, removed) if removed else 0
     queued = skipped = retried = 0
     if created:
         _supersede(conn, bucket, backend, created)
         versions = [(change.key, change.etag) for change in created]
         restore_deleted(conn, bucket, versions, unless=_overtaken_elsewhere(bucket, backend, created))
         listed = [ListedObject(change.key, change.etag, change.size) for change in created]
-        recorded = queue.record(conn, scan_id, bucket, backend, listed, force=False, retry_own_failures=True)
+        recorded = queue.record(conn, scan_id, bucket, backend, listed, force=False, from_events=True)
         count_handed_over(conn, recorded.moved)
         skipped = recorded.skipped + recorded.held_elsewhere
         queued = len(created) - skipped - recorded.already
