@@ -57,6 +57,12 @@ def row(s3, bucket: str, key: str, *, latest="true", delete_marker="false") -> l
     ]
 
 
+def scan_inventory(database_url: str, source: str, manifest: str):
+    """``celebscan scan SOURCE --inventory MANIFEST`` with Rekognition, one worker process."""
+    args = ["--database-url", database_url, "scan", source, "--inventory", manifest]
+    return celebscan(*args, "--backend", "rekognition", "--workers", "1")
+
+
 @pytest.fixture
 def inventoried(s3, bucket):
     keys = [f"photos/{n:02d}.jpg" for n in range(12)] + ["photos/ünïcode name + 100%.jpg", "other/x.jpg"]
@@ -71,18 +77,7 @@ def inventoried(s3, bucket):
 def test_a_scan_from_an_inventory_queues_what_a_listing_would(inventoried, bucket, aws_env, rekognition, sqlite_url):
     keys, manifest = inventoried
     rekognition.answer = lambda key, data: {"CelebrityFaces": []}
-    run = celebscan(
-        "--database-url",
-        sqlite_url,
-        "scan",
-        f"s3://{bucket}/photos/",
-        "--inventory",
-        manifest,
-        "--backend",
-        "rekognition",
-        "--workers",
-        "1",
-    )
+    run = scan_inventory(sqlite_url, f"s3://{bucket}/photos/", manifest)
     photos = [key for key in keys if key.startswith("photos/")]
     assert f"listed {len(photos)} images; 0 already done" in run.output
     store = ResultStore.connect(sqlite_url)
