@@ -245,7 +245,8 @@ def follow(
     )
     click.echo(
         f"stopped: {counts.messages} messages, {counts.events} events applied ({counts.queued} queued, "
-        f"{counts.skipped} done before, {counts.deleted} images marked deleted, {counts.stale} out of date), "
+        f"{counts.skipped} done before, {_plural(counts.deleted, 'image')} marked deleted, "
+        f"{counts.stale} out of date), "
         f"{counts.ignored} ignored, {counts.malformed} unreadable (left to the dead-letter queue)"
         + (f", {counts.left} left to come back (S3 could not say which version is current)" if counts.left else "")
     )
@@ -515,8 +516,7 @@ def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
     picture = annotate(read_picture(record, build_readers(app.settings)), record)
     picture.save(output)
     names = ", ".join(f"{c.name} ({c.match_confidence:.0f})" for c in record.celebrities) or "nobody"
-    unknown = len(record.unrecognized_faces)
-    click.echo(f"wrote {output}: {names}; {unknown} unrecognized face{'s' if unknown != 1 else ''}")
+    click.echo(f"wrote {output}: {names}; {_plural(len(record.unrecognized_faces), 'unrecognized face')}")
 
 
 @cli.group(cls=CelebscanGroup)
@@ -653,7 +653,7 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     if summary.standing:
         renewed = f", a follower renewed it {_ago(summary.followed_at)}" if summary.followed_at else ""
         lines.append(
-            f"  standing scan: {summary.events} events applied, {summary.deletions} deletions; "
+            f"  standing scan: {summary.events} events applied, {_plural(summary.deletions, 'deletion')}; "
             f"{summary.deleted} of its images' objects are deleted (kept, left out of people and results){renewed}"
         )
     if _listing_stopped(summary, settings):

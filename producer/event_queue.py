@@ -65,11 +65,29 @@ def set_up_event_queue(s3, sqs, account: str, bucket: str, prefix: str, queue_na
         "Events": list(EVENTS),
         "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": prefix}]}},
     }
-    queues = [each for each in configuration.get("QueueConfigurations", []) if each.get("Id") != configuration_id]
-    s3.put_bucket_notification_configuration(
-        Bucket=bucket, NotificationConfiguration={**configuration, "QueueConfigurations": [*queues, ours]}
-    )
+    queues = configuration.get("QueueConfigurations", [])
+    others = [each for each in queues if each.get("Id") != configuration_id]
+    if not any(_same(each, ours) for each in queues):  # a put sends the queue an s3:TestEvent again
+        s3.put_bucket_notification_configuration(
+            Bucket=bucket, NotificationConfiguration={**configuration, "QueueConfigurations": [*others, ours]}
+        )
     return EventQueue(url, arn, dead_letter_arn, configuration_id)
+
+
+def _same(configuration: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether a queue configuration S3 holds is ours as we would write it (S3 may spell the filter
+    rule's name ``Prefix``)."""
+
+    def rules(each: dict[str, Any]) -> set[tuple[str, str]]:
+        found = each.get("Filter", {}).get("Key", {}).get("FilterRules", [])
+        return {(str(rule.get("Name", "")).lower(), str(rule.get("Value", ""))) for rule in found}
+
+    return (
+        configuration.get("Id") == ours["Id"]
+        and configuration.get("QueueArn") == ours["QueueArn"]
+        and set(configuration.get("Events", [])) == set(ours["Events"])
+        and rules(configuration) == rules(ours)
+    )
 
 
 def queue_policy(queue_arn: str, bucket: str, account: str) -> dict[str, Any]:

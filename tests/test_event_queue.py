@@ -77,6 +77,8 @@ def test_the_queue_is_set_up_and_receives_the_prefix_s_events(s3, sqs, bucket):
 
     again = set_up_event_queue(s3, sqs, ACCOUNT, bucket, "photos/", f"{bucket}-events")
     assert again == queue and len(configurations(s3, bucket)) == 2, "a second run changes nothing"
+    quiet = sqs.receive_message(QueueUrl=queue.url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+    assert not quiet.get("Messages"), "the configuration was not written again (no second s3:TestEvent)"
 
 
 @pytest.mark.parametrize(
