@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from worker.images import ImageLimits, decode_image
-from worker.prefilter import FacePrefilter
+from worker.faces.prefilter import FacePrefilter
+from worker.media.images import ImageLimits, decode_image
 from worker.settings import DEFAULT_REKOGNITION_PRICES
 
 FACES_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "faces-dev"

@@ -22,7 +22,7 @@ from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
 from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, GalleryError
-from worker.gallery import Gallery
+from worker.faces.gallery import Gallery
 from worker.read_models import ImageError, ResultRecord, ScanSummary
 from worker.recognizers import BACKENDS, PAID_BACKENDS
 from worker.settings import Settings, env_var
@@ -136,7 +136,7 @@ def scan(
     if prefilter_faces and settings.backend not in PAID_BACKENDS:
         raise click.UsageError("--prefilter-faces saves paid calls: use it with --backend rekognition")
     if prefilter_faces and settings.embedded:
-        from worker.face_embeddings import FaceEmbedder
+        from worker.faces.embeddings import FaceEmbedder
 
         FaceEmbedder.check_installed()
     summary = run_scan(
@@ -722,7 +722,7 @@ def _plural(count: int, one: str, many: str | None = None) -> str:
 
 
 def _embedder(settings: Settings):
-    from worker.face_embeddings import FaceEmbedder
+    from worker.faces.embeddings import FaceEmbedder
 
     return FaceEmbedder.from_settings(settings)
 

@@ -30,7 +30,7 @@ from producer.local_pool import default_workers, drain_scan, pool_stop
 from producer.s3_events import CREATED, MalformedEventError, ObjectEvent, parse_message
 from worker.aws import AWS_ERRORS, client, translate
 from worker.errors import CelebscanError, ConfigurationError, ObjectMissingError
-from worker.images import is_image_name
+from worker.media.images import is_image_name
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue
 from worker.queue.objects import Applied, ObjectChange, apply_changes

@@ -22,7 +22,7 @@ from PIL import Image
 from producer.annotate import annotate, jpeg_bytes
 from worker.errors import CelebscanError
 from worker.findings import PersonFound
-from worker.images import ImageLimits, decode_image
+from worker.media.images import ImageLimits, decode_image
 from worker.read_models import ResultRecord, ScanSummary
 from worker.sources import ObjectReader, Source
 from worker.store import ResultStore

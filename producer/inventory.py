@@ -22,8 +22,8 @@ from urllib.parse import unquote
 
 from worker.aws import AWS_ERRORS, translate
 from worker.errors import ConfigurationError
-from worker.images import is_image_name
 from worker.listing import ListedObject
+from worker.media.images import is_image_name
 from worker.sources import Source
 
 #: The columns celebscan reads; an inventory must be configured to include Size and ETag.

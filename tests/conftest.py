@@ -106,7 +106,7 @@ def expected_people(faces_dev) -> dict[str, set[str]]:
 @pytest.fixture(scope="session")
 def embedder():
     """One set of dlib models for the whole session (loading them takes about a second)."""
-    from worker.face_embeddings import FaceEmbedder
+    from worker.faces.embeddings import FaceEmbedder
 
     return FaceEmbedder()
 
@@ -193,7 +193,7 @@ def broker_url(redis_url):
 def folder_worker_context(store, recognizer, max_attempts: int = 4):
     """A worker's context that reads local folders and answers with ``recognizer`` (a stub)."""
     from worker.batch import WorkerContext
-    from worker.images import ImageLimits
+    from worker.media.images import ImageLimits
     from worker.recognizers import Recognizers
     from worker.sources import FolderReader
 

@@ -7,8 +7,8 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from tests.conftest import FACES_DEV
-from worker.face_embeddings import DESCRIPTOR_MODEL, LANDMARKS_MODEL, model_file
-from worker.face_net import CHIP_PADDING, CHIP_SIZE, CHIPS_AT_ONCE, FaceDescriptorNet, ModelFormatError
+from worker.faces.embeddings import DESCRIPTOR_MODEL, LANDMARKS_MODEL, model_file
+from worker.faces.net import CHIP_PADDING, CHIP_SIZE, CHIPS_AT_ONCE, FaceDescriptorNet, ModelFormatError
 
 dlib = pytest.importorskip("dlib", reason="the local recognizer's extra is not installed")
 DESCRIPTOR_MODEL_FILE = model_file(DESCRIPTOR_MODEL)
@@ -63,7 +63,7 @@ def test_chips_of_the_wrong_size_are_refused(net):
 
 
 def test_the_detector_cache_is_written_once_then_read_instead_of_parsing(tmp_path, monkeypatch):
-    from worker.face_embeddings import FaceEmbedder
+    from worker.faces.embeddings import FaceEmbedder
 
     image = skimage_data.astronaut()
     first = FaceEmbedder(cache_dir=tmp_path / "cache")
@@ -80,7 +80,7 @@ def test_the_detector_cache_is_written_once_then_read_instead_of_parsing(tmp_pat
 
 
 def test_a_cache_that_cannot_be_written_costs_only_time(tmp_path):
-    from worker.face_embeddings import FaceEmbedder
+    from worker.faces.embeddings import FaceEmbedder
 
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
@@ -88,7 +88,7 @@ def test_a_cache_that_cannot_be_written_costs_only_time(tmp_path):
 
 
 def test_a_damaged_cache_file_is_replaced(tmp_path):
-    from worker.face_embeddings import FaceEmbedder
+    from worker.faces.embeddings import FaceEmbedder
 
     FaceEmbedder(cache_dir=tmp_path)
     (cached,) = tmp_path.iterdir()

@@ -4,7 +4,7 @@ from PIL import Image
 
 from tests.imagemaker import encode, halves, jpeg, png_declaring
 from worker.errors import ImageTooLargeError, ImageTooSmallError, InvalidImageError
-from worker.images import ImageLimits, decode_image
+from worker.media.images import ImageLimits, decode_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

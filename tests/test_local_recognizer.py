@@ -5,8 +5,8 @@ import pytest
 
 from worker.database import connect
 from worker.errors import GalleryError
-from worker.gallery import Gallery
-from worker.images import decode_image
+from worker.faces.gallery import Gallery
+from worker.media.images import decode_image
 from worker.recognizers.local import LocalRecognizer, match_confidence
 
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def test_a_missing_dependency_names_the_install_command(monkeypatch, package):
     import sys
 
     from worker.errors import MissingDependencyError
-    from worker.face_embeddings import FaceEmbedder
+    from worker.faces.embeddings import FaceEmbedder
 
     monkeypatch.setitem(sys.modules, package, None)
     with pytest.raises(

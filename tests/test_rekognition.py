@@ -7,7 +7,7 @@ from PIL import Image
 from tests.imagemaker import encode, halves, jpeg
 from tests.rekognition_standin import celebrity
 from worker.errors import PermanentError, ServiceUnavailableError, ThrottledError
-from worker.images import decode_image
+from worker.media.images import decode_image
 from worker.recognizers.rekognition import MAX_BYTES, RekognitionRecognizer
 from worker.settings import Settings
 from worker.sources import S3Location

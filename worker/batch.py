@@ -28,11 +28,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker import clock
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, ServiceUnavailableError, TransientError
-from worker.images import ImageLimits, decode_image
+from worker.faces.prefilter import FacePrefilter
 from worker.inflight import LaneInterrupted, Lanes, RunPictures, lanes_for
 from worker.listing_parts import LIST_SLICE_SECONDS, list_slice, s3_pages
+from worker.media.images import ImageLimits, decode_image
 from worker.outcomes import ImageOutcome, KnownPicture, QueuedImage
-from worker.prefilter import FacePrefilter
 from worker.queue.images import ClaimState, ImageQueue
 from worker.queue.leases import LeaseKeeping, keep_leases_in_a_thread
 from worker.queue.parts import ListingParts

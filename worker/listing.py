@@ -23,7 +23,7 @@ from pathlib import Path
 
 from worker.aws import AWS_ERRORS, translate
 from worker.errors import CelebscanError, ConfigurationError
-from worker.images import is_image_name
+from worker.media.images import is_image_name
 from worker.retry import call_with_retry
 
 log = logging.getLogger(__name__)

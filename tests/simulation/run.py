@@ -50,7 +50,7 @@ from tests.simulation.world import (
 from worker import clock
 from worker.batch import WorkerContext
 from worker.database import connect, engine_for
-from worker.images import ImageLimits
+from worker.media.images import ImageLimits
 from worker.queue.images import ImageQueue
 from worker.queue.leases import renew_all
 from worker.recognizers import Recognizers

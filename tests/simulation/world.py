@@ -19,7 +19,7 @@ from functools import cache
 from botocore.exceptions import ClientError
 
 from tests.simulation.scheduler import Scheduler, SimulatedCrash
-from worker.images import LoadedImage
+from worker.media.images import LoadedImage
 from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.sources import S3Location
 

@@ -15,7 +15,7 @@ from worker.errors import ConfigurationError, RecognizerUnavailableError
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from worker.images import LoadedImage
+    from worker.media.images import LoadedImage
     from worker.recognition import RecognitionResult
     from worker.settings import Settings
     from worker.sources import S3Location

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
-from worker.face_embeddings import DetectedFace, FaceEmbedder
-from worker.gallery import Gallery, GalleryIndex
-from worker.images import LoadedImage
+from worker.faces.embeddings import DetectedFace, FaceEmbedder
+from worker.faces.gallery import Gallery, GalleryIndex
+from worker.media.images import LoadedImage
 from worker.recognition import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
 from worker.settings import Settings
 from worker.sources import S3Location

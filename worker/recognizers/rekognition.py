@@ -12,7 +12,7 @@ from typing import Any
 
 from worker.aws import AWS_ERRORS, client, translate
 from worker.errors import ConfigurationError, ThrottledError
-from worker.images import LoadedImage, encode_jpeg_within
+from worker.media.images import LoadedImage, encode_jpeg_within
 from worker.recognition import RecognitionResult
 from worker.settings import Settings
 from worker.sources import S3Location

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from worker.images import LoadedImage
+from worker.media.images import LoadedImage
 from worker.recognition import RecognitionResult
 from worker.sources import S3Location
 

@@ -16,7 +16,7 @@ from worker.errors import ConfigurationError, RecognizerUnavailableError
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.face_embeddings import FaceEmbedder
+    from worker.faces.embeddings import FaceEmbedder
 
 
 class FacePrefilter:
@@ -29,7 +29,7 @@ class FacePrefilter:
     def check_available(self) -> None:
         """Load dlib's detector now; :class:`RecognizerUnavailableError` when this worker cannot."""
         if self._embedder is None:  # dlib's models load on first use: Rekognition-only workers skip them
-            from worker.face_embeddings import FaceEmbedder
+            from worker.faces.embeddings import FaceEmbedder
 
             try:
                 self._embedder = FaceEmbedder.from_settings(self.settings)

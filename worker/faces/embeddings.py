@@ -9,7 +9,7 @@ Speed choices: detection runs on a copy downscaled to ``detect_max_side`` (the H
 grows with pixels, and faces in large photos are large), small images are upsampled so faces down
 to ~20 px are found, and landmarks and embeddings are computed on the original pixels, where the
 150x150 aligned chip keeps full detail. The embedding network itself runs in numpy
-(:mod:`worker.face_net`, same weights and same numbers as dlib's, ~5x faster without BLAS in dlib).
+(:mod:`worker.faces.net`, same weights and same numbers as dlib's, ~5x faster without BLAS in dlib).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from worker.errors import MissingDependencyError
-from worker.face_net import CHIP_PADDING, CHIP_SIZE, FaceDescriptorNet
+from worker.faces.net import CHIP_PADDING, CHIP_SIZE, FaceDescriptorNet
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from sqlalchemy import Engine, delete, func, select
 
 from worker.database import utcnow
 from worker.errors import CelebscanError, GalleryError
-from worker.face_embeddings import EMBEDDING_SIZE, FaceEmbedder
-from worker.images import ImageLimits, decode_image, is_image_name
+from worker.faces.embeddings import EMBEDDING_SIZE, FaceEmbedder
+from worker.media.images import ImageLimits, decode_image, is_image_name
 from worker.schema import gallery_faces, people
 from worker.sql import dialect_insert
 
