@@ -650,6 +650,7 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
             f"  {summary.held_elsewhere} left to another scan that was working on them (recognized there, once); "
             f"{summary.handed_over} taken over by a later scan"
         )
+    lines += _window_lines(summary, settings)
     if summary.standing:
         renewed = f", a follower renewed it {_ago(summary.followed_at)}" if summary.followed_at else ""
         lines.append(
@@ -711,6 +712,32 @@ def _listing_stopped(summary: ScanSummary, settings: Settings) -> bool:
         return False
     last = summary.listing_active_at or summary.created_at
     return (utcnow() - aware_utc(last)).total_seconds() > settings.lease_seconds
+
+
+def _window_lines(summary: ScanSummary, settings: Settings) -> list[str]:
+    """An unfinished scan's window: where its slots are, and what the fleet is repairing."""
+    window = summary.window
+    if window is None or summary.finished_at is not None:
+        return []
+    line = (
+        f"  window: {_plural(window.size, 'slot')}: {window.running} working, {window.sent} in the broker, "
+        f"{window.due} waiting for their next turn"
+    )
+    if window.repairs:
+        line += f"; {_plural(window.repairs, 'time')} a lost slot was sent again"
+    lines = [line]
+    if window.lapsed:
+        lines.append(
+            f"  repairing: {_plural(window.lapsed, 'slot')} whose run stopped renewing it over a lease ago "
+            "(its worker died or stalled): the window's keeper sends it again"
+        )
+    keeper_age = None if summary.keeper_at is None else (utcnow() - summary.keeper_at).total_seconds()
+    if keeper_age is None or keeper_age > settings.lease_seconds:
+        since = "" if keeper_age is None else f" for {keeper_age:.0f} s"
+        lines.append(
+            f"  no worker has kept the window{since}: none is running? Start one: celery -A worker.celery_app worker"
+        )
+    return lines
 
 
 def _ago(moment) -> str:

@@ -1,11 +1,16 @@
-"""Handing batches to the broker by task name (the producer never imports the worker's code)."""
+"""Handing a scan to the workers through the broker, by task name (the producer never imports the
+recognizers or dlib)."""
 
 from __future__ import annotations
 
 from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy import Engine
 
-from worker.celery_config import make_celery, send_listing_parts, send_window_slots
+from worker.broker import PIPELINE_SIZE, CeleryRedisBroker
+from worker.celery_config import make_celery, send_listing_parts
 from worker.errors import ConfigurationError
+from worker.queue.scans import Scans
+from worker.queue.slots import WindowSlots
 from worker.settings import Settings
 
 
@@ -25,19 +30,20 @@ def check_broker(settings: Settings) -> None:
             raise ConfigurationError(f"cannot reach the broker {masked_broker(settings.broker_url)}: {exc}") from exc
 
 
-#: Messages buffered in one Redis pipeline before it is flushed.
-PIPELINE_SIZE = 1000
-
-
-def open_window(settings: Settings, scan_id: int, listing_parts: list[int] | tuple[int, ...] = ()) -> int:
-    """Put the scan's window slots into the broker: ``settings.window`` small messages, each of
-    which a worker turns into the scan's next batch, then sends on (``worker/batch.py``: ``take_next_batch``);
-    first, one message per part of its key space for the workers to list (``worker/listing_parts.py``)."""
+def open_window(
+    settings: Settings, engine: Engine, scan_id: int, listing_parts: list[int] | tuple[int, ...] = (), window=None
+) -> int:
+    """Hand the scan to the workers: first one message per part of its key space for them to list
+    (``worker/listing_parts.py``), then its window slots (made with the scan, or given now to a scan
+    that had none: ``window`` of them, else ``CELEBSCAN_WINDOW``) sent at once rather than at the
+    window keeper's next round. Returns the scan's window."""
+    size = Scans(engine).give_window(scan_id, window or settings.window)
+    slots = WindowSlots(engine, settings.lease_seconds)
     with make_celery(settings) as app:
         try:
             with app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE_SIZE):
                 send_listing_parts(app, list(listing_parts), producer=producer)
-                send_window_slots(app, scan_id, settings.window, producer=producer)
         except (BrokerError, OSError) as exc:
             raise ConfigurationError(f"enqueueing to {masked_broker(settings.broker_url)} failed: {exc}") from exc
-    return settings.window
+        slots.unsend(CeleryRedisBroker(app, settings.broker_url).send(slots.dispatch(scan_id=scan_id)))
+    return size

@@ -163,14 +163,15 @@ class Follower:
         self.scan_id = self._open_scan()
 
     def _open_scan(self) -> int:
-        """The source's standing scan, with its window in the broker (``open_window``: with a
-        broker). The window is noted once sent: a follower that failed to send it (the broker
-        away, a crash) leaves it to the next one, and two sending it at once only add slots."""
+        """The source's standing scan, with its window for the workers (``open_window``: with a
+        broker; the slots are made with the scan, and sent at once here or by the window's keeper)."""
         scans = Scans(self.store.engine)
-        scan_id, _ = scans.open_standing(self.source.url, self.settings.backend, batch_size=self.settings.batch_size)
-        if self.open_window is not None and not scans.window_opened(scan_id):
+        window = None if self.open_window is None else min(self.settings.window, FOLLOW_WINDOW)
+        scan_id, _ = scans.open_standing(
+            self.source.url, self.settings.backend, batch_size=self.settings.batch_size, window=window
+        )
+        if self.open_window is not None:
             self.open_window(scan_id)
-            scans.note_window_opened(scan_id)
         return scan_id
 
     def receive_once(self) -> int:
@@ -352,7 +353,7 @@ def run_follow(
         check_broker(settings)
 
     def open_scan_window(scan_id: int) -> None:
-        open_window(settings.replace(window=window), scan_id)
+        open_window(settings, store.engine, scan_id, window=window)
 
     follower = Follower(
         store,

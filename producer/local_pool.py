@@ -11,13 +11,17 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Protocol
 
 from worker import clock
 from worker.batch import BatchReport, WorkerContext, take_next_batch
+from worker.database import engine_for
+from worker.queue.scans import Scans
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,10 +58,15 @@ def drain_scan(
     ``stop`` is set: a followed source's scan goes on until then); ``workers == 1`` runs in this
     process, more in a process pool (``stop`` then made by :func:`pool_stop`). ``on_progress`` is
     called every half second or so, for a progress bar."""
-    if workers <= 1:
-        context = WorkerContext.from_settings(settings)
-        context.recognizers.get(settings.backend)  # a missing extra stops the scan before any image
-        return drain(context, scan_id, on_progress, stop)
+    with _draining(settings, scan_id):
+        if workers <= 1:
+            context = WorkerContext.from_settings(settings)
+            context.recognizers.get(settings.backend)  # a missing extra stops the scan before any image
+            return drain(context, scan_id, on_progress, stop)
+        return _drain_in_pool(settings, scan_id, workers, on_progress, stop)
+
+
+def _drain_in_pool(settings: Settings, scan_id: int, workers: int, on_progress, stop: Stop | None) -> BatchReport:
     with _pool(settings, workers, stop) as pool:
         futures = [pool.submit(_drain_in_process, scan_id) for _ in range(workers)]
         while True:
@@ -69,6 +78,32 @@ def drain_scan(
         for future in futures:
             total += future.result()  # raises what a pool process raised
         return total
+
+
+@contextmanager
+def _draining(settings: Settings, scan_id: int) -> Iterator[None]:
+    """Renew the scan's lease every quarter lease while it is drained here: a later scan of the same
+    source leaves its queued images to this one."""
+    scans = Scans(engine_for(settings.database_url))
+    stop = threading.Event()
+
+    def renew() -> None:
+        while True:
+            try:
+                scans.note_draining(scan_id)
+            except Exception as exc:  # the database is away: the next round tries again
+                log.warning("could not renew scan %d's lease: %s", scan_id, exc)
+            if stop.wait(settings.lease_seconds / 4):
+                return
+
+    keeper = threading.Thread(target=renew, name=f"draining-{scan_id}", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()
+        scans.engine.dispose()
 
 
 def drain(

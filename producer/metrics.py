@@ -11,6 +11,7 @@ deploy kit's scaling policy reads ``BacklogPerWorker``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -85,6 +86,8 @@ class Reading:
     events_waiting: int | None = None
     #: Why the queue could not be read (the events waiting are then unknown).
     events_queue_error: str | None = None
+    #: When the fleet's window keeper last renewed its lease (None: no worker ever kept the window).
+    keeper_seen_at: datetime | None = None
     taken_at: float = field(default_factory=time.time)
 
     @property
@@ -100,14 +103,16 @@ class Reading:
 
     @property
     def backlog_images(self) -> int:
-        """Queued images that workers can still get to (0 when the broker holds no batch at all),
-        and the S3 events waiting in the follow queue: each is at most one image to recognize.
+        """Queued images that workers can get to (those of scans with a window; the fleet's window
+        keeper sends its slots again should the broker lose them), and the S3 events waiting in the
+        follow queue: each is at most one image to recognize.
 
-        A scan whose messages were lost (a broker restarted without persistence) keeps images
-        queued that no worker will ever receive; counting them would keep paid instances idle. Such
-        a scan is reported as stalled instead, to be handed out again with ``scan --resume``.
+        A scan with no window slot left keeps images queued that no worker will receive; counting
+        them would keep paid instances idle. Such a scan is reported as stalled instead, to be
+        handed out again with ``scan --resume``.
         """
-        queued = 0 if self.broker_batches == 0 else self.pending_images
+        stalled = set(self.stalled_scans)
+        queued = sum(scan.counts[QUEUED] for scan in self.scans if not scan.finished and scan.scan_id not in stalled)
         return queued + (self.events_waiting or 0)
 
     @property
@@ -123,10 +128,21 @@ class Reading:
 
     @property
     def stalled_scans(self) -> list[int]:
-        """Unfinished scans when the broker holds no message at all: nothing will move them on."""
-        if self.broker_batches != 0:
+        """Unfinished scans with no window slot left (with a broker): nothing will move them on."""
+        if self.waiting_batches is None:
             return []
-        return [scan.scan_id for scan in self.scans if not scan.finished]
+        return [scan.scan_id for scan in self.scans if scan.stalled]
+
+    @property
+    def repairing_scans(self) -> list[int]:
+        """Unfinished scans with slots whose run stopped renewing them: the window's keeper is
+        sending them again (a node died or stalled)."""
+        return [scan.scan_id for scan in self.scans if scan.window is not None and scan.window.lapsed]
+
+    @property
+    def keeper_seconds_ago(self) -> float | None:
+        """How long ago the fleet's window keeper last renewed its lease (None: never)."""
+        return None if self.keeper_seen_at is None else max(0.0, self.taken_at - self.keeper_seen_at.timestamp())
 
     def as_dict(self) -> dict:
         return {
@@ -138,6 +154,8 @@ class Reading:
             "unacked_batches": self.unacked_batches,
             "workers": self.workers,
             "stalled_scans": self.stalled_scans,
+            "repairing_scans": self.repairing_scans,
+            "keeper_seconds_ago": self.keeper_seconds_ago,
             "refused_writes": self.refused_writes,
             "events_queue_url": self.events_queue_url or None,
             "events_waiting": self.events_waiting,
@@ -162,6 +180,7 @@ class Reading:
                     "finished": scan.finished,
                     "images": scan.counts,
                     "unserved": scan.unserved,
+                    "window": dataclasses.asdict(scan.window) if scan.window is not None else None,
                     "last_processed_at": scan.last_processed_at.timestamp() if scan.last_processed_at else None,
                 }
                 for scan in self.scans
@@ -179,7 +198,8 @@ def take_reading(store: ResultStore, settings: Settings, ping_timeout: float = 1
     if settings.embedded:
         return Reading(progress, refused_writes=refused, **following)
     waiting, unacked = broker_depth(settings.broker_url)
-    return Reading(progress, waiting, unacked, online_workers(settings, ping_timeout), refused, **following)
+    workers = online_workers(settings, ping_timeout)
+    return Reading(progress, waiting, unacked, workers, refused, keeper_seen_at=store.keeper_seen_at(), **following)
 
 
 def standing_scans(store: ResultStore) -> list[StandingScan]:
@@ -380,10 +400,18 @@ def plain_text(reading: Reading) -> str:
                 f"scan {scan.scan_id} is waiting: no worker has served its batches: {scan.unserved}; "
                 f"install what it names on the workers (pip install '.[local]') and restart them"
             )
-    for scan_id in reading.stalled_scans:
+    for scan_id in reading.repairing_scans:
         lines.append(
-            f"scan {scan_id} is stalled (unfinished, no message in the broker): celebscan scan --resume {scan_id}"
+            f"scan {scan_id} is being repaired: window slots whose run stopped renewing them (a worker died or "
+            "stalled) are sent again by the window's keeper"
         )
+    if reading.waiting_batches is not None and reading.pending_images:
+        ago = reading.keeper_seconds_ago
+        lines.append(
+            "window keeper: " + (f"seen {ago:.0f} s ago" if ago is not None else "none yet (no worker has started)")
+        )
+    for scan_id in reading.stalled_scans:
+        lines.append(f"scan {scan_id} is stalled (unfinished, no window slot left): celebscan scan --resume {scan_id}")
     return "\n".join(lines)
 
 

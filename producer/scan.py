@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine
+
 from producer.cost import Estimate, price_list, usd
 from producer.enqueue import check_broker, masked_broker, open_window
 from producer.local_pool import default_workers, drain_scan
@@ -71,17 +73,17 @@ class Services:
     check_broker: Callable[[], None]
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Services:
+    def from_settings(cls, settings: Settings, engine: Engine | None = None) -> Services:
         def s3():
             from worker.aws import client
 
             return client("s3", settings, raw_timestamps=True)
 
-        return cls(
-            s3=s3,
-            open_window=lambda scan_id, part_ids: open_window(settings, scan_id, list(part_ids)),
-            check_broker=lambda: check_broker(settings),
-        )
+        def open_scan_window(scan_id: int, part_ids: Sequence[int]) -> None:
+            assert engine is not None, "a scan's window is opened on its database"
+            open_window(settings, engine, scan_id, list(part_ids))
+
+        return cls(s3=s3, open_window=open_scan_window, check_broker=lambda: check_broker(settings))
 
 
 def list_source(source: Source, settings: Settings) -> Iterator[ListedObject]:
@@ -101,7 +103,7 @@ def run_scan(
     With a broker, returns once the listing is under way on the workers (or done here); without
     one, when every image is done. ``say`` receives the lines a user reads (the CLI prints them).
     """
-    services = services or Services.from_settings(settings)
+    services = services or Services.from_settings(settings, store.engine)
     if not settings.embedded:
         services.check_broker()
     if request.resume_id is not None:
@@ -120,6 +122,7 @@ def run_scan(
             batch_size=settings.batch_size,
             reuse_results=not request.force,
             inventory=request.inventory,
+            window=None if settings.embedded else settings.window,
         )
         [root] = parts.create(conn, scan_id, [source.prefix if source.is_s3 else ""], request.force, token)
     say(f"scan {scan_id}: {source.url} (backend {settings.backend}, database {masked_url(settings.database_url)})")

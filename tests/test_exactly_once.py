@@ -253,28 +253,40 @@ def test_resume_repairs_a_listing_or_a_scan_left_open(store):
         assert conn.execute(select(scans.c.listing_finished_at, scans.c.finished_at)).one()[1] is not None
 
 
-# 4. A run that ends with an error gives its claims back at once and sends its slot on.
+# 4. A run that ends with an error gives its claims back at once and its slot goes on after a pause.
 
 
-def test_a_run_that_ends_with_an_error_releases_its_claims_and_sends_its_slot_on(store, tmp_path, monkeypatch):
+def test_a_run_that_ends_with_an_error_releases_its_claims_and_its_slot_goes_on(store, tmp_path, monkeypatch, stepping):
     folder = photo_folder(tmp_path, 3)
     stub = PaidStub()
     context = folder_worker_context(store, stub)
-    scan_id = store.create_scan(str(folder), "rekognition")
+    scan_id = store.create_scan(str(folder), "rekognition", window=1)
     ids = store.queue_images(scan_id, str(folder), "rekognition", list_folder(folder)).image_ids
     write, sent = ImageQueue.write, []
+
+    def send(messages):
+        sent.extend(messages)
+        return []
 
     def broken_write(self, token, outcomes):
         raise RuntimeError("a bug in the write")
 
     monkeypatch.setattr(ImageQueue, "write", broken_write)
-    run_window_slot(scan_id, context, "run-1", lambda countdown, rounds: sent.append((countdown, rounds)))
-    assert len(sent) == 1 and sent[0][1] == 1, "the slot goes on (after a pause), so the window never shrinks"
+    [message] = context.slots.dispatch()
+    run_window_slot(message, context, "run-1", send)
+    window = context.slots.states([scan_id])[scan_id]
+    assert (window.due, window.size) == (1, 1), "the slot waits for a pause, so the window never shrinks"
     queued = store.images.queued(ids)
     assert [(image.attempts, image.started_by) for image in queued] == [(0, None)] * 3, "claims and starts given back"
     monkeypatch.setattr(ImageQueue, "write", write)
-    run_window_slot(scan_id, context, "run-2", lambda countdown, rounds: sent.append((countdown, rounds)))
+    assert context.slots.dispatch() == [], "not before its pause is over"
+    stepping.advance(1.0)
+    [after_the_pause] = context.slots.dispatch()
+    assert after_the_pause.generation == message.generation + 1
+    assert run_window_slot(message, context, "late", send).done == 0, "the old message does nothing"
+    run_window_slot(after_the_pause, context, "run-2", send)
     assert store.summary(scan_id).counts["done"] == 3, "the next run claims them at once (no lease to wait out)"
+    assert [each.generation for each in sent] == [after_the_pause.generation + 1], "and sends the slot on"
 
 
 def test_every_run_of_a_message_claims_with_a_token_of_its_own():

@@ -338,7 +338,12 @@ def test_followers_of_two_backends_each_apply_their_copy_of_an_event(store, sett
     )
 
 
-def test_a_window_a_follower_failed_to_send_is_sent_by_the_next(store, settings, sqs, bucket, queue_url):
+def test_a_standing_scans_window_is_made_with_it_and_never_grows(store, settings, sqs, bucket, queue_url):
+    """Its slots are rows made with the scan: a follower that could not reach the broker leaves them
+    due for the window's keeper, and the followers after it find the same ones."""
+    from producer.follow import FOLLOW_WINDOW
+    from worker.queue.slots import WindowSlots
+
     sent: list[int] = []
 
     def broker_away(scan_id: int) -> None:
@@ -351,7 +356,9 @@ def test_a_window_a_follower_failed_to_send_is_sent_by_the_next(store, settings,
     )
     again = Follower(store, settings, parse_source(f"s3://{bucket}/photos/"), queue_url, sqs, open_window=sent.append)
 
-    assert sent == [restarted.scan_id] and again.scan_id == restarted.scan_id
+    assert sent == [restarted.scan_id] * 2 and again.scan_id == restarted.scan_id
+    window = WindowSlots(store.engine).states([restarted.scan_id])[restarted.scan_id]
+    assert window.size == window.due == min(settings.window, FOLLOW_WINDOW)
 
 
 def _recognized(store, image_id: int, name: str) -> None:

@@ -15,8 +15,10 @@ def client(broker_url):
     return redis.Redis.from_url(broker_url)
 
 
-def reserve(client, key, rate, burst=1):
-    return float(client.register_script(RESERVE)(keys=[key], args=[rate, burst]))
+def reserve(client, key, rate, burst=1, most=3600):
+    verdict, wait = client.register_script(RESERVE)(keys=[key], args=[rate, burst, most])
+    assert verdict == b"granted"
+    return float(wait)
 
 
 def test_callers_queue_for_tokens_at_the_rate(client):
@@ -34,8 +36,8 @@ def test_a_full_burst_is_free_then_pacing_starts(client):
 def test_every_limiter_on_the_key_shares_one_bucket(client, broker_url):
     first = RedisRateLimiter.from_url(broker_url, "shared", rate=10)
     second = RedisRateLimiter.from_url(broker_url, "shared", rate=10)
-    assert first._reserve(keys=["shared"], args=[10, 1]) == b"0"
-    assert float(second._reserve(keys=["shared"], args=[10, 1])) > 0.05
+    assert first.acquire() == 0
+    assert second.acquire() > 0.05
 
 
 def test_throttling_slows_everybody_down(client, broker_url):
@@ -43,6 +45,18 @@ def test_throttling_slows_everybody_down(client, broker_url):
     limiter.acquire()
     limiter.penalize(seconds=2.0)
     assert reserve(client, "penalized", rate=10) >= 2.0
+
+
+def test_a_caller_whose_turn_is_too_far_away_takes_no_token_and_is_throttled(client, broker_url):
+    """A wait never outlasts the leases of the run that waits: past the bound, the call is throttled
+    (its image is tried again later) and the line behind it is not made longer."""
+    from worker.errors import ThrottledError
+
+    limiter = RedisRateLimiter.from_url(broker_url, "far", rate=10)
+    limiter.penalize(seconds=5.0)  # the service said slow down: every turn is 5 s away
+    with pytest.raises(ThrottledError, match="turn is 5 s away"):
+        limiter.acquire(max_wait=2.0)
+    assert 4.8 <= reserve(client, "far", rate=10) <= 5.1  # the refused caller took no place in the line
 
 
 def test_the_recognizer_paces_through_redis_when_a_rate_is_set(broker_url, aws_env):

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import logging
 import random
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -25,7 +24,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker import clock
+from worker import clock, threads
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, ServiceUnavailableError, TransientError
 from worker.faces.prefilter import FacePrefilter
@@ -38,6 +37,7 @@ from worker.queue.leases import LeaseKeeping, keep_leases_in_a_thread
 from worker.queue.parts import ListingParts
 from worker.queue.pictures import Picture, PictureLocks
 from worker.queue.scans import Scans
+from worker.queue.slots import WindowSlots
 from worker.recognition import RecognitionResult
 from worker.recognizers import PAID_BACKENDS, Recognizers
 from worker.retry import call_with_retry
@@ -117,6 +117,10 @@ class WorkerContext:
     @property
     def scans(self) -> Scans:
         return Scans(self.store.engine)
+
+    @property
+    def slots(self) -> WindowSlots:
+        return WindowSlots(self.store.engine, self.lease_seconds)
 
     @property
     def s3_lister(self):
@@ -269,6 +273,10 @@ class _Run:
             self._pipeline(lanes)
         except SoftTimeLimitExceeded:  # the task's time limit: write what is back, give back the rest
             log.warning("run %s reached its time limit; it writes the images it finished", self.token)
+            self._stop()
+            # Slowness is not the images' fault: should the hard limit kill the run while it waits
+            # for its calls, they are not counted toward quarantine.
+            _quietly(self.context.images.discount_starts, *self.tokens)
             self._salvage(lanes)
         except Exception:  # the calls already paid for are written before the error goes on
             log.warning("run %s failed; it writes the images it finished", self.token)
@@ -402,9 +410,8 @@ class _ListingHelper:
 
     def __init__(self, run: _Run) -> None:
         self.run = run
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._list, name=f"lister-{run.token}", daemon=True)
-        self._thread.start()
+        self._stopping = threads.event()
+        self._thread = threads.start(self._list, name=f"lister-{run.token}")
 
     def _list(self) -> None:
         run = self.run
@@ -428,25 +435,36 @@ class _ListingHelper:
 
 
 def _release_quietly(images: ImageQueue, *tokens: str) -> None:
+    _quietly(images.release, *tokens)
+
+
+def _quietly(give_back: Callable[..., object], *tokens: str) -> None:
+    """Give back what the run's ``tokens`` hold, or leave it to their leases when the database is away."""
     try:
-        images.release(*tokens)
+        give_back(*tokens)
     except Exception as exc:  # the database is away: the claims come free when their lease runs out
-        log.warning("could not release the claims of run %s: %s", tokens[0], exc)
+        log.warning("run %s could not %s: %s", tokens[0], give_back.__name__, exc)
 
 
 def _known_by_etag(batch: Sequence[QueuedImage], context: WorkerContext) -> dict[tuple[str, int], KnownPicture] | None:
     """Pictures already recognized among the batch's S3 objects whose ETag is their MD5, found in
     one query for the batch (None when the batch has no such object to look up)."""
-    by_backend: dict[str, list[tuple[str, int]]] = {}
+    by_backend: dict[tuple[str, int | None], list[tuple[str, int]]] = {}
     for image in batch:
         if _etag_is_md5(image):
-            by_backend.setdefault(image.backend, []).append((image.etag, image.size))
+            by_backend.setdefault((image.backend, _reused_from(image)), []).append((image.etag, image.size))
     if not by_backend:
         return None
     known: dict[tuple[str, int], KnownPicture] = {}
-    for backend, pictures in by_backend.items():
-        known.update(context.store.known_pictures(pictures, backend))
+    for (backend, scan_id), pictures in by_backend.items():
+        known.update(context.store.known_pictures(pictures, backend, scan_id))
     return known
+
+
+def _reused_from(image: QueuedImage) -> int | None:
+    """Where the image's copies may come from: any scan's results (None), or only its own scan's
+    when it runs with ``--force`` (each picture recognized afresh once, its copies reusing that)."""
+    return None if image.reuse_results else image.scan_id
 
 
 def process_image(
@@ -463,9 +481,10 @@ def process_image(
     transient code and how long it was tried. The MD5 of the bytes read is recorded as the image's
     ``content_hash``.
 
-    Pay once per picture (unless the scan runs with ``--force``): an image whose bytes are those of
-    a picture already recognized with the same backend (earlier, or in this run: ``pictures``, by
-    MD5 and size) copies its result instead of calling the recognizer. An S3 object's ETag is its
+    Pay once per picture: an image whose bytes are those of a picture already recognized with the
+    same backend (earlier, or in this run: ``pictures``, by MD5 and size) copies its result instead
+    of calling the recognizer; in a scan run with ``--force``, only a result of that scan is copied
+    (each picture is recognized afresh once). An S3 object's ETag is its
     MD5 for a single-part upload, so such a copy is found before the object is read. A copy whose
     picture another image of the run is being recognized for waits for that result; before a paid
     call the run takes the picture (``worker/queue/pictures.py``), and a copy whose picture another
@@ -485,7 +504,7 @@ def _reused_or_processed(
 ) -> ImageOutcome:
     if _etag_is_md5(image):
         if known is None:
-            known = context.store.known_pictures([(image.etag, image.size)], image.backend)
+            known = context.store.known_pictures([(image.etag, image.size)], image.backend, _reused_from(image))
         picture = known.get((image.etag, image.size))
         if picture is not None:
             return ImageOutcome.copied(image, picture, image.etag)
@@ -509,14 +528,9 @@ def _md5(data: bytes) -> str:
 
 def _etag_is_md5(image: QueuedImage) -> bool:
     """An S3 object whose ETag is the MD5 of its bytes (a single-part upload; a multipart one ends
-    in ``-N``), in a scan that reuses known results."""
+    in ``-N``)."""
     etag = image.etag
-    return (
-        image.reuse_results
-        and Source.from_url(image.source).is_s3
-        and len(etag) == 32
-        and all(c in "0123456789abcdef" for c in etag)
-    )
+    return Source.from_url(image.source).is_s3 and len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
 
 
 def _copy_of(image: QueuedImage, earlier: ImageOutcome, content_hash: str) -> ImageOutcome:
@@ -553,7 +567,7 @@ def _known_copy(image: QueuedImage, data: bytes, context: WorkerContext) -> Imag
     content_hash = _md5(data)
     if content_hash == image.etag and _etag_is_md5(image):
         return None  # looked up by its ETag already
-    known = context.store.known_picture(content_hash, len(data), image.backend)
+    known = context.store.known_picture(content_hash, len(data), image.backend, _reused_from(image))
     return ImageOutcome.copied(image, known, content_hash) if known is not None else None
 
 
@@ -563,7 +577,7 @@ def _wait_or_copy(image: QueuedImage, data: bytes, context: WorkerContext, token
     wrote it just now), its result is copied. None: this run calls."""
     content_hash = _md5(data)
     if context.pictures.take(Picture(image.backend, content_hash, len(data)), token):
-        known = context.store.known_picture(content_hash, len(data), image.backend)
+        known = context.store.known_picture(content_hash, len(data), image.backend, _reused_from(image))
         return ImageOutcome.copied(image, known, content_hash) if known is not None else None
     return _waiting_for_picture(image, content_hash)
 
@@ -583,16 +597,16 @@ def _process_image(
         recognizer = context.recognizers.get(image.backend)
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key, image.etag))
         read.append(data)
-        if image.reuse_results and (copy := _first_in_run(image, data, pictures, mine)) is not None:
+        if (copy := _first_in_run(image, data, pictures, mine)) is not None:
             return copy
-        if image.reuse_results and (copy := _known_copy(image, data, context)) is not None:
+        if (copy := _known_copy(image, data, context)) is not None:
             return copy
         loaded = decode_image(data, context.limits)
         width, height = loaded.width, loaded.height
         paid = recognizer.name in PAID_BACKENDS
         if paid and image.prefilter_faces and not context.prefilter.has_face(loaded.pixels):
             return ImageOutcome.done(image.id, width, height, RecognitionResult(), calls_saved=1)
-        if paid and image.reuse_results and (waiting := _wait_or_copy(image, data, context, token)) is not None:
+        if paid and (waiting := _wait_or_copy(image, data, context, token)) is not None:
             return waiting
         result = _with_retry(context, lambda: recognizer.recognize(loaded, location))
         return ImageOutcome.done(image.id, width, height, result, paid_calls=int(paid))

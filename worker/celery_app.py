@@ -25,16 +25,12 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker.batch import WorkerContext, process_batch
-from worker.celery_config import (
-    LIST_TASK_NAME,
-    SLOT_TASK_NAME,
-    TASK_NAME,
-    make_celery,
-    send_listing_parts,
-    send_window_slots,
-)
+from worker.broker import CeleryRedisBroker
+from worker.celery_config import LIST_TASK_NAME, SLOT_TASK_NAME, TASK_NAME, make_celery, send_listing_parts
 from worker.errors import RecognizerUnavailableError
+from worker.keeper import WindowKeeper, keep_the_window_in_a_thread
 from worker.listing_parts import LIST_SLICE_SECONDS
+from worker.queue.slots import SlotMessage
 from worker.settings import Settings
 from worker.tasks import HAND_BACK_SECONDS, run_listing_part, run_window_slot
 
@@ -42,6 +38,7 @@ log = logging.getLogger(__name__)
 
 settings = Settings.from_env()
 app = make_celery(settings)
+window_broker = CeleryRedisBroker(app, settings.broker_url)
 _context: WorkerContext | None = None
 #: A run that hangs past its deadline is interrupted (soft) and then killed (hard) before Redis
 #: would redeliver its message: at three quarters and nine tenths of the visibility timeout.
@@ -52,10 +49,12 @@ TIME_LIMITS = {
 
 
 def worker_context() -> WorkerContext:
-    """This process's context, built on first use (the solo pool sends no process-init signal)."""
+    """This process's context, built on first use (the solo pool sends no process-init signal),
+    with the window's keeper beside it (``worker/keeper.py``: one process of the fleet keeps it)."""
     global _context
     if _context is None:
         _context = WorkerContext.from_settings(settings)
+        keep_the_window_in_a_thread(WindowKeeper(_context.store.engine, window_broker, settings.lease_seconds))
     return _context
 
 
@@ -112,17 +111,20 @@ def process_batch_task(self, image_ids: list[int]) -> dict:
 
 
 @app.task(name=SLOT_TASK_NAME, bind=True, **TIME_LIMITS)
-def take_next_batch_task(self, scan_id: int, idle_rounds: int = 0) -> dict:
-    """A window slot: claim and process the scan's next batch, then send the slot on (or end it)."""
-
-    def send_on(countdown: float, rounds: int) -> None:
-        countdown = min(countdown, settings.visibility_timeout / 2)
-        _sending_or_requeued(lambda: send_window_slots(app, scan_id, countdown=countdown, idle_rounds=rounds))
-
-    context = _context_or_sent_back(lambda: send_on(HAND_BACK_SECONDS, idle_rounds + 1))
-    if context is None:
+def take_next_batch_task(self, scan_id: int, slot: int | None = None, generation: int | None = None, **_) -> dict:
+    """A window slot: take it, claim and process the scan's next batch, then send the slot on
+    (or park it, or end it with its scan). A message from before window slots were kept in the
+    database (no slot named) gives its scan a window there and does nothing more."""
+    try:
+        context = worker_context()
+    except Exception as exc:  # the database is away as a replaced pool process starts
+        log.warning("this worker cannot reach what it needs yet (%s); the message comes back later", exc)
+        raise self.retry(countdown=HAND_BACK_SECONDS, max_retries=None) from exc
+    if slot is None or generation is None:
+        context.scans.give_window(scan_id, settings.window)
         return {}
-    report = run_window_slot(scan_id, context, _run_token(self.request), send_on, idle_rounds)
+    message = SlotMessage(scan_id, slot, generation)
+    report = run_window_slot(message, context, _run_token(self.request), window_broker.send)
     return dataclasses.asdict(report)
 
 

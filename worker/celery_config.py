@@ -12,7 +12,7 @@ from kombu import Queue
 from worker.settings import Settings
 
 TASK_NAME = "celebscan.process_batch"  # a list of image ids (messages from before the window)
-#: A window slot: "take the next batch of scan N" (see worker/batch.py, take_next_batch).
+#: A window slot: "take the next batch of scan N" (worker/queue/slots.py, worker/tasks.py).
 SLOT_TASK_NAME = "celebscan.take_next_batch"
 #: A part of a scan's S3 key space to list (see worker/listing_parts.py).
 LIST_TASK_NAME = "celebscan.list_part"
@@ -43,9 +43,12 @@ def make_celery(settings: Settings) -> Celery:
         # A worker started without --queues serves both.
         task_queues=[Queue(QUEUE), Queue(LISTING_QUEUE)],
         task_routes={LIST_TASK_NAME: {"queue": LISTING_QUEUE}},
-        # A batch is acknowledged only when done; a worker that dies hands it back.
+        # A batch is acknowledged only when done; a worker process that dies hands it back, and so
+        # does a run killed by its hard time limit (Celery would acknowledge it, and the window
+        # slot it carries would wait for its lease to run out: worker/queue/slots.py).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        task_acks_on_timeout=False,
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
@@ -57,21 +60,6 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=False,
     )
     return app
-
-
-def send_window_slots(
-    app: Celery, scan_id: int, count: int = 1, *, countdown: float = 0.0, idle_rounds: int = 0, producer=None
-) -> None:
-    """Put ``count`` window slots of the scan into the broker (each a message of a few hundred bytes)."""
-    for _ in range(count):
-        app.send_task(
-            SLOT_TASK_NAME,
-            args=[scan_id],
-            kwargs={"idle_rounds": idle_rounds},
-            countdown=countdown or None,
-            producer=producer,
-            argsrepr=f"[scan {scan_id}]",
-        )
 
 
 def send_listing_parts(app: Celery, part_ids: list[int], *, countdown: float = 0.0, producer=None) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +25,8 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from worker import clock
 from worker.errors import ConfigurationError
 from worker.schema import metadata
+
+log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1000
 #: A worker host that vanishes mid-transaction (power loss, network cut) leaves its session holding
@@ -82,7 +86,50 @@ def engine_for(url: str) -> Engine:
         raise ConfigurationError(f"cannot use database {masked_url(url)}: {exc}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    else:  # leases are dated by the server's clock (worker/clock.py)
+        event.listen(engine, "first_connect", _align_clock_on_connect)
     return engine
+
+
+#: How often a process measures its clock against the database server's again.
+REALIGN_SECONDS = 300.0
+
+
+def align_clock(engine: Engine, every: float = REALIGN_SECONDS) -> None:
+    """Measure this process's clock against the PostgreSQL server's again if the last measurement
+    is older than ``every`` seconds (SQLite's clock is this machine's own). Called by the
+    long-lived loops: the lease keepers, the window's keeper, a follower."""
+    system = clock.system_clock()
+    if engine.dialect.name != "postgresql" or system is None:
+        return
+    if system.aligned_at is not None and time.monotonic() - system.aligned_at < every:
+        return
+    with engine.connect() as conn:
+        system.align(lambda: conn.execute(_SERVER_TIME).scalar_one())
+
+
+_SERVER_TIME = text("SELECT extract(epoch FROM clock_timestamp())::float8")
+
+
+def _align_clock_on_connect(dbapi_connection, _connection_record) -> None:
+    system = clock.system_clock()
+    if system is None:
+        return
+
+    def read_server_time() -> float:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(str(_SERVER_TIME))
+            server_time = float(cursor.fetchone()[0])
+        dbapi_connection.rollback()  # the connection goes to the pool outside any transaction
+        return server_time
+
+    try:
+        offset = system.align(read_server_time)
+    except Exception as exc:  # the connection itself will say what is wrong
+        log.warning("could not read the database server's clock: %s", exc)
+        return
+    if abs(offset) > 1.0:
+        log.warning("this machine's clock is %.1f s off the database server's; leases use the server's", offset)
 
 
 def connect(url: str) -> Engine:

@@ -4,8 +4,8 @@ picture whose copies are in flight together.
 A paid recognizer answers in about a second and the account's quota is tens of calls a second,
 so one worker process keeps ``CELEBSCAN_CALLS_IN_FLIGHT`` images in flight on threads (the
 network waits, not the CPU); the local recognizer is CPU-bound and keeps one, worked in the run's
-own thread. Both sit behind :class:`Lanes`, so the run's loop is the same for both, and the seeded
-simulation (which drives the run in a single thread) uses the inline kind.
+own thread. Both sit behind :class:`Lanes`, so the run's loop is the same for both. The lanes are
+threads of ``worker/threads.py``, so the seeded simulation runs them as its own.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from typing import Generic, Protocol, TypeVar
+
+from worker import clock, threads
 
 T = TypeVar("T")
 Key = TypeVar("Key")
@@ -41,20 +43,63 @@ class Lanes(Protocol):
 
 
 class ThreadLanes:
-    """``size`` threads: for calls that wait on the network."""
+    """``size`` threads: for calls that wait on the network. Calls submitted beyond them wait their
+    turn; only the run's own thread waits for what comes back."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="call")
+        self._lock = threading.Lock()  # held for a few list operations, never across a wait
+        self._waiting: deque[tuple[Future, Callable[[], object]]] = deque()
+        self._closed = False
+        self._work = threads.event()  # set while calls wait for a lane (or the lanes close)
+        self._back = threads.event()  # set when a call came back
+        self._lanes = [threads.start(self._lane, name=f"call-{number}") for number in range(size)]
 
     def submit(self, call: Callable[[], T]) -> Future[T]:
-        return self._pool.submit(call)
+        future: Future[T] = Future()
+        with self._lock:
+            self._waiting.append((future, call))
+            self._work.set()
+        return future
+
+    def _lane(self) -> None:
+        while True:
+            self._work.wait()
+            with self._lock:
+                if not self._waiting:
+                    if self._closed:
+                        return
+                    self._work.clear()
+                    continue
+                future, call = self._waiting.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call())
+                except BaseException as exc:
+                    future.set_exception(exc)
+                    if not isinstance(exc, Exception):  # the thread is ending (a simulated crash)
+                        raise
+                finally:
+                    self._back.set()
 
     def wait_any(self, futures: Iterable[Future], timeout: float) -> set[Future]:
-        return set(wait(list(futures), timeout=timeout, return_when=FIRST_COMPLETED).done)
+        wanted = list(futures)
+        deadline = clock.monotonic() + timeout
+        while True:
+            self._back.clear()  # before looking: a call back after the look sets it again
+            done = {future for future in wanted if future.done()}
+            left = deadline - clock.monotonic()
+            if done or left <= 0 or not self._back.wait(left):
+                return done
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            while self._waiting:
+                self._waiting.popleft()[0].cancel()
+            self._work.set()
+        for lane in self._lanes:
+            lane.join()
 
 
 class InlineLanes:
@@ -112,9 +157,9 @@ class RunPictures(Generic[Key, T]):
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for a few dictionary operations, never across a wait
         self._recognized: dict[Key, T] = {}
-        self._busy: dict[Key, threading.Event] = {}
+        self._busy: dict[Key, threads.Event] = {}
 
     def recognized(self, key: Key) -> T | None:
         with self._lock:
@@ -134,7 +179,7 @@ class RunPictures(Generic[Key, T]):
                     return "copy", self._recognized[key]
                 busy = self._busy.get(key)
                 if busy is None:
-                    self._busy[key] = threading.Event()
+                    self._busy[key] = threads.event()
                     return "mine", None
             if not busy.wait(patience):
                 return "busy", None

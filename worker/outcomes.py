@@ -38,7 +38,7 @@ class QueuedImage:
     started_by: str | None = None  # the run (claim token) that last started it
     retries: int = 0  # tries that ended in a transient error, over every delivery
     retry_since: datetime | None = None  # the first of those; the retry deadline counts from it
-    reuse_results: bool = True  # a known picture's result is copied (False: the scan ran with --force)
+    reuse_results: bool = True  # any known picture's result is copied (False: --force, only its own scan's)
 
 
 @dataclass(frozen=True)

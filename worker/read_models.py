@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from worker.database import aware_utc
+from worker.queue.slots import WindowState
 from worker.recognition import BoundingBox
 from worker.schema import DONE, FAILED, QUEUED
 
@@ -61,6 +62,10 @@ class ScanSummary:
     events: int = 0
     deletions: int = 0
     deleted: int = 0
+    #: With a broker: the scan's window slots by state (worker/queue/slots.py), and when the
+    #: fleet's window keeper last renewed its lease (None: no worker ever kept it).
+    window: WindowState | None = None
+    keeper_at: datetime | None = None
 
     @property
     def processed(self) -> int:
@@ -89,6 +94,12 @@ class ScanProgress:
     counts: dict[str, int]
     last_processed_at: datetime | None
     unserved: str | None = None  # why workers hand its batches back, while none is served
+    window: WindowState | None = None  # an unfinished scan's window slots (None: it has none)
+
+    @property
+    def stalled(self) -> bool:
+        """Unfinished, and no window slot of it left: nothing moves it on but ``scan --resume``."""
+        return not self.finished and (self.window is None or self.window.ended == self.window.size)
 
 
 def listing_state(scan) -> str:

@@ -83,8 +83,12 @@ scans = Table(
     # How long the oldest message of the last receive that brought any had waited in the queue
     # (``metrics`` reports it: the events' lag).
     Column("event_lag_seconds", Float),
-    # When a follower put the standing scan's window into the broker (until then, any follower does).
-    Column("window_opened_at", DateTime(timezone=True)),
+    # With a broker: how many window slots the scan has (``window_slots``, made with the scan);
+    # NULL for a scan drained by the ``scan`` command's own processes.
+    Column("window", Integer),
+    # Without a broker: when the ``scan`` command draining the scan last said it was alive (a lease,
+    # CELEBSCAN_LEASE_SECONDS): a later scan leaves the images of a live scan to it.
+    Column("drained_at", DateTime(timezone=True)),
     # At most one open standing scan per source and backend: two followers starting together share one.
     Index(
         "uq_scans_standing",
@@ -199,6 +203,41 @@ listing_parts = Table(
     Column("claimed_by", String(100)),
     Column("claimed_at", DateTime(timezone=True)),
     Index("ix_listing_parts_scan_status", "scan_id", "status"),
+)
+
+window_slots = Table(
+    "window_slots",
+    metadata,
+    # A scan's window, one row per slot (worker/queue/slots.py): each slot is at most one message in
+    # the broker, named by its generation, so a stale, repeated or late message changes nothing, and
+    # a slot whose message is lost (or held by a dead node, or acknowledged with a killed run) is
+    # noticed from here and sent again by the window's keeper.
+    Column("scan_id", Integer, ForeignKey("scans.id"), nullable=False),
+    Column("slot", Integer, nullable=False),
+    # due (waits here until due_at), sent (its message is in the broker), running (a run holds it:
+    # holder, with held_at as its lease), ended (its scan finished).
+    Column("state", String(16), nullable=False),
+    Column("generation", Integer, nullable=False, server_default=text("0")),
+    Column("holder", String(100)),
+    # When the slot was sent (state sent), or its holder last renewed it (running).
+    Column("held_at", DateTime(timezone=True)),
+    Column("due_at", DateTime(timezone=True)),
+    # Turns in a row that found nothing to claim: the slot waits longer each time (up to 30 s).
+    Column("idle_rounds", Integer, nullable=False, server_default=text("0")),
+    # Times the keeper sent the slot again because its message was gone or its run had stopped.
+    Column("repairs", Integer, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("scan_id", "slot", name="pk_window_slots"),
+    Index("ix_window_slots_state_due", "state", "due_at"),
+)
+
+keepers = Table(
+    "keepers",
+    metadata,
+    # Fleet-wide duties that one process does at a time, held by a lease (worker/keeper.py): the
+    # window's keeper sends due slots and repairs lost ones.
+    Column("name", String(32), primary_key=True),
+    Column("holder", String(100), nullable=False),
+    Column("held_at", DateTime(timezone=True), nullable=False),
 )
 
 pictures = Table(

@@ -25,6 +25,7 @@ from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue, done_objects
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
+from worker.queue.slots import WINDOW_KEEPER, WindowSlots
 from worker.read_models import (
     ResultRecord,
     ScanProgress,
@@ -40,6 +41,7 @@ from worker.schema import (
     STATUSES,
     faces,
     images,
+    keepers,
     listing_parts,
     person_images,
     refused_writes,
@@ -75,8 +77,10 @@ class QueueReport:
 
 
 class ResultStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, lease_seconds: float = 120.0) -> None:
         self.engine = engine
+        #: The claims' lease (CELEBSCAN_LEASE_SECONDS): a summary tells which window slots lapsed.
+        self.lease_seconds = lease_seconds
 
     @property
     def images(self) -> ImageQueue:
@@ -84,15 +88,15 @@ class ResultStore:
         return ImageQueue(self.engine)
 
     @classmethod
-    def connect(cls, url: str) -> ResultStore:
-        return cls(connect(url))
+    def connect(cls, url: str, lease_seconds: float = 120.0) -> ResultStore:
+        return cls(connect(url), lease_seconds)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResultStore:
         """The store of ``settings``, with credentials from Secrets Manager when a secret is set."""
         from worker.database_secret import database_url
 
-        return cls.connect(database_url(settings))
+        return cls.connect(database_url(settings), settings.lease_seconds)
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -125,17 +129,18 @@ class ResultStore:
         return None if mean is None else float(mean) / 1000
 
     @retry_database
-    def known_pictures(self, pictures: Sequence[tuple[str, int]], backend: str) -> dict[tuple[str, int], KnownPicture]:
+    def known_pictures(
+        self, pictures: Sequence[tuple[str, int]], backend: str, scan_id: int | None = None
+    ) -> dict[tuple[str, int], KnownPicture]:
         """Of the given (MD5, size) pairs, those of pictures already recognized with ``backend``
-        (the first image of each), in one query."""
+        (the first image of each; only scan ``scan_id``'s when given), in one query."""
         hashes = sorted({content_hash for content_hash, _ in pictures})
         if not hashes:
             return {}
-        first = (
-            select(func.min(images.c.id))
-            .where(images.c.content_hash.in_(hashes), images.c.backend == backend, images.c.status == DONE)
-            .group_by(images.c.content_hash, images.c.size)
-        )
+        recognized = [images.c.content_hash.in_(hashes), images.c.backend == backend, images.c.status == DONE]
+        if scan_id is not None:
+            recognized.append(images.c.scan_id == scan_id)
+        first = select(func.min(images.c.id)).where(*recognized).group_by(images.c.content_hash, images.c.size)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(images.c.content_hash, images.c.size, images.c.id, images.c.width, images.c.height).where(
@@ -145,9 +150,12 @@ class ResultStore:
             known = {(row.content_hash, row.size): KnownPicture(row.id, row.width, row.height) for row in rows}
         return {picture: known[picture] for picture in pictures if picture in known}
 
-    def known_picture(self, content_hash: str, size: int, backend: str) -> KnownPicture | None:
-        """The first image recognized by ``backend`` whose bytes have this MD5 and size, if any."""
-        return self.known_pictures([(content_hash, size)], backend).get((content_hash, size))
+    def known_picture(
+        self, content_hash: str, size: int, backend: str, scan_id: int | None = None
+    ) -> KnownPicture | None:
+        """The first image recognized by ``backend`` whose bytes have this MD5 and size, if any
+        (only scan ``scan_id``'s when given)."""
+        return self.known_pictures([(content_hash, size)], backend, scan_id).get((content_hash, size))
 
     def queue_images(
         self,
@@ -260,10 +268,24 @@ class ResultStore:
         unserved = {
             scan.id: unserved_reason(scan, last.get(scan.id), counts.get(scan.id, {}).get(QUEUED, 0)) for scan in notes
         }
+        windows = WindowSlots(self.engine, self.lease_seconds).states([i for i, done in finished.items() if not done])
         return [
-            ScanProgress(scan_id, finished[scan_id], counts[scan_id], last.get(scan_id), unserved.get(scan_id))
+            ScanProgress(
+                scan_id,
+                finished[scan_id],
+                counts[scan_id],
+                last.get(scan_id),
+                unserved.get(scan_id),
+                windows.get(scan_id),
+            )
             for scan_id in finished
         ]
+
+    def keeper_seen_at(self) -> datetime | None:
+        """When the fleet's window keeper last renewed its lease (None: no worker ever kept it)."""
+        with self.engine.connect() as conn:
+            held_at = conn.execute(select(keepers.c.held_at).where(keepers.c.name == WINDOW_KEEPER)).scalar()
+        return aware_utc(held_at) if held_at is not None else None
 
     def summary(self, scan_id: int) -> ScanSummary:
         """The summary of a scan that must exist."""
@@ -328,6 +350,7 @@ class ResultStore:
                     .order_by(person_images.c.name)
                 ).all()
             )
+        window = WindowSlots(self.engine, self.lease_seconds).states([scan_id]).get(scan_id)
         return ScanSummary(
             id=scan.id,
             source=scan.source,
@@ -358,6 +381,8 @@ class ResultStore:
             events=scan.events,
             deletions=scan.deletions,
             deleted=int(deleted),
+            window=window,
+            keeper_at=self.keeper_seen_at(),
         )
 
     def result_records(

@@ -1,58 +1,78 @@
 """What a message does, whatever delivers it: Celery, or the seeded simulation of faults.
 
 Every way a run can end sends its message on or gives back what it holds, so neither the window
-nor a listing ever shrinks: a batch done or nothing to claim yet (the slot is sent on, or ends
-with its scan), a worker that cannot run the batch's recognizer (handed back), any other error
-(its claims released, the slot sent on after a pause). Only a crash of the process ends a run
-without either: the broker redelivers its unacknowledged message, and its claims come free when
-their lease runs out.
+nor a listing ever shrinks: a batch done (the slot is sent on), nothing to claim yet or a worker
+that cannot run the batch's recognizer (the slot is parked until its next turn), any other error
+(its claims released, the slot parked for a pause), the scan finished (the slot ends). Only a
+crash of the process ends a run without either: its claims come free when their lease runs out,
+and its slot comes back with its message's next delivery or, once its lease ran out, from the
+window's keeper (``worker/keeper.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from worker.batch import IDLE_BASE_SECONDS, IDLE_MAX_SECONDS, BatchReport, WorkerContext, take_next_batch
 from worker.errors import RecognizerUnavailableError
 from worker.listing_parts import LIST_SLICE_SECONDS, TRANSIENT_PAUSE_SECONDS, PartStep, list_part, s3_pages
+from worker.queue.slots import SlotMessage
 
 log = logging.getLogger(__name__)
 
 #: Seconds before a batch this worker could not serve is offered again (to any worker).
 HAND_BACK_SECONDS = 30
 
-#: Sends a window slot on: (countdown seconds, idle rounds so far).
-SendSlot = Callable[[float, int], None]
+#: Puts window slots' messages into the broker; returns those it could not take.
+SendSlots = Callable[[Sequence[SlotMessage]], list[SlotMessage]]
 #: Sends a listing part on: (part id, countdown seconds).
 SendPart = Callable[[int, float], None]
 
 
 def run_window_slot(
-    scan_id: int,
+    message: SlotMessage,
     context: WorkerContext,
     token: str,
-    send_on: SendSlot,
-    idle_rounds: int = 0,
+    send: SendSlots,
     max_idle: float = IDLE_MAX_SECONDS,
 ) -> BatchReport:
-    """A window slot's message: the scan's next batch, then the slot sent on (or ended with its scan)."""
+    """A window slot's message: take the slot (a stale message does nothing), the scan's next
+    batch, then the slot sent on at once, parked until its next turn, or ended with its scan.
+
+    A run that fails gives its claims back and parks the slot for a pause; one that cannot run the
+    scan's recognizer parks it for any worker to take later. A run killed before it could do either
+    leaves the slot to its message's next delivery (a hard time limit requeues it), or to the
+    window's keeper once its lease ran out (``worker/keeper.py``).
+    """
+    slots = context.slots
+    taken = slots.take(message, token)
+    if taken is None:
+        log.info("message %s is no longer its slot's: it does nothing", message.message_id)
+        return BatchReport()
+    idle_rounds = taken.idle_rounds
     try:
-        step = take_next_batch(scan_id, context, token, idle_rounds, max_idle)
+        step = take_next_batch(message.scan_id, context, token, idle_rounds, max_idle)
     except RecognizerUnavailableError as exc:
-        log.warning("handing back a batch of scan %d: %s", scan_id, exc)
-        context.scans.note_unserved(scan_id, str(exc))
-        send_on(random.uniform(HAND_BACK_SECONDS / 2, HAND_BACK_SECONDS), 0)
+        log.warning("handing back a batch of scan %d: %s", message.scan_id, exc)
+        context.scans.note_unserved(message.scan_id, str(exc))
+        slots.park(message, token, random.uniform(HAND_BACK_SECONDS / 2, HAND_BACK_SECONDS), 0)
         return BatchReport()
     except Exception:
         log.exception(
-            "run %s of a window slot of scan %d failed; its claims are released and the slot sent on", token, scan_id
+            "run %s of a window slot of scan %d failed; its claims are released and the slot goes on after a pause",
+            token,
+            message.scan_id,
         )
-        send_on(min(IDLE_BASE_SECONDS * 2**idle_rounds, max_idle), idle_rounds + 1)
+        slots.park(message, token, min(IDLE_BASE_SECONDS * 2**idle_rounds, max_idle), idle_rounds + 1)
         return BatchReport()
-    if step.next_in is not None:
-        send_on(step.next_in, step.idle_rounds)
+    if step.next_in is None:
+        slots.end(message, token)
+    elif step.next_in > 0:
+        slots.park(message, token, step.next_in, step.idle_rounds)
+    elif (next_message := slots.send_on(message, token)) is not None:
+        slots.unsend(send([next_message]))
     return step.report
 
 

@@ -54,8 +54,9 @@ from worker.outcomes import (
     stream_faces_postgresql,
 )
 from worker.queue import pictures
+from worker.queue.slots import ENDED
 from worker.retry import retry_database
-from worker.schema import DONE, FAILED, QUEUED, REMOVED, images, object_events, refused_writes, scans
+from worker.schema import DONE, FAILED, QUEUED, REMOVED, images, object_events, refused_writes, scans, window_slots
 from worker.sql import dialect_insert
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,19 @@ def restore_deleted(
 def held_by(token: str):
     """The fence: a queued image that the run ``token`` holds."""
     return and_(images.c.status == QUEUED, images.c.claimed_by == token)
+
+
+def in_a_live_scan(now: datetime, lease: timedelta):
+    """The image's scan is being worked: it has window slots still going (with a broker), or the
+    ``scan`` command draining it renewed its lease (without one). A later scan leaves its queued
+    images to it, also those no run holds yet (a ``--force`` scan's included)."""
+    window_going = exists().where(window_slots.c.scan_id == images.c.scan_id, window_slots.c.state != ENDED)
+    live = select(scans.c.id).where(
+        scans.c.id == images.c.scan_id,
+        scans.c.finished_at.is_(None),
+        window_going | (scans.c.drained_at >= now - lease),
+    )
+    return exists(live)
 
 
 def _claimable(now: datetime, lease: timedelta):
@@ -282,9 +296,10 @@ class ImageQueue:
             held += len(new_rows) - len(inserted)
         finished = images.c.status != QUEUED
         unheld = _claimable(now, self.lease)
+        left_to_nobody = unheld & ~in_a_live_scan(now, self.lease)
         moves = [  # each guarded by the state it was seen in
             (retried, finished, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now)),
-            (orphans, unheld, dict(scan_id=scan_id, claimed_by=None, claimed_at=None, started_by=None)),
+            (orphans, left_to_nobody, dict(scan_id=scan_id, claimed_by=None, claimed_at=None, started_by=None)),
         ]
         for row_id, (code, message) in unreadable:
             failed = dict(status=FAILED, error_code=code, error_message=message, processed_at=now)
@@ -457,6 +472,19 @@ class ImageQueue:
                     ).scalars()
                 )
         return Started([image for image in batch if image.id in started], quarantined, frozenset(scan_ids))
+
+    @retry_database
+    def discount_starts(self, *tokens: str) -> int:
+        """The run was cut short by its time limit, not by its images: the starts it made count
+        for nothing, even if the hard limit kills it now (a release or a write then changes no
+        count). Returns how many starts were given back."""
+        started = and_(
+            images.c.status == QUEUED, images.c.claimed_by.in_(tokens), images.c.started_by == images.c.claimed_by
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(images).where(started).values(started_by=None, attempts=images.c.attempts - 1)
+            ).rowcount
 
     @retry_database
     def release(self, *tokens: str) -> int:

@@ -1,6 +1,6 @@
 """Leases that live holders renew.
 
-A claim (on images, on the pictures a run is calling for, on a listing part) lasts
+A claim (on images, on the pictures a run is calling for, on a listing part, on a window slot) lasts
 ``CELEBSCAN_LEASE_SECONDS`` from its last renewal; then any other holder, or ``scan --resume``,
 may take it over. A live holder renews everything it holds every quarter lease, from a thread
 beside its work, so a slow call or a long retry never loses its claims, while a crashed holder's
@@ -12,15 +12,15 @@ that hangs past it loses its claims like a crashed one, and the task's time limi
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker import clock
-from worker.queue import images, parts, pictures
+from worker import clock, threads
+from worker.database import align_clock
+from worker.queue import images, parts, pictures, slots
 
 log = logging.getLogger(__name__)
 #: Renewals never come closer than this (a lease of a second or less is a test's).
@@ -41,6 +41,7 @@ def renew_all(engine: Engine, tokens: Collection[str]) -> None:
         images.renew(conn, tokens, now)
         pictures.renew(conn, tokens, now)
         parts.renew(conn, tokens, now)
+        slots.renew(conn, tokens, now)
 
 
 @contextmanager
@@ -49,7 +50,7 @@ def keep_leases_in_a_thread(
 ) -> Iterator[None]:
     """Renew the leases of the run's ``tokens`` every quarter lease while the block runs (until ``deadline``)."""
     token = next(iter(tokens()))
-    stop = threading.Event()
+    stop = threads.event()
 
     def renew_until_stopped() -> None:
         while not stop.wait(max(lease_seconds / 4, MIN_RENEWAL_SECONDS)):
@@ -57,12 +58,12 @@ def keep_leases_in_a_thread(
                 log.warning("run %s passed its deadline: its leases are no longer renewed", token)
                 return
             try:
+                align_clock(engine)
                 renew_all(engine, tokens())
             except SQLAlchemyError as exc:  # the database is away: the next round tries again
                 log.warning("could not renew the leases of run %s: %s", token, exc)
 
-    keeper = threading.Thread(target=renew_until_stopped, name=f"lease-keeper-{token}", daemon=True)
-    keeper.start()
+    keeper = threads.start(renew_until_stopped, name=f"lease-keeper-{token}")
     try:
         yield
     finally:

@@ -21,10 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Engine, and_, bindparam, exists, select, update
+from sqlalchemy import Engine, and_, bindparam, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from worker.database import utcnow
+from worker.queue.slots import open_window
 from worker.retry import retry_database
 from worker.schema import FAILED, QUEUED, images, listing_parts, scans
 
@@ -51,12 +52,14 @@ class Scans:
         batch_size: int | None = None,
         reuse_results: bool = True,
         inventory: str | None = None,
+        window: int | None = None,
     ) -> int:
         with self.engine.begin() as conn:
             return insert_scan(
                 conn,
                 source,
                 backend,
+                window,
                 prefilter_faces=prefilter_faces,
                 budget_images=budget_images,
                 batch_size=batch_size,
@@ -115,16 +118,30 @@ class Scans:
             except IntegrityError:  # another follower opened it meanwhile: take that one
                 continue
 
-    def window_opened(self, scan_id: int) -> bool:
-        with self.engine.connect() as conn:
-            opened = conn.execute(select(scans.c.window_opened_at).where(scans.c.id == scan_id)).scalar()
-        return opened is not None
+    @retry_database
+    def note_draining(self, scan_id: int) -> None:
+        """The ``scan`` command draining the scan without a broker is alive (a lease: a later scan
+        leaves the scan's queued images to it)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(scans).where(scans.c.id == scan_id, scans.c.finished_at.is_(None)).values(drained_at=utcnow())
+            )
 
     @retry_database
-    def note_window_opened(self, scan_id: int) -> None:
-        """After the window is in the broker (a follower that died before sending it leaves it to the next)."""
-        with self.engine.begin() as conn:
-            conn.execute(update(scans).where(scans.c.id == scan_id).values(window_opened_at=utcnow()))
+    def give_window(self, scan_id: int, window: int) -> int:
+        """Give an unfinished scan its window slots for the workers, if it has none (a scan drained
+        without a broker until now, or made before window slots were kept); the window's keeper
+        sends them. Returns the scan's window."""
+        with self.engine.begin() as conn:  # the row locked first: two callers open the window once
+            conn.execute(
+                update(scans)
+                .where(scans.c.id == scan_id, scans.c.finished_at.is_(None))
+                .values(window=func.coalesce(scans.c.window, window), drained_at=None)
+            )
+            row = conn.execute(select(scans.c.window, scans.c.finished_at).where(scans.c.id == scan_id)).one()
+            if row.finished_at is None and row.window:
+                open_window(conn, scan_id, row.window)
+        return row.window or 0
 
     @retry_database
     def end_unfollowed(self, scan_id: int, lease_seconds: float) -> bool:
@@ -153,13 +170,17 @@ class Scans:
             return conn.execute(select(scans.c.finished_at).where(scans.c.id == scan_id)).scalar() is None
 
 
-def insert_scan(conn, source: str, backend: str, **options) -> int:
-    """A new scan (in the caller's transaction: its listing's first part is made with it)."""
-    return conn.execute(
+def insert_scan(conn, source: str, backend: str, window: int | None = None, **options) -> int:
+    """A new scan (in the caller's transaction: its listing's first part is made with it), with
+    ``window`` slots for the workers when they take its batches from a broker."""
+    scan_id = conn.execute(
         scans.insert()
-        .values(source=source, backend=backend, created_at=utcnow(), listed=0, skipped=0, **options)
+        .values(source=source, backend=backend, created_at=utcnow(), listed=0, skipped=0, window=window, **options)
         .returning(scans.c.id)
     ).scalar_one()
+    if window:
+        open_window(conn, scan_id, window)
+    return scan_id
 
 
 def renew_follow(conn, scan_id: int, lag_seconds: float | None = None) -> bool:
