@@ -88,6 +88,21 @@ def test_saving_a_batch_twice_does_not_double_rows(store):
     assert store.scan_summary(store.latest_scan_id()).paid_calls == 2
 
 
+def test_a_replayed_write_counts_once_even_after_its_images_moved_on(store):
+    """Its commit's acknowledgement was lost, and before the retry a --force scan took the image
+    over: the replay is still the write that committed, not a refused one (its call counted once;
+    found by the simulation, seed 52708)."""
+    first_scan, report = queue(store, ["a.jpg"])
+    outcomes = [ImageOutcome.done(i, 640, 480, result("obama"), paid_calls=1) for i in report.image_ids]
+    first = write_outcomes(store, outcomes)
+    forced_scan, forced = queue(store, ["a.jpg"], force=True)
+    assert forced.image_ids == report.image_ids, "the forced scan took the image over"
+    again = store.images.write("test-run", outcomes)
+    assert again.replayed == first.written and not again.written and not again.refused
+    paid = sum(store.scan_summary(scan).paid_calls for scan in (first_scan, forced_scan))
+    assert paid == 1 and count(store, images, images.c.status == "queued") == 1
+
+
 def test_reprocessed_image_replaces_its_faces(store):
     _, report = queue(store, ["a.jpg"])
     [image_id] = report.image_ids

@@ -10,7 +10,7 @@ second (:meth:`WindowKeeper.tick`):
 - once a lease after a slot was sent, if the broker holds its message neither waiting nor recently
   delivered (a broker restarted without its data, a node that died with it fetched, a crash between
   a commit and the send), the slot is sent again;
-- slots of scans that finished end.
+- slots of scans that finished end, and the write receipts of runs that crashed an hour ago go.
 
 So a dead node's slots come back within its lease plus the keeper's (the keeper itself may have
 died with it), far sooner than the broker's visibility timeout. A slot sent again runs under a new
@@ -31,6 +31,7 @@ from sqlalchemy import Engine, select, update
 from worker import clock, threads
 from worker.broker import WindowBroker
 from worker.database import align_clock, utcnow
+from worker.queue.images import ImageQueue
 from worker.queue.slots import WINDOW_KEEPER, SlotMessage, WindowSlots
 from worker.schema import keepers
 from worker.sql import dialect_insert
@@ -42,8 +43,10 @@ TICK_SECONDS = 1.0
 STANDBY_SECONDS = 5.0
 #: The keeper's own lease: a keeper that died is replaced within this (at most the claims' lease).
 KEEPER_LEASE_SECONDS = 30.0
-#: How often the keeper asks the broker for slots sent over a lease ago.
+#: How often the keeper asks the broker for slots sent over a lease ago (and clears old write receipts).
 INSPECT_SECONDS = 5.0
+#: A write's receipt is kept at least this long (a replay comes within the database's patience).
+RECEIPTS_KEPT_SECONDS = 3600.0
 
 
 @dataclass
@@ -98,6 +101,7 @@ class WindowKeeper:
         if clock.monotonic() - self._inspected_at >= INSPECT_SECONDS:
             self._inspected_at = clock.monotonic()
             done.lost = len(self.repair_lost())
+            ImageQueue(self.engine).forget_old_receipts(RECEIPTS_KEPT_SECONDS)
         messages = self.slots.dispatch()
         not_sent = self.broker.send(messages)
         self.slots.unsend(not_sent)

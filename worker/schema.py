@@ -276,6 +276,22 @@ object_events = Table(
     PrimaryKeyConstraint("bucket", "key", "backend", name="pk_object_events"),
 )
 
+write_receipts = Table(
+    "write_receipts",
+    metadata,
+    # What a run's write did, kept in its transaction: a write replayed because its commit's
+    # acknowledgement was lost finds it and does nothing more, even after its images moved on
+    # (worker/queue/images.py). Gone with the run's release; the window's keeper clears old ones.
+    Column("token", String(100), nullable=False),
+    Column("first_image", Integer, nullable=False),
+    Column("written", JSON, nullable=False),
+    Column("refused", JSON, nullable=False),
+    Column("scan_ids", JSON, nullable=False),
+    Column("written_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("token", "first_image", name="pk_write_receipts"),
+    Index("ix_write_receipts_written_at", "written_at"),
+)
+
 refused_writes = Table(
     "refused_writes",
     metadata,

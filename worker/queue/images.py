@@ -12,9 +12,10 @@ deliveries of one message never share one) with a lease that the live holder ren
 ``status = 'queued' AND claimed_by = T``: the token is a fencing token. A holder whose lease ran
 out and whose images another holder took changes nothing by writing late; its write is refused,
 logged once, and kept in ``refused_writes`` so the call it paid for is still counted. A write that
-is replayed (its commit's acknowledgement was lost) finds its own rows by ``started_by = T`` and
-changes nothing either. A row goes back from ``done`` or ``failed`` to ``queued`` only when a
-scan lists it again (a retry of a failure, or ``--force``), never by a worker.
+is replayed (its commit's acknowledgement was lost) finds the receipt its first commit left
+(``write_receipts``) and changes nothing either, even if its images moved on meanwhile. A row
+goes back from ``done`` or ``failed`` to ``queued`` only when a scan lists it again (a retry of a
+failure, or ``--force``), never by a worker.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    delete,
     exists,
     func,
     or_,
@@ -56,7 +58,18 @@ from worker.outcomes import (
 from worker.queue import pictures
 from worker.queue.slots import ENDED
 from worker.retry import retry_database
-from worker.schema import DONE, FAILED, QUEUED, REMOVED, images, object_events, refused_writes, scans, window_slots
+from worker.schema import (
+    DONE,
+    FAILED,
+    QUEUED,
+    REMOVED,
+    images,
+    object_events,
+    refused_writes,
+    scans,
+    window_slots,
+    write_receipts,
+)
 from worker.sql import dialect_insert
 
 log = logging.getLogger(__name__)
@@ -473,6 +486,11 @@ class ImageQueue:
                 )
         return Started([image for image in batch if image.id in started], quarantined, frozenset(scan_ids))
 
+    def forget_old_receipts(self, seconds: float) -> int:
+        """Write receipts older than ``seconds`` (left by runs that crashed): no replay comes that late."""
+        with self.engine.begin() as conn:
+            return clear_receipts(conn, older_than=utcnow() - timedelta(seconds=seconds))
+
     @retry_database
     def discount_starts(self, *tokens: str) -> int:
         """The run was cut short by its time limit, not by its images: the starts it made count
@@ -500,6 +518,7 @@ class ImageQueue:
             ).rowcount
             released += conn.execute(update(images).where(held).values(claimed_by=None)).rowcount
             pictures.release(conn, *tokens)
+            clear_receipts(conn, tokens)
         return released
 
     def state(self, scan_id: int) -> ClaimState:
@@ -527,32 +546,68 @@ class ImageQueue:
     def write(self, token: str, outcomes: Sequence[ImageOutcome]) -> Written:
         """Write a run's outcomes in one transaction: the images ``token`` still holds are updated
         and their faces replaced; the pictures it held are let go. Images it no longer holds are
-        left as they are: a replay of this write finds them written by ``token`` already; any
-        other is a refused write, logged and kept in ``refused_writes`` with the calls it paid for.
+        left as they are: a refused write, logged and kept in ``refused_writes`` with the calls it
+        paid for. What the write did is kept with it (``write_receipts``): a replay of it (its
+        commit's acknowledgement was lost) finds that and changes nothing, whatever happened to its
+        images since.
         """
         outcomes = list({outcome.image_id: outcome for outcome in outcomes}.values())  # an image once
         ids = [outcome.image_id for outcome in outcomes]
         now = utcnow()
         with self.engine.begin() as conn:
+            if ids and (receipt := _receipt(conn, token, min(ids))) is not None:
+                return receipt
             if conn.dialect.name == "postgresql":
                 written, scan_ids = _write_postgresql(conn, token, outcomes, ids, now)
             else:
                 written, scan_ids = _write_portable(conn, token, outcomes, ids, now)
+            if len(written) < len(ids) and (receipt := _receipt(conn, token, min(ids))) is not None:
+                return receipt  # the same write, retried while it still ran, committed first
             # A deferral that did not land changes nothing and cost nothing: not worth a refusal.
-            unwritten = [o for o in outcomes if o.image_id not in written]
-            replayed, replayed_scans, refused = _classify_unwritten(
-                conn, token, [o for o in unwritten if not o.deferred or o.paid_calls or o.calls_saved]
-            )
+            refused = {
+                o.image_id
+                for o in outcomes
+                if o.image_id not in written and (not o.deferred or o.paid_calls or o.calls_saved)
+            }
             if refused:
                 _record_refusals(conn, token, [o for o in outcomes if o.image_id in refused], now)
             pictures.release(conn, token)
+            if ids:
+                conn.execute(
+                    write_receipts.insert().values(
+                        token=token,
+                        first_image=min(ids),
+                        written=sorted(written),
+                        refused=sorted(refused),
+                        scan_ids=sorted(scan_ids),
+                        written_at=now,
+                    )
+                )
         for image_id in sorted(refused):
             log.warning(
                 "refused a late write of image %d: run %s no longer holds it (its lease ran out)", image_id, token
             )
-        return Written(
-            frozenset(written), frozenset(replayed), frozenset(refused), frozenset(scan_ids | replayed_scans)
+        return Written(frozenset(written), frozenset(), frozenset(refused), frozenset(scan_ids))
+
+
+def _receipt(conn, token: str, first_image: int) -> Written | None:
+    """What the write of ``token`` starting at ``first_image`` did, if it committed already: all of
+    it replayed now."""
+    row = conn.execute(
+        select(write_receipts.c.written, write_receipts.c.refused, write_receipts.c.scan_ids).where(
+            write_receipts.c.token == token, write_receipts.c.first_image == first_image
         )
+    ).one_or_none()
+    if row is None:
+        return None
+    return Written(frozenset(), frozenset(row.written), frozenset(row.refused), frozenset(row.scan_ids))
+
+
+def clear_receipts(conn, tokens: Sequence[str] = (), older_than: datetime | None = None) -> int:
+    """Forget write receipts: a run's, once it released what it held (no write of it can be replayed
+    any more), or those older than ``older_than`` (a crashed run's)."""
+    condition = write_receipts.c.token.in_(list(tokens)) if tokens else write_receipts.c.written_at < older_than
+    return conn.execute(delete(write_receipts).where(condition)).rowcount
 
 
 def renew(conn, tokens: list[str], now) -> None:
@@ -684,23 +739,6 @@ def _write_postgresql(conn, token: str, outcomes, ids, now) -> tuple[set[int], s
             connection_invalidated=disconnected,
             dialect=conn.dialect,
         ) from exc
-
-
-def _classify_unwritten(conn, token: str, outcomes) -> tuple[set[int], set[int], set[int]]:
-    """Of outcomes not written: (those this run wrote already: a replay, their scans, those it no
-    longer held)."""
-    if not outcomes:
-        return set(), set(), set()
-    rows = conn.execute(
-        select(images.c.id, images.c.scan_id, images.c.status, images.c.claimed_by, images.c.started_by).where(
-            images.c.id.in_([o.image_id for o in outcomes])
-        )
-    ).all()
-    # A run's own write leaves its token in started_by and no claim; nothing else does: a scan
-    # taking an image over clears started_by, another run's start or write sets its own.
-    replayed = [row for row in rows if row.started_by == token and (row.status != QUEUED or row.claimed_by is None)]
-    replayed_ids = {row.id for row in replayed}
-    return replayed_ids, {row.scan_id for row in replayed}, {o.image_id for o in outcomes} - replayed_ids
 
 
 def _record_refusals(conn, token: str, outcomes, now) -> None:
