@@ -16,9 +16,17 @@ from worker.store import ResultStore
 
 @contextlib.contextmanager
 def celery_workers(
-    count: int, env: dict[str, str], logs: Path, concurrency: int = 1, *, host=None, name: str = "worker"
+    count: int,
+    env: dict[str, str],
+    logs: Path,
+    concurrency: int = 1,
+    *,
+    host=None,
+    name: str = "worker",
+    app: str = "worker.celery_app",
 ) -> Iterator[list[subprocess.Popen]]:
-    """``count`` worker nodes, each with ``concurrency`` prefork processes; stopped warm at exit.
+    """``count`` worker nodes of ``app``, each with ``concurrency`` prefork processes, each in a
+    session of its own (a test may kill a whole node); stopped warm at exit.
 
     With ``host`` (a :class:`tests.netns.Host`) they run inside that host's network namespace.
     """
@@ -32,7 +40,7 @@ def celery_workers(
                     "-m",
                     "celery",
                     "-A",
-                    "worker.celery_app",
+                    app,
                     "worker",
                     "-n",
                     f"{name}{number}@%h",
@@ -51,12 +59,14 @@ def celery_workers(
                         env={**os.environ, **env},
                         stdout=log,
                         stderr=subprocess.STDOUT,
+                        start_new_session=True,
                     )
                 )
             yield processes
         finally:
             for process in processes:
-                process.send_signal(signal.SIGTERM)
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
             for process in processes:
                 try:
                     process.wait(timeout=60)

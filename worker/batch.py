@@ -449,22 +449,24 @@ def _quietly(give_back: Callable[..., object], *tokens: str) -> None:
 def _known_by_etag(batch: Sequence[QueuedImage], context: WorkerContext) -> dict[tuple[str, int], KnownPicture] | None:
     """Pictures already recognized among the batch's S3 objects whose ETag is their MD5, found in
     one query for the batch (None when the batch has no such object to look up)."""
-    by_backend: dict[tuple[str, int | None], list[tuple[str, int]]] = {}
+    by_scope: dict[tuple[str, int, bool], list[tuple[str, int]]] = {}
     for image in batch:
         if _etag_is_md5(image):
-            by_backend.setdefault((image.backend, _reused_from(image)), []).append((image.etag, image.size))
-    if not by_backend:
+            scope = (image.backend, image.scan_id, not image.reuse_results)
+            by_scope.setdefault(scope, []).append((image.etag, image.size))
+    if not by_scope:
         return None
     known: dict[tuple[str, int], KnownPicture] = {}
-    for (backend, scan_id), pictures in by_backend.items():
-        known.update(context.store.known_pictures(pictures, backend, scan_id))
+    for (backend, scan_id, forced), pictures in by_scope.items():
+        known.update(context.store.known_pictures(pictures, backend, scan_id, forced))
     return known
 
 
-def _reused_from(image: QueuedImage) -> int | None:
-    """Where the image's copies may come from: any scan's results (None), or only its own scan's
-    when it runs with ``--force`` (each picture recognized afresh once, its copies reusing that)."""
-    return None if image.reuse_results else image.scan_id
+def _known(context: WorkerContext, image: QueuedImage, content_hash: str, size: int) -> KnownPicture | None:
+    """A picture already recognized whose bytes are these, as the image's scan may reuse it: any
+    scan's result, or only its own scan's when it runs with ``--force`` (each picture recognized
+    afresh once, its copies reusing that)."""
+    return context.store.known_picture(content_hash, size, image.backend, image.scan_id, not image.reuse_results)
 
 
 def process_image(
@@ -504,8 +506,9 @@ def _reused_or_processed(
 ) -> ImageOutcome:
     if _etag_is_md5(image):
         if known is None:
-            known = context.store.known_pictures([(image.etag, image.size)], image.backend, _reused_from(image))
-        picture = known.get((image.etag, image.size))
+            picture = _known(context, image, image.etag, image.size)
+        else:
+            picture = known.get((image.etag, image.size))
         if picture is not None:
             return ImageOutcome.copied(image, picture, image.etag)
     read: list[bytes] = []
@@ -567,7 +570,7 @@ def _known_copy(image: QueuedImage, data: bytes, context: WorkerContext) -> Imag
     content_hash = _md5(data)
     if content_hash == image.etag and _etag_is_md5(image):
         return None  # looked up by its ETag already
-    known = context.store.known_picture(content_hash, len(data), image.backend, _reused_from(image))
+    known = _known(context, image, content_hash, len(data))
     return ImageOutcome.copied(image, known, content_hash) if known is not None else None
 
 
@@ -577,7 +580,7 @@ def _wait_or_copy(image: QueuedImage, data: bytes, context: WorkerContext, token
     wrote it just now), its result is copied. None: this run calls."""
     content_hash = _md5(data)
     if context.pictures.take(Picture(image.backend, content_hash, len(data)), token):
-        known = context.store.known_picture(content_hash, len(data), image.backend, _reused_from(image))
+        known = _known(context, image, content_hash, len(data))
         return ImageOutcome.copied(image, known, content_hash) if known is not None else None
     return _waiting_for_picture(image, content_hash)
 

@@ -26,7 +26,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker.batch import WorkerContext, process_batch
 from worker.broker import CeleryRedisBroker
-from worker.celery_config import LIST_TASK_NAME, SLOT_TASK_NAME, TASK_NAME, make_celery, send_listing_parts
+from worker.celery_config import (
+    LIST_TASK_NAME,
+    SLOT_TASK_NAME,
+    TASK_NAME,
+    make_celery,
+    send_listing_parts,
+    time_limits,
+)
 from worker.errors import RecognizerUnavailableError
 from worker.keeper import WindowKeeper, keep_the_window_in_a_thread
 from worker.listing_parts import LIST_SLICE_SECONDS
@@ -40,12 +47,7 @@ settings = Settings.from_env()
 app = make_celery(settings)
 window_broker = CeleryRedisBroker(app, settings.broker_url)
 _context: WorkerContext | None = None
-#: A run that hangs past its deadline is interrupted (soft) and then killed (hard) before Redis
-#: would redeliver its message: at three quarters and nine tenths of the visibility timeout.
-TIME_LIMITS = {
-    "soft_time_limit": max(settings.run_seconds + 1, settings.visibility_timeout * 0.75),
-    "time_limit": max(settings.run_seconds + 2, settings.visibility_timeout * 0.9),
-}
+TIME_LIMITS = time_limits(settings)
 
 
 def worker_context() -> WorkerContext:

@@ -28,6 +28,16 @@ MAX_TASKS_PER_CHILD = 10_000
 MAX_MEMORY_PER_CHILD_KIB = 1_500_000
 
 
+def time_limits(settings: Settings) -> dict[str, float]:
+    """Celery's soft and hard time limits of a run: a run that hangs past its deadline is interrupted
+    (soft) and then killed (hard) before Redis would redeliver its message, at three quarters and
+    nine tenths of the visibility timeout."""
+    return {
+        "soft_time_limit": max(settings.run_seconds + 1, settings.visibility_timeout * 0.75),
+        "time_limit": max(settings.run_seconds + 2, settings.visibility_timeout * 0.9),
+    }
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("celebscan", broker=settings.broker_url, set_as_current=False)
     app.conf.update(

@@ -130,16 +130,22 @@ class ResultStore:
 
     @retry_database
     def known_pictures(
-        self, pictures: Sequence[tuple[str, int]], backend: str, scan_id: int | None = None
+        self, pictures: Sequence[tuple[str, int]], backend: str, scan_id: int | None = None, forced: bool = False
     ) -> dict[tuple[str, int], KnownPicture]:
         """Of the given (MD5, size) pairs, those of pictures already recognized with ``backend``
-        (the first image of each; only scan ``scan_id``'s when given), in one query."""
+        (the first image of each), in one query, for an image of scan ``scan_id``: any scan's
+        results, or only its own with ``forced`` (a ``--force`` scan recognizes each picture afresh
+        once). An image that another scan's ``--force`` queued again still knows its picture's
+        earlier result until it is done again."""
         hashes = sorted({content_hash for content_hash, _ in pictures})
         if not hashes:
             return {}
-        recognized = [images.c.content_hash.in_(hashes), images.c.backend == backend, images.c.status == DONE]
-        if scan_id is not None:
-            recognized.append(images.c.scan_id == scan_id)
+        recognized = [images.c.content_hash.in_(hashes), images.c.backend == backend]
+        if forced:
+            recognized += [images.c.scan_id == scan_id, images.c.status == DONE]
+        else:
+            kept = (images.c.status == QUEUED) & images.c.processed_at.is_not(None) & (images.c.scan_id != scan_id)
+            recognized.append((images.c.status == DONE) | kept)
         first = select(func.min(images.c.id)).where(*recognized).group_by(images.c.content_hash, images.c.size)
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -151,11 +157,11 @@ class ResultStore:
         return {picture: known[picture] for picture in pictures if picture in known}
 
     def known_picture(
-        self, content_hash: str, size: int, backend: str, scan_id: int | None = None
+        self, content_hash: str, size: int, backend: str, scan_id: int | None = None, forced: bool = False
     ) -> KnownPicture | None:
         """The first image recognized by ``backend`` whose bytes have this MD5 and size, if any
-        (only scan ``scan_id``'s when given)."""
-        return self.known_pictures([(content_hash, size)], backend, scan_id).get((content_hash, size))
+        (for an image of scan ``scan_id``: see :meth:`known_pictures`)."""
+        return self.known_pictures([(content_hash, size)], backend, scan_id, forced).get((content_hash, size))
 
     def queue_images(
         self,

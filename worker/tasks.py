@@ -15,10 +15,12 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 
-from worker.batch import IDLE_BASE_SECONDS, IDLE_MAX_SECONDS, BatchReport, WorkerContext, take_next_batch
+from billiard.exceptions import SoftTimeLimitExceeded
+
+from worker.batch import IDLE_BASE_SECONDS, IDLE_MAX_SECONDS, BatchReport, SlotStep, WorkerContext, take_next_batch
 from worker.errors import RecognizerUnavailableError
 from worker.listing_parts import LIST_SLICE_SECONDS, TRANSIENT_PAUSE_SECONDS, PartStep, list_part, s3_pages
-from worker.queue.slots import SlotMessage
+from worker.queue.slots import SlotMessage, WindowSlots
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ def run_window_slot(
     except RecognizerUnavailableError as exc:
         log.warning("handing back a batch of scan %d: %s", message.scan_id, exc)
         context.scans.note_unserved(message.scan_id, str(exc))
-        slots.park(message, token, random.uniform(HAND_BACK_SECONDS / 2, HAND_BACK_SECONDS), 0)
+        pause = random.uniform(HAND_BACK_SECONDS / 2, HAND_BACK_SECONDS)
+        _whatever_the_time_limit(lambda: slots.park(message, token, pause, 0))
         return BatchReport()
     except Exception:
         log.exception(
@@ -65,15 +68,30 @@ def run_window_slot(
             token,
             message.scan_id,
         )
-        slots.park(message, token, min(IDLE_BASE_SECONDS * 2**idle_rounds, max_idle), idle_rounds + 1)
+        pause = min(IDLE_BASE_SECONDS * 2**idle_rounds, max_idle)
+        _whatever_the_time_limit(lambda: slots.park(message, token, pause, idle_rounds + 1))
         return BatchReport()
+    _whatever_the_time_limit(lambda: _pass_the_slot_on(message, token, step, slots, send))
+    return step.report
+
+
+def _pass_the_slot_on(message: SlotMessage, token: str, step: SlotStep, slots: WindowSlots, send: SendSlots) -> None:
+    """The slot ends with its scan, waits for its next turn, or goes on at once."""
     if step.next_in is None:
         slots.end(message, token)
     elif step.next_in > 0:
         slots.park(message, token, step.next_in, step.idle_rounds)
     elif (next_message := slots.send_on(message, token)) is not None:
         slots.unsend(send([next_message]))
-    return step.report
+
+
+def _whatever_the_time_limit(transition: Callable[[], object]) -> None:
+    """A slot's last transition in a run, made even when the soft time limit lands in the middle of
+    it (Celery raises it once; the transaction it cut was rolled back)."""
+    try:
+        transition()
+    except SoftTimeLimitExceeded:
+        transition()
 
 
 def run_listing_part(

@@ -1,7 +1,5 @@
-"""Bugs put back on purpose, to show the simulation catches them (``bench.simulate --mutation``).
-
-The first two are the ones the issue names; the others are bugs the simulation found, each kept
-with the seeds that caught it (``tests/test_simulation.py``).
+"""Bugs put back on purpose, to show the simulation catches them (``bench.simulate --mutation``),
+each kept with the seeds that catch it (``tests/test_simulation.py``).
 
 - ``unfenced-write``: a batch's write matches its images by id alone, as before the claim token
   fenced it: a run that lost its claim overwrites what another wrote.
@@ -17,6 +15,15 @@ with the seeds that caught it (``tests/test_simulation.py``).
 - ``no-listing-help``: window slots with nothing to claim never list a part left to nobody: a
   part whose lister died, with its message already gone, stays unlisted and the scan open for
   ever (found by the simulation).
+- ``write-without-claim-guard``: a batch's write checks that its images are still queued, not that
+  its run still holds them: a run whose lease ran out writes over the images another run took.
+- ``image-leases-never-renewed``: a run's images are claimed once and never renewed: a run longer
+  than a lease has them taken over while it still calls.
+- ``lock-scan-no-op``: two transactions that may each end a scan's listing do not wait for each
+  other: two parts ending at once both see the other still open, and the listing never ends.
+- ``lease-keeper-never-renewing``: the thread beside a run never renews anything it holds.
+- ``time-limit-acknowledges``: Celery acknowledges a message whose run its hard time limit killed
+  (its default): the window slot the message carried is lost until the keeper repairs it.
 """
 
 from __future__ import annotations
@@ -43,6 +50,11 @@ MUTATIONS = (
     "scan-takes-held-images",
     "read-any-version",
     "no-listing-help",
+    "write-without-claim-guard",
+    "image-leases-never-renewed",
+    "lock-scan-no-op",
+    "lease-keeper-never-renewing",
+    "time-limit-acknowledges",
 )
 
 
@@ -131,9 +143,21 @@ def _reading_any_version(read):
     return read_any
 
 
+def _acknowledging_at_time_limits(make_celery):
+    def make(settings):
+        app = make_celery(settings)
+        app.conf.task_acks_on_timeout = True
+        return app
+
+    return make
+
+
 @contextmanager
 def applied(mutation: str | None) -> Iterator[None]:
+    import tests.simulation.celery_model
     import worker.batch
+    import worker.queue.images as image_states
+    from worker.queue import leases
     from worker.queue.scans import Scans
     from worker.sources import S3Reader
 
@@ -150,7 +174,20 @@ def applied(mutation: str | None) -> Iterator[None]:
         elif mutation == "read-any-version":
             patch.setattr(S3Reader, "read", _reading_any_version(S3Reader.read))
         elif mutation == "no-listing-help":
-            patch.setattr(worker.batch, "_help_list", lambda scan_id, context, token: False)
+            patch.setattr(worker.batch, "_help_list", lambda scan_id, context, token, **options: False)
+        elif mutation == "write-without-claim-guard":
+            unguarded = image_states._POSTGRESQL_UPDATE_IMAGES.replace(" AND images.claimed_by = %(token)s", "")
+            assert unguarded != image_states._POSTGRESQL_UPDATE_IMAGES
+            patch.setattr(image_states, "_POSTGRESQL_UPDATE_IMAGES", unguarded)
+        elif mutation == "image-leases-never-renewed":
+            patch.setattr(image_states, "renew", lambda conn, tokens, now: None)
+        elif mutation == "lock-scan-no-op":
+            patch.setattr(scan_states, "lock_scan", lambda conn, scan_id: None)
+        elif mutation == "lease-keeper-never-renewing":
+            patch.setattr(leases, "renew_all", lambda engine, tokens: None)
+        elif mutation == "time-limit-acknowledges":
+            model = tests.simulation.celery_model
+            patch.setattr(model, "make_celery", _acknowledging_at_time_limits(model.make_celery))
         elif mutation is not None:
             raise ValueError(f"unknown mutation {mutation!r}; one of {', '.join(MUTATIONS)}")
         yield

@@ -1,9 +1,12 @@
 """The world a simulated run talks to: an S3 bucket, the recognizer, the broker, each with faults.
 
 They speak the protocols the real code speaks (boto3's ``list_objects_v2`` and ``get_object``, the
-``Recognizer`` protocol, Celery's send and deliver), and each call is a point where the scheduler
-may run another task, and where the seeded faults strike: throttling, 5xx, slowness, and for the
-broker redelivery, duplicates, loss, reordering and delay.
+``Recognizer`` protocol, and Redis as Celery's kombu transport keeps it: a queue, the messages
+delivered and not acknowledged, the visibility timeout), and each call is a point where the
+scheduler may run another task, and where the seeded faults strike: throttling, 5xx, spells of
+slow calls, and for the broker duplicates, loss, reordering, delay and a restart without its data.
+What Celery's workers do with the broker (prefetch, acknowledgements, time limits, a node or a
+process dying) is ``tests/simulation/celery_model.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import io
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -20,6 +23,7 @@ from botocore.exceptions import ClientError
 
 from tests.simulation.scheduler import Scheduler, SimulatedCrash
 from worker.media.images import LoadedImage
+from worker.queue.slots import SlotMessage
 from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.sources import S3Location
 
@@ -50,6 +54,9 @@ class Faults:
     """How often each fault strikes while the chaos lasts (all off once it is quiet)."""
 
     active: bool = True
+    #: Spells of slow calls (seconds, from their start): a call made within one takes ``slow_call``.
+    slow_spells: list[tuple[float, float]] = field(default_factory=list)
+    slow_call: tuple[float, float] = (0.0, 0.0)
     crash_before_commit: float = 0.0
     crash_after_commit: float = 0.0
     lost_ack: float = 0.0
@@ -58,10 +65,12 @@ class Faults:
     recognizer_5xx: float = 0.0
     duplicate: float = 0.0
     loss: float = 0.0
-    redeliver_at_once: float = 0.5  # else after the visibility timeout
 
     def chance(self, rng: random.Random, probability: float) -> bool:
         return self.active and probability > 0 and rng.random() < probability
+
+    def slow_at(self, t: float) -> bool:
+        return self.active and any(start <= t < end for start, end in self.slow_spells)
 
 
 @dataclass
@@ -172,7 +181,8 @@ class SimRecognizer:
         from worker.errors import ServiceUnavailableError, ThrottledError
 
         picture = md5(image.data)
-        self.scheduler.sleep(self.rng.uniform(0.2, 2.0))  # about a second a call
+        slow = self.faults.slow_at(self.scheduler.t)
+        self.scheduler.sleep(self.rng.uniform(*self.faults.slow_call) if slow else self.rng.uniform(0.2, 2.0))
         if self.faults.chance(self.rng, self.faults.recognizer_throttle):
             raise ThrottledError("Rate exceeded")
         if self.faults.chance(self.rng, self.faults.recognizer_5xx):
@@ -192,68 +202,127 @@ def answer_for(picture: str) -> RecognitionResult:
 
 @dataclass(eq=False)
 class Message:
+    """A message as Redis holds it for Celery: by its task id (a window slot's names its generation)."""
+
+    id: str
     kind: str  # "slot" or "list"
     args: tuple
-    eta: float
+    visible_at: float  # when it reaches the queue (delivery takes a moment, and reorders)
+    eta: float  # a countdown's end (0: none): its worker holds it, unacknowledged, until then
     number: int
-    held_by: object | None = None  # the process running it (unacknowledged)
+    holder: object | None = None  # the node that fetched it and has not acknowledged it
+    delivered_at: float = 0.0
+    fate: str = ""  # how it left the broker: acknowledged, lost, flushed, ...
+    receivers: list = field(default_factory=list)  # the nodes it was delivered to
+    requeued_at_time_limit: bool = False
 
 
 class SimBroker:
-    """Celery over Redis, as far as the queue of record cares: messages with a countdown, taken
-    in any order once due, acknowledged after the run; a run that dies leaves its message to be
-    delivered again (at once, or after the visibility timeout); messages may come twice or never."""
+    """Redis under Celery: a queue (first in, first out, once visible), the messages delivered and
+    not yet acknowledged, and :meth:`restore_visible`, which puts back at the head of the queue a
+    message unacknowledged for the visibility timeout, whether or not its worker still runs it.
+    A message may be lost or come twice; :meth:`flush` is Redis restarted without its data."""
 
     def __init__(self, scheduler: Scheduler, rng: random.Random, faults: Faults, visibility: float) -> None:
         self.scheduler, self.rng, self.faults, self.visibility = scheduler, rng, faults, visibility
-        self.messages: list[Message] = []
+        self.queue: list[Message] = []
+        self.unacked: list[Message] = []
+        self.history: dict[str, list[Message]] = {}  # every message sent, by id: the checker reads their fates
         self.sent = self.lost = self.duplicated = 0
         self._numbers = 0
+        self.on_message: Callable[[], None] = lambda: None  # a consumer waiting for messages wakes
 
-    def send(self, kind: str, args: tuple, countdown: float = 0.0) -> None:
+    def send(self, kind: str, args: tuple, countdown: float = 0.0, message_id: str | None = None) -> None:
         self.sent += 1
-        if self.faults.chance(self.rng, self.faults.loss):
-            self.lost += 1
-            return
+        self._numbers += 1
+        message_id = message_id or f"{kind}-{self._numbers}"
         copies = 2 if self.faults.chance(self.rng, self.faults.duplicate) else 1
         self.duplicated += copies - 1
         for _ in range(copies):
             self._numbers += 1
             delay = self.rng.uniform(0.0, 0.5)  # delivery is never instant, and reorders
-            self.messages.append(Message(kind, args, self.scheduler.t + countdown + delay, self._numbers))
+            eta = self.scheduler.t + countdown if countdown else 0.0
+            message = Message(message_id, kind, args, self.scheduler.t + delay, eta, self._numbers)
+            self.history.setdefault(message_id, []).append(message)
+            if self.faults.chance(self.rng, self.faults.loss):
+                self.lost += 1
+                message.fate = "lost"
+                continue
+            self.queue.append(message)
+        self.on_message()
 
-    def take(self, process: object) -> Message | None:
-        due = [m for m in self.messages if m.held_by is None and m.eta <= self.scheduler.t]
-        if not due:
+    def fetch(self, node: object) -> Message | None:
+        """The head of the queue, delivered to ``node`` (now unacknowledged), if one is visible."""
+        visible = [message for message in self.queue if message.visible_at <= self.scheduler.t]
+        if not visible:
             return None
-        message = self.rng.choice(due)
-        message.held_by = process
+        message = min(visible, key=lambda m: (m.visible_at, m.number))
+        self.queue.remove(message)
+        message.holder, message.delivered_at = node, self.scheduler.t
+        message.receivers.append(node)
+        self.unacked.append(message)
         return message
 
-    def next_due(self) -> float:
-        """When the next message not being run is due (far away when there is none)."""
-        return min((m.eta for m in self.messages if m.held_by is None), default=self.scheduler.t + 3600.0)
+    def next_visible(self) -> float | None:
+        return min((message.visible_at for message in self.queue), default=None)
 
-    def ack(self, message: Message) -> None:
-        if message in self.messages:  # (a broker restarted empty has forgotten it)
-            self.messages.remove(message)
+    def ack(self, message: Message, fate: str = "acknowledged") -> None:
+        if message in self.unacked:  # (a broker restarted empty has forgotten it)
+            self.unacked.remove(message)
+            message.holder, message.fate = None, fate
 
-    def died(self, process: object) -> None:
-        """A process died: its unacknowledged message is delivered again."""
-        for message in self.messages:
-            if message.held_by is process:
-                message.held_by = None
-                at_once = self.rng.random() < self.faults.redeliver_at_once
-                message.eta = self.scheduler.t + (0.0 if at_once else self.visibility)
+    def requeue(self, message: Message) -> None:
+        """Rejected with requeue: to the back of the queue, at once."""
+        if message in self.unacked:
+            self.unacked.remove(message)
+            message.holder, message.eta = None, 0.0
+            message.visible_at = self.scheduler.t
+            self._numbers += 1
+            message.number = self._numbers
+            self.queue.append(message)
+            self.on_message()
 
-    def forget_everything(self) -> None:
+    def restore_visible(self) -> None:
+        """Messages unacknowledged for the visibility timeout go back to the head of the queue (a
+        live worker's copy runs on: the message is run twice)."""
+        cutoff = self.scheduler.t - self.visibility
+        for message in [m for m in self.unacked if m.delivered_at <= cutoff]:
+            self.unacked.remove(message)
+            message.holder, message.eta = None, 0.0
+            message.visible_at = self.scheduler.t
+            message.number = -self._numbers  # the head of the queue
+            self.queue.append(message)
+            self.on_message()
+
+    def flush(self) -> None:
         """Redis restarted without its data."""
-        self.lost += len(self.messages)
-        self.messages.clear()
+        for message in self.queue + self.unacked:
+            message.fate, message.holder = "flushed", None
+        self.lost += len(self.queue) + len(self.unacked)
+        self.queue.clear()
+        self.unacked.clear()
 
     def waiting_for(self, scan_id: int, part_scans: dict[int, int]) -> bool:
         """Whether any message of the scan is still in the broker (a slot, or a part of its listing)."""
         return any(
             (m.kind == "slot" and m.args[0] == scan_id) or (m.kind == "list" and part_scans.get(m.args[0]) == scan_id)
-            for m in self.messages
+            for m in self.queue + self.unacked
         )
+
+
+class SimWindowBroker:
+    """``worker.broker.WindowBroker`` over the simulated Redis: window slots sent by their message
+    id, and asked for as the keeper asks Redis (waiting, or delivered within a lease)."""
+
+    def __init__(self, broker: SimBroker) -> None:
+        self.broker = broker
+
+    def send(self, messages: Sequence[SlotMessage]) -> list[SlotMessage]:
+        for message in messages:
+            self.broker.send("slot", (message.scan_id, message.slot, message.generation), 0.0, message.message_id)
+        return []
+
+    def present(self, messages: Collection[SlotMessage], delivered_within: float) -> set[SlotMessage]:
+        since = self.broker.scheduler.t - delivered_within
+        ids = {m.id for m in self.broker.queue} | {m.id for m in self.broker.unacked if m.delivered_at >= since}
+        return {message for message in messages if message.message_id in ids}

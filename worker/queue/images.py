@@ -35,6 +35,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     delete,
     exists,
     func,
@@ -311,7 +312,7 @@ class ImageQueue:
         unheld = _claimable(now, self.lease)
         left_to_nobody = unheld & ~in_a_live_scan(now, self.lease)
         moves = [  # each guarded by the state it was seen in
-            (retried, finished, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now)),
+            (retried, finished, dict(_QUEUED_AFRESH, scan_id=scan_id, queued_at=now, processed_at=_KEPT_IF_DONE)),
             (orphans, left_to_nobody, dict(scan_id=scan_id, claimed_by=None, claimed_at=None, started_by=None)),
         ]
         for row_id, (code, message) in unreadable:
@@ -922,6 +923,10 @@ def _scan_state_statement():
 
 #: Built once, as every idle turn of every window slot runs it.
 _SCAN_STATE = _scan_state_statement()
+
+#: A done image queued again by ``--force`` keeps when it was done (and its faces) until it is done
+#: again: its picture's result is still known (copies elsewhere reuse it); a failure retried does not.
+_KEPT_IF_DONE = case((images.c.status == DONE, images.c.processed_at), else_=None)
 
 #: The state of an image queued by a scan: new, or listed again after it failed (or with --force).
 _QUEUED_AFRESH: dict[str, Any] = dict(

@@ -99,16 +99,21 @@ class WindowState:
 
 
 def open_window(conn, scan_id: int, window: int) -> int:
-    """Give the scan ``window`` slots, due now (in the caller's transaction: the scan's own, or
-    ``--resume``'s); slots it has already are left as they are, so the window never grows.
-    Returns how many were made."""
+    """Give the unfinished scan ``window`` slots, due now (in the caller's transaction: the scan's
+    own, or ``--resume``'s): slots it has already are left as they are, so the window never grows,
+    but those that ended (its ``--max-cost`` budget was spent) are due again. Returns how many were
+    made or opened again."""
+    now = utcnow()
+    reopened = conn.execute(
+        update(window_slots)
+        .where(window_slots.c.scan_id == scan_id, window_slots.c.state == ENDED)
+        .values(state=DUE, due_at=now, idle_rounds=0)
+    ).rowcount
     existing = set(conn.execute(select(window_slots.c.slot).where(window_slots.c.scan_id == scan_id)).scalars())
-    rows = [
-        dict(scan_id=scan_id, slot=slot, state=DUE, due_at=utcnow()) for slot in range(window) if slot not in existing
-    ]
+    rows = [dict(scan_id=scan_id, slot=slot, state=DUE, due_at=now) for slot in range(window) if slot not in existing]
     if rows:
         conn.execute(insert(window_slots), rows)
-    return len(rows)
+    return reopened + len(rows)
 
 
 def renew(conn, tokens: list[str], now: datetime) -> None:
