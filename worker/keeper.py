@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, bindparam, update
 
 from worker import clock, threads
 from worker.broker import WindowBroker
@@ -63,6 +63,17 @@ class KeeperTick:
         return any((self.sent, self.not_sent, self.ended, self.lapsed, self.lost))
 
 
+#: Built once: every worker process runs it every few seconds.
+_TAKE_OR_RENEW = (
+    update(keepers)
+    .where(
+        keepers.c.name == WINDOW_KEEPER,
+        (keepers.c.holder == bindparam("me")) | (keepers.c.held_at < bindparam("cutoff")),
+    )
+    .values(holder=bindparam("me"), held_at=bindparam("now"))
+)
+
+
 class WindowKeeper:
     def __init__(self, engine: Engine, broker: WindowBroker, lease_seconds: float, name: str | None = None) -> None:
         self.engine = engine
@@ -74,24 +85,19 @@ class WindowKeeper:
         self._inspected_at = float("-inf")
 
     def hold(self) -> bool:
-        """Take the keeper's lease, or renew it; False while another live process holds it."""
+        """Take the keeper's lease, or renew it (one statement, a second the very first time);
+        False while another live process holds it."""
         now = utcnow()
         with self.engine.begin() as conn:
-            conn.execute(
+            held = conn.execute(_TAKE_OR_RENEW, {"me": self.name, "now": now, "cutoff": now - self.keeper_lease})
+            if held.rowcount:
+                return True
+            created = conn.execute(
                 dialect_insert(self.engine, keepers)
                 .values(name=WINDOW_KEEPER, holder=self.name, held_at=now)
                 .on_conflict_do_nothing()
             )
-            conn.execute(
-                update(keepers)
-                .where(
-                    keepers.c.name == WINDOW_KEEPER,
-                    (keepers.c.holder == self.name) | (keepers.c.held_at < now - self.keeper_lease),
-                )
-                .values(holder=self.name, held_at=now)
-            )
-            holder = conn.execute(select(keepers.c.holder).where(keepers.c.name == WINDOW_KEEPER)).scalar()
-        return holder == self.name
+            return bool(created.rowcount)
 
     def tick(self) -> KeeperTick:
         """One round of the keeper's duties (the caller holds the lease)."""
