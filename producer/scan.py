@@ -37,6 +37,7 @@ from worker.listing import ListedObject, check_bucket, fits_in_a_page, list_fold
 from worker.listing_parts import Pager, folder_pages, list_parts_here, s3_pages
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue
+from worker.queue.leases import keep_leases_in_a_thread
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
 from worker.read_models import ScanSummary
@@ -188,10 +189,15 @@ class _Listing:
 
     def set_up_and_list(self, with_workers: bool = False) -> QueueReport | None:
         """List the source from its root part: here, or split for the workers (``with_workers``:
-        a broker and a big S3 key space; then return None once they have the parts)."""
-        root = self.root
-        if root is None:  # another process holds the listing: it goes on there
+        a broker and a big S3 key space; then return None once they have the parts). The parts this
+        command holds are renewed meanwhile: splitting a big key space takes many requests, and the
+        window's slots, which work from the scan's start, would take over a root whose lease ran out."""
+        if self.root is None:  # another process holds the listing: it goes on there
             return self.report()
+        with keep_leases_in_a_thread(self.store.engine, lambda: [self.token], self.settings.lease_seconds):
+            return self._set_up_and_list(self.root, with_workers)
+
+    def _set_up_and_list(self, root: PartClaim, with_workers: bool) -> QueueReport | None:
         if self.inventory is not None:
             if with_workers:
                 self.services.open_window(self.scan_id, ())  # the workers start on the first images recorded

@@ -125,7 +125,7 @@ def test_a_late_write_from_a_run_that_lost_its_claim_is_refused_and_its_call_sti
     retry_later = ImageOutcome.deferred_for(
         as_a_saw_it, "ThrottlingException", "slow down", retries=5, retry_since=stepping.now()
     )
-    late_deferral = images.write("run-a", [retry_later])
+    late_deferral = images.write("run-a/1", [retry_later])  # another batch of run A, that lost it too
     assert late_done.refused == {image_id} and not late_done.written
     assert not late_deferral.written and not late_deferral.refused, "a deferral that lost its claim changes nothing"
 

@@ -11,7 +11,7 @@ import boto3
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from producer.s3_events import CREATED
 from tests.celery_workers import celery_workers, wait_for_scan
@@ -23,7 +23,7 @@ from worker.celery_config import QUEUE
 from worker.queue.images import ImageQueue
 from worker.queue.objects import ObjectChange, apply_changes
 from worker.queue.scans import Scans, renew_follow
-from worker.schema import scans
+from worker.schema import scans, window_slots
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +88,10 @@ def test_metrics_before_during_and_after_a_scan(scan_env, rekognition, pg_store,
                 "last_processed_at": None,
                 "images": {"queued": IMAGES, "done": 0, "failed": 0},
                 "unserved": None,
+                "window": {"due": 0, "sent": 2, "running": 1, "ended": 0, "repairs": 0, "lapsed": 0},
             }
         ]
+        assert during["keeper_seconds_ago"] is not None and during["keeper_seconds_ago"] < 30
         release.set()
         wait_for_scan(pg_store, scan_id, timeout=120)
         wait_until(lambda: reading(scan_env)["waiting_batches"] == 0, timeout=60, what="the window's slots to end")
@@ -105,7 +107,7 @@ def test_metrics_before_during_and_after_a_scan(scan_env, rekognition, pg_store,
     assert after["stalled_scans"] == []
 
 
-def test_prometheus_format_and_stalled_scan(scan_env, broker_url, pg_store):
+def test_prometheus_format_a_lost_broker_and_a_stalled_scan(scan_env, broker_url, pg_store):
     run(scan_env, "scan", f"s3://{scan_env['BUCKET']}/m/")
     scan_id = pg_store.latest_scan_id()
     redis.Redis.from_url(broker_url).delete(QUEUE)  # a broker restarted without its data
@@ -116,12 +118,17 @@ def test_prometheus_format_and_stalled_scan(scan_env, broker_url, pg_store):
     }
     images = {sample.labels["status"]: sample.value for sample in families["celebscan_images"].samples}
     assert images == {"queued": IMAGES, "done": 0, "failed": 0}
-    assert families["celebscan_backlog_images"].samples[0].value == 0
+    assert families["celebscan_backlog_images"].samples[0].value == IMAGES, "the keeper sends its slots again"
     assert {s.labels["state"]: s.value for s in families["celebscan_broker_batches"].samples} == {
         "waiting": 0,
         "unacked": 0,
     }
+    assert f"scan {scan_id} is stalled" not in run(scan_env, "metrics")
 
+    with pg_store.engine.begin() as conn:  # a scan made before windows were kept: nothing moves it
+        conn.execute(delete(window_slots).where(window_slots.c.scan_id == scan_id))
+    stalled = reading(scan_env)
+    assert (stalled["stalled_scans"], stalled["backlog_images"]) == ([scan_id], 0)
     text = run(scan_env, "metrics")
     assert f"scan {scan_id} is stalled" in text and f"celebscan scan --resume {scan_id}" in text
     run(scan_env, "scan", "--resume", str(scan_id))

@@ -134,18 +134,18 @@ class ResultStore:
     ) -> dict[tuple[str, int], KnownPicture]:
         """Of the given (MD5, size) pairs, those of pictures already recognized with ``backend``
         (the first image of each), in one query, for an image of scan ``scan_id``: any scan's
-        results, or only its own with ``forced`` (a ``--force`` scan recognizes each picture afresh
-        once). An image that another scan's ``--force`` queued again still knows its picture's
-        earlier result until it is done again."""
+        results, or with ``forced`` only those recognized since that scan began (a ``--force`` scan
+        recognizes each picture afresh once). An image that another scan's ``--force`` queued again
+        still knows its picture's earlier result until it is done again."""
         hashes = sorted({content_hash for content_hash, _ in pictures})
         if not hashes:
             return {}
         recognized = [images.c.content_hash.in_(hashes), images.c.backend == backend]
-        if forced:
-            recognized += [images.c.scan_id == scan_id, images.c.status == DONE]
-        else:
-            kept = (images.c.status == QUEUED) & images.c.processed_at.is_not(None) & (images.c.scan_id != scan_id)
-            recognized.append((images.c.status == DONE) | kept)
+        kept = (images.c.status == QUEUED) & images.c.processed_at.is_not(None) & (images.c.scan_id != scan_id)
+        recognized.append((images.c.status == DONE) | kept)
+        if forced:  # recognized since the forced scan began (here, or by a later --force since)
+            began = select(scans.c.created_at).where(scans.c.id == scan_id).scalar_subquery()
+            recognized.append(images.c.processed_at >= began)
         first = select(func.min(images.c.id)).where(*recognized).group_by(images.c.content_hash, images.c.size)
         with self.engine.connect() as conn:
             rows = conn.execute(

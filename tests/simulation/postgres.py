@@ -30,6 +30,9 @@ _monitor = None  # a connection of the simulation's own, that asks which backend
 counts = {"statements interleaved in a transaction": 0, "lock waits": 0}
 #: A statement that has not answered after this long may wait for a lock: the server is asked.
 FAST_SECONDS = 0.001
+#: Simulated time a statement takes: tasks whose transactions overlap in time interleave (one that
+#: took no time would run whole before any task that became ready a moment later).
+STATEMENT_SECONDS = (0.001, 0.02)
 
 
 def _pause(connection) -> None:
@@ -37,7 +40,7 @@ def _pause(connection) -> None:
     if scheduler is not None and scheduler.in_task() and not scheduler.dying():
         if connection.status == psycopg2.extensions.STATUS_IN_TRANSACTION:
             counts["statements interleaved in a transaction"] += 1
-        scheduler.pause()
+        scheduler.sleep(scheduler.rng.uniform(*STATEMENT_SECONDS))
 
 
 class PausingCursor(psycopg2.extensions.cursor):

@@ -668,7 +668,7 @@ def _hook_commits(engine: Engine, simulation: Callable[[], Simulation | None]) -
             return
         faults, rng = sim.faults, sim.commit_faults
         if sim.database == "postgresql":
-            sim.scheduler.pause()
+            sim.scheduler.sleep(sim.scheduler.rng.uniform(*postgres.STATEMENT_SECONDS))
         if faults.chance(rng, faults.crash_before_commit):
             sim.stats["crash before commit"] += 1
             raise SimulatedCrash("before a commit")
