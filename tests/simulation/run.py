@@ -458,8 +458,15 @@ class Simulation:
             if self.scheduler.t >= CHAOS_SECONDS:
                 break
             action = self.rng.choices(
-                ["overlap", "resume", "mutate", "broker lost", "node killed", "node stopped", "nothing"],
-                [3, 1.5, 2, 0.3, self.faults_weight("node killed"), self.faults_weight("node stopped"), 2],
+                ["overlap", "resume", "mutate", "broker lost", "node killed", "node stopped", "run stopped", "nothing"],
+                [
+                    3,
+                    1.5,
+                    2,
+                    0.3,
+                    *(self.faults_weight(kind) for kind in ("node killed", "node stopped", "run stopped")),
+                    2,
+                ],
             )[0]
             if action == "overlap":
                 force = self.rng.random() < 0.25
@@ -478,9 +485,29 @@ class Simulation:
             elif action == "node stopped" and (alive := [n for n in self.celery.nodes if n.alive]):
                 working = [n for n in alive if any(child.running for child in n.children)]  # stopped mid-run
                 self._stop_node(self.rng.choice(working or alive), self.rng.uniform(0.5, 2.5) * self.lease)
+            elif action == "run stopped" and (running := self._running_children()):
+                self._stop_run(self.rng.choice(running), self.rng.uniform(0.8, 1.6) * self.lease)
 
     def faults_weight(self, kind: str) -> float:
-        return self.node_faults if kind in ("node killed", "node stopped") else 0.0
+        return self.node_faults if kind in ("node killed", "node stopped", "run stopped") else 0.0
+
+    def _running_children(self) -> list[Process]:
+        return [
+            child.process
+            for node in self.celery.nodes
+            if node.alive
+            for child in node.children
+            if child.running is not None and isinstance(child.process, Process)
+        ]
+
+    def _stop_run(self, process: Process, seconds: float) -> None:
+        """SIGSTOP of one pool process in the middle of a run, for about its lease: it wakes just
+        as another run may have taken its images over, and writes late."""
+        self.stats["runs stopped"] += 1
+        process.stopped.append((self.scheduler.t, self.scheduler.t + seconds))
+        self.scheduler.stop(process, seconds)
+        if seconds >= self.lease * 3 / 4:
+            self._pictures_held_may_be_paid_again()
 
     def _quiet_end(self) -> None:
         """The faults stop; nobody helps: the user only resumes a scan whose --max-cost budget is
