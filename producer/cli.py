@@ -570,7 +570,10 @@ def gallery_reembed(app: App) -> None:
     results = Gallery(app.store.engine).reembed(_embedder(app.settings))
     if not results:
         click.echo("every enrolled photo is embedded with the current face model")
-    _report_enrollments(results)
+    _print_enrollments(results)
+    refused = sum(item.status == "refused" for item in results)
+    if refused:
+        raise GalleryError(f"{_plural(refused, 'photo')} could not be re-embedded and are not matched")
 
 
 @gallery.command("remove")
@@ -747,6 +750,12 @@ def _embedder(settings: Settings):
     return FaceEmbedder.from_settings(settings)
 
 
+def _print_enrollments(enrollments) -> None:
+    for item in enrollments:
+        reason = f": {item.reason}" if item.reason else ""
+        click.echo(f"{item.status}: {item.person} <- {item.source}{reason}")
+
+
 def _reembed_stale_gallery(engine, settings: Settings) -> None:
     """Before a local scan: the photos an older face model embedded are embedded again (after an
     upgrade), or the command says what to run where the models are installed."""
@@ -760,15 +769,11 @@ def _reembed_stale_gallery(engine, settings: Settings) -> None:
         click.echo(f"{_plural(stale, 'gallery photo')} need re-embedding ({exc}); then: celebscan gallery reembed")
         return
     click.echo(f"re-embedding {_plural(stale, 'gallery photo')} with the face model {embedder.model.id}")
-    for item in gallery.reembed(embedder):
-        if item.status == "refused":
-            click.echo(f"{item.status}: {item.person} <- {item.source}: {item.reason}")
+    _print_enrollments([item for item in gallery.reembed(embedder) if item.status == "refused"])
 
 
 def _report_enrollments(enrollments) -> None:
-    for item in enrollments:
-        reason = f": {item.reason}" if item.reason else ""
-        click.echo(f"{item.status}: {item.person} <- {item.source}{reason}")
+    _print_enrollments(enrollments)
     if enrollments and all(item.status == "refused" for item in enrollments):
         raise GalleryError("no photo could be enrolled")
 
