@@ -45,12 +45,6 @@ class DetectedFace:
 class FaceEmbedder:
     model = CURRENT
 
-    @staticmethod
-    def check_installed() -> None:
-        """Raise :class:`MissingDependencyError` (with the pip command) when the models cannot load."""
-        import_cv2()
-        SFACE.locate()
-
     def __init__(self, detector: FaceDetector | None = None) -> None:
         self._cv2 = cv2 = import_cv2()
         self.detector = detector or FaceDetector()

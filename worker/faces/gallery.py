@@ -17,7 +17,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -178,16 +178,6 @@ class Gallery:
                 .where(gallery_faces.c.model == model.id)
                 .order_by(gallery_faces.c.id)
             ).all()
-        position = {person.id: i for i, person in enumerate(persons)}
-        matrix = np.array([model.from_bytes(row.embedding) for row in embeddings], dtype=np.float32)
-        index = GalleryIndex(
-            names=tuple(person.name for person in persons),
-            person_ids=tuple(person.external_id or str(person.id) for person in persons),
-            urls=tuple(tuple(person.urls or ()) for person in persons),
-            embeddings=matrix.reshape(-1, model.dimension),
-            owners=np.array([position[row.person_id] for row in embeddings], dtype=np.int64),
-            model=model,
-        )
         stale = self.stale(model)
         if stale:
             log.warning(
@@ -196,7 +186,17 @@ class Gallery:
                 stale,
                 model.id,
             )
-        return replace(index, stale=stale)
+        position = {person.id: i for i, person in enumerate(persons)}
+        matrix = np.array([model.from_bytes(row.embedding) for row in embeddings], dtype=np.float32)
+        return GalleryIndex(
+            names=tuple(person.name for person in persons),
+            person_ids=tuple(person.external_id or str(person.id) for person in persons),
+            urls=tuple(tuple(person.urls or ()) for person in persons),
+            embeddings=matrix.reshape(-1, model.dimension),
+            owners=np.array([position[row.person_id] for row in embeddings], dtype=np.int64),
+            model=model,
+            stale=stale,
+        )
 
     def _store(self, name: str, source: str, image_hash: str, face: DetectedFace, crop: bytes) -> bool:
         with self.engine.begin() as conn:
