@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -91,14 +92,29 @@ def drain(
 
 def pool_stop():
     """An event that stops the drains of a pool's processes (made in the pool's own context)."""
-    return multiprocessing.get_context("spawn").Event()
+    return _context().Event()
 
 
 def _pool(settings: Settings, workers: int, stop: Stop | None = None) -> ProcessPoolExecutor:
-    """Spawned, not forked: a fork copies whatever the parent holds (broker connections whose
-    after-fork clean-up can block, other threads' locks); tried and measured at 0.3 s saved of 11."""
-    spawn = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_process, initargs=(settings, stop))
+    return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_process, initargs=(settings, stop))
+
+
+#: What the fork server imports once, before it forks the pool's processes.
+PRELOAD = ("producer.local_pool", "worker.recognizers.local", "worker.recognizers.rekognition")
+
+
+def _context():
+    """Forked from a fork server, not forked from this process nor spawned. A fork of this process
+    copies whatever it holds (broker connections whose after-fork clean-up can block, the listing
+    thread's locks). A spawned process imports everything again, and the command's own module
+    too: ~1 s of CPU each, a quarter of a 60-image local scan once the face models got fast. The
+    fork server is a fresh process that imports the modules (and this command's main module) once
+    and holds nothing else; the pool's processes fork from it ready to load their models. Measured
+    on faces-dev (60 images, 2 processes): docs/performance.md."""
+    context = multiprocessing.get_context("forkserver")
+    main = getattr(sys.modules["__main__"].__spec__, "name", None)
+    context.set_forkserver_preload(["__main__", *([main] if main else []), *PRELOAD])
+    return context
 
 
 def _init_process(settings: Settings, stop: Stop | None = None) -> None:
