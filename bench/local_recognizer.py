@@ -13,14 +13,17 @@
    (``tests/facecrops.py``, made in a temporary folder), scanned with the same gallery: right,
    wrong, unknown (a face found, nobody named) and missed (no face found). Target: none missed,
    none wrong.
-3. Detection time per image, in this process, one thread: dlib's HOG as the local recognizer ran it
+3. With ``--cpu-time``: the CPU time of each tool on one process (``--cpus 1``, ``--workers 1``,
+   so that all of it is this process's children's), a figure that others' load on the machine
+   does not change as it changes wall time.
+4. Detection time per image, in this process, one thread: dlib's HOG as the local recognizer ran it
    before (downscaled to 1024 px, small images upsampled) against YuNet as it runs now
    (``worker.faces.detection``), on the faces-dev pictures and on the crops.
 
 Exits 1 when a target is missed. Needs the baseline tool and dlib beside the test extra:
 ``pip install dlib-bin face-recognition-models && pip install --no-deps face-recognition``.
 
-    python -m bench.local_recognizer [--copies 5]
+    python -m bench.local_recognizer [--copies 5] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -47,6 +51,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cpu-time", action="store_true", help="also measure CPU seconds on one process each")
     args = parser.parse_args()
     if not (FACES_DEV / "expected.csv").is_file():
         sys.exit(f"faces-dev is not at {FACES_DEV}")
@@ -79,7 +84,7 @@ def main() -> int:
 
         ours_times, ours_found = [], {}
         for attempt in range(2):
-            celebscan = _celebscan(work / f"bench-{attempt}.db")
+            celebscan = _Celebscan(work / f"bench-{attempt}.db")
             celebscan("gallery", "import", str(gallery))
             started = time.perf_counter()
             celebscan("scan", str(unknown), "--workers", str(args.workers))
@@ -96,7 +101,13 @@ def main() -> int:
                 baseline_seconds = time.perf_counter() - started
         ours_seconds = sum(ours_times) / len(ours_times)
 
-        crops_db = _celebscan(work / "crops.db")
+        if args.cpu_time:
+            baseline_cpu = _cpu_seconds(["face_recognition", "--cpus", "1", str(known), str(unknown)])
+            single = _Celebscan(work / "cpu.db")
+            single("gallery", "import", str(gallery))
+            ours_cpu = _cpu_seconds([*single.command, "scan", str(unknown), "--workers", "1"], single.env)
+
+        crops_db = _Celebscan(work / "crops.db")
         crops_db("gallery", "import", str(gallery))
         crops_db("scan", str(crops), "--workers", str(args.workers))
         crop_outcomes = {
@@ -123,6 +134,11 @@ def main() -> int:
     )
     met = ratio >= TARGET and ours_ok == "all names right"
     print(f"ratio: {ratio:.1f}x (target >= {TARGET:.0f}x with all names right) {'OK' if met else 'MISSED'}")
+    if args.cpu_time:
+        print(
+            f"CPU time on one process, start-up included: baseline {baseline_cpu:.1f} s, celebscan "
+            f"{ours_cpu:.1f} s: {baseline_cpu / ours_cpu:.1f}x"
+        )
 
     counts = tally(crop_outcomes.get(key, "missed") for key in crop_people)
     crops_met = counts["missed"] == 0 and counts["wrong"] == 0
@@ -138,15 +154,22 @@ def main() -> int:
     return 0 if met and crops_met else 1
 
 
-def _celebscan(database: Path):
-    command = [sys.executable, "-m", "producer.cli", "--database-url", f"sqlite:///{database}"]
-    # The crops of the smallest faces are under the 80 px a scan refuses by default.
-    env = {**os.environ, "CELEBSCAN_MIN_IMAGE_SIDE": "16"}
+class _Celebscan:
+    def __init__(self, database: Path) -> None:
+        self.command = [sys.executable, "-m", "producer.cli", "--database-url", f"sqlite:///{database}"]
+        # The crops of the smallest faces are under the 80 px a scan refuses by default.
+        self.env = {**os.environ, "CELEBSCAN_MIN_IMAGE_SIDE": "16"}
 
-    def run(*args: str) -> str:
-        return subprocess.run([*command, *args], capture_output=True, text=True, check=True, env=env).stdout
+    def __call__(self, *args: str) -> str:
+        return subprocess.run([*self.command, *args], capture_output=True, text=True, check=True, env=self.env).stdout
 
-    return run
+
+def _cpu_seconds(command: list[str], env: dict[str, str] | None = None) -> float:
+    """User + system CPU seconds of ``command``, a process that makes no process of its own."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, capture_output=True, check=True, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def _names(results: str) -> dict[str, set[str]]:

@@ -3,7 +3,7 @@
 Each pool process builds its :class:`WorkerContext` once (models, engine) in the initializer, as a
 Celery worker does in ``worker_process_init``, then takes the scan's batches one after another
 (the same :func:`worker.batch.take_next_batch` a Celery window slot runs) until nothing is left to
-wait for. dlib uses one core per process, so the default is one process per core.
+wait for. The local face models use one core per process, so the default is one process per core.
 """
 
 from __future__ import annotations
