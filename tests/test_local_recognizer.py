@@ -93,6 +93,21 @@ def test_recognizes_two_people_with_ratio_boxes(enrolled, faces_dev, embedder):
     assert biden.bounding_box.left < obama.bounding_box.left  # Biden stands on the left in this photo
 
 
+def test_a_phone_s_heic_is_recognized(enrolled, faces_dev, embedder):
+    from PIL import Image
+
+    from tests.imagemaker import heic
+
+    exif = Image.Exif()
+    exif[0x0112] = 8  # the phone was turned: its pixels are stored on their side
+    upright = Image.open(faces_dev / "test" / "obama_and_biden.jpg")
+    data = heic(upright.transpose(Image.Transpose.ROTATE_270), exif=exif.tobytes())
+    image = decode_image(data)
+    assert image.format == "HEIF" and (image.width, image.height) == upright.size
+    result = LocalRecognizer(embedder, enrolled.index()).recognize(image)
+    assert sorted(result.names) == ["biden", "obama"]
+
+
 def test_a_stranger_is_an_unrecognized_face(enrolled, faces_dev, embedder):
     recognizer = LocalRecognizer(embedder, enrolled.index())
     result = recognizer.recognize(load(faces_dev / "extra" / "lin-manuel-miranda.png"))
