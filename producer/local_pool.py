@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import sys
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -108,12 +107,12 @@ def _context():
     copies whatever it holds (broker connections whose after-fork clean-up can block, the listing
     thread's locks). A spawned process imports everything again, and the command's own module
     too: ~1 s of CPU each, a quarter of a 60-image local scan once the face models got fast. The
-    fork server is a fresh process that imports the modules (and this command's main module) once
-    and holds nothing else; the pool's processes fork from it ready to load their models. Measured
-    on faces-dev (60 images, 2 processes): docs/performance.md."""
+    fork server is a fresh process that imports the modules (and the ``celebscan`` script) once and
+    holds nothing else; the pool's processes fork from it ready to load their models. Measured on
+    faces-dev (60 images, 2 processes): docs/performance.md. (Run as ``python -m producer.cli``, each
+    process still imports that module itself: preloading it too makes runpy warn in each.)"""
     context = multiprocessing.get_context("forkserver")
-    main = getattr(sys.modules["__main__"].__spec__, "name", None)
-    context.set_forkserver_preload(["__main__", *([main] if main else []), *PRELOAD])
+    context.set_forkserver_preload(["__main__", *PRELOAD])
     return context
 
 
