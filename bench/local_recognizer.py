@@ -155,8 +155,12 @@ def main() -> int:
 
 
 class _Celebscan:
+    """The ``celebscan`` command as a user runs it (the script pip installed beside this Python)."""
+
     def __init__(self, database: Path) -> None:
-        self.command = [sys.executable, "-m", "producer.cli", "--database-url", f"sqlite:///{database}"]
+        script = Path(sys.executable).parent / "celebscan"
+        program = [str(script)] if script.is_file() else [sys.executable, "-m", "producer.cli"]
+        self.command = [*program, "--database-url", f"sqlite:///{database}"]
         # The crops of the smallest faces are under the 80 px a scan refuses by default.
         self.env = {**os.environ, "CELEBSCAN_MIN_IMAGE_SIDE": "16"}
 
