@@ -21,7 +21,7 @@ from producer.export import WRITERS
 from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
 from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.database import aware_utc, utcnow
-from worker.errors import CelebscanError, GalleryError
+from worker.errors import CelebscanError, GalleryError, MissingDependencyError
 from worker.faces.gallery import Gallery
 from worker.read_models import ImageError, ResultRecord, ScanSummary
 from worker.recognizers import BACKENDS, PAID_BACKENDS
@@ -136,9 +136,11 @@ def scan(
     if prefilter_faces and settings.backend not in PAID_BACKENDS:
         raise click.UsageError("--prefilter-faces saves paid calls: use it with --backend rekognition")
     if prefilter_faces and settings.embedded:
-        from worker.faces.embeddings import FaceEmbedder
+        from worker.faces.detection import FaceDetector
 
-        FaceEmbedder.check_installed()
+        FaceDetector.check_installed()
+    if settings.backend == "local" and resume_id is None:
+        _reembed_stale_gallery(app.store.engine, settings)
     summary = run_scan(
         app.store,
         settings,
@@ -551,6 +553,27 @@ def gallery_list(app: App) -> None:
         click.echo("the gallery is empty; enroll people with `celebscan gallery import DIR`")
     for name, photos in people:
         click.echo(f"{name}\t{photos} photo{'s' if photos != 1 else ''}")
+    stale = Gallery(app.store.engine).stale()
+    if stale:
+        click.echo(f"{_plural(stale, 'photo')} embedded by an older face model: run `celebscan gallery reembed`")
+
+
+@gallery.command("reembed")
+@click.pass_obj
+def gallery_reembed(app: App) -> None:
+    """Embed again, with the current face model, the photos an older model embedded.
+
+    From each photo's kept face crop, or from the photo where it was enrolled from; `celebscan scan`
+    does this by itself when it finds such photos. Photos it cannot re-embed are named, with the
+    command that enrolls them again.
+    """
+    results = Gallery(app.store.engine).reembed(_embedder(app.settings))
+    if not results:
+        click.echo("every enrolled photo is embedded with the current face model")
+    _print_enrollments(results)
+    refused = sum(item.status == "refused" for item in results)
+    if refused:
+        raise GalleryError(f"{_plural(refused, 'photo')} could not be re-embedded and are not matched")
 
 
 @gallery.command("remove")
@@ -754,10 +777,30 @@ def _embedder(settings: Settings):
     return FaceEmbedder.from_settings(settings)
 
 
-def _report_enrollments(enrollments) -> None:
+def _print_enrollments(enrollments) -> None:
     for item in enrollments:
         reason = f": {item.reason}" if item.reason else ""
         click.echo(f"{item.status}: {item.person} <- {item.source}{reason}")
+
+
+def _reembed_stale_gallery(engine, settings: Settings) -> None:
+    """Before a local scan: the photos an older face model embedded are embedded again (after an
+    upgrade), or the command says what to run where the models are installed."""
+    gallery = Gallery(engine)
+    stale = gallery.stale()
+    if not stale:
+        return
+    try:
+        embedder = _embedder(settings)
+    except MissingDependencyError as exc:
+        click.echo(f"{_plural(stale, 'gallery photo')} need re-embedding ({exc}); then: celebscan gallery reembed")
+        return
+    click.echo(f"re-embedding {_plural(stale, 'gallery photo')} with the face model {embedder.model.id}")
+    _print_enrollments([item for item in gallery.reembed(embedder) if item.status == "refused"])
+
+
+def _report_enrollments(enrollments) -> None:
+    _print_enrollments(enrollments)
     if enrollments and all(item.status == "refused" for item in enrollments):
         raise GalleryError("no photo could be enrolled")
 

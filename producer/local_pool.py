@@ -3,7 +3,7 @@
 Each pool process builds its :class:`WorkerContext` once (models, engine) in the initializer, as a
 Celery worker does in ``worker_process_init``, then takes the scan's batches one after another
 (the same :func:`worker.batch.take_next_batch` a Celery window slot runs) until nothing is left to
-wait for. dlib uses one core per process, so the default is one process per core.
+wait for. The local face models use one core per process, so the default is one process per core.
 """
 
 from __future__ import annotations
@@ -126,14 +126,29 @@ def drain(
 
 def pool_stop():
     """An event that stops the drains of a pool's processes (made in the pool's own context)."""
-    return multiprocessing.get_context("spawn").Event()
+    return _context().Event()
 
 
 def _pool(settings: Settings, workers: int, stop: Stop | None = None) -> ProcessPoolExecutor:
-    """Spawned, not forked: a fork copies whatever the parent holds (broker connections whose
-    after-fork clean-up can block, other threads' locks); tried and measured at 0.3 s saved of 11."""
-    spawn = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_process, initargs=(settings, stop))
+    return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_process, initargs=(settings, stop))
+
+
+#: What the fork server imports once, before it forks the pool's processes.
+PRELOAD = ("producer.local_pool", "worker.recognizers.local", "worker.recognizers.rekognition")
+
+
+def _context():
+    """Forked from a fork server, not forked from this process nor spawned. A fork of this process
+    copies whatever it holds (broker connections whose after-fork clean-up can block, the listing
+    thread's locks). A spawned process imports everything again, and the command's own module
+    too: ~1 s of CPU each, a quarter of a 60-image local scan once the face models got fast. The
+    fork server is a fresh process that imports the modules (and the ``celebscan`` script) once and
+    holds nothing else; the pool's processes fork from it ready to load their models. Measured on
+    faces-dev (60 images, 2 processes): docs/performance.md. (Run as ``python -m producer.cli``, each
+    process still imports that module itself: preloading it too makes runpy warn in each.)"""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", *PRELOAD])
+    return context
 
 
 def _init_process(settings: Settings, stop: Stop | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Fixtures for real resources: databases (SQLite and a real PostgreSQL), the dev photo set, dlib.
+"""Fixtures for real resources: databases (SQLite and a real PostgreSQL), the dev photo set, the face models.
 
 A server whose programs are missing skips its tests with the install command as the reason, except
 under CI (``CI=true``), where a missing server is a failure.
@@ -20,12 +20,6 @@ from worker.store import ResultStore
 PROJECT = Path(__file__).resolve().parent.parent
 FACES_DEV = PROJECT.parent / "shared" / "datasets" / "faces-dev"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _cache_dir_of_the_session(tmp_path_factory):
-    """Commands run by the tests keep dlib's detector cache in a temporary folder, not in ~/.cache."""
-    os.environ["CELEBSCAN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
 def unavailable(reason: str):
@@ -105,7 +99,7 @@ def expected_people(faces_dev) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="session")
 def embedder():
-    """One set of dlib models for the whole session (loading them takes about a second)."""
+    """One set of face models (YuNet and SFace) for the whole session."""
     from worker.faces.embeddings import FaceEmbedder
 
     return FaceEmbedder()

@@ -26,6 +26,14 @@ def jpeg(width: int = 200, height: int = 120) -> bytes:
     return encode(halves(width, height), "JPEG", quality=90)
 
 
+def heic(image: Image.Image, **options) -> bytes:
+    """``image`` as HEIC, the format iPhones save (pillow-heif's encoder, x265 inside its wheel)."""
+    from worker.media.images import heif_decoder
+
+    assert heif_decoder(), "pillow-heif is not installed"
+    return encode(image, "HEIF", quality=90, **options)
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A small PNG whose header claims ``width`` x ``height`` pixels: a decompression bomb's shape."""
     import struct

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.imagemaker import encode, halves, jpeg, png_declaring
+from tests.imagemaker import encode, halves, heic, jpeg, png_declaring
 from worker.errors import ImageTooLargeError, ImageTooSmallError, InvalidImageError
 from worker.media.images import ImageLimits, decode_image
 
@@ -84,6 +84,25 @@ def test_exif_orientation_is_applied():
     assert (image.width, image.height) == (200, 120)
     assert_close(colour_at(image.pixels, 10, 60), RED)
     assert_close(colour_at(image.pixels, 190, 60), BLUE)
+
+
+def test_heic_from_a_phone_is_decoded_upright():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # as for the JPEG above: a phone held upright, its sensor's pixels on their side
+    stored = halves(200, 120).transpose(Image.Transpose.ROTATE_90)
+    # pillow-heif writes the orientation as HEIF's own rotation (irot) beside the EXIF tag, as phones do
+    image = decode_image(heic(stored, exif=exif.tobytes()))
+    assert (image.width, image.height, image.format) == (200, 120, "HEIF")
+    assert_close(colour_at(image.pixels, 10, 60), RED)
+    assert_close(colour_at(image.pixels, 190, 60), BLUE)
+
+
+def test_truncated_heic_is_corrupt():
+    data = heic(halves(400, 300))
+    with pytest.raises(InvalidImageError) as failure:
+        decode_image(data[: len(data) - 10])
+    assert failure.value.code == "CorruptImage"
+    assert "HEIF" in str(failure.value)
 
 
 def test_cmyk_jpeg_becomes_rgb():

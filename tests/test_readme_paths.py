@@ -195,7 +195,7 @@ def test_a_scan_no_worker_can_serve_waits_and_says_why(aws_env, broker_url, post
     scan_id = store.latest_scan_id()
     hidden = tmp_path / "without-local"
     hidden.mkdir()
-    (hidden / "dlib.py").write_text("raise ModuleNotFoundError(\"No module named 'dlib'\", name='dlib')\n")
+    (hidden / "cv2.py").write_text("raise ModuleNotFoundError(\"No module named 'cv2'\", name='cv2')\n")
     worker_env = {**env, "PYTHONPATH": str(hidden)}  # this machine lacks the local extra
     with shell_command(readme_line("celery -A worker.celery_app worker"), worker_env, tmp_path, tmp_path / "w.log"):
         wait_until(

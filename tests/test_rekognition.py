@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.imagemaker import encode, halves, jpeg
+from tests.clirun import celebscan
+from tests.imagemaker import encode, halves, heic, jpeg
 from tests.rekognition_standin import celebrity
 from worker.errors import PermanentError, ServiceUnavailableError, ThrottledError
 from worker.media.images import decode_image
@@ -71,6 +72,31 @@ def test_exif_rotated_images_are_sent_upright(rekognition, recognizer):
     rekognition.answer = lambda key, sent: seen.append(Image.open(__import__("io").BytesIO(sent)).size) or {}
     recognizer.recognize(decode_image(data))
     assert seen == [(300, 200)]
+
+
+def test_a_phone_s_heic_is_sent_once_as_an_upright_jpeg(rekognition, s3, bucket, aws_env, tmp_path):
+    """A HEIC picture (the iPhone's format, which Rekognition refuses), stored under two keys and
+    scanned: one call, with an upright JPEG within the 5 MB limit; both images named."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise = np.random.default_rng(2).integers(0, 60, (1200, 1600, 3), dtype=np.uint8)
+    stored = Image.fromarray(np.asarray(halves(1600, 1200)) - noise).transpose(Image.Transpose.ROTATE_90)
+    data = heic(stored, exif=exif.tobytes())
+    for key in ("phone/IMG_0001.HEIC", "backup/IMG_0001.HEIC"):
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    sent = []
+    rekognition.answer = lambda key, image: sent.append(image) or {"CelebrityFaces": [celebrity("Jeff Bezos")]}
+    database = f"sqlite:///{tmp_path / 'heic.db'}"
+    env = {**aws_env, "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url}
+    args = ("--database-url", database, "scan", f"s3://{bucket}/", "--backend", "rekognition", "--workers", "1")
+    output = celebscan(*args, env=env).output
+    assert "paid calls: 1" in output and "1 duplicates reused" in output, output
+    [call] = rekognition.calls
+    assert call.kind == "Bytes" and call.answered == "ok" and call.size <= MAX_BYTES
+    picture = Image.open(__import__("io").BytesIO(sent[0]))
+    assert picture.format == "JPEG" and picture.size == (1600, 1200)
+    records = celebscan("--database-url", database, "results", env=env).output
+    assert records.count('"name": "Jeff Bezos"') == 2 and records.count('"status": "done"') == 2, records
 
 
 def test_images_over_5_mb_are_shrunk_to_fit(rekognition, recognizer):

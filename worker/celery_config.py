@@ -1,7 +1,7 @@
 """The Celery configuration shared by the producer (which only sends) and the workers.
 
 Kept apart from :mod:`worker.celery_app` so the producer can enqueue by task name without importing
-the batch function, the recognizers or dlib.
+the batch function, the recognizers or the face models.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ QUEUE = "celebscan"
 #: Listing has its own queue: a worker takes from both in turn, so recognition starts at once
 #: while the key space is listed, and a long listing never waits behind a full window.
 LISTING_QUEUE = "celebscan.listing"
-#: Worker processes are replaced after this many messages, returning dlib's and Pillow's memory.
+#: Worker processes are replaced after this many messages, returning the face models' and Pillow's memory.
 #: Many: a followed source's idle window slots are messages too (up to 16 a second), and a process
 #: replaced every half minute reloads its models; the memory limit below does the real work.
 MAX_TASKS_PER_CHILD = 10_000
-#: ... or when their resident memory passes this many KiB (dlib alone is ~440 MB).
+#: ... or when their resident memory passes this many KiB (a local recognizer process peaks at ~210 MB).
 MAX_MEMORY_PER_CHILD_KIB = 1_500_000
 
 

@@ -149,8 +149,12 @@ SCHEMA_LOCK = 0x63656C6562
 
 
 #: Values for columns added to existing rows: scans made before listings were streamed were listed
-#: in full before they started.
-_BACKFILL = {("scans", "listing_finished_at"): "UPDATE scans SET listing_finished_at = created_at"}
+#: in full before they started; gallery embeddings made before face models were named are dlib's
+#: (worker/faces/models.py: re-embedded by `celebscan gallery reembed`, never compared).
+_BACKFILL = {
+    ("scans", "listing_finished_at"): "UPDATE scans SET listing_finished_at = created_at",
+    ("gallery_faces", "model"): "UPDATE gallery_faces SET model = 'dlib-resnet-v1'",
+}
 
 
 def create_or_upgrade_schema(engine: Engine) -> None:

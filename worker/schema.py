@@ -378,6 +378,10 @@ gallery_faces = Table(
     Column("id", Integer, primary_key=True),
     Column("person_id", Integer, ForeignKey("people.id", ondelete="CASCADE"), nullable=False),
     Column("embedding", LargeBinary, nullable=False),
+    #: The EmbeddingModel id that made the embedding (worker/faces/models.py): never compared across models.
+    Column("model", Text),
+    #: The face and half its size around it, a small JPEG: what a later model re-embeds from.
+    Column("face_crop", LargeBinary),
     Column("source", Text, nullable=False),
     Column("image_hash", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),

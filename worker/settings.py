@@ -59,24 +59,24 @@ class Settings:
         "", "CELEBSCAN_ENDPOINT_URL", "Endpoint for S3-compatible stores and local AWS stand-ins."
     )
     match_threshold: float = _setting(
-        0.6,
+        0.0,
         "CELEBSCAN_MATCH_THRESHOLD",
-        "Local recognizer: largest euclidean distance that names a face.",
-        minimum=0.001,
+        "Local recognizer: largest distance between unit-length face embeddings that names a face "
+        "(0: the face model's own, 1.128 for SFace).",
+        minimum=0.0,
     )
     min_face_score: float = _setting(
-        0.2, "CELEBSCAN_MIN_FACE_SCORE", "Local recognizer: dlib detector score below which a detection is ignored."
+        0.7,
+        "CELEBSCAN_MIN_FACE_SCORE",
+        "Local recognizer and face prefilter: YuNet detector score (0-1) below which a detection is ignored.",
+        minimum=0.0,
     )
     detect_max_side: int = _setting(
-        1024,
+        640,
         "CELEBSCAN_DETECT_MAX_SIDE",
-        "Local recognizer: images are downscaled to this side for detection.",
-        minimum=32,
-    )
-    cache_dir: str = _setting(
-        "~/.cache/celebscan",
-        "CELEBSCAN_CACHE_DIR",
-        "Local recognizer: where dlib's face detector is kept in binary form (loads in ms, not 0.6 s); empty: off.",
+        "Local recognizer and face prefilter: images are downscaled to this side for detection "
+        "(faces from ~1/64 of it are found; larger ones by a second pass at 240).",
+        minimum=240,
     )
     max_image_pixels: int = _setting(
         100_000_000,

@@ -1,182 +1,94 @@
-"""dlib face detection and 128-d embeddings, as plain data.
+"""Faces as plain data: YuNet's detections with SFace embeddings, stamped with their model.
 
 A small face API in the spirit of ``face_recognition``, without its globals: a ``FaceEmbedder`` loads
-the three dlib models once when it is built (one per process) and turns an RGB array into
-``DetectedFace`` records. dlib is imported lazily so that the producer and the Rekognition backend
-never need it.
+the two ONNX models once when it is built (one per process) and turns an RGB array into
+``DetectedFace`` records. OpenCV is imported lazily, so that the producer and a Rekognition-only
+worker never need it.
 
-Speed choices: detection runs on a copy downscaled to ``detect_max_side`` (the HOG detector's cost
-grows with pixels, and faces in large photos are large), small images are upsampled so faces down
-to ~20 px are found, and landmarks and embeddings are computed on the original pixels, where the
-150x150 aligned chip keeps full detail. The embedding network itself runs in numpy
-(:mod:`worker.faces.net`, same weights and same numbers as dlib's, ~5x faster without BLAS in dlib).
+Each face is aligned on its five landmarks to SFace's 112x112 template (the similarity transform
+that best maps them, as OpenCV's ``FaceRecognizerSF.alignCrop`` does; written here because that
+class cannot set its network's input under OpenCV 5's engine) and embedded in one batch per image.
+:meth:`FaceEmbedder.embed` takes landmarks from elsewhere (Rekognition returns the same five points).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from worker.errors import MissingDependencyError
-from worker.faces.net import CHIP_PADDING, CHIP_SIZE, FaceDescriptorNet
+from worker.faces.detection import Detection, FaceDetector
+from worker.faces.models import CURRENT, EmbeddingModel
+from worker.faces.weights import SFACE, import_cv2
 from worker.settings import Settings
 
-log = logging.getLogger(__name__)
+CHIP_SIZE = 112
+#: Where SFace's training aligned the five landmarks in its 112x112 chips (OpenCV's face_recognize.cpp).
+TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
 
-EMBEDDING_SIZE = 128
-LANDMARKS_MODEL = "shape_predictor_5_face_landmarks.dat"
-DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-INSTALL_HINT = "pip install '.[local]' in a clone of celebscan"
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DetectedFace:
-    """One face: its pixel box in the original image, the detector's score and its embedding."""
+    """One face: where it is (pixels of the original image), the detector's score, its embedding."""
 
-    left: int
-    top: int
-    right: int
-    bottom: int
-    score: float
+    detection: Detection
     embedding: np.ndarray
+    model: EmbeddingModel
 
     @property
     def confidence(self) -> float:
-        """The detector score on Rekognition's 0–100 scale (a logistic squash; score 0 → 50)."""
-        return 100.0 / (1.0 + math.exp(-2.0 * self.score))
+        return self.detection.confidence
 
 
 class FaceEmbedder:
-    @staticmethod
-    def check_installed() -> None:
-        """Raise :class:`MissingDependencyError` (with the pip command) when dlib is not installed."""
-        _import_dlib()
+    model = CURRENT
 
-    def __init__(self, *, detect_max_side: int = 1024, min_score: float = 0.2, cache_dir: str | Path = "") -> None:
-        dlib, threadpoolctl = _import_dlib()
-        self._dlib = dlib
-        self._detector = _load_detector(dlib, Path(cache_dir).expanduser() if cache_dir else None)
-        self._landmarks = dlib.shape_predictor(str(model_file(LANDMARKS_MODEL)))
-        self._descriptor_net = FaceDescriptorNet(model_file(DESCRIPTOR_MODEL))
-        # One BLAS thread: a scan runs one process per core, and the network's matrices are too
-        # small for threads to pay (measured: 2 threads were slower than 1 on 2 cores).
-        threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-        self.detect_max_side = detect_max_side
-        self.min_score = min_score
+    def __init__(self, detector: FaceDetector | None = None) -> None:
+        self._cv2 = cv2 = import_cv2()
+        self.detector = detector or FaceDetector()
+        self._net = cv2.dnn.readNetFromONNX(np.frombuffer(SFACE.read(), dtype=np.uint8))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FaceEmbedder:
-        return cls(
-            detect_max_side=settings.detect_max_side, min_score=settings.min_face_score, cache_dir=settings.cache_dir
-        )
-
-    def detect(self, pixels: np.ndarray) -> list[tuple[Any, float]]:
-        """(dlib rectangle in ``pixels``' coordinates, detector score) of every face, strongest first.
-
-        Detection alone, without embeddings: what the face prefilter needs (~0.1 s an image).
-        """
-        pixels = np.ascontiguousarray(pixels)
-        height, width = pixels.shape[:2]
-        scale = min(1.0, self.detect_max_side / max(height, width))
-        small = pixels if scale == 1.0 else _resize(pixels, scale)
-        rects, scores, _ = self._detector.run(small, _upsample_times(small), self.min_score)
-        return [
-            (
-                self._dlib.rectangle(
-                    round(rect.left() / scale),
-                    round(rect.top() / scale),
-                    round(rect.right() / scale),
-                    round(rect.bottom() / scale),
-                ),
-                float(score),
-            )
-            for rect, score in sorted(zip(rects, scores, strict=True), key=lambda pair: -pair[1])
-        ]
+        return cls(FaceDetector.from_settings(settings))
 
     def faces(self, pixels: np.ndarray) -> list[DetectedFace]:
         """Every face in an upright RGB ``uint8`` array, strongest detection first."""
-        pixels = np.ascontiguousarray(pixels)
-        detections = self.detect(pixels)
+        detections = self.detector.detect(pixels)
         if not detections:
             return []
-        shapes = self._dlib.full_object_detections()
-        shapes.extend(self._landmarks(pixels, box) for box, _ in detections)
-        chips = self._dlib.get_face_chips(pixels, shapes, size=CHIP_SIZE, padding=CHIP_PADDING)
-        embeddings = self._descriptor_net.descriptors(np.stack(chips))
+        embeddings = self.embed(pixels, np.stack([found.landmarks for found in detections]))
         return [
-            DetectedFace(box.left(), box.top(), box.right(), box.bottom(), float(score), embedding)
-            for (box, score), embedding in zip(detections, embeddings, strict=True)
+            DetectedFace(found, embedding, self.model) for found, embedding in zip(detections, embeddings, strict=True)
         ]
 
-
-def _load_detector(dlib, cache_dir: Path | None):
-    """dlib's frontal face detector, from the cache when it is there.
-
-    ``get_frontal_face_detector()`` parses the model from text, 0.6 s in every process that starts;
-    dlib's binary form of the same detector loads in ~2 ms. The cache file is named after dlib's
-    version and written atomically, so processes starting together never read half a file. A
-    cache that cannot be read or written only costs the 0.6 s.
-    """
-    cached = cache_dir / f"frontal_face_detector-dlib-{dlib.__version__}.svm" if cache_dir else None
-    if cached is not None and cached.is_file():
-        try:
-            return dlib.fhog_object_detector(str(cached))
-        except RuntimeError:
-            log.warning("ignoring the unreadable detector cache %s", cached)
-    detector = dlib.get_frontal_face_detector()
-    if cached is not None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".part", delete=False) as part:
-                detector.save(part.name)
-            os.replace(part.name, cached)
-        except OSError as exc:
-            log.debug("cannot cache the face detector in %s: %s", cache_dir, exc)
-    return detector
+    def embed(self, pixels: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """(N, 128) unit-length embeddings of the faces whose five landmarks (N, 5, 2) are given."""
+        cv2 = self._cv2
+        chips = [
+            cv2.warpAffine(pixels, similarity_transform(points, TEMPLATE), (CHIP_SIZE, CHIP_SIZE))
+            for points in np.asarray(landmarks, dtype=np.float64).reshape(-1, 5, 2)
+        ]
+        if not chips:
+            return np.empty((0, self.model.dimension), dtype=np.float32)
+        # SFace takes RGB (OpenCV's own wrapper swaps its BGR input): the pixels already are.
+        self._net.setInput(cv2.dnn.blobFromImages(chips, 1.0, (CHIP_SIZE, CHIP_SIZE), (0, 0, 0), False, False), "data")
+        return self.model.normalized(self._net.forward())
 
 
-def _upsample_times(pixels: np.ndarray) -> int:
-    """The HOG detector finds faces of ~80 px and up; upsample small images so small faces count."""
-    longest = max(pixels.shape[:2])
-    if longest < 400:
-        return 2
-    if longest < 800:
-        return 1
-    return 0
-
-
-def _resize(pixels: np.ndarray, scale: float) -> np.ndarray:
-    height, width = pixels.shape[:2]
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
-
-
-def model_file(name: str) -> Path:
-    """A model file of the ``face-recognition-models`` package, found without importing the package
-    (its ``__init__`` imports the deprecated ``pkg_resources``: 0.3 s in every worker process)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("face_recognition_models is not installed", name="face_recognition_models")
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / name
-
-
-def _import_dlib():
-    try:
-        import dlib
-        import threadpoolctl
-
-        model_file(DESCRIPTOR_MODEL)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"the local recognizer needs dlib, its models and threadpoolctl ({exc.name} is missing): {INSTALL_HINT}"
-        ) from exc
-    return dlib, threadpoolctl
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The 2x3 rotation + uniform scale + shift that maps ``source`` points closest to ``target``
+    (least squares; Umeyama's method, as OpenCV's alignCrop)."""
+    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    centred_source, centred_target = source - source_mean, target - target_mean
+    covariance = centred_target.T @ centred_source / len(source)
+    u, singular, vt = np.linalg.svd(covariance)
+    sign = np.diag([1.0, -1.0 if np.linalg.det(covariance) < 0 else 1.0])
+    rotation = u @ sign @ vt
+    scale = float((singular * np.diag(sign)).sum() / centred_source.var(axis=0).sum())
+    transform = np.empty((2, 3))
+    transform[:, :2] = scale * rotation
+    transform[:, 2] = target_mean - scale * rotation @ source_mean
+    return transform

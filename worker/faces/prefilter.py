@@ -1,8 +1,9 @@
 """The face prefilter: the free local detector decides which images are worth a paid call.
 
-An image in which dlib's detector finds no face is recorded ``done`` with no faces and never sent
-to the paid recognizer (so never billed). The detector misses some faces the service would find
-(small, turned or half-hidden ones): measured in ``bench/prefilter.py`` (docs/performance.md).
+An image in which the local recognizer's own detector (YuNet, :mod:`worker.faces.detection`) finds no
+face is recorded ``done`` with no faces and never sent to the paid recognizer (so never billed). It
+needs only the detector (122 KB, ~20 ms an image), not the embedding model. What it misses and what
+it saves is measured in ``bench/prefilter.py`` (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,28 +17,28 @@ from worker.errors import ConfigurationError, RecognizerUnavailableError
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.faces.embeddings import FaceEmbedder
+    from worker.faces.detection import FaceDetector
 
 
 class FacePrefilter:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self._embedder: FaceEmbedder | None = None
-        #: dlib's detector is CPU work under the GIL: a run's calls in flight take turns at it.
+        self._detector: FaceDetector | None = None
+        #: One detector per process: a run's calls in flight take turns at it.
         self._detecting = threading.Lock()
 
     def check_available(self) -> None:
-        """Load dlib's detector now; :class:`RecognizerUnavailableError` when this worker cannot."""
-        if self._embedder is None:  # dlib's models load on first use: Rekognition-only workers skip them
-            from worker.faces.embeddings import FaceEmbedder
+        """Load the detector now; :class:`RecognizerUnavailableError` when this worker cannot."""
+        if self._detector is None:  # loaded on first use: workers that never prefilter skip OpenCV
+            from worker.faces.detection import FaceDetector
 
             try:
-                self._embedder = FaceEmbedder.from_settings(self.settings)
+                self._detector = FaceDetector.from_settings(self.settings)
             except ConfigurationError as exc:
                 raise RecognizerUnavailableError(f"this worker cannot run the face prefilter: {exc}") from exc
 
     def has_face(self, pixels: np.ndarray) -> bool:
         with self._detecting:
             self.check_available()
-            assert self._embedder is not None
-            return bool(self._embedder.detect(pixels))
+            assert self._detector is not None
+            return bool(self._detector.detect(pixels))

@@ -1,4 +1,8 @@
-"""The ``local`` recognizer: dlib faces matched against the enrolled gallery. Offline and free."""
+"""The ``local`` recognizer: YuNet faces with SFace embeddings, matched against the enrolled gallery.
+
+Offline and free. Only gallery embeddings of the embedder's own model are compared (the index
+holds no others).
+"""
 
 from __future__ import annotations
 
@@ -20,21 +24,27 @@ def match_confidence(distance: float, threshold: float) -> float:
 class LocalRecognizer:
     name = "local"
 
-    def __init__(self, embedder: FaceEmbedder, gallery: GalleryIndex, threshold: float = 0.6) -> None:
+    def __init__(self, embedder: FaceEmbedder, gallery: GalleryIndex, threshold: float | None = None) -> None:
+        if gallery.model != embedder.model:
+            raise ValueError(f"a gallery of {gallery.model.id} embeddings cannot match {embedder.model.id} faces")
         self.embedder = embedder
         self.gallery = gallery
-        self.threshold = threshold
+        self.threshold = threshold or embedder.model.threshold
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine) -> LocalRecognizer:
-        return cls(FaceEmbedder.from_settings(settings), Gallery(engine).index(), settings.match_threshold)
+        embedder = FaceEmbedder.from_settings(settings)
+        return cls(embedder, Gallery(engine).index(embedder.model), settings.match_threshold)
 
     def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
         celebrities, unrecognized = [], []
         for face in self.embedder.faces(image.pixels):
-            box = BoundingBox.from_pixels(face.left, face.top, face.right, face.bottom, image.width, image.height)
+            found = face.detection
+            box = BoundingBox.from_pixels(
+                round(found.left), round(found.top), round(found.right), round(found.bottom), image.width, image.height
+            )
             match = self.gallery.nearest(face.embedding)
-            details = {"DetectorScore": round(face.score, 4)}
+            details: dict[str, object] = {"DetectorScore": round(found.score, 4), "EmbeddingModel": face.model.id}
             if match is not None:
                 details["NearestDistance"] = round(match[1], 4)
             if match is not None and match[1] <= self.threshold:
