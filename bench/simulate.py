@@ -1,8 +1,9 @@
 """The seeded simulation of faults, as long a campaign as you like (CI runs a fixed number of seeds).
 
-Each seed drives celebscan's real claim, listing, batch and write code through a schedule of
-crashes, lost acknowledgements, redelivered, duplicated and lost messages, stalls, throttling and
-overlapping scans, then checks the invariants (``tests/simulation/``). A failing seed prints the
+Each seed drives celebscan's real claim, listing, batch, window and write code, on a model of Celery,
+through a schedule of crashes, lost acknowledgements, redelivered, duplicated and lost messages,
+nodes killed and stopped, stalls, slow calls, throttling and overlapping scans; then, nobody
+resuming, checks that every scan finished and the invariants held (``tests/simulation/``). A failing seed prints the
 one-line command that replays it (with its log).
 
     python -m bench.simulate --seeds 1000 [--first 0] [--database sqlite|postgresql] [--processes 2]
@@ -72,7 +73,7 @@ def summary(results: list[RunResult], database: str, mutation: str | None, secon
     worst = max((result.worst_excess for result in results), default=0)
     lines.append(
         "paid calls per picture: at most 1 + interruptions (a crash between a call and its write, a run that "
-        "lost its claim meanwhile, a picture taken over after a stall), plus one per copy for each --force scan; "
+        "lost its claim meanwhile, a picture taken over after a stall) + one per --force scan; "
         f"worst case seen: {worst:+d} against that bound"
     )
     return "\n".join(lines)

@@ -116,6 +116,16 @@ def install(dsn: str) -> None:
     _monitor.autocommit = True
 
 
+def uninstall() -> None:
+    """psycopg2 back in its usual blocking mode (the process goes on with other work)."""
+    global _monitor
+    if _monitor is None:
+        return
+    psycopg2.extensions.set_wait_callback(None)
+    _monitor.close()
+    _monitor = None
+
+
 @contextmanager
 def interleaving(scheduler: Scheduler) -> Iterator[None]:
     """Let ``scheduler`` interleave its tasks' statements while the block runs."""

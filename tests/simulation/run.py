@@ -759,6 +759,8 @@ class Databases:
         self.engine.dispose()
         if self.kind == "sqlite":
             shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            postgres.uninstall()
 
 
 def _sqlite_connection(dbapi_connection, _record) -> None:
