@@ -78,6 +78,29 @@ class Settings:
         "CELEBSCAN_CACHE_DIR",
         "Local recognizer: where dlib's face detector is kept in binary form (loads in ms, not 0.6 s); empty: off.",
     )
+    keep_face_embeddings: bool = _setting(
+        True,
+        "CELEBSCAN_KEEP_FACE_EMBEDDINGS",
+        "Keep every face's embedding (256 bytes, biometric data) so later enrolling, `find` and unknown groups "
+        "need no rescan; false: keep none.",
+    )
+    unknown_min_faces: int = _setting(
+        3,
+        "CELEBSCAN_UNKNOWN_MIN_FACES",
+        "Unknown groups: unnamed neighbours a face needs within the distance to start or join a group.",
+        minimum=1,
+    )
+    unknown_max_distance: float = _setting(
+        0.5,
+        "CELEBSCAN_UNKNOWN_MAX_DISTANCE",
+        "Unknown groups: largest euclidean distance between neighbours of one unnamed person.",
+        minimum=0.001,
+    )
+    face_index_dir: str = _setting(
+        "~/.cache/celebscan/face-index",
+        "CELEBSCAN_FACE_INDEX_DIR",
+        "Where `find` and the unknown groups keep their vector index of the stored faces (rebuilt from the database).",
+    )
     max_image_pixels: int = _setting(
         100_000_000,
         "CELEBSCAN_MAX_IMAGE_PIXELS",

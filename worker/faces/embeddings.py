@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,14 +109,25 @@ class FaceEmbedder:
         detections = self.detect(pixels)
         if not detections:
             return []
-        shapes = self._dlib.full_object_detections()
-        shapes.extend(self._landmarks(pixels, box) for box, _ in detections)
-        chips = self._dlib.get_face_chips(pixels, shapes, size=CHIP_SIZE, padding=CHIP_PADDING)
-        embeddings = self._descriptor_net.descriptors(np.stack(chips))
+        embeddings = self._embed_rectangles(pixels, [box for box, _ in detections])
         return [
             DetectedFace(box.left(), box.top(), box.right(), box.bottom(), float(score), embedding)
             for (box, score), embedding in zip(detections, embeddings, strict=True)
         ]
+
+    def embed_at(self, pixels: np.ndarray, boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+        """(N, 128) embeddings of the faces at pixel boxes ``(left, top, right, bottom)`` found by
+        another detector (Rekognition's): landmarks and the aligned chip from the box, no detection."""
+        if not boxes:
+            return np.empty((0, EMBEDDING_SIZE))
+        pixels = np.ascontiguousarray(pixels)
+        return self._embed_rectangles(pixels, [self._dlib.rectangle(*box) for box in boxes])
+
+    def _embed_rectangles(self, pixels: np.ndarray, rectangles: list) -> np.ndarray:
+        shapes = self._dlib.full_object_detections()
+        shapes.extend(self._landmarks(pixels, box) for box in rectangles)
+        chips = self._dlib.get_face_chips(pixels, shapes, size=CHIP_SIZE, padding=CHIP_PADDING)
+        return self._descriptor_net.descriptors(np.stack(chips))
 
 
 def _load_detector(dlib, cache_dir: Path | None):

@@ -74,6 +74,25 @@ class Gallery:
             results.append(Enrollment(name, label, "enrolled" if added else "already enrolled"))
         return results
 
+    def enroll_embeddings(self, name: str, embeddings: Iterable[tuple[str, np.ndarray]]) -> int:
+        """Enroll ``(label, embedding)`` pairs already made (an unknown group's faces); the number added."""
+        name = name.strip()
+        if not name:
+            raise GalleryError("a person needs a non-empty name")
+        added = 0
+        for label, embedding in embeddings:
+            digest = hashlib.sha256(np.asarray(embedding, dtype=np.float64).tobytes()).hexdigest()
+            added += self._store(name, label, digest, embedding)
+        return added
+
+    def person_id(self, name: str) -> str:
+        """The id faces named ``name`` by the gallery carry (the external id, else the row's)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(people.c.id, people.c.external_id).where(people.c.name == name)).first()
+        if row is None:
+            raise GalleryError(f"nobody called {name!r} is enrolled")
+        return row.external_id or str(row.id)
+
     def import_folder(self, folder: Path, embedder: FaceEmbedder) -> list[Enrollment]:
         """Enroll ``folder/<person name>/<photos>`` for every person folder."""
         person_dirs = sorted(path for path in Path(folder).iterdir() if path.is_dir())

@@ -40,7 +40,13 @@ def build_recognizer(settings: Settings, engine: Engine) -> Recognizer:
     if settings.backend == "rekognition":
         from worker.recognizers.rekognition import RekognitionRecognizer
 
-        return RekognitionRecognizer.from_settings(settings)
+        recognizer = RekognitionRecognizer.from_settings(settings)
+        if not settings.keep_face_embeddings:
+            return recognizer
+        from worker.faces.encoder import DlibEncoder
+        from worker.faces.remember import RememberingRecognizer
+
+        return RememberingRecognizer(recognizer, DlibEncoder.from_settings(settings))
     raise ConfigurationError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 

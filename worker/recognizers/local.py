@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Engine
 
 from worker.faces.embeddings import DetectedFace, FaceEmbedder
+from worker.faces.encoder import DLIB_RESNET_V1, pack
 from worker.faces.gallery import Gallery, GalleryIndex
 from worker.media.images import LoadedImage
 from worker.recognition import BoundingBox, Celebrity, RecognitionResult, UnrecognizedFace
@@ -20,14 +21,22 @@ def match_confidence(distance: float, threshold: float) -> float:
 class LocalRecognizer:
     name = "local"
 
-    def __init__(self, embedder: FaceEmbedder, gallery: GalleryIndex, threshold: float = 0.6) -> None:
+    def __init__(
+        self, embedder: FaceEmbedder, gallery: GalleryIndex, threshold: float = 0.6, keep_embeddings: bool = True
+    ) -> None:
         self.embedder = embedder
         self.gallery = gallery
         self.threshold = threshold
+        self.keep_embeddings = keep_embeddings
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine) -> LocalRecognizer:
-        return cls(FaceEmbedder.from_settings(settings), Gallery(engine).index(), settings.match_threshold)
+        return cls(
+            FaceEmbedder.from_settings(settings),
+            Gallery(engine).index(),
+            settings.match_threshold,
+            settings.keep_face_embeddings,
+        )
 
     def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
         celebrities, unrecognized = [], []
@@ -35,16 +44,23 @@ class LocalRecognizer:
             box = BoundingBox.from_pixels(face.left, face.top, face.right, face.bottom, image.width, image.height)
             match = self.gallery.nearest(face.embedding)
             details = {"DetectorScore": round(face.score, 4)}
+            embedding = pack(face.embedding) if self.keep_embeddings else None
             if match is not None:
                 details["NearestDistance"] = round(match[1], 4)
             if match is not None and match[1] <= self.threshold:
-                celebrities.append(self._celebrity(face, box, *match, details))
+                celebrities.append(self._celebrity(face, box, *match, details, embedding))
             else:
-                unrecognized.append(UnrecognizedFace(bounding_box=box, confidence=face.confidence, raw=details))
-        return RecognitionResult(celebrities=tuple(celebrities), unrecognized_faces=tuple(unrecognized))
+                unrecognized.append(
+                    UnrecognizedFace(bounding_box=box, confidence=face.confidence, raw=details, embedding=embedding)
+                )
+        return RecognitionResult(
+            celebrities=tuple(celebrities),
+            unrecognized_faces=tuple(unrecognized),
+            embedding_model=DLIB_RESNET_V1.id if self.keep_embeddings else None,
+        )
 
     def _celebrity(
-        self, face: DetectedFace, box: BoundingBox, person: int, distance: float, details: dict
+        self, face: DetectedFace, box: BoundingBox, person: int, distance: float, details: dict, embedding: bytes | None
     ) -> Celebrity:
         return Celebrity(
             name=self.gallery.names[person],
@@ -54,4 +70,6 @@ class LocalRecognizer:
             face_confidence=face.confidence,
             urls=self.gallery.urls[person],
             raw=details,
+            embedding=embedding,
+            from_gallery=True,
         )

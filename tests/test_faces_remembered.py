@@ -1,0 +1,209 @@
+"""Faces remembered: a person enrolled after a scan is found in every past picture (people,
+results, the report) with no recognizer call and no picture read; ``find``; the unknown groups;
+erasing leaves no embedding in the database or the face index. Local and Rekognition (the
+stand-in) scans, on SQLite and PostgreSQL, embedded."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine, func, select
+
+from tests.clirun import celebscan
+from worker.faces.encoder import DLIB_RESNET_V1
+from worker.faces.index import FaceIndex
+from worker.schema import face_removals, faces
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def env(database_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELEBSCAN_DATABASE_URL", database_url)
+    monkeypatch.setenv("CELEBSCAN_FACE_INDEX_DIR", str(tmp_path / "index"))
+    return tmp_path
+
+
+@pytest.fixture
+def pictures(faces_dev, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for part in ("test", "extra"):
+        for path in (faces_dev / part).iterdir():
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture
+def expected_counts(expected_people) -> Counter:
+    return Counter(name for names in expected_people.values() for name in names)
+
+
+def stored_faces(url: str) -> list:
+    with create_engine(url).connect() as conn:
+        return conn.execute(select(faces.c.id, faces.c.name, faces.c.embedding, faces.c.embedding_model)).all()
+
+
+def people_counts() -> dict[str, int]:
+    lines = celebscan("people", "--format", "jsonl").output.splitlines()
+    return {row["name"]: row["images"] for row in map(json.loads, lines)}
+
+
+def index_of(url: str, tmp_path) -> FaceIndex:
+    index = FaceIndex(create_engine(url), DLIB_RESNET_V1, tmp_path / "index")
+    index.refresh()
+    return index
+
+
+@pytest.fixture
+def scanned_locally(env, database_url, pictures):
+    celebscan("scan", pictures, "--workers", "1")
+    return database_url
+
+
+def test_every_face_is_kept_with_its_embedding_and_model(scanned_locally):
+    rows = stored_faces(scanned_locally)
+    assert len(rows) >= 14
+    assert all(len(row.embedding) == 256 and row.embedding_model == "dlib-resnet-v1" for row in rows)
+    assert all(row.name is None for row in rows), "the gallery was empty"
+
+
+def test_enrolling_later_names_every_past_picture_without_reading_one(
+    scanned_locally, faces_dev, expected_counts, monkeypatch, tmp_path
+):
+    with nothing_read_or_called():
+        celebscan("gallery", "import", faces_dev / "train")
+        assert people_counts() == dict(expected_counts)
+        keys = [json.loads(line)["key"] for line in celebscan("results", "--person", "biden").output.splitlines()]
+        assert sorted(keys) == ["obama_and_biden.jpg", "two_people.jpg"]
+    # the report shows them (it reads pictures to draw them: allowed again)
+    celebscan("report", "--output", tmp_path / "report.html")
+    assert "kit_harington" in (tmp_path / "report.html").read_text()
+
+    # removing a person takes their label away; their faces group into an unnamed person; naming it
+    with nothing_read_or_called():
+        celebscan("gallery", "remove", "obama")
+        assert "obama" not in people_counts()
+        listed = celebscan("people", "--unknown", "--format", "jsonl").output.splitlines()
+        groups = [json.loads(line) for line in listed if line.startswith("{")]
+        assert [group["images"] for group in groups] == [expected_counts["obama"]]
+        celebscan("people", "name", groups[0]["unknown"], "Barack Obama")
+        assert people_counts()["Barack Obama"] == expected_counts["obama"]
+
+
+@contextlib.contextmanager
+def nothing_read_or_called():
+    """Within it, reading a picture, calling a recognizer or embedding a face fails the test."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a picture was read or a recognizer called")
+
+    from worker.faces.embeddings import FaceEmbedder
+    from worker.recognizers.local import LocalRecognizer
+    from worker.recognizers.rekognition import RekognitionRecognizer
+    from worker.sources import FolderReader, S3Reader
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LocalRecognizer, "recognize", refused)
+        patch.setattr(RekognitionRecognizer, "recognize", refused)
+        patch.setattr(FolderReader, "read", refused)
+        patch.setattr(S3Reader, "read", refused)
+        patch.setattr(FaceEmbedder, "embed_at", refused)
+        yield
+
+
+def test_find_lists_the_pictures_of_a_face_nearest_first(scanned_locally, faces_dev, expected_people):
+    photo = next((faces_dev / "train" / "biden").iterdir())
+    lines = celebscan("find", photo, "--format", "jsonl").output.splitlines()
+    found = [json.loads(line) for line in lines if line.startswith("{")]
+    assert {row["key"] for row in found} == {"obama_and_biden.jpg", "two_people.jpg"}
+    assert [row["distance"] for row in found] == sorted(row["distance"] for row in found)
+    assert all(50 <= row["confidence"] <= 100 for row in found)
+    several = celebscan("find", faces_dev / "test" / "obama_and_biden.jpg", ok=False)
+    assert several.exit_code == 1 and "--face" in several.output
+    assert "obama_and_biden.jpg" in celebscan("find", faces_dev / "test" / "obama_and_biden.jpg", "--face", "2").output
+
+
+def test_erase_and_rescan_leave_no_embedding_behind(scanned_locally, pictures, env):
+    url = scanned_locally
+    index = index_of(url, env)
+    assert len(index) == len(stored_faces(url))
+    celebscan("faces", "erase", "--key", "obama1.jpg")
+    with create_engine(url).connect() as conn:
+        left = conn.execute(select(func.count()).where(faces.c.embedding.is_not(None))).scalar()
+    assert len(index_of(url, env)) == left == len(stored_faces(url)) - 1
+    celebscan("scan", pictures, "--workers", "1", "--force")  # replaces every face: old ids removed
+    with create_engine(url).connect() as conn:
+        assert conn.execute(select(func.count()).select_from(face_removals)).scalar() >= left
+    fresh = index_of(url, env)
+    ids = {row.id for row in stored_faces(url)}
+    assert len(fresh) == len(ids)
+    _, found = fresh.nearest(np.zeros((1, 128), dtype=np.float32), len(ids))
+    assert set(found[0].tolist()) == ids, "the index holds exactly the faces stored"
+    celebscan("faces", "erase", "--all")
+    assert all(row.embedding is None for row in stored_faces(url))
+    emptied = index_of(url, env)
+    assert len(emptied) == 0
+    import faiss
+
+    assert faiss.read_index(str(emptied.path)).ntotal == 0, "the index file keeps no erased vector"
+
+
+def test_no_embedding_is_kept_when_the_setting_is_off(env, database_url, pictures, monkeypatch):
+    monkeypatch.setenv("CELEBSCAN_KEEP_FACE_EMBEDDINGS", "false")
+    celebscan("scan", pictures, "--workers", "1")
+    rows = stored_faces(database_url)
+    assert rows and all(row.embedding is None and row.embedding_model is None for row in rows)
+
+
+def test_rekognition_faces_are_embedded_at_their_boxes_and_named_later(
+    env, database_url, faces_dev, rekognition, s3, bucket, embedder, monkeypatch
+):
+    """Rekognition names Biden; every other face comes back unrecognized. After enrolling, the
+    gallery names Rekognition's unrecognized faces and Biden keeps Rekognition's name."""
+    for path in (faces_dev / "test").iterdir():
+        s3.put_object(Bucket=bucket, Key=path.name, Body=path.read_bytes())
+
+    biden_photo = next((faces_dev / "train" / "biden").iterdir())
+    biden = embedder.faces(np.asarray(Image.open(biden_photo).convert("RGB")))[0].embedding
+    one_at_a_time = threading.Lock()  # the stand-in answers calls on threads; dlib's models are not shared so
+
+    def answer(key, data):
+        from tests.rekognition_standin import celebrity
+
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        height, width = image.shape[:2]
+        with one_at_a_time:
+            found = embedder.faces(image)
+        boxes = [
+            {"Width": (f.right - f.left) / width, "Height": (f.bottom - f.top) / height}
+            | {"Left": f.left / width, "Top": f.top / height}
+            for f in found
+        ]
+        named = []
+        if key == "obama_and_biden.jpg":  # Rekognition names Biden's face
+            nearest = int(np.argmin([np.linalg.norm(face.embedding - biden) for face in found]))
+            entry = celebrity("Joe Biden")
+            entry["Face"]["BoundingBox"] = boxes.pop(nearest)
+            named.append(entry)
+        return {"CelebrityFaces": named, "UnrecognizedFaces": [{"BoundingBox": b, "Confidence": 99.0} for b in boxes]}
+
+    rekognition.answer = answer
+    celebscan("scan", f"s3://{bucket}/", "--backend", "rekognition", "--workers", "1")
+    calls = len(rekognition.calls)
+    rows = stored_faces(database_url)
+    assert rows and all(len(row.embedding) == 256 for row in rows)
+    with nothing_read_or_called():
+        celebscan("gallery", "import", faces_dev / "train")
+        counts = people_counts()
+    assert counts["Joe Biden"] == 1 and "biden" not in counts, "Rekognition's name is kept"
+    assert counts["obama"] == 2 and counts["kit_harington"] == 2
+    assert len(rekognition.calls) == calls

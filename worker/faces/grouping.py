@@ -1,0 +1,136 @@
+"""The unknown, grouped: unrecognized faces alike enough become unnamed people, incrementally.
+
+In the manner of Immich's face clustering (``handleRecognizeFaces``), a DBSCAN done one face at a
+time: a face with at least ``min_faces`` unnamed neighbours within ``max_distance`` is a *core*
+face, which joins the group of its nearest grouped neighbour or starts a new group; any other face
+is deferred, and tried again after the pass, when it joins the group of a grouped neighbour if it
+now has one, else stays ungrouped until a later pass (new faces may make it a core face or give
+it a grouped neighbour). Only faces not yet grouped are looked at: faces that later scans or
+``follow`` add join the groups without the groups being computed again. A face taken out of its
+group by hand is never grouped again; a named face (by the gallery or Rekognition) is in no group.
+
+Memory: faces come from the database a chunk at a time as numpy arrays; neighbours come from the
+face index (``worker/faces/index.py``); what a pass keeps besides is the deferred faces' ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import Engine, select
+
+from worker.faces import stored
+from worker.faces.encoder import EmbeddingModel
+from worker.faces.index import FaceIndex
+from worker.queue.labels import KEPT_OUT, FaceLabels
+from worker.schema import faces
+
+#: Neighbours asked of the index per face: enough to count ``min_faces`` unnamed ones among named ones.
+NEIGHBOURS = 24
+PROBES = 16
+
+
+@dataclass(frozen=True)
+class Grouped:
+    looked_at: int
+    grouped: int
+    new_groups: int
+    deferred: int
+
+
+UNGROUPED = (faces.c.name.is_(None), faces.c.unknown_id.is_(None))
+
+
+class Grouping:
+    def __init__(
+        self, engine: Engine, index: FaceIndex, model: EmbeddingModel, min_faces: int = 3, max_distance: float = 0.5
+    ) -> None:
+        self.engine = engine
+        self.index = index
+        self.model = model
+        self.min_faces = min_faces
+        self.max_distance = max_distance
+        self.labels = FaceLabels(engine)
+
+    def run(self, progress=None) -> Grouped:
+        """One pass over the ungrouped unnamed faces, then one over those it deferred."""
+        looked_at = grouped = new_groups = 0
+        deferred: list[np.ndarray] = []
+        chunks = stored.read_chunks(self.engine, self.model.id, self.model.dimension, where=_ungrouped())
+        for chunk in chunks:
+            looked_at += len(chunk)
+            placed, made, later = self._place(chunk, cores_only=True)
+            grouped, new_groups = grouped + placed, new_groups + made
+            deferred.append(later)
+            if progress is not None:
+                progress(len(chunk))
+        waiting = np.concatenate(deferred) if deferred else np.empty(0, np.int64)
+        still = 0
+        for start in range(0, len(waiting), stored.CHUNK):
+            chunk = stored.read_ids(
+                self.engine, self.model.id, self.model.dimension, waiting[start : start + stored.CHUNK]
+            )
+            placed, _, later = self._place(chunk, cores_only=False)
+            grouped, still = grouped + placed, still + len(later)
+        return Grouped(looked_at, grouped, new_groups, still)
+
+    def _place(self, chunk: stored.Embeddings, cores_only: bool) -> tuple[int, int, np.ndarray]:
+        """Group the chunk's faces: (faces grouped, groups made, faces deferred)."""
+        distances, neighbours = self.index.nearest(chunk.vectors, NEIGHBOURS + 1, probes=PROBES)
+        states = self._states(np.unique(neighbours[neighbours >= 0]))
+        joined: dict[int, list[int]] = {}
+        made: dict[int, int] = {}  # this chunk's face → a group it starts (written below)
+        deferred = []
+        for row, face_id in enumerate(chunk.face_ids.tolist()):
+            if states.get(face_id, (None, None))[0] is not None:
+                continue  # grouped, or named, since the chunk was read
+            near = [
+                int(other)
+                for other, distance in zip(neighbours[row], distances[row], strict=True)
+                if other >= 0 and other != face_id and distance <= self.max_distance
+            ]
+            unnamed = [other for other in near if other in states and states[other][1] is None]
+            core = len(unnamed) >= self.min_faces
+            if cores_only and not core:
+                deferred.append(face_id)
+                continue
+            group = next((states[o][0] for o in unnamed if states[o][0] not in (None, KEPT_OUT)), None)
+            if group is None and not core:
+                deferred.append(face_id)
+                continue
+            if group is None:
+                group = -(len(made) + 1)  # a new group, numbered when written
+                made[face_id] = group
+            joined.setdefault(group, []).append(face_id)
+            states[face_id] = (group, None)
+        placed = self._write(joined)
+        return placed, len(made), np.array(deferred, dtype=np.int64)
+
+    def _states(self, face_ids: np.ndarray) -> dict[int, tuple[int | None, str | None]]:
+        """(group, name) of each face still stored with an embedding."""
+        states: dict[int, tuple[int | None, str | None]] = {}
+        ids = face_ids.tolist()
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 1000):
+                for face_id, group, name in conn.execute(
+                    select(faces.c.id, faces.c.unknown_id, faces.c.name).where(
+                        faces.c.id.in_(ids[start : start + 1000]), faces.c.embedding.is_not(None)
+                    )
+                ):
+                    states[face_id] = (group, name)
+        return states
+
+    def _write(self, joined: dict[int, list[int]]) -> int:
+        placed = 0
+        with self.engine.begin() as conn:
+            for group, face_ids in joined.items():
+                number = group if group > 0 else self.labels.new_group(conn, self.model.id)
+                placed += self.labels.group(conn, face_ids, number)
+        return placed
+
+
+def _ungrouped():
+    from sqlalchemy import and_
+
+    return and_(*UNGROUPED)
