@@ -27,7 +27,7 @@ from worker.queue.labels import KEPT_OUT, FaceLabels
 from worker.schema import faces
 
 #: Neighbours asked of the index per face: enough to count ``min_faces`` unnamed ones among named ones.
-NEIGHBOURS = 24
+NEIGHBOURS = 16
 PROBES = 16
 
 
@@ -110,24 +110,34 @@ class Grouping:
     def _states(self, face_ids: np.ndarray) -> dict[int, tuple[int | None, str | None]]:
         """(group, name) of each face still stored with an embedding."""
         states: dict[int, tuple[int | None, str | None]] = {}
-        ids = face_ids.tolist()
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), 1000):
-                for face_id, group, name in conn.execute(
-                    select(faces.c.id, faces.c.unknown_id, faces.c.name).where(
-                        faces.c.id.in_(ids[start : start + 1000]), faces.c.embedding.is_not(None)
-                    )
-                ):
+            for start in range(0, len(face_ids), stored.CHUNK):
+                chunk = face_ids[start : start + stored.CHUNK]
+                query = select(faces.c.id, faces.c.unknown_id, faces.c.name).where(
+                    ids_among(conn, faces.c.id, chunk), faces.c.embedding.is_not(None)
+                )
+                for face_id, group, name in conn.execute(query):
                     states[face_id] = (group, name)
         return states
 
     def _write(self, joined: dict[int, list[int]]) -> int:
-        placed = 0
+        """The chunk's faces into their groups, the groups it starts made first: one transaction."""
         with self.engine.begin() as conn:
-            for group, face_ids in joined.items():
-                number = group if group > 0 else self.labels.new_group(conn, self.model.id)
-                placed += self.labels.group(conn, face_ids, number)
-        return placed
+            new = sorted(group for group in joined if group < 0)
+            numbers = dict(zip(new, self.labels.new_groups(conn, self.model.id, len(new)), strict=True))
+            placed = [(face_id, numbers.get(group, group)) for group, members in joined.items() for face_id in members]
+            return self.labels.group(conn, placed)
+
+
+def ids_among(conn, column, ids: np.ndarray):
+    """``column IN ids``: one array parameter on PostgreSQL (a list of 50,000 bound values costs
+    SQLAlchemy's compiler more than the query costs the server)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy import BigInteger, any_, bindparam
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return column == any_(bindparam("ids", ids.tolist(), type_=ARRAY(BigInteger)))
+    return column.in_(ids.tolist())
 
 
 def _ungrouped():

@@ -94,7 +94,7 @@ class Labeller:
                 ).all()
             looked_at += len(rows)
             changes = [change for change in self._changes(gallery, rows) if change is not None]
-            changed += self.labels.relabel(changes) and len(changes)
+            changed += self.labels.relabel(changes)
         return Labelled(looked_at, changed)
 
     def _changes(self, gallery: GalleryIndex, rows) -> list[Relabel | None]:

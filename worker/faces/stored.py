@@ -6,11 +6,12 @@ array of ids and one float32 matrix, whatever the number of faces stored.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Engine, func, select
+from sqlalchemy import BigInteger, Engine, cast, func, select
 
 from worker.faces.encoder import unpack
 from worker.schema import faces
@@ -35,19 +36,23 @@ def read_chunks(
     """The embeddings of ``model`` of faces with ``after < id <= upto`` (and ``where``), by id."""
     last = after
     while True:
-        query = select(faces.c.id, faces.c.embedding).where(
+        query = select(cast(faces.c.id, BigInteger), faces.c.embedding).where(
             faces.c.id > last, faces.c.embedding_model == model, faces.c.embedding.is_not(None)
         )
         if upto is not None:
             query = query.where(faces.c.id <= upto)
         if where is not None:
             query = query.where(where)
+        query = query.order_by(faces.c.id).limit(CHUNK)
         with engine.connect() as conn:
-            rows = conn.execute(query.order_by(faces.c.id).limit(CHUNK)).all()
-        if not rows:
+            if conn.dialect.name == "postgresql":
+                chunk = _copied(conn, query, dimension)
+            else:
+                chunk = _as_arrays(conn.execute(query).all(), dimension)
+        if not len(chunk):
             return
-        yield _as_arrays(rows, dimension)
-        last = rows[-1][0]
+        yield chunk
+        last = int(chunk.face_ids[-1])
 
 
 def read_ids(engine: Engine, model: str, dimension: int, face_ids) -> Embeddings:
@@ -77,6 +82,32 @@ def models(engine: Engine) -> list[tuple[str, int]]:
             .order_by(count.desc())
         )
         return [(model, int(n)) for model, n in rows]
+
+
+def _copy_record(dimension: int) -> np.dtype:
+    """A row of ``COPY (SELECT id, embedding ...) TO STDOUT (FORMAT binary)``: its field count,
+    then each field's length and value, big-endian."""
+    return np.dtype(
+        [("fields", ">i2"), ("id_length", ">i4"), ("id", ">i8"), ("length", ">i4"), ("vector", "<f2", (dimension,))]
+    )
+
+
+#: COPY's binary header: signature, flags, header extension length.
+_COPY_HEADER = 19
+
+
+def _copied(conn, query, dimension: int) -> Embeddings:
+    """The chunk through PostgreSQL's binary COPY, parsed by numpy as fixed-size records: ~10x
+    fewer cycles a face than a row per face through the driver (measured in bench/faces_scale.py)."""
+    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    buffer = io.BytesIO()
+    with conn.connection.dbapi_connection.cursor() as cursor:
+        cursor.copy_expert(f"COPY ({sql}) TO STDOUT (FORMAT binary)", buffer)
+    data = buffer.getbuffer()[_COPY_HEADER : len(buffer.getbuffer()) - 2]  # the trailer: -1 as int16
+    records = np.frombuffer(data, dtype=_copy_record(dimension))
+    if len(records) and not (records["length"] == 2 * dimension).all():
+        raise ValueError(f"stored embeddings of another size than {dimension} float16 values")
+    return Embeddings(records["id"].astype(np.int64), records["vector"].astype(np.float32))
 
 
 def _as_arrays(rows, dimension: int) -> Embeddings:

@@ -56,7 +56,8 @@ class FaceLabels:
         self.engine = engine
 
     def relabel(self, changes: Sequence[Relabel]) -> int:
-        """unknown ⇄ gallery P ⇄ gallery Q, each guarded by the name as read; faces changed."""
+        """unknown ⇄ gallery P ⇄ gallery Q, each guarded by the name as read; the faces changed
+        (a face changed meanwhile by another command or a rescan is left as it is)."""
         return sum(self._relabel(changes[start : start + CHUNK]) for start in range(0, len(changes), CHUNK))
 
     @retry_database
@@ -67,7 +68,7 @@ class FaceLabels:
         with self.engine.begin() as conn:
             _lock_images(conn, image_ids)
             person_counts.subtract(conn, image_ids)
-            changed = conn.execute(
+            conn.execute(
                 update(faces)
                 .where(
                     faces.c.id == bindparam("b_id"),
@@ -93,24 +94,34 @@ class FaceLabels:
                     )
                     for c in changes
                 ],
-            ).rowcount
+            )
+            changed = conn.execute(_changed_count(changes)).scalar_one()
             person_counts.add(conn, image_ids)
-        return max(changed, 0)
+        return int(changed)
 
     # -- unknown groups ----------------------------------------------------------------------------
 
-    def new_group(self, conn, model: str) -> int:
-        return conn.execute(
-            unknown_people.insert().values(embedding_model=model, created_at=utcnow()).returning(unknown_people.c.id)
-        ).scalar_one()
+    def new_groups(self, conn, model: str, count: int) -> list[int]:
+        """``count`` new unnamed people, their ids in order."""
+        if not count:
+            return []
+        rows = conn.execute(
+            unknown_people.insert().returning(unknown_people.c.id, sort_by_parameter_order=True),
+            [dict(embedding_model=model, created_at=utcnow()) for _ in range(count)],
+        )
+        return [row.id for row in rows]
 
-    def group(self, conn, face_ids: Sequence[int], group_id: int) -> int:
-        """unknown → grouped G (faces still unnamed and ungrouped only)."""
-        return conn.execute(
+    def group(self, conn, placed: Sequence[tuple[int, int]]) -> int:
+        """unknown → grouped G for each (face, G), of faces still unnamed and ungrouped."""
+        if not placed:
+            return 0
+        conn.execute(
             update(faces)
-            .where(faces.c.id.in_(list(face_ids)), faces.c.name.is_(None), faces.c.unknown_id.is_(None))
-            .values(unknown_id=group_id)
-        ).rowcount
+            .where(faces.c.id == bindparam("b_id"), faces.c.name.is_(None), faces.c.unknown_id.is_(None))
+            .values(unknown_id=bindparam("b_group", type_=Integer)),
+            [dict(b_id=face_id, b_group=group) for face_id, group in placed],
+        )
+        return len(placed)
 
     @retry_database
     def merge(self, source: int, into: int) -> int:
@@ -151,6 +162,15 @@ class FaceLabels:
             person_counts.add(conn, image_ids)
             conn.execute(update(unknown_people).where(unknown_people.c.id == group_id).values(named=name))
         return named
+
+
+def _changed_count(changes: Sequence[Relabel]):
+    """How many of the faces now carry the name they were to get (a batched UPDATE's rowcount is
+    not reliable on psycopg2's batches)."""
+    from sqlalchemy import func, tuple_
+
+    wanted = [(c.face_id, c.name if c.name is not None else "") for c in changes]
+    return select(func.count()).where(tuple_(faces.c.id, func.coalesce(faces.c.name, "")).in_(wanted))
 
 
 def _lock_images(conn, image_ids: Sequence[int]) -> None:
