@@ -475,6 +475,8 @@ def people(
     help="Pictures shown of each person (and of images in which nobody was recognized).",
 )
 @INCLUDE_DELETED_OPTION
+@click.option("--find", "find_photo", help="Also show the pictures with the face in this photo (as `find`).")
+@click.option("--face", "face_number", type=click.IntRange(min=1), help="With --find: which face of the photo.")
 @click.pass_obj
 def report(
     app: App,
@@ -483,14 +485,25 @@ def report(
     output: Path,
     report_per_person: int | None,
     include_deleted: bool,
+    find_photo: str | None,
+    face_number: int | None,
 ) -> None:
     """One self-contained HTML page: the people found with their counts and a few annotated pictures
-    of each, the failures, a filter by person."""
+    of each, the unnamed people (as last grouped) with a few faces each, the failures, a filter by person."""
+    import dataclasses
+
     from producer.html_report import gather, render
 
     settings = app.settings.replace(report_per_person=report_per_person)
     summary = _summary(app.store, scan_id)
     content = gather(app.store, summary, settings.report_per_person, persons, include_deleted)
+    if find_photo:
+        from producer.faces_cli import sightings_of
+
+        sightings = sightings_of(app, find_photo, face_number, settings.report_per_person)
+        found = [record for s in sightings for record in app.store.result_records(key=s.key, limit=1)]
+        heading = f"Pictures with the face of {Path(find_photo).name}: {len(sightings)} nearest shown"
+        content = dataclasses.replace(content, found_heading=heading, found=found)
     if persons and not content.people:
         raise click.ClickException(f"nobody called {' or '.join(persons)} was found in scan {summary.id}")
     readers = build_readers(settings)

@@ -47,23 +47,7 @@ def _index(app: App):
 def find(app: App, photo: str, face_number: int | None, limit: int | None, fmt: str) -> None:
     """Every picture with the face in PHOTO (a file, or an s3:// key), nearest first, from the
     faces remembered: no picture is read again."""
-    from producer.cli import _embedder
-    from worker.faces.search import faces_in_photo, pick_face
-    from worker.faces.search import find as find_face
-    from worker.sources import build_readers, parse_source
-
-    if photo.startswith("s3://"):
-        source = parse_source(photo)
-        data = build_readers(app.settings)["s3"].read(source.bucket, source.prefix)
-    else:
-        path = Path(photo)
-        if not path.is_file():
-            raise click.ClickException(f"no such file: {photo}")
-        data = path.read_bytes()
-    found, _, _ = faces_in_photo(data, _embedder(app.settings))
-    face = pick_face(found, face_number)
-    model = current_model(app.settings)
-    sightings = find_face(app.store.engine, _index(app), model, face.embedding, limit)
+    sightings = sightings_of(app, photo, face_number, limit)
     if fmt == "jsonl":
         for sighting in sightings:
             click.echo(json.dumps(sighting.to_dict()))
@@ -80,6 +64,26 @@ def find(app: App, photo: str, face_number: int | None, limit: int | None, fmt: 
         for s in sightings:
             who = s.name or (f"unknown {s.unknown_id}" if s.unknown_id else "unknown")
             click.echo(f"{s.distance:.3f}  {s.confidence:5.1f}  {s.location}  ({who})")
+
+
+def sightings_of(app: App, photo: str, face_number: int | None, limit: int | None):
+    """What ``find`` finds for a face of PHOTO (a file or an s3:// key), nearest first."""
+    from producer.cli import _embedder
+    from worker.faces.search import faces_in_photo, pick_face
+    from worker.faces.search import find as find_face
+    from worker.sources import build_readers, parse_source
+
+    if photo.startswith("s3://"):
+        source = parse_source(photo)
+        data = build_readers(app.settings)["s3"].read(source.bucket, source.prefix)
+    else:
+        path = Path(photo)
+        if not path.is_file():
+            raise click.ClickException(f"no such file: {photo}")
+        data = path.read_bytes()
+    found, _, _ = faces_in_photo(data, _embedder(app.settings))
+    face = pick_face(found, face_number)
+    return find_face(app.store.engine, _index(app), current_model(app.settings), face.embedding, limit)
 
 
 @click.group(cls=CelebscanGroup)

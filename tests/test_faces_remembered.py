@@ -95,8 +95,16 @@ def test_enrolling_later_names_every_past_picture_without_reading_one(
         listed = celebscan("people", "--unknown", "--format", "jsonl").output.splitlines()
         groups = [json.loads(line) for line in listed if line.startswith("{")]
         assert [group["images"] for group in groups] == [expected_counts["obama"]]
+    biden = next((faces_dev / "train" / "biden").iterdir())
+    celebscan("report", "--output", tmp_path / "unknown.html", "--find", biden)
+    page = (tmp_path / "unknown.html").read_text()
+    assert f"<b>unknown {groups[0]['unknown']}</b>: {expected_counts['obama']} pictures" in page
+    assert page.count("<img class=face") == 4, "a few sample faces of the unnamed person"
+    assert "Pictures with the face of" in page and page.count("two_people.jpg") >= 2
+    with nothing_read_or_called():
         celebscan("people", "name", groups[0]["unknown"], "Barack Obama")
         assert people_counts()["Barack Obama"] == expected_counts["obama"]
+        assert "no unnamed people yet" in celebscan("people", "--unknown").output
 
 
 @contextlib.contextmanager
