@@ -129,29 +129,16 @@ def gather(
 
 def _unknown(store: ResultStore) -> list[UnknownGroup]:
     """The unnamed people (as last grouped: ``people --unknown``, ``faces group``), a few faces each."""
-    from sqlalchemy import select
-
+    from worker.faces.search import stored_face_rows
     from worker.faces.unknown import unknown_people_found
-    from worker.schema import faces, images, scans
 
     groups = []
-    with store.engine.connect() as conn:
-        for person in unknown_people_found(store.engine, UNKNOWN_SHOWN):
-            rows = conn.execute(
-                select(
-                    scans.c.source,
-                    images.c.key,
-                    faces.c.box_left,
-                    faces.c.box_top,
-                    faces.c.box_width,
-                    faces.c.box_height,
-                )
-                .join(images, images.c.id == faces.c.image_id)
-                .join(scans, scans.c.id == images.c.scan_id)
-                .where(faces.c.id.in_(person.sample_faces))
-            ).all()
-            samples = [FaceSample(row.source, row.key, tuple(row[2:])) for row in rows]
-            groups.append(UnknownGroup(person.id, person.images, samples))
+    for person in unknown_people_found(store.engine, UNKNOWN_SHOWN):
+        rows = stored_face_rows(store.engine, list(person.sample_faces))
+        samples = [
+            FaceSample(row.source, row.key, (row.box_left, row.box_top, row.box_width, row.box_height)) for row in rows
+        ]
+        groups.append(UnknownGroup(person.id, person.images, samples))
     return groups
 
 

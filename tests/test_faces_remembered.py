@@ -148,11 +148,26 @@ def test_erase_and_rescan_leave_no_embedding_behind(scanned_locally, pictures, e
     with create_engine(url).connect() as conn:
         left = conn.execute(select(func.count()).where(faces.c.embedding.is_not(None))).scalar()
     assert len(index_of(url, env)) == left == len(stored_faces(url)) - 1
+    # a followed bucket's deletion of a picture takes its embeddings with it
+    from worker.queue.images import ImageQueue
+    from worker.queue.objects import ObjectChange, apply_changes
+    from worker.schema import REMOVED, images
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        apply_changes(conn, ImageQueue(engine), 1, str(pictures), "local", [ObjectChange(REMOVED, "obama3.jpg")])
+    with engine.connect() as conn:
+        gone = conn.execute(
+            select(faces.c.embedding).join(images, images.c.id == faces.c.image_id).where(images.c.key == "obama3.jpg")
+        ).scalars()
+        assert list(gone) == [None]
+        left = conn.execute(select(func.count()).where(faces.c.embedding.is_not(None))).scalar()
+    assert len(index_of(url, env)) == left
     celebscan("scan", pictures, "--workers", "1", "--force")  # replaces every face: old ids removed
     with create_engine(url).connect() as conn:
         assert conn.execute(select(func.count()).select_from(face_removals)).scalar() >= left
     fresh = index_of(url, env)
-    ids = {row.id for row in stored_faces(url)}
+    ids = {row.id for row in stored_faces(url) if row.embedding is not None}
     assert len(fresh) == len(ids)
     _, found = fresh.nearest(np.zeros((1, 128), dtype=np.float32), len(ids))
     assert set(found[0].tolist()) == ids, "the index holds exactly the faces stored"
@@ -172,21 +187,16 @@ def test_no_embedding_is_kept_when_the_setting_is_off(env, database_url, picture
     assert rows and all(row.embedding is None and row.embedding_model is None for row in rows)
 
 
-def test_rekognition_faces_are_embedded_at_their_boxes_and_named_later(
-    env, database_url, faces_dev, rekognition, s3, bucket, embedder, monkeypatch
-):
-    """Rekognition names Biden; every other face comes back unrecognized. After enrolling, the
-    gallery names Rekognition's unrecognized faces and Biden keeps Rekognition's name."""
-    for path in (faces_dev / "test").iterdir():
-        s3.put_object(Bucket=bucket, Key=path.name, Body=path.read_bytes())
+def rekognition_answers(faces_dev, embedder):
+    """The stand-in's answer: every face dlib finds comes back unrecognized, with its box, except
+    Biden's face in obama_and_biden.jpg, which Rekognition names "Joe Biden"."""
+    from tests.rekognition_standin import celebrity
 
     biden_photo = next((faces_dev / "train" / "biden").iterdir())
     biden = embedder.faces(np.asarray(Image.open(biden_photo).convert("RGB")))[0].embedding
     one_at_a_time = threading.Lock()  # the stand-in answers calls on threads; dlib's models are not shared so
 
     def answer(key, data):
-        from tests.rekognition_standin import celebrity
-
         image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         height, width = image.shape[:2]
         with one_at_a_time:
@@ -197,14 +207,23 @@ def test_rekognition_faces_are_embedded_at_their_boxes_and_named_later(
             for f in found
         ]
         named = []
-        if key == "obama_and_biden.jpg":  # Rekognition names Biden's face
+        if key.endswith("obama_and_biden.jpg"):
             nearest = int(np.argmin([np.linalg.norm(face.embedding - biden) for face in found]))
             entry = celebrity("Joe Biden")
             entry["Face"]["BoundingBox"] = boxes.pop(nearest)
             named.append(entry)
         return {"CelebrityFaces": named, "UnrecognizedFaces": [{"BoundingBox": b, "Confidence": 99.0} for b in boxes]}
 
-    rekognition.answer = answer
+    return answer
+
+
+def test_rekognition_faces_are_embedded_at_their_boxes_and_named_later(
+    env, database_url, faces_dev, rekognition, s3, bucket, embedder
+):
+    """After enrolling, the gallery names Rekognition's unrecognized faces; Biden keeps Rekognition's name."""
+    for path in (faces_dev / "test").iterdir():
+        s3.put_object(Bucket=bucket, Key=path.name, Body=path.read_bytes())
+    rekognition.answer = rekognition_answers(faces_dev, embedder)
     celebscan("scan", f"s3://{bucket}/", "--backend", "rekognition", "--workers", "1")
     calls = len(rekognition.calls)
     rows = stored_faces(database_url)
@@ -215,3 +234,52 @@ def test_rekognition_faces_are_embedded_at_their_boxes_and_named_later(
     assert counts["Joe Biden"] == 1 and "biden" not in counts, "Rekognition's name is kept"
     assert counts["obama"] == 2 and counts["kit_harington"] == 2
     assert len(rekognition.calls) == calls
+
+
+@pytest.mark.parametrize("backend, database", [("rekognition", "postgresql"), ("local", "sqlite")])
+def test_faces_written_by_celery_workers_are_named_found_and_grouped_later(
+    backend, database, request, aws_env, rekognition, broker_url, s3, bucket, faces_dev, embedder, tmp_path
+):
+    """Workers started as the Procfile says write the embeddings; the CLI then enrolls, finds and
+    groups from the database alone."""
+    from tests.celery_workers import celery_workers, wait_for_scan
+    from worker.store import ResultStore
+
+    url = request.getfixturevalue("postgres_url") if database == "postgresql" else f"sqlite:///{tmp_path / 'c.db'}"
+    if database == "postgresql":
+        from tests.conftest import _reset_postgres
+
+        _reset_postgres(url)
+    for part in ("test", "extra"):
+        for path in (faces_dev / part).iterdir():
+            s3.put_object(Bucket=bucket, Key=f"{part}/{path.name}", Body=path.read_bytes())
+    rekognition.answer = rekognition_answers(faces_dev, embedder)
+    env = {
+        **aws_env,
+        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
+        "CELERY_BROKER_URL": broker_url,
+        "CELEBSCAN_DATABASE_URL": url,
+        "CELEBSCAN_FACE_INDEX_DIR": str(tmp_path / "index"),
+    }
+    celebscan("scan", f"s3://{bucket}/", "--backend", backend, env=env)
+    store = ResultStore.connect(url)
+    with celery_workers(1, env, tmp_path, concurrency=2):  # the Procfile's worker line
+        wait_for_scan(store, store.latest_scan_id())
+    calls = len(rekognition.calls)
+    assert all(len(row.embedding) == 256 for row in stored_faces(url))
+    with nothing_read_or_called():
+        celebscan("gallery", "import", faces_dev / "train", env=env)
+        counts = {row["name"]: row["images"] for row in map(json.loads, _lines("people", "--format", "jsonl", env=env))}
+        biden = next((faces_dev / "train" / "biden").iterdir())
+        found = [json.loads(line)["key"] for line in _lines("find", biden, "--format", "jsonl", env=env)]
+        celebscan("gallery", "remove", "obama", env=env)
+        unknown = [json.loads(line) for line in _lines("people", "--unknown", "--format", "jsonl", env=env)]
+    assert counts["obama"] == 8 and counts["kit_harington"] == 2
+    assert (counts.get("Joe Biden"), counts.get("biden")) == ((1, 1) if backend == "rekognition" else (None, 2))
+    assert sorted(found) == ["extra/two_people.jpg", "test/obama_and_biden.jpg"]
+    assert [group["images"] for group in unknown] == [8]
+    assert len(rekognition.calls) == calls
+
+
+def _lines(*args, env) -> list[str]:
+    return [line for line in celebscan(*args, env=env).output.splitlines() if line.startswith("{")]

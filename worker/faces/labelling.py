@@ -14,7 +14,7 @@ only the faces named P; each of those is matched again against the whole gallery
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,28 +57,27 @@ class Labeller:
         if not len(vectors):
             return Labelled(0, 0)
         found = self.index().within(vectors.astype(np.float32), self.model.threshold)
-        candidates = np.unique(np.concatenate([ids for ids, _ in found])) if found else np.empty(0, np.int64)
-        return self._decide(gallery, candidates.tolist())
+        return self._decide(gallery, _union(ids for ids, _ in found))
 
     def after_removing(self, name: str) -> Labelled:
         """Match again every face the gallery had named ``name`` (who is no longer enrolled)."""
-        with self.engine.connect() as conn:
-            ids = conn.execute(select(faces.c.id).where(faces.c.name == name, faces.c.labelled_by == GALLERY)).scalars()
-            candidates = list(ids)
-        return self._decide(Gallery(self.engine).index(), candidates)
+        named = self._ids(select(faces.c.id).where(faces.c.name == name, faces.c.labelled_by == GALLERY))
+        return self._decide(Gallery(self.engine).index(), named)
 
     def everyone(self) -> Labelled:
         """Match again every face the gallery named or could name (after the threshold changed)."""
         gallery = Gallery(self.engine).index()
         found = self.index().within(gallery.embeddings.astype(np.float32), self.model.threshold) if len(gallery) else []
-        with self.engine.connect() as conn:
-            named = conn.execute(select(faces.c.id).where(faces.c.labelled_by == GALLERY)).scalars()
-            candidates = set(named)
-        for ids, _ in found:
-            candidates.update(ids.tolist())
-        return self._decide(gallery, sorted(candidates))
+        named = self._ids(select(faces.c.id).where(faces.c.labelled_by == GALLERY))
+        return self._decide(gallery, _union([named, *(ids for ids, _ in found)]))
 
-    def _decide(self, gallery: GalleryIndex, face_ids: Sequence[int]) -> Labelled:
+    def _ids(self, query) -> np.ndarray:
+        """The face ids a query returns, streamed into one array (8 bytes a face)."""
+        with self.engine.connect() as conn:
+            rows = conn.execution_options(yield_per=CHUNK).execute(query).scalars()
+            return np.fromiter(rows, dtype=np.int64)
+
+    def _decide(self, gallery: GalleryIndex, face_ids: np.ndarray) -> Labelled:
         looked_at = changed = 0
         for start in range(0, len(face_ids), CHUNK):
             with self.engine.connect() as conn:
@@ -90,7 +89,7 @@ class Labeller:
                         faces.c.person_id,
                         faces.c.embedding,
                         faces.c.embedding_model,
-                    ).where(faces.c.id.in_(list(face_ids[start : start + CHUNK])), GALLERY_MAY_CHANGE)
+                    ).where(faces.c.id.in_(face_ids[start : start + CHUNK].tolist()), GALLERY_MAY_CHANGE)
                 ).all()
             looked_at += len(rows)
             changes = [change for change in self._changes(gallery, rows) if change is not None]
@@ -114,6 +113,11 @@ class Labeller:
             confidence = match_confidence(distance, self.model.threshold)
             changes.append(Relabel(row.id, row.image_id, row.name, name, person_id, confidence))
         return changes
+
+
+def _union(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    parts = list(arrays)
+    return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
 def _nearest(gallery: GalleryIndex, vectors: np.ndarray) -> list[tuple[int | None, float | None]]:

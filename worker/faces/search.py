@@ -92,7 +92,7 @@ def find(
     seen: set[int] = set()
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
-        rows = {row.id: row for row in _rows(engine, chunk.tolist())}
+        rows = {row.id: row for row in stored_face_rows(engine, chunk.tolist())}
         for face_id, distance in zip(chunk.tolist(), distances[start : start + CHUNK].tolist(), strict=True):
             row = rows.get(face_id)
             if row is None or row.image_id in seen:
@@ -116,7 +116,7 @@ def find(
     return sightings
 
 
-def _rows(engine: Engine, face_ids: list[int]):
+def stored_face_rows(engine: Engine, face_ids: list[int]):
     """The faces still stored with an embedding, in pictures not deleted."""
     with engine.connect() as conn:
         return conn.execute(
