@@ -70,6 +70,7 @@ class FaceIndex:
         self._meta_path = folder / f"{key}-{model.id}.json"
         self._faiss = _import_faiss()
         self._index: Any = None
+        self._mapped = False
         self._meta: dict = {}
 
     def __len__(self) -> int:
@@ -88,6 +89,8 @@ class FaceIndex:
             self._meta.update(faces=face_mark, removals=removal_mark)
             added, removed = len(self), 0
         else:
+            if self._mapped and (face_mark > self._meta["faces"] or removal_mark > self._meta["removals"]):
+                self._load(writable=True)
             removed = self._apply_removals(removal_mark)
             added = self._add(self._meta["faces"], face_mark)
             self._meta.update(faces=face_mark, removals=removal_mark)
@@ -145,7 +148,7 @@ class FaceIndex:
             index.clustering_index = faiss.IndexFlatL2(dimension)
             index.train(self._training_sample(face_mark, 30 * lists))
             kind = "ivf"
-        self._index = index
+        self._index, self._mapped = index, False
         self._meta = {"kind": kind, "lists": lists, "faces": 0, "removals": 0, "built_with": database_faces}
         self._add(0, face_mark)
         self._meta["built_with"] = len(self)
@@ -198,15 +201,21 @@ class FaceIndex:
 
     # -- the file ----------------------------------------------------------------------------------
 
-    def _load(self) -> None:
-        if self._index is not None or not self.path.is_file() or not self._meta_path.is_file():
+    def _load(self, writable: bool = False) -> None:
+        """The index from its file: mapped into memory (read at once, paged in as searched: a new
+        process's first search does not wait for gigabytes to be read), or read whole to be changed."""
+        if self._index is not None and not (writable and self._mapped):
+            return
+        if not self.path.is_file() or not self._meta_path.is_file():
             return
         try:
             self._meta = json.loads(self._meta_path.read_text())
-            self._index = self._faiss.read_index(str(self.path))
+            flags = 0 if writable else self._faiss.IO_FLAG_MMAP
+            self._index = self._faiss.read_index(str(self.path), flags)
+            self._mapped = not writable
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("rebuilding the unreadable face index %s: %s", self.path, exc)
-            self._index, self._meta = None, {}
+            self._index, self._meta, self._mapped = None, {}, False
 
     def _save(self) -> None:
         """Write the index and its watermarks, each replaced atomically (the index first: watermarks
@@ -224,7 +233,7 @@ class FaceIndex:
         """Delete the index's files (they are rebuilt from the database when next needed)."""
         for path in (self.path, self._meta_path):
             path.unlink(missing_ok=True)
-        self._index, self._meta = None, {}
+        self._index, self._meta, self._mapped = None, {}, False
 
     # -- asking ------------------------------------------------------------------------------------
 
