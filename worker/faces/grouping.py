@@ -28,7 +28,7 @@ from worker.schema import faces
 
 #: Neighbours asked of the index per face: enough to count ``min_faces`` unnamed ones among named ones.
 NEIGHBOURS = 16
-PROBES = 16
+PROBES = 4
 
 
 @dataclass(frozen=True)

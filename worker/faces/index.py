@@ -264,7 +264,7 @@ class FaceIndex:
         if self._meta.get("kind") == "ivf":
             lists = self._meta["lists"]
             self._index.nprobe = lists if probes is None else min(lists, probes)
-            self._faiss.downcast_index(self._index.quantizer).hnsw.efSearch = max(64, 2 * self._index.nprobe)
+            self._faiss.downcast_index(self._index.quantizer).hnsw.efSearch = max(32, 2 * self._index.nprobe)
 
 
 def _lists_for(faces_count: int) -> int:
