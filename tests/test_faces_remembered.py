@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import shutil
+import sys
 import threading
 from collections import Counter
 
@@ -283,3 +284,11 @@ def test_faces_written_by_celery_workers_are_named_found_and_grouped_later(
 
 def _lines(*args, env) -> list[str]:
     return [line for line in celebscan(*args, env=env).output.splitlines() if line.startswith("{")]
+
+
+def test_a_missing_faiss_names_the_install_command(monkeypatch, tmp_path):
+    from worker.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install '\.\[local\]'"):
+        FaceIndex(create_engine(f"sqlite:///{tmp_path / 'c.db'}"), DLIB_RESNET_V1, tmp_path)
