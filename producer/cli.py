@@ -425,17 +425,28 @@ def results(
         WRITERS[fmt](records, sys.stdout)
 
 
-@cli.command()
+@cli.group(cls=CelebscanGroup, invoke_without_command=True)
 @click.option("--scan", "scan_id", type=int, help="Only the people of this scan (default: of every result kept).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N people.")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
+@click.option("--unknown", is_flag=True, help="The unnamed people instead: groups of unrecognized faces alike.")
 @INCLUDE_DELETED_OPTION
-@click.pass_obj
-def people(app: App, scan_id: int | None, limit: int | None, fmt: str, include_deleted: bool) -> None:
+@click.pass_context
+def people(
+    ctx: click.Context, scan_id: int | None, limit: int | None, fmt: str, unknown: bool, include_deleted: bool
+) -> None:
     """Everyone found, with the number of images each is in, most first.
 
     Two people with one name (Rekognition ids differ) are two lines, each with its id.
     """
+    if ctx.invoked_subcommand is not None:
+        return
+    app: App = ctx.obj
+    if unknown:
+        from producer.faces_cli import list_unknown
+
+        list_unknown(app, limit, fmt)
+        return
     if scan_id is not None and app.store.scan_summary(scan_id) is None:
         raise click.ClickException(f"there is no scan {scan_id}")
     found = app.store.people(scan_id, limit, include_deleted)
@@ -466,6 +477,8 @@ def people(app: App, scan_id: int | None, limit: int | None, fmt: str, include_d
     help="Pictures shown of each person (and of images in which nobody was recognized).",
 )
 @INCLUDE_DELETED_OPTION
+@click.option("--find", "find_photo", help="Also show the pictures with the face in this photo (as `find`).")
+@click.option("--face", "face_number", type=click.IntRange(min=1), help="With --find: which face of the photo.")
 @click.pass_obj
 def report(
     app: App,
@@ -474,14 +487,25 @@ def report(
     output: Path,
     report_per_person: int | None,
     include_deleted: bool,
+    find_photo: str | None,
+    face_number: int | None,
 ) -> None:
     """One self-contained HTML page: the people found with their counts and a few annotated pictures
-    of each, the failures, a filter by person."""
+    of each, the unnamed people (as last grouped) with a few faces each, the failures, a filter by person."""
+    import dataclasses
+
     from producer.html_report import gather, render
 
     settings = app.settings.replace(report_per_person=report_per_person)
     summary = _summary(app.store, scan_id)
     content = gather(app.store, summary, settings.report_per_person, persons, include_deleted)
+    if find_photo:
+        from producer.faces_cli import sightings_of
+
+        sightings = sightings_of(app, find_photo, face_number, settings.report_per_person)
+        found = [record for s in sightings for record in app.store.result_records(key=s.key, limit=1)]
+        heading = f"Pictures with the face of {Path(find_photo).name}: {len(sightings)} nearest shown"
+        content = dataclasses.replace(content, found_heading=heading, found=found)
     if persons and not content.people:
         raise click.ClickException(f"nobody called {' or '.join(persons)} was found in scan {summary.id}")
     readers = build_readers(settings)
@@ -531,7 +555,9 @@ def gallery() -> None:
 @click.pass_obj
 def gallery_import(app: App, folder: Path) -> None:
     """Enroll FOLDER/<person name>/<photos> for every person folder."""
-    _report_enrollments(Gallery(app.store.engine).import_folder(folder, _embedder(app.settings)))
+    enrollments = Gallery(app.store.engine).import_folder(folder, _embedder(app.settings))
+    _report_enrollments(enrollments)
+    _label_stored_faces(app, enrollments)
 
 
 @gallery.command("add")
@@ -541,7 +567,9 @@ def gallery_import(app: App, folder: Path) -> None:
 def gallery_add(app: App, name: str, photos: tuple[Path, ...]) -> None:
     """Enroll PHOTOS of the person NAME (each must show exactly one face)."""
     pairs = ((str(path), path.read_bytes()) for path in photos)
-    _report_enrollments(Gallery(app.store.engine).enroll(name, pairs, _embedder(app.settings)))
+    enrollments = Gallery(app.store.engine).enroll(name, pairs, _embedder(app.settings))
+    _report_enrollments(enrollments)
+    _label_stored_faces(app, enrollments)
 
 
 @gallery.command("list")
@@ -580,9 +608,14 @@ def gallery_reembed(app: App) -> None:
 @click.argument("name")
 @click.pass_obj
 def gallery_remove(app: App, name: str) -> None:
-    """Forget the person NAME and their photos."""
+    """Forget the person NAME and their photos; the stored faces the gallery had named NAME are
+    matched again (another enrolled person, or nobody)."""
     Gallery(app.store.engine).remove(name)
     click.echo(f"removed {name}")
+    from worker.faces.labelling import Labeller
+
+    labelled = Labeller(app.store.engine, app.settings).after_removing(name)
+    click.echo(f"stored faces matched again: {labelled.looked_at:,}; names changed: {labelled.changed:,}")
 
 
 @cli.command()
@@ -777,6 +810,17 @@ def _embedder(settings: Settings):
     return FaceEmbedder.from_settings(settings)
 
 
+def _label_stored_faces(app: App, enrollments) -> None:
+    """Name the faces already stored that the people just enrolled match: no picture read again."""
+    enrolled = {item.person for item in enrollments if item.status == "enrolled"}
+    if not enrolled:
+        return
+    from worker.faces.labelling import Labeller
+
+    labelled = Labeller(app.store.engine, app.settings).after_enrolling(enrolled)
+    click.echo(f"stored faces named from the gallery: {labelled.changed:,} (of {labelled.looked_at:,} within reach)")
+
+
 def _print_enrollments(enrollments) -> None:
     for item in enrollments:
         reason = f": {item.reason}" if item.reason else ""
@@ -803,6 +847,18 @@ def _report_enrollments(enrollments) -> None:
     _print_enrollments(enrollments)
     if enrollments and all(item.status == "refused" for item in enrollments):
         raise GalleryError("no photo could be enrolled")
+
+
+def _add_face_commands() -> None:
+    from producer import faces_cli
+
+    cli.add_command(faces_cli.find)
+    cli.add_command(faces_cli.faces)
+    for command in faces_cli.PEOPLE_COMMANDS:
+        people.add_command(command)
+
+
+_add_face_commands()
 
 
 def main() -> None:

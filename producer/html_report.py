@@ -15,7 +15,7 @@ import base64
 import html
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -56,6 +56,27 @@ PEOPLE_PICTURED = 200
 NOBODY_LOOKAHEAD = 20
 
 
+#: Unnamed people shown (most pictures first), each with a few of its faces.
+UNKNOWN_SHOWN = 24
+FACE_SIDE = 96
+
+
+@dataclass(frozen=True)
+class FaceSample:
+    """A face to show cut out of its picture."""
+
+    source: str
+    key: str
+    box: tuple[float, float, float, float]  # left, top, width, height (ratios)
+
+
+@dataclass(frozen=True)
+class UnknownGroup:
+    id: int
+    images: int
+    faces: list[FaceSample]
+
+
 @dataclass(frozen=True)
 class ReportContent:
     """What a page shows, bounded whatever the scan's size: the people found with their counts, a
@@ -66,6 +87,10 @@ class ReportContent:
     pictures: list[ResultRecord]
     failures: list[ResultRecord]
     per_person: int
+    unknown: list[UnknownGroup] = field(default_factory=list)
+    #: What ``find`` found for the face of a photo (``report --find``): its line, and the pictures.
+    found_heading: str = ""
+    found: list[ResultRecord] = field(default_factory=list)
 
 
 def gather(
@@ -99,7 +124,22 @@ def gather(
             elif not record.celebrities and nobody < per_person:
                 pictures.setdefault(record.key, record)
                 nobody += 1
-    return ReportContent(summary, people, list(pictures.values()), failures, per_person)
+    return ReportContent(summary, people, list(pictures.values()), failures, per_person, _unknown(store))
+
+
+def _unknown(store: ResultStore) -> list[UnknownGroup]:
+    """The unnamed people (as last grouped: ``people --unknown``, ``faces group``), a few faces each."""
+    from worker.faces.search import stored_face_rows
+    from worker.faces.unknown import unknown_people_found
+
+    groups = []
+    for person in unknown_people_found(store.engine, UNKNOWN_SHOWN):
+        rows = stored_face_rows(store.engine, list(person.sample_faces))
+        samples = [
+            FaceSample(row.source, row.key, (row.box_left, row.box_top, row.box_width, row.box_height)) for row in rows
+        ]
+        groups.append(UnknownGroup(person.id, person.images, samples))
+    return groups
 
 
 def render(
@@ -122,6 +162,8 @@ def render(
         f"<code>celebscan results --person NAME</code> lists them all.</p>"
     )
     return _PAGE.format(
+        unknown=_unknown_html(content.unknown, readers),
+        found=_found_html(content, readers),
         title=html.escape(f"celebscan scan {summary.id}: {summary.source}"),
         summary=html.escape(
             f"{summary.listed} images listed, {counts['done']} done, {counts['failed']} failed, "
@@ -132,6 +174,48 @@ def render(
         truncated=note,
         failures=_failures_html(summary, content.failures),
     )
+
+
+def _unknown_html(groups: list[UnknownGroup], readers: dict[str, ObjectReader]) -> str:
+    if not groups:
+        return ""
+    sections = []
+    for group in groups:
+        crops = "".join(_face_crop(sample, readers) for sample in group.faces)
+        sections.append(
+            f"<div class=unknown><b>unknown {group.id}</b>: {group.images} picture{'s' if group.images != 1 else ''}"
+            f"<div>{crops}</div></div>"
+        )
+    return (
+        "<h2 id=unknown>Unnamed people</h2><p class=note>Unrecognized faces alike enough to be one person: "
+        "<code>celebscan people name N NAME</code> enrolls one and names all its faces.</p>" + "".join(sections)
+    )
+
+
+def _face_crop(sample: FaceSample, readers: dict[str, ObjectReader]) -> str:
+    source = Source.from_url(sample.source)
+    try:
+        picture = decode_image(readers[source.kind].read(source.bucket, sample.key), ImageLimits())
+    except CelebscanError:
+        return "<span class=missing>?</span>"
+    left, top, width, height = sample.box
+    box = (
+        round(left * picture.width),
+        round(top * picture.height),
+        round((left + width) * picture.width),
+        round((top + height) * picture.height),
+    )
+    face = Image.fromarray(picture.pixels).crop(box)
+    face.thumbnail((FACE_SIDE, FACE_SIDE))
+    encoded = base64.b64encode(jpeg_bytes(face, quality=80)).decode()
+    return f'<img class=face alt="{html.escape(sample.key)}" src="data:image/jpeg;base64,{encoded}">'
+
+
+def _found_html(content: ReportContent, readers: dict[str, ObjectReader]) -> str:
+    if not content.found_heading:
+        return ""
+    figures = "".join(_figure(record, record.names, *thumbnail(record, readers)) for record in content.found)
+    return f"<h2 id=found>{html.escape(content.found_heading)}</h2><div class=grid>{figures}</div>"
 
 
 def _images_by_name(people: list[PersonFound]) -> dict[str, int]:
@@ -199,6 +283,8 @@ figcaption {{ font-size: .9em; margin-top: .4em; overflow-wrap: anywhere; }}
 .missing {{ padding: 2em 1em; background: #eee; color: #666; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: .3em .6em; text-align: left; }}
 .note {{ color: #666; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 1em; }}
+.unknown {{ margin: .6em 0; }} img.face {{ width: auto; display: inline-block; margin: .2em; border-radius: 4px; }}
 </style></head>
 <body>
 <header><h1>{title}</h1><p id=summary>{summary}</p>
@@ -206,6 +292,8 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding
 <span id=count></span></header>
 {truncated}
 <main id=gallery>{figures}</main>
+{found}
+{unknown}
 {failures}
 <script>
 const select = document.getElementById("person");

@@ -16,8 +16,9 @@ import orjson
 from sqlalchemy import Integer, delete, literal, select
 
 from worker import person_counts
+from worker.faces import removals
 from worker.recognition import RecognitionResult
-from worker.schema import DONE, FAILED, QUEUED, faces
+from worker.schema import DONE, FAILED, GALLERY, QUEUED, faces
 from worker.sql import dialect_insert
 
 
@@ -181,6 +182,7 @@ def replace_faces_portable(conn, outcomes: Sequence[ImageOutcome]) -> None:
     person counts taken out and put back in the same transaction."""
     ids = [o.image_id for o in outcomes]
     person_counts.subtract(conn, ids)
+    removals.record(conn, faces.c.image_id.in_(ids))
     conn.execute(delete(faces).where(faces.c.image_id.in_(ids)))
     rows = [row for o in outcomes if o.result for row in face_row_dicts(o.image_id, o.result)]
     if rows:
@@ -234,15 +236,37 @@ def _copy_json(value: Any) -> str:
     return "\\N" if value is None else orjson.dumps(value).decode().replace("\\", "\\\\")
 
 
+def _copy_bytes(value: bytes | None) -> str:
+    """bytea in COPY text: hex, its backslash doubled."""
+    return "\\N" if value is None else "\\\\x" + value.hex()
+
+
 def _copy_line(values: tuple) -> str:
     """One face row (``_FACE_COLUMNS`` order) as a COPY text line; written out for speed."""
-    image_id, index, name, person_id, match, confidence, left, top, width, height, urls, gender, landmarks, details = (
-        values
-    )
+    (
+        image_id,
+        index,
+        name,
+        person_id,
+        match,
+        confidence,
+        left,
+        top,
+        width,
+        height,
+        urls,
+        gender,
+        landmarks,
+        details,
+        embedding,
+        model,
+        labelled_by,
+    ) = values
     return (
         f"{image_id}\t{index}\t{_copy_text(name)}\t{_copy_text(person_id)}\t{_copy_number(match)}\t"
         f"{_copy_number(confidence)}\t{left!r}\t{top!r}\t{width!r}\t{height!r}\t{_copy_json(urls)}\t"
-        f"{_copy_text(gender)}\t{_copy_json(landmarks)}\t{_copy_json(details)}\n"
+        f"{_copy_text(gender)}\t{_copy_json(landmarks)}\t{_copy_json(details)}\t{_copy_bytes(embedding)}\t"
+        f"{_copy_text(model)}\t{_copy_text(labelled_by)}\n"
     )
 
 
@@ -285,6 +309,9 @@ _FACE_COLUMNS = (
     "known_gender",
     "landmarks",
     "details",
+    "embedding",
+    "embedding_model",
+    "labelled_by",
 )
 
 #: One message: the batch's old faces taken out of the person counts and deleted, those of copied
@@ -292,6 +319,7 @@ _FACE_COLUMNS = (
 #: the new faces are counted after it (``person_counts.POSTGRESQL_ADD``).
 _POSTGRESQL_REPLACE_FACES = f"""
 {person_counts.POSTGRESQL_SUBTRACT}
+{removals.POSTGRESQL_RECORD}
 DELETE FROM faces WHERE image_id = ANY(%(ids)s);
 INSERT INTO faces ({", ".join(_FACE_COLUMNS)})
 SELECT c.id, {", ".join("f." + column for column in _FACE_COLUMNS[1:])}
@@ -312,6 +340,7 @@ def _copy_faces(image_id: int, source_id: int):
 def face_values(image_id: int, result: RecognitionResult) -> list[tuple]:
     """A result's face rows as tuples in ``_FACE_COLUMNS`` order."""
     rows: list[tuple] = []
+    model = result.embedding_model
     for index, celebrity in enumerate(result.celebrities):
         box = celebrity.bounding_box
         rows.append(
@@ -330,6 +359,9 @@ def face_values(image_id: int, result: RecognitionResult) -> list[tuple]:
                 celebrity.known_gender,
                 (celebrity.raw.get("Face") or {}).get("Landmarks"),
                 _celebrity_details(celebrity.raw),
+                celebrity.embedding,
+                model if celebrity.embedding is not None else None,
+                GALLERY if celebrity.from_gallery else None,
             )
         )
     offset = len(rows)
@@ -351,6 +383,9 @@ def face_values(image_id: int, result: RecognitionResult) -> list[tuple]:
                 None,
                 face.raw.get("Landmarks"),
                 _without(face.raw, _FACE_FIELDS_IN_COLUMNS),
+                face.embedding,
+                model if face.embedding is not None else None,
+                None,
             )
         )
     return rows

@@ -59,6 +59,11 @@ class Celebrity:
     urls: tuple[str, ...] = ()
     known_gender: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: The face's embedding as stored (float16: ``EmbeddingModel.pack``), or None when none is kept.
+    embedding: bytes | None = field(default=None, compare=False, repr=False)
+    #: Named by the enrolled gallery (the local recognizer), not by a paid recognizer: the gallery
+    #: may take the name back (the person removed) or give another.
+    from_gallery: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,12 +73,15 @@ class UnrecognizedFace:
     bounding_box: BoundingBox
     confidence: float
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    embedding: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class RecognitionResult:
     celebrities: tuple[Celebrity, ...] = ()
     unrecognized_faces: tuple[UnrecognizedFace, ...] = ()
+    #: The id of the model that made the faces' embeddings (None: no embedding kept).
+    embedding_model: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -104,3 +112,8 @@ class RecognitionResult:
             for f in response.get("UnrecognizedFaces", ())
         )
         return cls(celebrities=celebrities, unrecognized_faces=unrecognized)
+
+    @property
+    def faces(self) -> tuple[Celebrity | UnrecognizedFace, ...]:
+        """Every face, in the order they are stored (the named first)."""
+        return (*self.celebrities, *self.unrecognized_faces)

@@ -25,6 +25,8 @@ from sqlalchemy import (
 metadata = MetaData()
 
 QUEUED, DONE, FAILED = "queued", "done", "failed"
+#: ``faces.labelled_by`` of a name the enrolled gallery gave (and may take back).
+GALLERY = "gallery"
 #: What a followed object's latest event did (``object_events.kind``).
 CREATED, REMOVED = "created", "removed"
 STATUSES = (QUEUED, DONE, FAILED)
@@ -330,6 +332,18 @@ faces = Table(
     Column("landmarks", JSON),
     # The recognizer's whole face record (pose, quality, emotions, ...), as the vendor sent it.
     Column("details", JSON),
+    # The face remembered (worker/faces/): its embedding as float16 (256 bytes), stamped with the
+    # model that made it (embeddings of two models are never compared); NULL when none is kept
+    # (CELEBSCAN_KEEP_FACE_EMBEDDINGS off, erased, or its object deleted).
+    Column("embedding", LargeBinary),
+    Column("embedding_model", String(64)),
+    # Who gave the face its name: 'gallery' (an enrolled person, at scan time or later: the gallery
+    # may take it back or give another, worker/queue/labels.py); NULL with a name: the recognizer
+    # (Rekognition's celebrity name, kept whatever the gallery says).
+    Column("labelled_by", String(16)),
+    # The unnamed person (unknown_people.id) an unrecognized face was grouped into; 0: taken out of
+    # its group by hand and never grouped again; NULL: not grouped (yet).
+    Column("unknown_id", Integer),
     UniqueConstraint("image_id", "face_index", name="uq_faces_image_index"),
     # Who is where (worker/findings.py): a person's images by name or by Rekognition id read only
     # that person's entries; grouping by name reads this index alone, in order.
@@ -341,6 +355,14 @@ faces = Table(
         postgresql_where=text("name IS NOT NULL"),
         sqlite_where=text("name IS NOT NULL"),
     ),
+    # The faces of an unnamed person (``people --unknown``, naming or merging a group).
+    Index(
+        "ix_faces_unknown",
+        "unknown_id",
+        "image_id",
+        postgresql_where=text("unknown_id IS NOT NULL"),
+        sqlite_where=text("unknown_id IS NOT NULL"),
+    ),
     Index(
         "ix_faces_person_id",
         "person_id",
@@ -348,6 +370,36 @@ faces = Table(
         postgresql_where=text("person_id IS NOT NULL"),
         sqlite_where=text("person_id IS NOT NULL"),
     ),
+    # A face's id is never given out again (SQLite's plain rowid reuses the largest after a delete):
+    # the face index knows faces by id (worker/faces/index.py).
+    sqlite_autoincrement=True,
+)
+
+face_removals = Table(
+    "face_removals",
+    metadata,
+    # Faces whose embedding left the database (replaced by a rescan, erased, or their object
+    # deleted): an index built from the database (worker/faces/index.py) drops them at its next
+    # refresh, so no copy of an erased embedding outlives it. ``seq`` only grows (AUTOINCREMENT on
+    # SQLite too, where a plain rowid is reused), so a refresh reads what it has not seen.
+    Column("seq", Integer, primary_key=True),
+    Column("face_id", Integer, nullable=False),
+    Column("removed_at", DateTime(timezone=True), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+unknown_people = Table(
+    "unknown_people",
+    metadata,
+    # An unnamed person: a group of unrecognized faces alike enough to be one person
+    # (worker/faces/grouping.py). ``merged_into``: merged into that group; ``named``: enrolled
+    # under that name (its faces then carry the name).
+    Column("id", Integer, primary_key=True),
+    Column("embedding_model", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("merged_into", Integer),
+    Column("named", Text),
+    sqlite_autoincrement=True,
 )
 
 person_images = Table(

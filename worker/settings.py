@@ -78,6 +78,30 @@ class Settings:
         "(faces from ~1/64 of it are found; larger ones by a second pass at 240).",
         minimum=240,
     )
+    keep_face_embeddings: bool = _setting(
+        True,
+        "CELEBSCAN_KEEP_FACE_EMBEDDINGS",
+        "Keep every face's embedding (256 bytes, biometric data) so later enrolling, `find` and unknown groups "
+        "need no rescan; false: keep none.",
+    )
+    unknown_min_faces: int = _setting(
+        3,
+        "CELEBSCAN_UNKNOWN_MIN_FACES",
+        "Unknown groups: unnamed neighbours a face needs within the distance to start or join a group.",
+        minimum=1,
+    )
+    unknown_max_distance: float = _setting(
+        0.0,
+        "CELEBSCAN_UNKNOWN_MAX_DISTANCE",
+        "Unknown groups: largest distance between unit-length embeddings of neighbours in one unnamed person "
+        "(0: the face model's own, 1.0 for SFace).",
+        minimum=0.0,
+    )
+    face_index_dir: str = _setting(
+        "~/.cache/celebscan/face-index",
+        "CELEBSCAN_FACE_INDEX_DIR",
+        "Where `find` and the unknown groups keep their vector index of the stored faces (rebuilt from the database).",
+    )
     max_image_pixels: int = _setting(
         100_000_000,
         "CELEBSCAN_MAX_IMAGE_PIXELS",

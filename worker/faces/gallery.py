@@ -26,6 +26,7 @@ from sqlalchemy import Engine, delete, func, select, update
 
 from worker.database import utcnow
 from worker.errors import CelebscanError, GalleryError
+from worker.faces.detection import grown
 from worker.faces.embeddings import DetectedFace, FaceEmbedder
 from worker.faces.models import CURRENT, EmbeddingModel
 from worker.media.images import ImageLimits, decode_image, is_image_name
@@ -91,9 +92,31 @@ class Gallery:
             except CelebscanError as exc:
                 results.append(Enrollment(name, label, "refused", str(exc)))
                 continue
-            added = self._store(name, label, hashlib.sha256(data).hexdigest(), face, face_crop(pixels, face))
+            digest = hashlib.sha256(data).hexdigest()
+            added = self._store(name, label, digest, face.model, face.embedding, face_crop(pixels, face))
             results.append(Enrollment(name, label, "enrolled" if added else "already enrolled"))
         return results
+
+    def enroll_embeddings(self, name: str, model: EmbeddingModel, embeddings: Iterable[tuple[str, np.ndarray]]) -> int:
+        """Enroll ``(label, embedding)`` pairs of ``model`` already made (an unknown group's stored
+        faces, no picture read: so no crop is kept, and a later model cannot re-embed them); the
+        number added."""
+        name = name.strip()
+        if not name:
+            raise GalleryError("a person needs a non-empty name")
+        added = 0
+        for label, embedding in embeddings:
+            digest = hashlib.sha256(np.asarray(embedding, dtype=np.float64).tobytes()).hexdigest()
+            added += self._store(name, label, digest, model, embedding, None)
+        return added
+
+    def person_id(self, name: str) -> str:
+        """The id faces named ``name`` by the gallery carry (the external id, else the row's)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(people.c.id, people.c.external_id).where(people.c.name == name)).first()
+        if row is None:
+            raise GalleryError(f"nobody called {name!r} is enrolled")
+        return row.external_id or str(row.id)
 
     def import_folder(self, folder: Path, embedder: FaceEmbedder) -> list[Enrollment]:
         """Enroll ``folder/<person name>/<photos>`` for every person folder."""
@@ -198,7 +221,15 @@ class Gallery:
             stale=stale,
         )
 
-    def _store(self, name: str, source: str, image_hash: str, face: DetectedFace, crop: bytes) -> bool:
+    def _store(
+        self,
+        name: str,
+        source: str,
+        image_hash: str,
+        model: EmbeddingModel,
+        embedding: np.ndarray,
+        crop: bytes | None,
+    ) -> bool:
         with self.engine.begin() as conn:
             conn.execute(
                 dialect_insert(self.engine, people)
@@ -210,8 +241,8 @@ class Gallery:
                 dialect_insert(self.engine, gallery_faces)
                 .values(
                     person_id=person_id,
-                    embedding=face.model.to_bytes(face.embedding),
-                    model=face.model.id,
+                    embedding=model.to_bytes(embedding),
+                    model=model.id,
                     face_crop=crop,
                     source=source,
                     image_hash=image_hash,
@@ -225,11 +256,7 @@ class Gallery:
 def face_crop(pixels: np.ndarray, face: DetectedFace) -> bytes:
     """The face with ``CROP_MARGIN`` of its size around it, as a JPEG at most ``CROP_MAX_SIDE`` px."""
     found = face.detection
-    height, width = pixels.shape[:2]
-    grow_x = CROP_MARGIN * (found.right - found.left)
-    grow_y = CROP_MARGIN * (found.bottom - found.top)
-    left, top = max(0, int(found.left - grow_x)), max(0, int(found.top - grow_y))
-    right, bottom = min(width, int(found.right + grow_x) + 1), min(height, int(found.bottom + grow_y) + 1)
+    left, top, right, bottom = grown((found.left, found.top, found.right, found.bottom), CROP_MARGIN, pixels.shape)
     crop = Image.fromarray(pixels[top:bottom, left:right])
     crop.thumbnail((CROP_MAX_SIDE, CROP_MAX_SIDE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
@@ -254,7 +281,8 @@ def _reembedded(row, embedder: FaceEmbedder) -> tuple[DetectedFace, bytes]:
     data = path.read_bytes() if path.is_file() else b""
     if hashlib.sha256(data).hexdigest() != row.image_hash:
         raise GalleryError(
-            f"its photo is no longer at {row.source}: enroll it again (celebscan gallery add {row.name!r} PHOTO)"
+            f"no face crop was kept and its photo is not at {row.source}: enroll a photo again "
+            f"(celebscan gallery add {row.name!r} PHOTO)"
         )
     pixels, face = _single_face(data, embedder)
     return face, face_crop(pixels, face)

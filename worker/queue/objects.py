@@ -21,10 +21,11 @@ from sqlalchemy import and_, exists, false, or_, select, update
 
 from worker import person_counts
 from worker.database import utcnow
+from worker.faces import removals
 from worker.listing import ListedObject
 from worker.queue.images import ImageQueue, restore_deleted
 from worker.queue.scans import count_handed_over
-from worker.schema import CREATED, REMOVED, images, object_events, scans
+from worker.schema import CREATED, REMOVED, faces, images, object_events, scans
 from worker.sql import dialect_insert
 
 #: Sequencers are compared as text after right-padding to this width (S3 says: pad the shorter).
@@ -176,4 +177,5 @@ def _mark(conn, bucket: str, versions) -> int:
     )
     if marked:
         person_counts.subtract(conn, marked, deleted_too=True)
+        removals.forget(conn, faces.c.image_id.in_(marked))  # gone with its picture
     return len(marked)

@@ -1,8 +1,9 @@
 """Recognizers: one module per backend behind the small ``Recognizer`` protocol.
 
-``local`` (dlib, offline, free) is the default; ``rekognition`` calls Amazon Rekognition. Both
-return :class:`worker.recognition.RecognitionResult`. Backends are imported only when built, so a
-producer or a Rekognition worker never imports dlib.
+``local`` (YuNet and SFace on OpenCV, offline, free) is the default; ``rekognition`` calls Amazon
+Rekognition. Both return :class:`worker.recognition.RecognitionResult`. Backends are imported only
+when built, so a producer never imports OpenCV, nor does a Rekognition worker that keeps no face
+embeddings (``CELEBSCAN_KEEP_FACE_EMBEDDINGS=false``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ def build_recognizer(settings: Settings, engine: Engine) -> Recognizer:
     if settings.backend == "rekognition":
         from worker.recognizers.rekognition import RekognitionRecognizer
 
-        return RekognitionRecognizer.from_settings(settings)
+        recognizer = RekognitionRecognizer.from_settings(settings)
+        if not settings.keep_face_embeddings:
+            return recognizer
+        from worker.faces.embeddings import FaceEmbedder
+        from worker.faces.remember import RememberingRecognizer
+
+        return RememberingRecognizer(recognizer, FaceEmbedder.from_settings(settings))
     raise ConfigurationError(f"unknown backend {settings.backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 

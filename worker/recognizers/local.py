@@ -24,17 +24,26 @@ def match_confidence(distance: float, threshold: float) -> float:
 class LocalRecognizer:
     name = "local"
 
-    def __init__(self, embedder: FaceEmbedder, gallery: GalleryIndex, threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        embedder: FaceEmbedder,
+        gallery: GalleryIndex,
+        threshold: float | None = None,
+        keep_embeddings: bool = True,
+    ) -> None:
         if gallery.model != embedder.model:
             raise ValueError(f"a gallery of {gallery.model.id} embeddings cannot match {embedder.model.id} faces")
         self.embedder = embedder
         self.gallery = gallery
         self.threshold = threshold or embedder.model.threshold
+        self.keep_embeddings = keep_embeddings
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine) -> LocalRecognizer:
         embedder = FaceEmbedder.from_settings(settings)
-        return cls(embedder, Gallery(engine).index(embedder.model), settings.match_threshold)
+        return cls(
+            embedder, Gallery(engine).index(embedder.model), settings.match_threshold, settings.keep_face_embeddings
+        )
 
     def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
         celebrities, unrecognized = [], []
@@ -45,16 +54,23 @@ class LocalRecognizer:
             )
             match = self.gallery.nearest(face.embedding)
             details: dict[str, object] = {"DetectorScore": round(found.score, 4), "EmbeddingModel": face.model.id}
+            embedding = face.model.pack(face.embedding) if self.keep_embeddings else None
             if match is not None:
                 details["NearestDistance"] = round(match[1], 4)
             if match is not None and match[1] <= self.threshold:
-                celebrities.append(self._celebrity(face, box, *match, details))
+                celebrities.append(self._celebrity(face, box, *match, details, embedding))
             else:
-                unrecognized.append(UnrecognizedFace(bounding_box=box, confidence=face.confidence, raw=details))
-        return RecognitionResult(celebrities=tuple(celebrities), unrecognized_faces=tuple(unrecognized))
+                unrecognized.append(
+                    UnrecognizedFace(bounding_box=box, confidence=face.confidence, raw=details, embedding=embedding)
+                )
+        return RecognitionResult(
+            celebrities=tuple(celebrities),
+            unrecognized_faces=tuple(unrecognized),
+            embedding_model=self.embedder.model.id if self.keep_embeddings else None,
+        )
 
     def _celebrity(
-        self, face: DetectedFace, box: BoundingBox, person: int, distance: float, details: dict
+        self, face: DetectedFace, box: BoundingBox, person: int, distance: float, details: dict, embedding: bytes | None
     ) -> Celebrity:
         return Celebrity(
             name=self.gallery.names[person],
@@ -64,4 +80,6 @@ class LocalRecognizer:
             face_confidence=face.confidence,
             urls=self.gallery.urls[person],
             raw=details,
+            embedding=embedding,
+            from_gallery=True,
         )
