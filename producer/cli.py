@@ -599,6 +599,7 @@ def gallery_reembed(app: App) -> None:
     if not results:
         click.echo("every enrolled photo is embedded with the current face model")
     _print_enrollments(results)
+    _label_stored_faces(app, results)
     refused = sum(item.status == "refused" for item in results)
     if refused:
         raise GalleryError(f"{_plural(refused, 'photo')} could not be re-embedded and are not matched")
@@ -811,8 +812,9 @@ def _embedder(settings: Settings):
 
 
 def _label_stored_faces(app: App, enrollments) -> None:
-    """Name the faces already stored that the people just enrolled match: no picture read again."""
-    enrolled = {item.person for item in enrollments if item.status == "enrolled"}
+    """Name the faces already stored that the people just enrolled (or re-embedded) match: no
+    picture read again."""
+    enrolled = {item.person for item in enrollments if item.status in ("enrolled", "re-embedded")}
     if not enrolled:
         return
     from worker.faces.labelling import Labeller

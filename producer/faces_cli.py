@@ -128,11 +128,19 @@ def faces_erase(app: App, person: str | None, key: str | None, group: int | None
 @click.pass_obj
 def faces_relabel(app: App) -> None:
     """Match every stored face the gallery may name against the gallery again (after changing
-    CELEBSCAN_MATCH_THRESHOLD)."""
+    CELEBSCAN_MATCH_THRESHOLD); count the faces an older face model stored, which are left aside."""
+    from worker.faces import stored
     from worker.faces.labelling import Labeller
 
-    labelled = Labeller(app.store.engine, app.settings).everyone()
+    labeller = Labeller(app.store.engine, app.settings)
+    labelled = labeller.everyone()
     click.echo(f"stored faces matched again: {labelled.looked_at:,}; names changed: {labelled.changed:,}")
+    for model, count in stored.models(app.store.engine):
+        if model != labeller.model.id:
+            click.echo(
+                f"left aside: {_plural(count, 'face')} embedded by the older face model {model}"
+                " (`celebscan scan --force SOURCE` embeds them again)"
+            )
 
 
 @faces.command("group")

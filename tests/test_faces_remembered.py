@@ -142,6 +142,34 @@ def test_find_lists_the_pictures_of_a_face_nearest_first(scanned_locally, faces_
     assert "obama_and_biden.jpg" in celebscan("find", faces_dev / "test" / "obama_and_biden.jpg", "--face", "2").output
 
 
+def test_faces_of_an_older_model_are_left_aside_and_a_reembedded_gallery_names_the_rest(
+    scanned_locally, faces_dev, expected_counts, embedder
+):
+    from sqlalchemy import update
+
+    from worker.faces.gallery import Gallery
+    from worker.faces.models import DLIB_RESNET_V1
+    from worker.schema import gallery_faces, images
+
+    engine = create_engine(scanned_locally)
+    older = faces.c.image_id.in_(select(images.c.id).where(images.c.key == "two_people.jpg"))
+    with engine.begin() as conn:  # as an upgrade finds them: two_people.jpg's faces and the gallery of dlib
+        conn.execute(update(faces).where(older).values(embedding_model=DLIB_RESNET_V1.id))
+    Gallery(engine).import_folder(faces_dev / "train", embedder)
+    with engine.begin() as conn:
+        conn.execute(update(gallery_faces).values(model=DLIB_RESNET_V1.id))
+    assert people_counts() == {}, "an older model's gallery names nothing"
+    with nothing_read_or_called():
+        reembedded = celebscan("gallery", "reembed").output
+        assert "stored faces named from the gallery" in reembedded
+        assert people_counts() == expected_counts - Counter(["obama", "biden"]), "two_people.jpg's are left aside"
+        biden = next((faces_dev / "train" / "biden").iterdir())
+        found = [json.loads(line)["key"] for line in _lines("find", biden, "--format", "jsonl", env=None)]
+        assert found == ["obama_and_biden.jpg"], "two_people.jpg's faces are another model's"
+        relabelled = celebscan("faces", "relabel").output
+    assert "left aside: 2 faces embedded by the older face model dlib-resnet-v1" in relabelled
+
+
 def test_erase_and_rescan_leave_no_embedding_behind(scanned_locally, pictures, env):
     url = scanned_locally
     index = index_of(url, env)
