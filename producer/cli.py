@@ -140,7 +140,7 @@ def scan(
 
         FaceDetector.check_installed()
     if settings.backend == "local" and resume_id is None:
-        _reembed_stale_gallery(app.store.engine, settings)
+        _reembed_stale_gallery(app, settings)
     summary = run_scan(
         app.store,
         settings,
@@ -829,10 +829,11 @@ def _print_enrollments(enrollments) -> None:
         click.echo(f"{item.status}: {item.person} <- {item.source}{reason}")
 
 
-def _reembed_stale_gallery(engine, settings: Settings) -> None:
+def _reembed_stale_gallery(app: App, settings: Settings) -> None:
     """Before a local scan: the photos an older face model embedded are embedded again (after an
-    upgrade), or the command says what to run where the models are installed."""
-    gallery = Gallery(engine)
+    upgrade), and the stored faces they match named, or the command says what to run where the
+    models are installed."""
+    gallery = Gallery(app.store.engine)
     stale = gallery.stale()
     if not stale:
         return
@@ -842,7 +843,9 @@ def _reembed_stale_gallery(engine, settings: Settings) -> None:
         click.echo(f"{_plural(stale, 'gallery photo')} need re-embedding ({exc}); then: celebscan gallery reembed")
         return
     click.echo(f"re-embedding {_plural(stale, 'gallery photo')} with the face model {embedder.model.id}")
-    _print_enrollments([item for item in gallery.reembed(embedder) if item.status == "refused"])
+    results = gallery.reembed(embedder)
+    _print_enrollments([item for item in results if item.status == "refused"])
+    _label_stored_faces(app, results)
 
 
 def _report_enrollments(enrollments) -> None:
