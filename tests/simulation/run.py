@@ -171,6 +171,7 @@ class Simulation:
         )
         self.contexts: dict[int, WorkerContext] = {}
         self.node_faults = self.rng.choice([0.0, 1.0, 2.0])  # how often a node is killed or stopped
+        self.run_stops = self.rng.choice([1.0, 3.0, 6.0])  # how often a run is stopped for about its lease
         self.closing = False
         self.pool_processes = 0
         self.disruptions: Counter = Counter()  # by image: faults that cut a run that had started it
@@ -486,10 +487,12 @@ class Simulation:
                 working = [n for n in alive if any(child.running for child in n.children)]  # stopped mid-run
                 self._stop_node(self.rng.choice(working or alive), self.rng.uniform(0.5, 2.5) * self.lease)
             elif action == "run stopped" and (running := self._running_children()):
-                self._stop_run(self.rng.choice(running), self.rng.uniform(0.8, 1.6) * self.lease)
+                self._stop_run(self.rng.choice(running), self.rng.uniform(0.9, 1.4) * self.lease)
 
     def faults_weight(self, kind: str) -> float:
-        return self.node_faults if kind in ("node killed", "node stopped", "run stopped") else 0.0
+        if kind == "run stopped":
+            return self.run_stops
+        return self.node_faults if kind in ("node killed", "node stopped") else 0.0
 
     def _running_children(self) -> list[Process]:
         return [
