@@ -84,13 +84,18 @@ def cli(ctx: click.Context, database_url: str | None, endpoint_url: str | None, 
     "--workers", setting="workers", type=click.IntRange(min=0), help="Processes for an embedded scan (0: one per core)."
 )
 @setting_option("--batch-size", setting="batch_size", type=click.IntRange(min=1), help="Images per batch.")
-@click.option("--force", is_flag=True, help="Scan images again even when an identical copy is already done.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Recognize every picture again, once (its copies reuse that), even when it is already done.",
+)
 @click.option(
     "--resume",
     "resume_id",
     type=int,
     metavar="SCAN_ID",
-    help="Hand out again the images of SCAN_ID still queued (after an interruption, a broker loss or --max-cost).",
+    help="Hand out again the images of SCAN_ID still queued (after an interruption without a broker, or "
+    "--max-cost); with a broker the workers repair a scan by themselves.",
 )
 @click.option(
     "--max-cost",

@@ -184,6 +184,20 @@ def broker_url(redis_url):
     client.close()
 
 
+def rekognition_scan_env(aws_env, rekognition, broker_url: str, postgres_url: str, **settings: str) -> dict:
+    """The environment of a scan through Redis into PostgreSQL, recognized by the Rekognition stand-in
+    in batches of 4 (``settings``: more CELEBSCAN_... variables)."""
+    return {
+        **aws_env,
+        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
+        "CELERY_BROKER_URL": broker_url,
+        "CELEBSCAN_DATABASE_URL": postgres_url,
+        "CELEBSCAN_BACKEND": "rekognition",
+        "CELEBSCAN_BATCH_SIZE": "4",
+        **settings,
+    }
+
+
 def folder_worker_context(store, recognizer, max_attempts: int = 4):
     """A worker's context that reads local folders and answers with ``recognizer`` (a stub)."""
     from worker.batch import WorkerContext

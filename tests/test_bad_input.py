@@ -86,7 +86,7 @@ MATRIX = {
 def test_every_bad_input_ends_failed_with_its_code_and_the_worker_goes_on(
     aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_path
 ):
-    from tests.conftest import _reset_postgres
+    from tests.conftest import _reset_postgres, rekognition_scan_env
 
     _reset_postgres(postgres_url)
     for key, (make, _, _) in MATRIX.items():
@@ -95,14 +95,7 @@ def test_every_bad_input_ends_failed_with_its_code_and_the_worker_goes_on(
     rekognition.answer = lambda key, data: (
         sizes.append(Image.open(io.BytesIO(data)).size) or {"CelebrityFaces": [celebrity("someone")]}
     )
-    env = {
-        **aws_env,
-        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
-        "CELERY_BROKER_URL": broker_url,
-        "CELEBSCAN_DATABASE_URL": postgres_url,
-        "CELEBSCAN_BACKEND": "rekognition",
-        "CELEBSCAN_BATCH_SIZE": "4",
-    }
+    env = rekognition_scan_env(aws_env, rekognition, broker_url, postgres_url)
     result = CliRunner().invoke(cli, ["scan", f"s3://{bucket}/"], env=env, catch_exceptions=False)
     assert result.exit_code == 0 and f"listed {len(MATRIX)} images" in result.output, result.output
     s3.delete_object(Bucket=bucket, Key="bad/deleted.jpg")  # gone between listing and processing

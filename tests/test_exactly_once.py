@@ -371,21 +371,14 @@ def test_copies_of_a_picture_in_flight_in_two_workers_are_paid_for_once(store, t
 
 @pytest.fixture
 def procfile_scan(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_path):
-    from tests.conftest import _reset_postgres
+    from tests.conftest import _reset_postgres, rekognition_scan_env
     from tests.rekognition_standin import celebrity
     from worker.store import ResultStore
 
     _reset_postgres(postgres_url)
     rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity(hashlib.md5(data).hexdigest()[:8])]}
     rekognition.delay = 0.2  # a call takes a while: copies are in flight together
-    env = {
-        **aws_env,
-        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
-        "CELERY_BROKER_URL": broker_url,
-        "CELEBSCAN_DATABASE_URL": postgres_url,
-        "CELEBSCAN_BACKEND": "rekognition",
-        "CELEBSCAN_BATCH_SIZE": "4",
-    }
+    env = rekognition_scan_env(aws_env, rekognition, broker_url, postgres_url)
     store = ResultStore.connect(postgres_url)
     yield store, env
     store.engine.dispose()

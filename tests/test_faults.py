@@ -76,25 +76,23 @@ class FaultScan:
 
 @pytest.fixture
 def fault_scan(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_path):
-    from tests.conftest import _reset_postgres
+    from tests.conftest import _reset_postgres, rekognition_scan_env
 
     _reset_postgres(postgres_url)
     for i in range(IMAGES):
         s3.put_object(Bucket=bucket, Key=f"f/{i:03d}.jpg", Body=jpeg(200 + i, 160))
     rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
     rekognition.delay = 0.1
-    env = {
-        **aws_env,
-        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
-        "CELERY_BROKER_URL": broker_url,
-        "CELEBSCAN_DATABASE_URL": postgres_url,
-        "CELEBSCAN_BACKEND": "rekognition",
-        "CELEBSCAN_BATCH_SIZE": "4",
-        "CELEBSCAN_VISIBILITY_TIMEOUT": "5",
-        "CELEBSCAN_LEASE_SECONDS": "4",  # a killed worker's images come free within seconds
-        "CELEBSCAN_MAX_ATTEMPTS": "10",
-        "CELEBSCAN_CALLS_IN_FLIGHT": "8",  # a batch's calls go together; a kill loses at most these
-    }
+    env = rekognition_scan_env(
+        aws_env,
+        rekognition,
+        broker_url,
+        postgres_url,
+        CELEBSCAN_VISIBILITY_TIMEOUT="5",
+        CELEBSCAN_LEASE_SECONDS="4",  # a killed worker's images come free within seconds
+        CELEBSCAN_MAX_ATTEMPTS="10",
+        CELEBSCAN_CALLS_IN_FLIGHT="8",  # a batch's calls go together; a kill loses at most these
+    )
     store = ResultStore.connect(postgres_url)
     yield FaultScan(store, env, f"s3://{bucket}/f/", tmp_path)
     store.engine.dispose()

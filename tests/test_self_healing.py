@@ -31,18 +31,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def healing(aws_env, rekognition, broker_url, postgres_url, s3, bucket, tmp_path):
-    from tests.conftest import _reset_postgres
+    from tests.conftest import _reset_postgres, rekognition_scan_env
 
     _reset_postgres(postgres_url)
     rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity(f"person {key[-7:-4]}")]}
-    env = {
-        **aws_env,
-        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
-        "CELERY_BROKER_URL": broker_url,
-        "CELEBSCAN_DATABASE_URL": postgres_url,
-        "CELEBSCAN_BACKEND": "rekognition",
-        "CELEBSCAN_BATCH_SIZE": "4",
-    }
+    env = rekognition_scan_env(aws_env, rekognition, broker_url, postgres_url)
     store = ResultStore.connect(postgres_url)
 
     class Healing:

@@ -7,8 +7,9 @@ each kept with the seeds that catch it (``tests/test_simulation.py``).
   transaction of its own after it, as before: a crash between the two leaves the listing open.
 - ``resume-releases-claims``: ``scan --resume`` gives back every claim of the scan, live or not,
   as before: the live runs' images are recognized again.
-- ``scan-takes-held-images``: a scan listing an image that another scan's run holds takes it over,
-  as before: both recognize it.
+- ``scan-takes-held-images``: a scan listing an image that another scan still works on (a run holds
+  it, or it waits in a live scan's queue) takes it over, as before: both recognize it (issue 27's
+  finding 3: a plain scan took a live --force scan's images).
 - ``read-any-version``: a worker reads whatever the key holds now, not the version listed: an
   object overwritten after the listing gets the new picture's result under the old ETag, and
   the new version is paid for again (found by the simulation).
@@ -33,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import pytest
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, false, update
 
 from worker.database import utcnow
 from worker.outcomes import copy_faces_portable, replace_faces_portable
@@ -131,7 +132,11 @@ def _releasing_every_claim(repair):
 
 def _taking_held(record):
     def record_taking_held(self, conn, *arguments, **options):
-        return record(ImageQueue(self.engine, lease_seconds=0), conn, *arguments, **options)
+        import worker.queue.images as image_states
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(image_states, "in_a_live_scan", lambda now, lease: false())
+            return record(ImageQueue(self.engine, lease_seconds=0), conn, *arguments, **options)
 
     return record_taking_held
 

@@ -71,6 +71,19 @@ def _blocked(pid: int) -> bool:
         return bool(cursor.fetchone()[0])
 
 
+def deadlocked(pids: list[int]) -> bool:
+    """Whether some of these waiting processes wait only for each other (a cycle)."""
+    with _monitor.cursor() as cursor:
+        cursor.execute("SELECT pid, pg_blocking_pids(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+        waits = {pid: set(blockers) for pid, blockers in cursor.fetchall()}
+    stuck = {pid for pid, blockers in waits.items() if blockers}
+    changed = True
+    while changed:  # keep only those whose every blocker is itself stuck
+        still = {pid for pid in stuck if waits[pid] <= stuck}
+        changed, stuck = still != stuck, still
+    return bool(stuck)
+
+
 def _readable(fd: int, timeout: float = 0.0) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
@@ -96,7 +109,7 @@ def wait(connection) -> None:
         pid = connection.get_backend_pid()
         if _blocked(pid):
             counts["lock waits"] += 1
-            scheduler.block(_still_waiting(fd, pid))
+            scheduler.block(_still_waiting(fd, pid), pid)
         else:
             _readable(fd, FAST_SECONDS)
 
@@ -131,6 +144,7 @@ def interleaving(scheduler: Scheduler) -> Iterator[None]:
     """Let ``scheduler`` interleave its tasks' statements while the block runs."""
     global _scheduler
     _scheduler = scheduler
+    scheduler.deadlocked = deadlocked
     try:
         yield
     finally:

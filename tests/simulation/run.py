@@ -59,7 +59,7 @@ from tests.simulation.world import (
     picture_bytes,
 )
 from worker import clock, threads
-from worker.batch import WorkerContext
+from worker.batch import WorkerContext, run_of
 from worker.database import _engine_options, connect, with_driver
 from worker.keeper import WindowKeeper, keep_the_window_in_a_thread
 from worker.media.images import ImageLimits
@@ -123,7 +123,7 @@ class Simulation:
         self.lease = self.rng.choice([20.0, 40.0])
         self.visibility = self.rng.choice([60.0, 120.0])
         self.faults = _draw_faults(self.rng, self.lease, self.visibility)
-        self.scheduler.stall_probability = self.rng.choice([0.0, 0.001, 0.002])
+        self.scheduler.stall_probability = self.rng.choice([0.0, 0.0, 0.0003, 0.001])  # per scheduler step
         self.scheduler.stall_seconds = (self.lease * 0.5, self.lease * 2.5)
         self.scheduler.on_stall = self._stalled
         self.bucket = Bucket()
@@ -171,9 +171,11 @@ class Simulation:
         )
         self.contexts: dict[int, WorkerContext] = {}
         self.node_faults = self.rng.choice([0.0, 1.0, 2.0])  # how often a node is killed or stopped
+        self.run_stops = self.rng.choice([1.0, 3.0, 6.0])  # how often a run is stopped for about its lease
         self.closing = False
         self.pool_processes = 0
         self.disruptions: Counter = Counter()  # by image: faults that cut a run that had started it
+        self.runs_by_token: dict[str, Process] = {}  # each run of a message, and the process running it
 
     # -- the world -------------------------------------------------------------------------------
 
@@ -378,6 +380,7 @@ class Simulation:
         context = self.contexts[id(process)]
         token = f"{message.id}:r{next(self._runs)}"
         process.token, process.run_started = token, self.scheduler.t
+        self.runs_by_token[token] = process
         self.stats[f"{message.kind} runs"] += 1
         try:
             if message.kind == "slot":
@@ -486,10 +489,12 @@ class Simulation:
                 working = [n for n in alive if any(child.running for child in n.children)]  # stopped mid-run
                 self._stop_node(self.rng.choice(working or alive), self.rng.uniform(0.5, 2.5) * self.lease)
             elif action == "run stopped" and (running := self._running_children()):
-                self._stop_run(self.rng.choice(running), self.rng.uniform(0.8, 1.6) * self.lease)
+                self._stop_run(self.rng.choice(running), self.rng.uniform(0.9, 1.4) * self.lease)
 
     def faults_weight(self, kind: str) -> float:
-        return self.node_faults if kind in ("node killed", "node stopped", "run stopped") else 0.0
+        if kind == "run stopped":
+            return self.run_stops
+        return self.node_faults if kind in ("node killed", "node stopped") else 0.0
 
     def _running_children(self) -> list[Process]:
         return [
@@ -630,9 +635,31 @@ def _watching(sim: Simulation) -> Iterator[None]:
     """What the checker needs to know as it happens: each write's paid calls that reached the
     database (and the calls a process made that its write recorded), each window slot the keeper
     sent again, each renewal that failed."""
-    write = ImageQueue.write
+    write, claim = ImageQueue.write, ImageQueue.claim
     repair_lapsed, repair_lost = WindowSlots.repair_lapsed, WindowSlots.repair_lost
     renew_all = leases.renew_all
+
+    def watched_claim(self, scan_id, default_limit, token):
+        """A claim never takes an image from a run that is alive and kept its leases."""
+        with self.engine.connect() as conn:
+            holders = dict(
+                conn.execute(
+                    select(images.c.id, images.c.claimed_by).where(
+                        images.c.scan_id == scan_id, images.c.status == "queued", images.c.claimed_by.is_not(None)
+                    )
+                ).all()
+            )
+        claimed = claim(self, scan_id, default_limit, token)
+        for image_id in claimed:
+            holder = holders.get(image_id)
+            if holder is None or run_of(holder) == run_of(token):
+                continue
+            process = sim.runs_by_token.get(run_of(holder))
+            live = process is not None and process.alive and process.token == run_of(holder)
+            renewed_until = process.run_started + 2 * sim.settings.run_seconds if process is not None else 0.0
+            if live and sim.scheduler.t < renewed_until and not sim.may_have_lost_its_leases(process, holder):
+                sim.errors.append(f"run {token} took image {image_id} from run {holder}, alive with its leases held")
+        return claimed
 
     def counted(self, token, outcomes):
         written = write(self, token, outcomes)
@@ -670,13 +697,14 @@ def _watching(sim: Simulation) -> Iterator[None]:
             raise
 
     ImageQueue.write = counted  # type: ignore[method-assign]
+    ImageQueue.claim = watched_claim  # type: ignore[method-assign]
     WindowSlots.repair_lapsed = noted(repair_lapsed, "lapsed")  # type: ignore[method-assign]
     WindowSlots.repair_lost = noted(repair_lost, "lost")  # type: ignore[method-assign]
     leases.renew_all = renewing
     try:
         yield
     finally:
-        ImageQueue.write = write  # type: ignore[method-assign]
+        ImageQueue.write, ImageQueue.claim = write, claim  # type: ignore[method-assign]
         WindowSlots.repair_lapsed, WindowSlots.repair_lost = repair_lapsed, repair_lost  # type: ignore[method-assign]
         leases.renew_all = renew_all
 

@@ -48,8 +48,10 @@ class Task:
     done: bool = False
     #: Raised in the task at its next yield point (a signal: Celery's soft time limit).
     pending: BaseException | None = None
-    #: While a database statement of the task waits for a lock: says whether it still does.
+    #: While a database statement of the task waits for a lock: says whether it still does, and
+    #: the server's process id of its connection.
     blocked: Callable[[], bool] | None = None
+    blocked_pid: int = 0
     #: Until then the task's process is stopped (SIGSTOP): nothing wakes it before.
     stopped_until: float = 0.0
 
@@ -64,6 +66,10 @@ class Scheduler:
     stall_probability: float = 0.0
     stall_seconds: tuple[float, float] = (0.0, 0.0)
     on_stall: Callable[[float], None] = lambda seconds: None
+    #: Whether the given database processes (of blocked tasks) wait for each other in a cycle: the
+    #: server then aborts one of them after its deadlock timeout, in real time; the schedule waits
+    #: for that, so that where it happens does not depend on how fast the machine is.
+    deadlocked: Callable[[list[int]], bool] = lambda pids: False
     _thread: int = field(default_factory=threading.get_ident)
     _main: greenlet.greenlet = field(default_factory=greenlet.getcurrent)
 
@@ -131,11 +137,11 @@ class Scheduler:
     def wake(self, task: Task) -> None:
         task.wake = max(min(task.wake, self.t), task.stopped_until)
 
-    def block(self, still_blocked: Callable[[], bool]) -> None:
+    def block(self, still_blocked: Callable[[], bool], pid: int = 0) -> None:
         """The running task's statement waits for a lock: it runs again once ``still_blocked`` says no."""
         task = self.current
         assert task is not None
-        task.blocked = still_blocked
+        task.blocked, task.blocked_pid = still_blocked, pid
         task.wake = max(self.t, task.stopped_until)
         self._back_to_scheduler(deliver=False)
 
@@ -156,6 +162,10 @@ class Scheduler:
         for task in self.tasks:
             if task.blocked is not None and (task.killed or not task.blocked()):
                 task.blocked = None
+        blocked = [task.blocked_pid for task in self.tasks if task.blocked is not None]
+        if blocked and self.deadlocked(blocked):  # the server will abort one of them: wait for it
+            time.sleep(0.005)
+            return True
         runnable = [task for task in self.tasks if task.blocked is None]
         if not runnable:  # every task waits for a lock: the database resolves it (a deadlock)
             time.sleep(0.005)
