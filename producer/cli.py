@@ -16,13 +16,14 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from producer.cost import paid_cost, usd
+from producer.cost import VideoEstimate, paid_cost, usd
 from producer.export import WRITERS
 from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
 from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, GalleryError
 from worker.faces.gallery import Gallery
+from worker.queue.videos import OVER_BUDGET
 from worker.read_models import ImageError, ResultRecord, ScanSummary
 from worker.recognizers import BACKENDS, PAID_BACKENDS
 from worker.settings import Settings, env_var
@@ -260,7 +261,9 @@ def _missing(what: str, setting: str):
 @click.argument("source")
 @click.pass_obj
 def estimate(app: App, source: str) -> None:
-    """Images, bytes and the estimated Rekognition cost of scanning SOURCE, without calling it.
+    """Images, videos, bytes and the estimated Rekognition cost of scanning SOURCE, without calling it.
+
+    A video's length is read from its container's header (never decoded), and priced per minute.
 
     Also how long the calls take at the account's Rekognition quota, and the workers that keep
     that pace (their number from the time per image measured in earlier scans, and their cost).
@@ -287,8 +290,38 @@ def estimate(app: App, source: str) -> None:
         f"(prices: {env_var('rekognition_prices')}={settings.rekognition_prices}); "
         f"--prefilter-faces sends only images with a face"
     )
+    if found.videos.listed:
+        for line in _video_estimate_lines(found.videos, settings, cost):
+            click.echo(line)
     for line in _pace_lines(app.store, settings, found.billable):
         click.echo(line)
+
+
+def _video_estimate_lines(videos: VideoEstimate, settings: Settings, images_cost: float) -> list[str]:
+    """What ``estimate`` says of a source's videos: read from their headers, priced per minute."""
+    unknown = f" ({videos.unknown_length} of unknown length, counted as 0)" if videos.unknown_length else ""
+    lines = [
+        f"  videos: {videos.listed} ({videos.total_bytes / 1e6:,.1f} MB, {videos.probed_ms / 60_000:,.1f} minutes "
+        f"read from their headers): {videos.already_done} already done, "
+        f"{videos.copies} copies of a video listed before or already recognized (free), "
+        f"{videos.billable} to send: {videos.minutes:,.1f} minutes{unknown}"
+    ]
+    if videos.over_limits:
+        lines.append(
+            "  videos over Rekognition Video's limits (failed before any call): "
+            + ", ".join(f"{code} {n}" for code, n in sorted(videos.over_limits.items()))
+        )
+    if videos.unreadable:
+        lines.append(
+            "  videos that cannot be read: " + ", ".join(f"{code} {n}" for code, n in sorted(videos.unreadable.items()))
+        )
+    video_cost = videos.cost(settings.rekognition_video_price)
+    lines.append(
+        f"  estimated Rekognition Video cost: {usd(video_cost)} for {videos.minutes:,.1f} minutes at "
+        f"${settings.rekognition_video_price:g}/min ({env_var('rekognition_video_price')}); "
+        f"with the images: {usd(images_cost + video_cost)}"
+    )
+    return lines
 
 
 def _pace_lines(store: ResultStore, settings: Settings, calls: int) -> list[str]:
@@ -430,7 +463,7 @@ def results(
 @INCLUDE_DELETED_OPTION
 @click.pass_obj
 def people(app: App, scan_id: int | None, limit: int | None, fmt: str, include_deleted: bool) -> None:
-    """Everyone found, with the number of images each is in, most first.
+    """Everyone found, with the number of images (and videos) each is in, most first.
 
     Two people with one name (Rekognition ids differ) are two lines, each with its id.
     """
@@ -439,16 +472,25 @@ def people(app: App, scan_id: int | None, limit: int | None, fmt: str, include_d
     found = app.store.people(scan_id, limit, include_deleted)
     if fmt == "jsonl":
         for person in found:
-            click.echo(json.dumps({"name": person.name, "id": person.person_id, "images": person.images}))
+            click.echo(
+                json.dumps(
+                    {"name": person.name, "id": person.person_id, "images": person.images, "videos": person.videos}
+                )
+            )
         return
     if not found:
         click.echo("nobody found yet")
         return
-    width = len(f"{found[0].images:,}")
+    width = max(len(f"{person.images:,}") for person in found)
+    in_videos = max(len(f"{person.videos:,}") for person in found) if any(p.videos for p in found) else 0
     shared = {name for name, count in Counter(person.name for person in found).items() if count > 1}
     for person in found:
         known_as = f"  (id {person.person_id})" if person.name in shared else ""
-        click.echo(f"{person.images:>{width},}  {person.name}{known_as}")
+        counts = f"{person.images:>{width},}"
+        if in_videos:  # pictures and videos side by side
+            counts = f"{person.images:>{width},} {'image ' if person.images == 1 else 'images'}  "
+            counts += f"{person.videos:>{in_videos},} {'video ' if person.videos == 1 else 'videos'}"
+        click.echo(f"{counts}  {person.name}{known_as}")
 
 
 @cli.command()
@@ -678,18 +720,25 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
         )
     if summary.failures:
         lines.append("  failures: " + ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items())))
-    if summary.retrying:
+    retrying = {code: n for code, n in summary.retrying.items() if code != OVER_BUDGET}
+    if retrying:
         lines.append(
             "  retrying after transient errors (still queued): "
-            + ", ".join(f"{code} {n}" for code, n in sorted(summary.retrying.items()))
+            + ", ".join(f"{code} {n}" for code, n in sorted(retrying.items()))
+        )
+    if summary.retrying.get(OVER_BUDGET):
+        lines.append(
+            f"  left out by --max-cost: {_plural(summary.retrying[OVER_BUDGET], 'video')} the budget left did not "
+            f"pay for; continue with celebscan scan --resume {summary.id} --max-cost USD"
         )
     if summary.unserved:
         lines.append(
             f"  waiting: no worker has served this scan's batches: {summary.unserved}; "
             f"install what it names on the workers (pip install '.[local]') and restart them"
         )
-    people = ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in summary.people.items())
-    lines.append(f"  faces: {summary.faces}; people found: {people or 'nobody'}")
+    if summary.videos:
+        lines.extend(_video_lines(summary, settings))
+    lines.append(f"  faces: {summary.faces}; people found: {_people_found(summary) or 'nobody'}")
     if summary.backend in PAID_BACKENDS or summary.paid_calls:
         line = f"  paid calls: {summary.paid_calls} (estimated {usd(paid_cost(settings, summary.paid_calls))})"
         if summary.reused:
@@ -703,6 +752,34 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     elif summary.reused:
         lines.append(f"  {summary.reused} duplicates reused (the same picture under another key: recognized once)")
     return "\n".join(lines)
+
+
+def _people_found(summary: ScanSummary) -> str:
+    """Each person with the images and videos they are in: ``obama (3 images, 1 video)``."""
+    found = []
+    for name in sorted(set(summary.people) | set(summary.people_in_videos)):
+        counts = [_plural(summary.people.get(name, 0), "image")] if name in summary.people else []
+        if name in summary.people_in_videos:
+            counts.append(_plural(summary.people_in_videos[name], "video"))
+        found.append(f"{name} ({', '.join(counts)})")
+    return ", ".join(found)
+
+
+def _video_lines(summary: ScanSummary, settings: Settings) -> list[str]:
+    videos = summary.videos
+    lines = [
+        f"  of which videos: {videos['queued']} queued, {videos['done']} done, {videos['failed']} failed"
+        + (" (a video waiting for its job is queued)" if videos["queued"] else "")
+    ]
+    if summary.backend in PAID_BACKENDS or summary.video_minutes:
+        cost = summary.video_minutes * settings.rekognition_video_price
+        lines.append(
+            f"  Rekognition Video: {summary.video_jobs_running} jobs running for this scan "
+            f"({summary.video_jobs_running_fleet} in the fleet, of {settings.rekognition_video_jobs} at once: "
+            f"{env_var('rekognition_video_jobs')}); {summary.video_minutes:,.2f} minutes of video paid "
+            f"(estimated {usd(cost)})"
+        )
+    return lines
 
 
 def _listing_stopped(summary: ScanSummary, settings: Settings) -> bool:

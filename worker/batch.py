@@ -32,6 +32,7 @@ from worker.faces.prefilter import FacePrefilter
 from worker.inflight import LaneInterrupted, Lanes, RunPictures, lanes_for
 from worker.listing_parts import LIST_SLICE_SECONDS, list_slice, s3_pages
 from worker.media.images import ImageLimits, decode_image
+from worker.media.video import VIDEO
 from worker.outcomes import ImageOutcome, KnownPicture, QueuedImage
 from worker.queue.images import ClaimState, ImageQueue
 from worker.queue.leases import LeaseKeeping, keep_leases_in_a_thread
@@ -45,6 +46,7 @@ from worker.schema import DONE, FAILED
 from worker.settings import Settings
 from worker.sources import ObjectReader, S3Location, Source, build_readers
 from worker.store import ResultStore
+from worker.videos.step import process_video
 
 log = logging.getLogger(__name__)
 
@@ -513,6 +515,7 @@ def _etag_is_md5(image: QueuedImage) -> bool:
     etag = image.etag
     return (
         image.reuse_results
+        and image.media != VIDEO  # a video's copies follow its job (worker/queue/videos.py)
         and Source.from_url(image.source).is_s3
         and len(etag) == 32
         and all(c in "0123456789abcdef" for c in etag)
@@ -581,6 +584,8 @@ def _process_image(
     location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
     try:
         recognizer = context.recognizers.get(image.backend)
+        if image.media == VIDEO:
+            return process_video(image, context, token)
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key, image.etag))
         read.append(data)
         if image.reuse_results and (copy := _first_in_run(image, data, pictures, mine)) is not None:

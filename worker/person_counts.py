@@ -17,6 +17,7 @@ from sqlalchemy import Select, bindparam, func, select, update
 
 from worker.schema import faces, images, person_images
 from worker.sql import dialect_insert
+from worker.videos import appearances
 
 _NO_ID = ""
 
@@ -37,7 +38,9 @@ def counts_query(image_ids: Sequence[int], *, deleted_too: bool = False) -> Sele
 
 def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False) -> None:
     """Take these images' current faces out of the counts (before the faces are replaced or moved;
-    ``deleted_too``: just after the images were marked deleted, in that transaction)."""
+    ``deleted_too``: just after the images were marked deleted, in that transaction); a video's
+    appearances likewise (``worker/videos/appearances.py``)."""
+    appearances.subtract(conn, image_ids, deleted_too=deleted_too)
     rows = conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all()
     if rows:
         conn.execute(
@@ -53,7 +56,8 @@ def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False) -> No
 
 
 def add(conn, image_ids: Sequence[int]) -> None:
-    """Count these images' current faces (after they were written or moved)."""
+    """Count these images' current faces (after they were written or moved), and videos' appearances."""
+    appearances.add(conn, image_ids)
     rows = conn.execute(counts_query(image_ids)).all()
     if rows:
         insert = dialect_insert(conn.engine, person_images)

@@ -20,11 +20,13 @@ from sqlalchemy import Engine, func, select
 from worker.database import CHUNK_SIZE, aware_utc, chunks, connect
 from worker.errors import ConfigurationError, ListingTakenOverError
 from worker.findings import PersonFound, people_found, result_records
+from worker.media.video import VIDEO
 from worker.outcomes import KnownPicture
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue, done_objects
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
+from worker.queue.videos import job_figures
 from worker.read_models import (
     ResultRecord,
     ScanProgress,
@@ -42,6 +44,7 @@ from worker.schema import (
     images,
     listing_parts,
     person_images,
+    person_videos,
     refused_writes,
     scans,
 )
@@ -115,6 +118,7 @@ class ResultStore:
                 images.c.work_ms.is_not(None),
                 images.c.copied_from.is_(None),
                 images.c.calls_saved == 0,
+                images.c.media.is_(None),  # a video's steps are not an image's call
             )
             .order_by(images.c.id.desc())
             .limit(sample)
@@ -316,6 +320,25 @@ class ResultStore:
                 .group_by(images.c.status, images.c.error_code)
             ):
                 (failures if status == FAILED else retrying)[code] = count
+            videos = dict.fromkeys(STATUSES, 0)
+            videos.update(
+                conn.execute(
+                    select(images.c.status, func.count())
+                    .where(in_scan, images.c.media == VIDEO)
+                    .group_by(images.c.status)
+                ).all()
+            )
+            jobs = job_figures(conn, scan_id)
+            seen = func.sum(person_videos.c.videos)
+            people_in_videos: dict[str, int] = dict(
+                conn.execute(  # type: ignore[arg-type]  # rows of (name, count)
+                    select(person_videos.c.name, seen)
+                    .where(person_videos.c.scan_id == scan_id)
+                    .group_by(person_videos.c.name)
+                    .having(seen > 0)
+                    .order_by(person_videos.c.name)
+                ).all()
+            )
             face_join = faces.join(images, faces.c.image_id == images.c.id)
             face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar_one()
             found = func.sum(person_images.c.images)
@@ -358,6 +381,11 @@ class ResultStore:
             events=scan.events,
             deletions=scan.deletions,
             deleted=int(deleted),
+            videos=videos if any(videos.values()) else {},
+            people_in_videos=people_in_videos,
+            video_jobs_running=jobs.running_here,
+            video_jobs_running_fleet=jobs.running,
+            video_minutes=jobs.started_ms / 60_000,
         )
 
     def result_records(

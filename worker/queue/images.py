@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Engine,
     Integer,
@@ -46,6 +47,7 @@ from sqlalchemy.exc import DBAPIError
 
 from worker import person_counts
 from worker.database import aware_utc, utcnow
+from worker.media.video import media_of
 from worker.outcomes import (
     ImageOutcome,
     QueuedImage,
@@ -57,6 +59,7 @@ from worker.queue import pictures
 from worker.retry import retry_database
 from worker.schema import DONE, FAILED, QUEUED, REMOVED, images, object_events, refused_writes, scans
 from worker.sql import dialect_insert
+from worker.videos import appearances
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +245,7 @@ class ImageQueue:
                         "keys": [item.key for item in chunk],
                         "etags": [item.etag for item in chunk],
                         "sizes": [item.size for item in chunk],
+                        "medias": [media_of(item.key) for item in chunk],
                     },
                 )
             }
@@ -407,6 +411,8 @@ class ImageQueue:
                     images.c.retries,
                     images.c.retry_since,
                     scans.c.reuse_results,
+                    images.c.media,
+                    images.c.content_hash,
                 )
                 .join(scans, images.c.scan_id == scans.c.id)
                 .where(condition)
@@ -510,6 +516,7 @@ class ImageQueue:
                 written, scan_ids = _write_postgresql(conn, token, outcomes, ids, now)
             else:
                 written, scan_ids = _write_portable(conn, token, outcomes, ids, now)
+            appearances.replace(conn, {o.image_id: o.appearances or () for o in outcomes if _replaces(o, written)})
             # A deferral that did not land changes nothing and cost nothing: not worth a refusal.
             unwritten = [o for o in outcomes if o.image_id not in written]
             replayed, replayed_scans, refused = _classify_unwritten(
@@ -525,6 +532,12 @@ class ImageQueue:
         return Written(
             frozenset(written), frozenset(replayed), frozenset(refused), frozenset(scan_ids | replayed_scans)
         )
+
+
+def _replaces(outcome: ImageOutcome, written: set[int]) -> bool:
+    """A written outcome that replaces a video's appearances: a video done (with them), or any
+    failure (none left); a deferral keeps what it had (a --force rescan keeps the last result)."""
+    return outcome.image_id in written and (outcome.appearances is not None or outcome.status == FAILED)
 
 
 def renew(conn, tokens: list[str], now) -> None:
@@ -544,6 +557,7 @@ def _new_row(scan_id: int, bucket: str, backend: str, item, now) -> dict[str, An
         backend=backend,
         queued_at=now,
         processed_at=None,
+        media=media_of(item.key),
         **_QUEUED_AFRESH,
     )
     if item.error:
@@ -612,6 +626,7 @@ def _write_portable(conn, token: str, outcomes, ids, now) -> tuple[set[int], set
             content_hash=kept_unless_given("content_hash", String),
             copied_from=bindparam("b_copied_from", type_=Integer),
             work_ms=bindparam("b_work_ms", type_=Integer),
+            duration_ms=kept_unless_given("duration_ms", BigInteger),
             claimed_by=None,
             started_by=token,
         ),
@@ -875,9 +890,10 @@ _QUEUED_AFRESH: dict[str, Any] = dict(
 #: A chunk of listed objects in one statement (arrays, not a thousand bound rows); returns the
 #: (key, etag) of each row it inserted.
 _POSTGRESQL_INSERT_NEW = text("""
-INSERT INTO images (scan_id, bucket, key, etag, size, backend, status, attempts, queued_at)
-SELECT :scan_id, :bucket, listed.key, listed.etag, listed.size, :backend, 'queued', 0, :now
-  FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[])) AS listed(key, etag, size)
+INSERT INTO images (scan_id, bucket, key, etag, size, backend, status, attempts, queued_at, media)
+SELECT :scan_id, :bucket, listed.key, listed.etag, listed.size, :backend, 'queued', 0, :now, listed.media
+  FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]), CAST(:medias AS text[]))
+       AS listed(key, etag, size, media)
 ON CONFLICT ON CONSTRAINT uq_images_natural_key DO NOTHING
 RETURNING key, etag
 """)
@@ -895,11 +911,11 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
        retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL,
        started_by = %(token)s,
        content_hash = COALESCE(u.content_hash, images.content_hash), copied_from = u.copied_from,
-       work_ms = u.work_ms
+       work_ms = u.work_ms, duration_ms = COALESCE(u.duration_ms, images.duration_ms)
   FROM json_to_recordset(%(images)s::json)
        AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
             paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz,
-            not_before timestamptz, content_hash text, copied_from integer, work_ms integer)
+            not_before timestamptz, content_hash text, copied_from integer, work_ms integer, duration_ms bigint)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s) AND images.status = 'queued' AND images.claimed_by = %(token)s
 RETURNING images.id, images.scan_id
 """

@@ -1,0 +1,195 @@
+"""One step of a video item in a run: what the run that holds (and started) a video does with it.
+
+A video is one item of the scan's queue, like an image; its work lives across runs in its job
+(``worker/queue/videos.py``), and each step ends with an outcome the run writes as it writes an
+image's: ``done`` with the video's appearances, ``failed`` with a code, or deferred (still queued)
+until its next step is due. The run calls :func:`process_video` for every item whose row says
+``media = 'video'``; errors are the run's to turn into outcomes, as for an image.
+
+- **local**: each step recognizes the frames of a slice of the video (sampled at
+  ``CELEBSCAN_VIDEO_FRAMES_PER_SECOND``, one decoded frame in memory at a time, the object read
+  by ranges) for at most ``CELEBSCAN_VIDEO_SLICE_SECONDS``, holding the video's bytes (a picture
+  lock, so a copy under another key waits instead of working them too), then saves where it got to
+  and the appearances so far; the step that reaches the end writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from worker import clock
+from worker.database import utcnow
+from worker.errors import PermanentError, VideoOverLimitsError
+from worker.media.images import LoadedImage
+from worker.media.video import ByteRanges, probe, sample_frames
+from worker.outcomes import ImageOutcome, QueuedImage
+from worker.queue.pictures import Picture
+from worker.queue.videos import FAILED, RUNNING, SUCCEEDED, Job, VideoJobs
+from worker.schema import DONE, QUEUED
+from worker.settings import Settings
+from worker.sources import Source
+from worker.videos.appearances import Appearance, Merger
+
+if TYPE_CHECKING:
+    from worker.batch import WorkerContext
+
+#: Frames larger than this are scaled down as they are decoded (detection and embeddings need no more).
+FRAME_MAX_SIDE = 1920
+#: A video whose bytes another run is working on waits about this long before it looks again.
+BUSY_WAIT_SECONDS = 5.0
+
+
+def process_video(video: QueuedImage, context: WorkerContext, token: str) -> ImageOutcome:
+    """One step of ``video`` for the run ``token``: its outcome (done, failed, or deferred until
+    its next step). Raises what the run turns into an outcome for any item (a transient error is
+    deferred and tried again, a permanent one fails the video with its code)."""
+    settings = context.settings or Settings()
+    if video.size > settings.max_video_bytes:
+        raise VideoOverLimitsError(
+            f"the video is {video.size:,} bytes; the limit is {settings.max_video_bytes:,} (CELEBSCAN_MAX_VIDEO_BYTES)",
+            code="VideoTooLarge",
+        )
+    if video.backend == "local":
+        return _LocalStep(video, context, token, settings).run()
+    raise PermanentError(f"the {video.backend} recognizer does not scan videos", code="VideoNotSupported")
+
+
+def video_done(video: QueuedImage, result: dict[str, Any], paid_calls: int = 0) -> ImageOutcome:
+    """The outcome of a video whose job succeeded: its appearances, from the job's result."""
+    return ImageOutcome(
+        video.id,
+        DONE,
+        result.get("width"),
+        result.get("height"),
+        appearances=tuple(Appearance.from_json(a) for a in result["appearances"]),
+        duration_ms=result.get("duration_ms"),
+        paid_calls=paid_calls,
+    )
+
+
+def video_waiting(
+    video: QueuedImage, seconds: float, content_hash: str | None = None, code: str | None = None, message: str = ""
+) -> ImageOutcome:
+    """The video waits ``seconds`` (its job runs, a slice is next, or it waits for a place)."""
+    return ImageOutcome(
+        video.id,
+        QUEUED,
+        attempts=video.attempts,
+        not_before=utcnow() + timedelta(seconds=seconds),
+        content_hash=content_hash,
+        error_code=code,
+        error_message=message or None,
+    )
+
+
+def ended(video: QueuedImage, job: Job) -> ImageOutcome | None:
+    """The outcome of a video whose job ended, or None while it runs."""
+    if job.status == SUCCEEDED:
+        return video_done(video, job.result)
+    if job.status == FAILED:
+        raise PermanentError(job.error_message or "the video's job failed", code=job.error_code or "VideoJobFailed")
+    return None
+
+
+def _lock_key(content_key: str) -> str:
+    """The bytes as a picture lock names them (32 hex digits, whatever the key's form)."""
+    return hashlib.md5(content_key.encode(), usedforsecurity=False).hexdigest()
+
+
+class _LocalStep:
+    def __init__(self, video: QueuedImage, context: WorkerContext, token: str, settings: Settings) -> None:
+        self.video, self.context, self.token, self.settings = video, context, token, settings
+        self.jobs = VideoJobs(context.store.engine)
+        self.source = Source.from_url(video.source)
+
+    def run(self) -> ImageOutcome:
+        video = self.video
+        self.context.recognizers.get("local")  # a worker without the local extra hands the batch back
+        ranges = self.context.readers[self.source.kind].ranges(video.bucket, video.key, video.etag)  # type: ignore[attr-defined]
+        try:
+            content_key = video.etag if self.source.is_s3 else (video.content_hash or _md5(ranges))
+            known_hash = None if self.source.is_s3 else content_key
+            job = self.jobs.find("local", content_key, video.size)
+            if job is None or job.status != RUNNING:
+                info = probe(ranges) if job is None or not video.reuse_results else None
+                opened = self.jobs.open(self.token, video, content_key, info.duration_ms if info else None)
+                if opened.job is None:  # the run lost its claim: whatever it writes is refused
+                    return video_waiting(video, BUSY_WAIT_SECONDS, known_hash)
+                job = opened.job
+            if (outcome := ended(video, job)) is not None:
+                return outcome
+            picture = Picture("local", _lock_key(content_key), video.size)
+            if not self.context.pictures.take(picture, self.token):
+                return video_waiting(video, random.uniform(BUSY_WAIT_SECONDS, 2 * BUSY_WAIT_SECONDS), known_hash)
+            job = self.jobs.find("local", content_key, video.size) or job  # where the last holder left it
+            if (outcome := ended(video, job)) is not None:
+                return outcome
+            return self._slice(ranges, job, known_hash)
+        finally:
+            ranges.close()
+
+    def _slice(self, ranges: ByteRanges, job: Job, known_hash: str | None) -> ImageOutcome:
+        """Recognize the frames from where the job stands, for at most a slice; save or finish."""
+        settings, video = self.settings, self.video
+        step_ms = 1000 / settings.video_frames_per_second
+        gap_ms = round(1000 * max(settings.video_gap_seconds, 1.5 / settings.video_frames_per_second))
+        progress = job.progress or {}
+        merger = Merger(gap_ms, progress.get("appearances", ()))
+        recognizer = self.context.recognizers.get("local")
+        seconds = min(settings.video_slice_seconds, self.context.batch_seconds / 2)
+        deadline = clock.monotonic() + seconds
+        position, last = job.position_ms, progress.get("last_ms")
+        width, height = progress.get("width"), progress.get("height")
+        finished = True
+        for frame in sample_frames(ranges, settings.video_frames_per_second, job.position_ms, FRAME_MAX_SIDE):
+            pixels = frame.pixels
+            height, width = pixels.shape[:2]
+            result = recognizer.recognize(LoadedImage(pixels, "video frame", b""))
+            for celebrity in result.celebrities:
+                merger.add(
+                    frame.timestamp_ms,
+                    celebrity.name,
+                    celebrity.id or None,
+                    celebrity.match_confidence,
+                    celebrity.bounding_box,
+                    celebrity.urls,
+                    celebrity.known_gender,
+                )
+            last = frame.timestamp_ms
+            position = round(frame.timestamp_ms + step_ms)
+            if clock.monotonic() >= deadline:
+                finished = False
+                break
+        if not finished:
+            progress = {"appearances": merger.state(), "last_ms": last, "width": width, "height": height}
+            self.jobs.save_progress(self.token, video.id, job, position, progress)
+            return video_waiting(video, 0, known_hash)
+        duration_ms = job.duration_ms if job.duration_ms is not None else last
+        found = {
+            "appearances": [a.to_json() for a in merger.appearances()],
+            "duration_ms": duration_ms,
+            "width": width,
+            "height": height,
+        }
+        if not self.jobs.finish(self.token, video.id, job, found, duration_ms):
+            return video_waiting(video, 0, known_hash)  # another run moved the job on: look again
+        return ImageOutcome(
+            video.id,
+            DONE,
+            width,
+            height,
+            appearances=merger.appearances(),
+            duration_ms=duration_ms,
+            content_hash=known_hash,
+        )
+
+
+def _md5(ranges: ByteRanges, chunk: int = 8 * 1024 * 1024) -> str:
+    """The MD5 of a local file's bytes (its identity: a copy under another name has the same)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    for start in range(0, ranges.size, chunk):
+        digest.update(ranges.read(start, chunk))
+    return digest.hexdigest()
