@@ -6,7 +6,7 @@ its results, and its completion messages.
 nothing new. ``GetCelebrityRecognition`` answers IN_PROGRESS until the job ends, then pages of
 ``{Timestamp, Celebrity}``. A job's end is also published to an SNS topic when the start names one
 (``NotificationChannel``). The code path is the one that talks to AWS; only the endpoint and the
-credentials differ in the tests.
+credentials differ in the tests (``tests/rekognition_video_standin.py``).
 """
 
 from __future__ import annotations
