@@ -257,6 +257,48 @@ def _missing(what: str, setting: str):
     raise click.UsageError(f"give {what} or set {env_var(setting)}")
 
 
+@cli.command("video-jobs")
+@click.option(
+    "--setup",
+    is_flag=True,
+    help="Set up where Rekognition Video announces its finished jobs (an SNS topic, an SQS queue subscribed to it, "
+    "the IAM role it publishes with), print the settings the workers need, and exit.",
+)
+@click.option("--name", default="celebscan-video-jobs", show_default=True, help="--setup: the queue's name.")
+@click.pass_obj
+def video_jobs(app: App, setup: bool, name: str) -> None:
+    """Rekognition Video's jobs: how many run now, fleet-wide, against the account's quota.
+
+    Without --setup's notifications each video polls its job, with a wait that grows with the
+    job's age; with them, a job's end makes its videos due within a second or two.
+    """
+    settings = app.settings
+    if setup:
+        from producer.video_notifications import set_up
+
+        made = set_up(settings, name)
+        click.echo(f"topic: {made.topic_arn}\nqueue: {made.queue_url}\nrole: {made.role_arn}")
+        click.echo("set these where the workers run (and restart them):")
+        click.echo(f"  {env_var('video_sns_topic_arn')}={made.topic_arn}")
+        click.echo(f"  {env_var('video_sns_role_arn')}={made.role_arn}")
+        click.echo(f"  {env_var('video_completions_queue_url')}={made.queue_url}")
+        return
+    from worker.queue.videos import VideoJobs
+
+    figures = VideoJobs(app.store.engine).figures()
+    click.echo(
+        f"Rekognition Video jobs running: {figures.running} of {settings.rekognition_video_jobs} at once "
+        f"({env_var('rekognition_video_jobs')})"
+    )
+    if settings.video_completions_queue_url:
+        click.echo(f"their ends are read from {settings.video_completions_queue_url}")
+    else:
+        click.echo(
+            f"their ends are polled: from {settings.video_poll_seconds:g} s, growing to "
+            f"{settings.video_poll_max_seconds:g} s; `celebscan video-jobs --setup` sets up notifications"
+        )
+
+
 @cli.command()
 @click.argument("source")
 @click.pass_obj

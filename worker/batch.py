@@ -46,6 +46,7 @@ from worker.schema import DONE, FAILED
 from worker.settings import Settings
 from worker.sources import ObjectReader, S3Location, Source, build_readers
 from worker.store import ResultStore
+from worker.videos.completions import CompletionReader
 from worker.videos.step import process_video
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class WorkerContext:
     refill_seconds: float = REFILL_SECONDS
     #: Whether a run working one image at a time also claims next batches (the simulation does).
     refill_inline: bool = False
+
+    #: Reads Rekognition Video's completion messages, when they are set up (worker/videos/completions.py).
+    video_completions: CompletionReader = field(default_factory=CompletionReader)
 
     #: Lists S3 key-space parts (a client that leaves timestamps unparsed), built on first use.
     settings: Settings | None = None
@@ -704,6 +708,7 @@ def take_next_batch(
     Raises :class:`RecognizerUnavailableError` (after releasing the claim) when this worker cannot
     run what the batch needs.
     """
+    context.video_completions.wake_finished(context.settings, context.store.engine)  # videos whose job ended: due
     image_ids = context.images.claim(scan_id, context.batch_size, token)
     if image_ids:
         return SlotStep(_Run(context, token, scan_id).work(image_ids), next_in=0.0)
