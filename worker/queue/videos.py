@@ -136,7 +136,8 @@ class VideoJobs:
             redo = redo and row is not None and row.scan_id != video.scan_id
             if row is not None and row.status != IDLE and not redo:
                 return Opened(Job.of(row))
-            if quota is not None and _running(conn, video.backend) >= quota:
+            running = _running(conn, video.backend) if quota is not None else 0
+            if quota is not None and running >= quota:
                 return Opened(None, WAIT_SLOT)
             charged = _charge(conn, video.scan_id, cost_usd)
             if charged is None:
@@ -174,6 +175,8 @@ class VideoJobs:
                     .values(**values)
                 )
             opened = conn.execute(select(video_jobs).where(*_of_bytes(video.backend, content_key, video.size))).one()
+            if quota is not None and running + 1 < quota:  # places are still free: the next waiting video takes one
+                _wake_waiting_for_a_place(conn, video.backend, video.scan_id, now)
         return Opened(Job.of(opened))
 
     @retry_database
@@ -436,18 +439,30 @@ def _waiting(now: datetime):
 def _wake_waiting_for_a_place(conn, backend: str, scan_id: int, now: datetime) -> None:
     """The first video of the scan that waits for a job to be opened (its bytes have none running or
     ended) is due now: it takes the place a job just left."""
+    video = images.alias("video")  # not the updated row: the first waiting one
     has_job = exists().where(
-        video_jobs.c.backend == images.c.backend,
-        video_jobs.c.content_key == images.c.etag,
-        video_jobs.c.size == images.c.size,
+        video_jobs.c.backend == video.c.backend,
+        video_jobs.c.content_key == video.c.etag,
+        video_jobs.c.size == video.c.size,
         video_jobs.c.status != IDLE,
     )
-    first = (
-        select(images.c.id)
-        .where(images.c.scan_id == scan_id, images.c.backend == backend, _waiting(now), ~has_job)
-        .where(images.c.error_code.is_(None))
-        .order_by(images.c.id)
+    waiting = (
+        select(video.c.id)
+        .where(
+            video.c.scan_id == scan_id,
+            video.c.backend == backend,
+            video.c.status == QUEUED,
+            video.c.media == "video",
+            video.c.claimed_by.is_(None),
+            video.c.not_before > now,
+            video.c.error_code.is_(None),
+            ~has_job,
+        )
+        .order_by(video.c.id)
         .limit(1)
-        .scalar_subquery()
     )
-    conn.execute(update(images).where(images.c.id == first, _waiting(now)).values(not_before=now))
+    if conn.dialect.name == "postgresql":  # two jobs ending at once wake two videos, not one twice
+        waiting = waiting.with_for_update(skip_locked=True, of=video)
+    first = conn.execute(waiting).scalar()
+    if first is not None:
+        conn.execute(update(images).where(images.c.id == first, _waiting(now)).values(not_before=now))

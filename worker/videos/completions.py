@@ -1,8 +1,8 @@
 """Rekognition Video's completion messages: SNS → SQS → the videos of the finished jobs made due.
 
 A job's end is published to the SNS topic its start named; the SQS queue subscribed to it
-(``celebscan video-jobs --setup``) holds the messages. A worker process, at most once a second
-and only while jobs run, takes up to ten of them without waiting, makes the videos that follow
+(``celebscan video-jobs --setup``) holds the messages. A worker process, at most four times a
+second and only while jobs run, takes up to ten of them without waiting, makes the videos that follow
 those jobs due at once (``worker/queue/videos.py``), and deletes the messages once that is
 committed. A message delivered twice makes them due twice, which changes nothing; a message lost
 costs only time: every video still looks at its job after ``CELEBSCAN_VIDEO_POLL_MAX_SECONDS``.
@@ -25,7 +25,7 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 #: A worker process looks at the completion queue at most this often.
-RECEIVE_EVERY_SECONDS = 1.0
+RECEIVE_EVERY_SECONDS = 0.25
 
 
 @dataclass

@@ -75,7 +75,7 @@ def process_video(video: QueuedImage, context: WorkerContext, token: str) -> Ima
     raise PermanentError(f"the {video.backend} recognizer does not scan videos", code="VideoNotSupported")
 
 
-def video_done(video: QueuedImage, result: dict[str, Any], paid_calls: int = 0) -> ImageOutcome:
+def video_done(video: QueuedImage, result: dict[str, Any]) -> ImageOutcome:
     """The outcome of a video whose job succeeded: its appearances, from the job's result."""
     return ImageOutcome(
         video.id,
@@ -84,13 +84,10 @@ def video_done(video: QueuedImage, result: dict[str, Any], paid_calls: int = 0) 
         result.get("height"),
         appearances=tuple(Appearance.from_json(a) for a in result["appearances"]),
         duration_ms=result.get("duration_ms"),
-        paid_calls=paid_calls,
     )
 
 
-def video_waiting(
-    video: QueuedImage, seconds: float, content_hash: str | None = None, code: str | None = None, message: str = ""
-) -> ImageOutcome:
+def video_waiting(video: QueuedImage, seconds: float, content_hash: str | None = None) -> ImageOutcome:
     """The video waits ``seconds`` (its job runs, a slice is next, or it waits for a place)."""
     return ImageOutcome(
         video.id,
@@ -98,8 +95,6 @@ def video_waiting(
         attempts=video.attempts,
         not_before=utcnow() + timedelta(seconds=seconds),
         content_hash=content_hash,
-        error_code=code,
-        error_message=message or None,
     )
 
 
@@ -125,8 +120,8 @@ class _LocalStep:
 
     def run(self) -> ImageOutcome:
         video = self.video
-        self.context.recognizers.get("local")  # a worker without the local extra hands the batch back
-        ranges = self.context.readers[self.source.kind].ranges(video.bucket, video.key, video.etag)  # type: ignore[attr-defined]
+        reader = self.context.readers[self.source.kind]
+        ranges = reader.ranges(video.bucket, video.key, video.etag, video.size)  # type: ignore[attr-defined]
         try:
             content_key = video.etag if self.source.is_s3 else (video.content_hash or _md5(ranges))
             known_hash = None if self.source.is_s3 else content_key
