@@ -194,30 +194,22 @@ def _image_ids_with(conn, ranges: list, after: int, persons: Sequence[str] = ())
 def next_video_ids_query(persons: Sequence[str], after: int) -> Select:
     """The next chunk of ids of videos (after ``after``) in which one of ``persons`` (names or
     Rekognition ids) appears, through ``ix_appearances_name`` and ``ix_appearances_person_id``."""
-    parts = [
-        select(appearances.c.image_id)
-        .where(condition, appearances.c.image_id > after)
-        .order_by(appearances.c.image_id)
-        .limit(CHUNK_SIZE)
-        .subquery()
-        .select()
-        for condition in (appearances.c.name.in_(list(persons)), appearances.c.person_id.in_(list(persons)))
-    ]
-    merged = union(*parts).subquery()
-    return select(merged.c.image_id).order_by(merged.c.image_id).limit(CHUNK_SIZE)
+    conditions = [appearances.c.name.in_(list(persons)), appearances.c.person_id.in_(list(persons))]
+    return _next_ids(appearances.c.image_id, conditions, after)
 
 
 def next_ids_query(ranges: list, after: int) -> Select:
     """The next chunk of image ids (after ``after``, ascending) in any of the ranges: each range
     reads at most a chunk of its index, whatever the person's number of images."""
+    return _next_ids(faces.c.image_id, ranges, after)
+
+
+def _next_ids(image_id, conditions: list, after: int) -> Select:
+    """The next chunk of ``image_id`` values after ``after`` meeting any of ``conditions``, each
+    read as a chunk of its own index range."""
     parts = [
-        select(faces.c.image_id)
-        .where(condition, faces.c.image_id > after)
-        .order_by(faces.c.image_id)
-        .limit(CHUNK_SIZE)
-        .subquery()
-        .select()
-        for condition in ranges
+        select(image_id).where(condition, image_id > after).order_by(image_id).limit(CHUNK_SIZE).subquery().select()
+        for condition in conditions
     ]
     merged = union(*parts).subquery()
     return select(merged.c.image_id).order_by(merged.c.image_id).limit(CHUNK_SIZE)

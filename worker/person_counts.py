@@ -41,32 +41,40 @@ def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False) -> No
     ``deleted_too``: just after the images were marked deleted, in that transaction); a video's
     appearances likewise (``worker/videos/appearances.py``)."""
     appearances.subtract(conn, image_ids, deleted_too=deleted_too)
-    rows = conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all()
+    take_out(conn, person_images, "images", conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all())
+
+
+def take_out(conn, table, column: str, rows) -> None:
+    """Subtract each (scan, name, id, count) of ``rows`` from ``table``'s ``column`` (a kept count)."""
     if rows:
         conn.execute(
-            update(person_images)
+            update(table)
             .where(
-                person_images.c.scan_id == bindparam("b_scan"),
-                person_images.c.name == bindparam("b_name"),
-                person_images.c.person_id == bindparam("b_person"),
+                table.c.scan_id == bindparam("b_scan"),
+                table.c.name == bindparam("b_name"),
+                table.c.person_id == bindparam("b_person"),
             )
-            .values(images=person_images.c.images - bindparam("b_images")),
-            [dict(b_scan=scan, b_name=name, b_person=person, b_images=count) for scan, name, person, count in rows],
+            .values({column: table.c[column] - bindparam("b_count")}),
+            [dict(b_scan=scan, b_name=name, b_person=person, b_count=count) for scan, name, person, count in rows],
         )
 
 
 def add(conn, image_ids: Sequence[int]) -> None:
     """Count these images' current faces (after they were written or moved), and videos' appearances."""
     appearances.add(conn, image_ids)
-    rows = conn.execute(counts_query(image_ids)).all()
+    put_in(conn, person_images, "images", conn.execute(counts_query(image_ids)).all())
+
+
+def put_in(conn, table, column: str, rows) -> None:
+    """Add each (scan, name, id, count) of ``rows`` to ``table``'s ``column``, a row made when missing."""
     if rows:
-        insert = dialect_insert(conn.engine, person_images)
+        insert = dialect_insert(conn.engine, table)
         conn.execute(
             insert.on_conflict_do_update(
-                index_elements=[person_images.c.scan_id, person_images.c.name, person_images.c.person_id],
-                set_={"images": person_images.c.images + insert.excluded.images},
+                index_elements=[table.c.scan_id, table.c.name, table.c.person_id],
+                set_={column: table.c[column] + insert.excluded[column]},
             ),
-            [dict(scan_id=scan, name=name, person_id=person, images=count) for scan, name, person, count in rows],
+            [dict(scan_id=scan, name=name, person_id=person, **{column: count}) for scan, name, person, count in rows],
         )
 
 

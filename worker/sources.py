@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -102,30 +104,18 @@ class FolderReader:
     def ranges(self, bucket: str, key: str, etag: str | None = None, size: int | None = None) -> ObjectRanges:
         """The file, opened to be read a range at a time (a video), if it is the version listed
         (``size``: as listed; the file's own is read)."""
-        root = Path(bucket).resolve()
-        path = root / key
-        if not path.resolve().is_relative_to(root):
-            raise AccessDeniedError(f"{key} leads outside the scanned folder {root}")
-        try:
+        path = _inside(bucket, key)
+        with _file_errors(bucket, key):
             handle = path.open("rb")
             stat = os.fstat(handle.fileno())
-        except FileNotFoundError as exc:
-            raise ObjectMissingError(f"{key} is gone from {root} (deleted or moved since listing)") from exc
-        except PermissionError as exc:
-            raise AccessDeniedError(f"no permission to read {key}: {exc.strerror}") from exc
-        except IsADirectoryError as exc:
-            raise ObjectMissingError(f"{key} is now a directory") from exc
         if etag is not None and file_etag(stat.st_size, stat.st_mtime_ns) != etag:
             handle.close()
             raise ObjectChangedError(f"{key} changed after it was listed (its size or time is not the one listed)")
         return _FileRanges(handle, stat.st_size)
 
     def read(self, bucket: str, key: str, etag: str | None = None) -> bytes:
-        root = Path(bucket).resolve()
-        path = root / key
-        if not path.resolve().is_relative_to(root):
-            raise AccessDeniedError(f"{key} leads outside the scanned folder {root}")
-        try:
+        path = _inside(bucket, key)
+        with _file_errors(bucket, key):
             stat = path.stat()
             if stat.st_size > self.max_bytes:
                 raise ImageTooLargeError(f"the file is {stat.st_size:,} bytes; the limit is {self.max_bytes:,}")
@@ -133,12 +123,30 @@ class FolderReader:
             if etag is not None and file_etag(len(data), stat.st_mtime_ns) != etag:
                 raise ObjectChangedError(f"{key} changed after it was listed (its size or time is not the one listed)")
             return data
-        except FileNotFoundError as exc:
-            raise ObjectMissingError(f"{key} is gone from {root} (deleted or moved since listing)") from exc
-        except PermissionError as exc:
-            raise AccessDeniedError(f"no permission to read {key}: {exc.strerror}") from exc
-        except IsADirectoryError as exc:
-            raise ObjectMissingError(f"{key} is now a directory") from exc
+
+
+def _inside(folder: str, key: str) -> Path:
+    """The path of ``key`` in ``folder``, refused when it leads outside the folder."""
+    root = Path(folder).resolve()
+    path = root / key
+    if not path.resolve().is_relative_to(root):
+        raise AccessDeniedError(f"{key} leads outside the scanned folder {root}")
+    return path
+
+
+@contextmanager
+def _file_errors(folder: str, key: str) -> Iterator[None]:
+    """A file's errors as celebscan's: gone, not allowed, a directory now."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise ObjectMissingError(
+            f"{key} is gone from {Path(folder).resolve()} (deleted or moved since listing)"
+        ) from exc
+    except PermissionError as exc:
+        raise AccessDeniedError(f"no permission to read {key}: {exc.strerror}") from exc
+    except IsADirectoryError as exc:
+        raise ObjectMissingError(f"{key} is now a directory") from exc
 
 
 class S3Reader:

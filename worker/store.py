@@ -282,10 +282,7 @@ class ResultStore:
             if scan is None:
                 return None
             in_scan = images.c.scan_id == scan_id
-            counts = dict.fromkeys(STATUSES, 0)
-            counts.update(
-                conn.execute(select(images.c.status, func.count()).where(in_scan).group_by(images.c.status)).all()
-            )
+            counts = _by_status(conn, in_scan)
             last, paid_calls, calls_saved, reused, deleted = conn.execute(
                 select(
                     func.max(images.c.processed_at),
@@ -320,37 +317,12 @@ class ResultStore:
                 .group_by(images.c.status, images.c.error_code)
             ):
                 (failures if status == FAILED else retrying)[code] = count
-            videos = dict.fromkeys(STATUSES, 0)
-            videos.update(
-                conn.execute(
-                    select(images.c.status, func.count())
-                    .where(in_scan, images.c.media == VIDEO)
-                    .group_by(images.c.status)
-                ).all()
-            )
+            videos = _by_status(conn, in_scan & (images.c.media == VIDEO))
             jobs = job_figures(conn, scan_id)
-            seen = func.sum(person_videos.c.videos)
-            people_in_videos: dict[str, int] = dict(
-                conn.execute(  # type: ignore[arg-type]  # rows of (name, count)
-                    select(person_videos.c.name, seen)
-                    .where(person_videos.c.scan_id == scan_id)
-                    .group_by(person_videos.c.name)
-                    .having(seen > 0)
-                    .order_by(person_videos.c.name)
-                ).all()
-            )
             face_join = faces.join(images, faces.c.image_id == images.c.id)
             face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar_one()
-            found = func.sum(person_images.c.images)
-            people: dict[str, int] = dict(
-                conn.execute(  # type: ignore[arg-type]  # rows of (name, count)
-                    select(person_images.c.name, found)
-                    .where(person_images.c.scan_id == scan_id)
-                    .group_by(person_images.c.name)
-                    .having(found > 0)
-                    .order_by(person_images.c.name)
-                ).all()
-            )
+            people = _people_counted(conn, person_images, person_images.c.images, scan_id)
+            people_in_videos = _people_counted(conn, person_videos, person_videos.c.videos, scan_id)
         return ScanSummary(
             id=scan.id,
             source=scan.source,
@@ -404,3 +376,23 @@ class ResultStore:
     ) -> list[PersonFound]:
         """Everyone found, most images first (see :func:`worker.findings.people_found`)."""
         return people_found(self.engine, scan_id, limit, include_deleted)
+
+
+def _by_status(conn, condition) -> dict[str, int]:
+    """How many rows of ``images`` meeting ``condition`` are in each status."""
+    counts = dict.fromkeys(STATUSES, 0)
+    counts.update(conn.execute(select(images.c.status, func.count()).where(condition).group_by(images.c.status)).all())
+    return counts
+
+
+def _people_counted(conn, table, count, scan_id: int) -> dict[str, int]:
+    """Each name found in the scan with its kept count (``person_images``' images, ``person_videos``' videos)."""
+    total = func.sum(count)
+    rows = conn.execute(
+        select(table.c.name, total)
+        .where(table.c.scan_id == scan_id)
+        .group_by(table.c.name)
+        .having(total > 0)
+        .order_by(table.c.name)
+    ).all()
+    return {name: int(found) for name, found in rows}

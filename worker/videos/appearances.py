@@ -17,11 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, func, select, update
+from sqlalchemy import Select, delete, func, select
 
 from worker.recognition import BoundingBox
 from worker.schema import appearances, images, person_videos
-from worker.sql import dialect_insert
 
 _NO_ID = ""
 
@@ -197,29 +196,13 @@ def counts_query(image_ids: Sequence[int], *, deleted_too: bool = False) -> Sele
 
 def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False) -> None:
     """Take these videos' current appearances out of the counts (before they are replaced or moved)."""
-    found = conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all()
-    if found:
-        conn.execute(
-            update(person_videos)
-            .where(
-                person_videos.c.scan_id == bindparam("b_scan"),
-                person_videos.c.name == bindparam("b_name"),
-                person_videos.c.person_id == bindparam("b_person"),
-            )
-            .values(videos=person_videos.c.videos - bindparam("b_videos")),
-            [dict(b_scan=scan, b_name=name, b_person=person, b_videos=count) for scan, name, person, count in found],
-        )
+    from worker.person_counts import take_out  # here: person_counts counts videos through this module
+
+    take_out(conn, person_videos, "videos", conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all())
 
 
 def add(conn, image_ids: Sequence[int]) -> None:
     """Count these videos' current appearances (after they were written or moved)."""
-    found = conn.execute(counts_query(image_ids)).all()
-    if found:
-        insert = dialect_insert(conn.engine, person_videos)
-        conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=[person_videos.c.scan_id, person_videos.c.name, person_videos.c.person_id],
-                set_={"videos": person_videos.c.videos + insert.excluded.videos},
-            ),
-            [dict(scan_id=scan, name=name, person_id=person, videos=count) for scan, name, person, count in found],
-        )
+    from worker.person_counts import put_in
+
+    put_in(conn, person_videos, "videos", conn.execute(counts_query(image_ids)).all())
