@@ -25,6 +25,7 @@ import base64
 import heapq
 import itertools
 import json
+import random
 import threading
 import time
 import uuid
@@ -100,11 +101,14 @@ class Start:
 class VideoStandIn:
     s3_endpoint: str
     job_seconds: float = 20.0
+    job_jitter: float = 0.0  # each job takes job_seconds times a factor drawn within ±this share
     quota: int = 20
     #: The detections of a video, by key (and its bytes); the default finds nobody.
     answer: Callable[[str, bytes], list[dict]] = lambda key, data: []
     #: Why a video's job fails (its status message), by key; None: it does not.
     fail_job: Callable[[str], str | None] = lambda key: None
+    #: Each end published twice (SNS delivers at least once: a message may come again).
+    repeat_completions: bool = False
     #: Jobs whose end is never published (a lost completion message), by key.
     lose_completion: Callable[[str], bool] = lambda key: False
     #: Called inside a start's request once its job exists, before the answer goes back (a test may
@@ -118,6 +122,7 @@ class VideoStandIn:
         self._lock = threading.Lock()
         self._tokens: dict[str, str] = {}
         self._ids = itertools.count(1)
+        self._random = random.Random(7)
         options = dict(region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
         self._s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, **options)
         self._sns = boto3.client("sns", endpoint_url=self.s3_endpoint, **options)
@@ -134,9 +139,10 @@ class VideoStandIn:
 
     # -- what the tests and benchmarks read --------------------------------------------------------
 
-    def jobs_started(self, key: str) -> int:
-        """How many distinct jobs were started on ``key`` (more than 1: started twice)."""
-        return sum(1 for start in self.starts if start.key == key and start.new)
+    def jobs_started(self, key: str, bucket: str | None = None) -> int:
+        """How many distinct jobs were started on ``key`` (of ``bucket``; more than 1: started twice)."""
+        with self._lock:
+            return sum(1 for job in self.jobs.values() if job.key == key and bucket in (None, job.bucket))
 
     def running_at(self, moment: float) -> int:
         with self._lock:
@@ -194,7 +200,7 @@ class VideoStandIn:
             bucket=bucket,
             key=key,
             started_at=now,
-            ends_at=now + self.job_seconds,
+            ends_at=now + self.job_seconds * self._random.uniform(1 - self.job_jitter, 1 + self.job_jitter),
             detections=[] if failure else self.answer(key, data),
             metadata=metadata,
             failure=failure,
@@ -269,7 +275,8 @@ class VideoStandIn:
             "Video": {"S3ObjectName": job.key, "S3Bucket": job.bucket},
         }
         try:
-            self._sns.publish(TopicArn=job.channel["SNSTopicArn"], Message=json.dumps(message))
+            for _ in range(2 if self.repeat_completions else 1):
+                self._sns.publish(TopicArn=job.channel["SNSTopicArn"], Message=json.dumps(message))
             job.published = True
         except Exception:  # the test stopped moto: the message is lost, as SNS may lose one
             pass
