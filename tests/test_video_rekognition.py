@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.clirun import celebscan
-from tests.rekognition_video_standin import VideoStandIn, detection
+from tests.rekognition_video_standin import detection
 from tests.servers import wait_until
 from tests.videomaker import clip, colour, mp4_header
 from worker.recognizers.rekognition_video import completion
@@ -19,20 +19,6 @@ from worker.store import ResultStore
 pytestmark = pytest.mark.slow
 
 SCENES = [(colour((200, 40, 40)), 2.0), (colour((40, 40, 200)), 2.0)]
-FAST = {"CELEBSCAN_VIDEO_POLL_SECONDS": "0.2", "CELEBSCAN_VIDEO_POLL_MAX_SECONDS": "1"}
-
-
-@pytest.fixture
-def video_service(rekognition, moto_url, monkeypatch):
-    service = VideoStandIn(s3_endpoint=moto_url, job_seconds=0.5)
-    service.answer = lambda key, data: [detection(t / 2, "Ada") for t in range(4)] + [detection(3.0, "Grace")]
-    rekognition.video = service
-    for name in ("SNS", "SQS", "IAM"):
-        monkeypatch.setenv(f"AWS_ENDPOINT_URL_{name}", moto_url)
-    for name, value in FAST.items():
-        monkeypatch.setenv(name, value)
-    yield service
-    service.close()
 
 
 def test_the_service_as_celebscan_calls_it(video_service, s3, bucket, monkeypatch):
