@@ -587,9 +587,9 @@ def report(
 )
 @click.pass_obj
 def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
-    """Draw the faces found in the image KEY (boxes, names and confidence) into one picture."""
-    from producer.annotate import annotate
-    from producer.html_report import read_picture
+    """Draw the faces found in the image KEY (boxes, names and confidence) into one picture; for a
+    video, its frame in which the person seen longest matched best."""
+    from producer.html_report import annotated
 
     record = next(iter(app.store.result_records(scan_id, key=key)), None)
     if record is None:
@@ -597,7 +597,7 @@ def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
     if record.status != "done":
         error = record.error or ImageError(record.status, "not processed yet")
         raise click.ClickException(f"{key} has no result to draw: {error.code}: {error.message}")
-    picture = annotate(read_picture(record, build_readers(app.settings)), record)
+    picture = annotated(record, build_readers(app.settings))
     picture.save(output)
     names = ", ".join(f"{c.name} ({c.match_confidence:.0f})" for c in record.celebrities) or "nobody"
     click.echo(f"wrote {output}: {names}; {_plural(len(record.unrecognized_faces), 'unrecognized face')}")

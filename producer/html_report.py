@@ -58,23 +58,25 @@ def read_frame(record: ResultRecord, readers: dict[str, ObjectReader], seconds: 
     return Image.fromarray(frame.pixels)
 
 
+def annotated(record: ResultRecord, readers: dict[str, ObjectReader], max_side: int | None = None) -> Image.Image:
+    """The record's picture with its faces drawn; a video's frame in which the person seen longest
+    matched best, with the faces of that frame (its first frame when nobody was recognized)."""
+    if not record.is_video:
+        return annotate(read_picture(record, readers), record, max_side=max_side)
+    if not record.appearances:
+        return annotate(read_frame(record, readers, 0.0), record, max_side=max_side)
+    shown = max(record.appearances, key=lambda a: (a.seconds, a.match_confidence))
+    pairs = zip(record.appearances, record.celebrities, strict=True)
+    framed = dataclasses.replace(
+        record, celebrities=tuple(c for a, c in pairs if a.frame_seconds == shown.frame_seconds)
+    )
+    return annotate(read_frame(record, readers, shown.frame_seconds), framed, max_side=max_side)
+
+
 def thumbnail(record: ResultRecord, readers: dict[str, ObjectReader]) -> tuple[bytes | None, str]:
-    """(annotated JPEG thumbnail, or None and why not) of a done image; of a video, its frame in
-    which the person seen longest matched best, with the faces of that frame."""
+    """(annotated JPEG thumbnail, or None and why not) of a done image or video (:func:`annotated`)."""
     try:
-        if record.is_video and record.appearances:
-            shown = max(record.appearances, key=lambda a: (a.seconds, a.match_confidence))
-            at = [
-                c
-                for a, c in zip(record.appearances, record.celebrities, strict=True)
-                if a.frame_seconds == shown.frame_seconds
-            ]
-            framed = dataclasses.replace(record, celebrities=tuple(at))
-            picture = annotate(read_frame(record, readers, shown.frame_seconds), framed, max_side=THUMBNAIL_SIDE)
-        elif record.is_video:
-            picture = annotate(read_frame(record, readers, 0.0), record, max_side=THUMBNAIL_SIDE)
-        else:
-            picture = annotate(read_picture(record, readers), record, max_side=THUMBNAIL_SIDE)
+        picture = annotated(record, readers, max_side=THUMBNAIL_SIDE)
     except CelebscanError as exc:
         return None, f"{'video' if record.is_video else 'image'} not available now: {exc.code}: {exc}"
     return jpeg_bytes(picture, quality=75), ""

@@ -110,6 +110,9 @@ def test_a_folder_of_pictures_and_videos(faces_dev, story, tmp_path, sqlite_url,
     page = report.read_text()
     assert page.count("<svg class=timeline") == 3 and "obama: 0.0–" in page
 
+    shown = celebscan("--database-url", sqlite_url, "show", "story.mp4", "--output", tmp_path / "story.jpg").output
+    assert "obama" in shown and (tmp_path / "story.jpg").stat().st_size > 1000, shown
+
     again = celebscan("--database-url", sqlite_url, "scan", folder, "--workers", "1").output
     assert "4 already done" in again, again
 
