@@ -303,10 +303,7 @@ class _Listing:
 
 def _say_listed(store, scan_id: int, report: QueueReport, budget: int | None, max_cost, say: Say) -> None:
     to_scan = report.listed - report.skipped - report.held_elsewhere
-    videos = store.summary(scan_id).videos
-    count = sum(videos.values())
-    listed = f"{report.listed} images" + (f" and videos ({count} video{'s' if count != 1 else ''})" if videos else "")
-    line = f"listed {listed}; {report.skipped} already done, {to_scan} to scan"
+    line = f"listed {report.listed} images; {report.skipped} already done, {to_scan} to scan"
     if report.held_elsewhere:
         line += f"; {report.held_elsewhere} left to a scan still working on them (recognized there, once)"
     say(line)
@@ -328,7 +325,8 @@ def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: S
     scans = Scans(store.engine)
     budget = _budget(settings, request.max_cost, say)
     scans.renew_budget(scan.id, budget)
-    VideoJobs(store.engine).price_budget(scan.id, budget_unit_usd(settings, budget) if budget is not None else None)
+    if budget is not None and scan.videos:  # its videos' minutes are taken out of the new budget at its price
+        VideoJobs(store.engine).price_budget(scan.id, budget_unit_usd(settings, budget))
     repair = scans.repair(scan.id, settings.lease_seconds)
     if repair.listing_ended:
         say(f"scan {scan.id}: its listing had ended without being recorded as ended; now it is")

@@ -57,6 +57,7 @@ def test_the_service_as_celebscan_calls_it(video_service, s3, bucket, monkeypatc
     found = list(service.detections(first))
     assert len(found) == 2500 and [d.timestamp_ms for d in found] == sorted(d.timestamp_ms for d in found)
     assert video_service.gets >= 1 + 3  # 2,500 detections: three pages of 1,000
+    wait_until(lambda: service.state(failing).status != "IN_PROGRESS", timeout=10, what="the failing job's end")
     failed = service.state(failing)
     assert (failed.status, failed.message) == ("FAILED", "Unsupported codec")
     with pytest.raises(PermanentError) as unknown:

@@ -479,6 +479,8 @@ def process_image(
     """
     started = clock.monotonic()
     outcome = _reused_or_processed(image, context, RunPictures() if pictures is None else pictures, known, token)
+    if image.media == VIDEO and outcome.status == FAILED:  # a failed video keeps no appearances
+        outcome = dataclasses.replace(outcome, appearances=())
     return dataclasses.replace(outcome, work_ms=round(1000 * (clock.monotonic() - started)))
 
 

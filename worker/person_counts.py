@@ -36,11 +36,13 @@ def counts_query(image_ids: Sequence[int], *, deleted_too: bool = False) -> Sele
     return query if deleted_too else query.where(images.c.deleted_at.is_(None))
 
 
-def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False) -> None:
+def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False, videos: Sequence[int] = ()) -> None:
     """Take these images' current faces out of the counts (before the faces are replaced or moved;
-    ``deleted_too``: just after the images were marked deleted, in that transaction); a video's
-    appearances likewise (``worker/videos/appearances.py``)."""
-    appearances.subtract(conn, image_ids, deleted_too=deleted_too)
+    ``deleted_too``: just after the images were marked deleted, in that transaction); of them, the
+    ``videos``' appearances likewise (``worker/videos/appearances.py``: asked only for videos, so
+    an image's write runs the statements it always ran)."""
+    if videos:
+        appearances.subtract(conn, videos, deleted_too=deleted_too)
     take_out(conn, person_images, "images", conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all())
 
 
@@ -59,9 +61,10 @@ def take_out(conn, table, column: str, rows) -> None:
         )
 
 
-def add(conn, image_ids: Sequence[int]) -> None:
-    """Count these images' current faces (after they were written or moved), and videos' appearances."""
-    appearances.add(conn, image_ids)
+def add(conn, image_ids: Sequence[int], *, videos: Sequence[int] = ()) -> None:
+    """Count these images' current faces (after they were written or moved), and the ``videos``' appearances."""
+    if videos:
+        appearances.add(conn, videos)
     put_in(conn, person_images, "images", conn.execute(counts_query(image_ids)).all())
 
 

@@ -26,7 +26,7 @@ from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue, done_objects
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
-from worker.queue.videos import job_figures
+from worker.queue.videos import JobFigures, job_figures
 from worker.read_models import (
     ResultRecord,
     ScanProgress,
@@ -282,7 +282,7 @@ class ResultStore:
             if scan is None:
                 return None
             in_scan = images.c.scan_id == scan_id
-            counts = _by_status(conn, in_scan)
+            counts, videos = _by_status(conn, in_scan)
             last, paid_calls, calls_saved, reused, deleted = conn.execute(
                 select(
                     func.max(images.c.processed_at),
@@ -317,12 +317,14 @@ class ResultStore:
                 .group_by(images.c.status, images.c.error_code)
             ):
                 (failures if status == FAILED else retrying)[code] = count
-            videos = _by_status(conn, in_scan & (images.c.media == VIDEO))
-            jobs = job_figures(conn, scan_id)
+            has_videos = any(videos.values())  # a scan of images alone asks nothing more of them
+            jobs = job_figures(conn, scan_id) if has_videos else JobFigures(0, 0, 0)
             face_join = faces.join(images, faces.c.image_id == images.c.id)
             face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar_one()
             people = _people_counted(conn, person_images, person_images.c.images, scan_id)
-            people_in_videos = _people_counted(conn, person_videos, person_videos.c.videos, scan_id)
+            people_in_videos = (
+                _people_counted(conn, person_videos, person_videos.c.videos, scan_id) if has_videos else {}
+            )
         return ScanSummary(
             id=scan.id,
             source=scan.source,
@@ -353,7 +355,7 @@ class ResultStore:
             events=scan.events,
             deletions=scan.deletions,
             deleted=int(deleted),
-            videos=videos if any(videos.values()) else {},
+            videos=videos if has_videos else {},
             people_in_videos=people_in_videos,
             video_jobs_running=jobs.running_here,
             video_jobs_running_fleet=jobs.running,
@@ -378,11 +380,16 @@ class ResultStore:
         return people_found(self.engine, scan_id, limit, include_deleted)
 
 
-def _by_status(conn, condition) -> dict[str, int]:
-    """How many rows of ``images`` meeting ``condition`` are in each status."""
-    counts = dict.fromkeys(STATUSES, 0)
-    counts.update(conn.execute(select(images.c.status, func.count()).where(condition).group_by(images.c.status)).all())
-    return counts
+def _by_status(conn, condition) -> tuple[dict[str, int], dict[str, int]]:
+    """How many rows of ``images`` meeting ``condition`` are in each status, and of them videos (one query)."""
+    counts, videos = dict.fromkeys(STATUSES, 0), dict.fromkeys(STATUSES, 0)
+    for status, media, count in conn.execute(
+        select(images.c.status, images.c.media, func.count()).where(condition).group_by(images.c.status, images.c.media)
+    ):
+        counts[status] += count
+        if media == VIDEO:
+            videos[status] += count
+    return counts, videos
 
 
 def _people_counted(conn, table, count, scan_id: int) -> dict[str, int]:

@@ -47,7 +47,7 @@ from sqlalchemy.exc import DBAPIError
 
 from worker import person_counts
 from worker.database import aware_utc, utcnow
-from worker.media.video import media_of
+from worker.media.video import VIDEO, media_of
 from worker.outcomes import (
     ImageOutcome,
     QueuedImage,
@@ -149,11 +149,12 @@ def restore_deleted(
     )
     if unless is not None:
         restorable.append(~unless)
-    restored = list(
-        conn.execute(update(images).where(*restorable).values(deleted_at=None).returning(images.c.id)).scalars()
-    )
+    rows = conn.execute(
+        update(images).where(*restorable).values(deleted_at=None).returning(images.c.id, images.c.media)
+    ).all()
+    restored = [row.id for row in rows]
     if restored:
-        person_counts.add(conn, restored)
+        person_counts.add(conn, restored, videos=[row.id for row in rows if row.media == VIDEO])
     return restored
 
 
@@ -535,9 +536,9 @@ class ImageQueue:
 
 
 def _replaces(outcome: ImageOutcome, written: set[int]) -> bool:
-    """A written outcome that replaces a video's appearances: a video done (with them), or any
-    failure (none left); a deferral keeps what it had (a --force rescan keeps the last result)."""
-    return outcome.image_id in written and (outcome.appearances is not None or outcome.status == FAILED)
+    """A written outcome that replaces a video's appearances: a video done (with them) or failed
+    (with none); a deferral has none to give (a --force rescan keeps the last result until then)."""
+    return outcome.image_id in written and outcome.appearances is not None
 
 
 def renew(conn, tokens: list[str], now) -> None:
@@ -571,7 +572,7 @@ def _move(conn, ids: list[int], scan_id: int, movable, values: dict[str, Any]) -
     along, their calls stay in the figures of the scan they leave."""
     if not ids:
         return Moved()
-    query = select(images.c.id, images.c.scan_id, images.c.paid_calls, images.c.calls_saved).where(
+    query = select(images.c.id, images.c.scan_id, images.c.paid_calls, images.c.calls_saved, images.c.media).where(
         images.c.id.in_(ids), images.c.scan_id != scan_id, movable
     )
     if conn.dialect.name == "postgresql":
@@ -580,9 +581,10 @@ def _move(conn, ids: list[int], scan_id: int, movable, values: dict[str, Any]) -
     if not rows:
         return Moved()
     locked = [row.id for row in rows]
-    person_counts.subtract(conn, locked)  # (--force) done images keep their faces until done again
+    videos = [row.id for row in rows if row.media == VIDEO]
+    person_counts.subtract(conn, locked, videos=videos)  # (--force) done images keep their faces until done again
     conn.execute(update(images).where(images.c.id.in_(locked)).values(paid_calls=0, calls_saved=0, **values))
-    person_counts.add(conn, locked)
+    person_counts.add(conn, locked, videos=videos)
     moved = Moved()
     for row in rows:
         moved.images[row.scan_id] += 1
