@@ -16,13 +16,14 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from producer.cost import paid_cost, usd
+from producer.cost import VideoEstimate, paid_cost, usd
 from producer.export import WRITERS
 from producer.metrics import FORMATS, publish_to_cloudwatch, take_reading
 from producer.scan import ScanRequest, estimate_source, run_scan
 from worker.database import aware_utc, utcnow
 from worker.errors import CelebscanError, GalleryError, MissingDependencyError
 from worker.faces.gallery import Gallery
+from worker.queue.videos import OVER_BUDGET
 from worker.read_models import ImageError, ResultRecord, ScanSummary
 from worker.recognizers import BACKENDS, PAID_BACKENDS
 from worker.settings import Settings, env_var
@@ -263,11 +264,55 @@ def _missing(what: str, setting: str):
     raise click.UsageError(f"give {what} or set {env_var(setting)}")
 
 
+@cli.command("video-jobs")
+@click.option(
+    "--setup",
+    is_flag=True,
+    help="Set up where Rekognition Video announces its finished jobs (an SNS topic, an SQS queue subscribed to it, "
+    "the IAM role it publishes with), print the settings the workers need, and exit.",
+)
+@click.option("--name", default="celebscan-video-jobs", show_default=True, help="--setup: the queue's name.")
+@click.pass_obj
+def video_jobs(app: App, setup: bool, name: str) -> None:
+    """Rekognition Video's jobs: how many run now, fleet-wide, against the account's quota.
+
+    Without --setup's notifications each video polls its job, with a wait that grows with the
+    job's age; with them, a job's end makes its videos due within a second or two.
+    """
+    settings = app.settings
+    if setup:
+        from producer.video_notifications import set_up
+
+        made = set_up(settings, name)
+        click.echo(f"topic: {made.topic_arn}\nqueue: {made.queue_url}\nrole: {made.role_arn}")
+        click.echo("set these where the workers run (and restart them):")
+        click.echo(f"  {env_var('video_sns_topic_arn')}={made.topic_arn}")
+        click.echo(f"  {env_var('video_sns_role_arn')}={made.role_arn}")
+        click.echo(f"  {env_var('video_completions_queue_url')}={made.queue_url}")
+        return
+    from worker.queue.videos import VideoJobs
+
+    figures = VideoJobs(app.store.engine).figures()
+    click.echo(
+        f"Rekognition Video jobs running: {figures.running} of {settings.rekognition_video_jobs} at once "
+        f"({env_var('rekognition_video_jobs')})"
+    )
+    if settings.video_completions_queue_url:
+        click.echo(f"their ends are read from {settings.video_completions_queue_url}")
+    else:
+        click.echo(
+            f"their ends are polled: from {settings.video_poll_seconds:g} s, growing to "
+            f"{settings.video_poll_max_seconds:g} s; `celebscan video-jobs --setup` sets up notifications"
+        )
+
+
 @cli.command()
 @click.argument("source")
 @click.pass_obj
 def estimate(app: App, source: str) -> None:
-    """Images, bytes and the estimated Rekognition cost of scanning SOURCE, without calling it.
+    """Images, videos, bytes and the estimated Rekognition cost of scanning SOURCE, without calling it.
+
+    A video's length is read from its container's header (never decoded), and priced per minute.
 
     Also how long the calls take at the account's Rekognition quota, and the workers that keep
     that pace (their number from the time per image measured in earlier scans, and their cost).
@@ -294,8 +339,38 @@ def estimate(app: App, source: str) -> None:
         f"(prices: {env_var('rekognition_prices')}={settings.rekognition_prices}); "
         f"--prefilter-faces sends only images with a face"
     )
+    if found.videos.listed:
+        for line in _video_estimate_lines(found.videos, settings, cost):
+            click.echo(line)
     for line in _pace_lines(app.store, settings, found.billable):
         click.echo(line)
+
+
+def _video_estimate_lines(videos: VideoEstimate, settings: Settings, images_cost: float) -> list[str]:
+    """What ``estimate`` says of a source's videos: read from their headers, priced per minute."""
+    unknown = f" ({videos.unknown_length} of unknown length, counted as 0)" if videos.unknown_length else ""
+    lines = [
+        f"  videos: {videos.listed} ({videos.total_bytes / 1e6:,.1f} MB, {videos.probed_ms / 60_000:,.1f} minutes "
+        f"read from their headers): {videos.already_done} already done, "
+        f"{videos.copies} copies of a video listed before or already recognized (free), "
+        f"{videos.billable} to send: {videos.minutes:,.1f} minutes{unknown}"
+    ]
+    if videos.over_limits:
+        lines.append(
+            "  videos over Rekognition Video's limits (failed before any call): "
+            + ", ".join(f"{code} {n}" for code, n in sorted(videos.over_limits.items()))
+        )
+    if videos.unreadable:
+        lines.append(
+            "  videos that cannot be read: " + ", ".join(f"{code} {n}" for code, n in sorted(videos.unreadable.items()))
+        )
+    video_cost = videos.cost(settings.rekognition_video_price)
+    lines.append(
+        f"  estimated Rekognition Video cost: {usd(video_cost)} for {videos.minutes:,.1f} minutes at "
+        f"${settings.rekognition_video_price:g}/min ({env_var('rekognition_video_price')}); "
+        f"with the images: {usd(images_cost + video_cost)}"
+    )
+    return lines
 
 
 def _pace_lines(store: ResultStore, settings: Settings, calls: int) -> list[str]:
@@ -440,7 +515,7 @@ def results(
 def people(
     ctx: click.Context, scan_id: int | None, limit: int | None, fmt: str, unknown: bool, include_deleted: bool
 ) -> None:
-    """Everyone found, with the number of images each is in, most first.
+    """Everyone found, with the number of images (and videos) each is in, most first.
 
     Two people with one name (Rekognition ids differ) are two lines, each with its id.
     """
@@ -457,16 +532,25 @@ def people(
     found = app.store.people(scan_id, limit, include_deleted)
     if fmt == "jsonl":
         for person in found:
-            click.echo(json.dumps({"name": person.name, "id": person.person_id, "images": person.images}))
+            click.echo(
+                json.dumps(
+                    {"name": person.name, "id": person.person_id, "images": person.images, "videos": person.videos}
+                )
+            )
         return
     if not found:
         click.echo("nobody found yet")
         return
-    width = len(f"{found[0].images:,}")
+    width = max(len(f"{person.images:,}") for person in found)
+    in_videos = max(len(f"{person.videos:,}") for person in found) if any(p.videos for p in found) else 0
     shared = {name for name, count in Counter(person.name for person in found).items() if count > 1}
     for person in found:
         known_as = f"  (id {person.person_id})" if person.name in shared else ""
-        click.echo(f"{person.images:>{width},}  {person.name}{known_as}")
+        counts = f"{person.images:>{width},}"
+        if in_videos:  # pictures and videos side by side
+            counts = f"{person.images:>{width},} {'image ' if person.images == 1 else 'images'}  "
+            counts += f"{person.videos:>{in_videos},} {'video ' if person.videos == 1 else 'videos'}"
+        click.echo(f"{counts}  {person.name}{known_as}")
 
 
 @cli.command()
@@ -534,9 +618,9 @@ def report(
 )
 @click.pass_obj
 def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
-    """Draw the faces found in the image KEY (boxes, names and confidence) into one picture."""
-    from producer.annotate import annotate
-    from producer.html_report import read_picture
+    """Draw the faces found in the image KEY (boxes, names and confidence) into one picture; for a
+    video, its frame in which the person seen longest matched best."""
+    from producer.html_report import annotated
 
     record = next(iter(app.store.result_records(scan_id, key=key)), None)
     if record is None:
@@ -544,7 +628,7 @@ def show(app: App, key: str, scan_id: int | None, output: Path) -> None:
     if record.status != "done":
         error = record.error or ImageError(record.status, "not processed yet")
         raise click.ClickException(f"{key} has no result to draw: {error.code}: {error.message}")
-    picture = annotate(read_picture(record, build_readers(app.settings)), record)
+    picture = annotated(record, build_readers(app.settings))
     picture.save(output)
     names = ", ".join(f"{c.name} ({c.match_confidence:.0f})" for c in record.celebrities) or "nobody"
     click.echo(f"wrote {output}: {names}; {_plural(len(record.unrecognized_faces), 'unrecognized face')}")
@@ -741,18 +825,25 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
         )
     if summary.failures:
         lines.append("  failures: " + ", ".join(f"{code} {n}" for code, n in sorted(summary.failures.items())))
-    if summary.retrying:
+    retrying = {code: n for code, n in summary.retrying.items() if code != OVER_BUDGET}
+    if retrying:
         lines.append(
             "  retrying after transient errors (still queued): "
-            + ", ".join(f"{code} {n}" for code, n in sorted(summary.retrying.items()))
+            + ", ".join(f"{code} {n}" for code, n in sorted(retrying.items()))
+        )
+    if summary.retrying.get(OVER_BUDGET):
+        lines.append(
+            f"  left out by --max-cost: {_plural(summary.retrying[OVER_BUDGET], 'video')} the budget left did not "
+            f"pay for; continue with celebscan scan --resume {summary.id} --max-cost USD"
         )
     if summary.unserved:
         lines.append(
             f"  waiting: no worker has served this scan's batches: {summary.unserved}; "
             f"install what it names on the workers (pip install '.[local]') and restart them"
         )
-    people = ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in summary.people.items())
-    lines.append(f"  faces: {summary.faces}; people found: {people or 'nobody'}")
+    if summary.videos:
+        lines.extend(_video_lines(summary, settings))
+    lines.append(f"  faces: {summary.faces}; people found: {_people_found(summary) or 'nobody'}")
     if summary.backend in PAID_BACKENDS or summary.paid_calls:
         line = f"  paid calls: {summary.paid_calls} (estimated {usd(paid_cost(settings, summary.paid_calls))})"
         if summary.reused:
@@ -766,6 +857,34 @@ def format_summary(summary: ScanSummary, settings: Settings) -> str:
     elif summary.reused:
         lines.append(f"  {summary.reused} duplicates reused (the same picture under another key: recognized once)")
     return "\n".join(lines)
+
+
+def _people_found(summary: ScanSummary) -> str:
+    """Each person with the images and videos they are in: ``obama (3 images, 1 video)``."""
+    found = []
+    for name in sorted(set(summary.people) | set(summary.people_in_videos)):
+        counts = [_plural(summary.people.get(name, 0), "image")] if name in summary.people else []
+        if name in summary.people_in_videos:
+            counts.append(_plural(summary.people_in_videos[name], "video"))
+        found.append(f"{name} ({', '.join(counts)})")
+    return ", ".join(found)
+
+
+def _video_lines(summary: ScanSummary, settings: Settings) -> list[str]:
+    videos = summary.videos
+    lines = [
+        f"  of which videos: {videos['queued']} queued, {videos['done']} done, {videos['failed']} failed"
+        + (" (a video waiting for its job is queued)" if videos["queued"] else "")
+    ]
+    if summary.backend in PAID_BACKENDS or summary.video_minutes:
+        cost = summary.video_minutes * settings.rekognition_video_price
+        lines.append(
+            f"  Rekognition Video: {summary.video_jobs_running} jobs running for this scan "
+            f"({summary.video_jobs_running_fleet} in the fleet, of {settings.rekognition_video_jobs} at once: "
+            f"{env_var('rekognition_video_jobs')}); {summary.video_minutes:,.2f} minutes of video paid "
+            f"(estimated {usd(cost)})"
+        )
+    return lines
 
 
 def _listing_stopped(summary: ScanSummary, settings: Settings) -> bool:

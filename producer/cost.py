@@ -1,14 +1,17 @@
-"""What a scan costs with a paid recognizer: Rekognition's tiered price per image, estimates, budgets.
+"""What a scan costs with a paid recognizer: Rekognition's tiered price per image, its price per
+minute of video, estimates, budgets.
 
 Rekognition bills each image analysed by RecognizeCelebrities (an "Image API Group 2" call) at a
 price that falls with the images already billed to the account this month. The tiers are a
 setting (``CELEBSCAN_REKOGNITION_PRICES``), so another region or a new price list is one variable.
+Rekognition Video bills each minute of stored video analysed (``CELEBSCAN_REKOGNITION_VIDEO_PRICE``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from worker.errors import ConfigurationError
@@ -59,6 +62,15 @@ class PriceList:
             start = end
         return total
 
+    def price_at(self, billed: float) -> float:
+        """The price of the image billed after ``billed`` others this month."""
+        start = 0.0
+        for tier in self.tiers:
+            if billed < start + tier.images:
+                return tier.price
+            start += tier.images
+        return self.tiers[-1].price
+
     def images_within(self, budget: float, already_billed: int = 0) -> int:
         """The most images whose cost stays within ``budget`` USD."""
         count: float = 0
@@ -86,9 +98,48 @@ def price_list(settings: Settings) -> PriceList:
     return PriceList.parse(settings.rekognition_prices)
 
 
+def budget_unit_usd(settings: Settings, images: int) -> float:
+    """The price of the last of ``images`` a budget affords (the cheapest: tiers fall): a video's
+    cost taken out of the budget as this many images never overspends it."""
+    return price_list(settings).price_at(settings.rekognition_billed_this_month + max(0, images - 1))
+
+
 def paid_cost(settings: Settings, calls: int) -> float:
     """USD for ``calls`` Rekognition calls after the images already billed this month."""
     return price_list(settings).cost(calls, settings.rekognition_billed_this_month)
+
+
+@dataclass
+class VideoEstimate:
+    """The videos of a source, counted apart from its images: Rekognition Video bills per minute
+    of video, read from each container's header (never by decoding). Copies (the same ETag and
+    size as a video listed before, or as one already recognized) cost nothing."""
+
+    listed: int = 0
+    total_bytes: int = 0
+    already_done: int = 0
+    copies: int = 0
+    billable: int = 0  # distinct videos within Rekognition Video's limits: each one job
+    billable_ms: int = 0  # their length
+    probed_ms: int = 0  # the length of every video whose header was read (those over the limits too)
+    unknown_length: int = 0  # of those, videos whose header gives no length (counted as 0 minutes)
+    over_limits: Counter = field(default_factory=Counter)  # by code: failed before any call
+    unreadable: Counter = field(default_factory=Counter)  # by code: not a video, broken
+    _seen: set = field(default_factory=set, repr=False)
+
+    @property
+    def minutes(self) -> float:
+        return self.billable_ms / 60_000
+
+    def cost(self, price_per_minute: float) -> float:
+        return self.minutes * price_per_minute
+
+    def first_of_its_bytes(self, etag: str, size: int) -> bool:
+        """Whether no video listed before had these bytes (remembered from now on)."""
+        if (etag, size) in self._seen:
+            return False
+        self._seen.add((etag, size))
+        return True
 
 
 @dataclass
@@ -106,6 +157,7 @@ class Estimate:
     converted: int = 0  # over the S3Object (or bytes) limit: read and re-encoded before the call
     refused: int = 0  # over CELEBSCAN_MAX_IMAGE_BYTES: failed without a call
     known_copies: int = 0  # copies of a picture already recognized: its result is copied
+    videos: VideoEstimate = field(default_factory=VideoEstimate)
     _pictures: list = field(default_factory=list, repr=False)  # arrays of 8-byte digests of (etag, size)
     _chunk: list = field(default_factory=list, repr=False)
 

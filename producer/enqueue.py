@@ -1,5 +1,5 @@
 """Handing a scan to the workers through the broker, by task name (the producer never imports the
-recognizers or dlib)."""
+recognizers or the face models)."""
 
 from __future__ import annotations
 

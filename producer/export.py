@@ -1,4 +1,4 @@
-"""Writing result records as JSON Lines or CSV (one record per image)."""
+"""Writing result records as JSON Lines or CSV (one record per image or video)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ CSV_COLUMNS = (
     "people",
     "celebrities",
     "unrecognized_faces",
+    "media",
+    "duration_seconds",
+    "appearances",
 )
 
 
@@ -35,7 +38,8 @@ def write_jsonl(records: Iterable[ResultRecord], out: TextIO) -> int:
 
 
 def write_csv(records: Iterable[ResultRecord], out: TextIO) -> int:
-    """Flat columns; ``people`` is the names joined by ``;``, the face lists are JSON."""
+    """Flat columns; ``people`` is the names joined by ``;``, the face lists and a video's
+    appearances are JSON."""
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     count = 0
@@ -55,6 +59,11 @@ def write_csv(records: Iterable[ResultRecord], out: TextIO) -> int:
                 "people": ";".join(c.name for c in record.celebrities),
                 "celebrities": json.dumps([c.to_dict() for c in record.celebrities], ensure_ascii=False),
                 "unrecognized_faces": json.dumps([f.to_dict() for f in record.unrecognized_faces]),
+                "media": record.media or "image",
+                "duration_seconds": record.duration_seconds,
+                "appearances": json.dumps([a.to_dict() for a in record.appearances], ensure_ascii=False)
+                if record.is_video
+                else None,
             }
         )
         count += 1

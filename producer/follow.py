@@ -30,7 +30,7 @@ from producer.local_pool import default_workers, drain_scan, pool_stop
 from producer.s3_events import CREATED, MalformedEventError, ObjectEvent, parse_message
 from worker.aws import AWS_ERRORS, client, translate
 from worker.errors import CelebscanError, ConfigurationError, ObjectMissingError
-from worker.media.images import is_image_name
+from worker.media import is_media_name
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue
 from worker.queue.objects import Applied, ObjectChange, apply_changes
@@ -102,7 +102,7 @@ def changes_for(
     for event in events:
         if event.bucket != source.bucket or not event.key.startswith(source.prefix):
             continue
-        if event.key.endswith("/") or not is_image_name(event.key):
+        if event.key.endswith("/") or not is_media_name(event.key):
             continue
         _check_storable(event)
         if event.kind == CREATED:

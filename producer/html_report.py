@@ -1,5 +1,8 @@
 """One self-contained HTML page of a scan: the people found, a few annotated pictures of each, filterable.
 
+A video is shown by its frame in which the person seen longest matched best, and a timeline of
+when each person appears (an inline SVG: a row per person, a bar per time range).
+
 The page is bounded whatever the scan's size: every person found with their image count, at most
 ``per_person`` pictures of each (and of images in which nobody was recognized), the first failures
 and their counts by code (see :func:`gather`).
@@ -12,6 +15,7 @@ filter is also driven by the address (``report.html#person=NAME``), so a link ca
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 from collections.abc import Callable, Sequence
@@ -39,13 +43,68 @@ def read_picture(
     return Image.fromarray(loaded.pixels)
 
 
-def thumbnail(record: ResultRecord, readers: dict[str, ObjectReader]) -> tuple[bytes | None, str]:
-    """(annotated JPEG thumbnail, or None and why not) of a done image."""
+def read_frame(record: ResultRecord, readers: dict[str, ObjectReader], seconds: float) -> Image.Image:
+    """The frame of the record's video at ``seconds`` (the first at or after it), read by ranges."""
+    from worker.media.video import sample_frames
+
+    source = Source.from_url(record.source)
+    ranges = readers[source.kind].ranges(source.bucket, record.key, record.etag)  # type: ignore[attr-defined]
     try:
-        picture = annotate(read_picture(record, readers), record, max_side=THUMBNAIL_SIDE)
+        frame = next(iter(sample_frames(ranges, 1.0, round(seconds * 1000), max_side=2 * THUMBNAIL_SIDE)), None)
+    finally:
+        ranges.close()
+    if frame is None:
+        raise CelebscanError(f"the video has no frame at {seconds:.1f} s", code="CorruptVideo")
+    return Image.fromarray(frame.pixels)
+
+
+def annotated(record: ResultRecord, readers: dict[str, ObjectReader], max_side: int | None = None) -> Image.Image:
+    """The record's picture with its faces drawn; a video's frame in which the person seen longest
+    matched best, with the faces of that frame (its first frame when nobody was recognized)."""
+    if not record.is_video:
+        return annotate(read_picture(record, readers), record, max_side=max_side)
+    if not record.appearances:
+        return annotate(read_frame(record, readers, 0.0), record, max_side=max_side)
+    shown = max(record.appearances, key=lambda a: (a.seconds, a.match_confidence))
+    pairs = zip(record.appearances, record.celebrities, strict=True)
+    framed = dataclasses.replace(
+        record, celebrities=tuple(c for a, c in pairs if a.frame_seconds == shown.frame_seconds)
+    )
+    return annotate(read_frame(record, readers, shown.frame_seconds), framed, max_side=max_side)
+
+
+def thumbnail(record: ResultRecord, readers: dict[str, ObjectReader]) -> tuple[bytes | None, str]:
+    """(annotated JPEG thumbnail, or None and why not) of a done image or video (:func:`annotated`)."""
+    try:
+        picture = annotated(record, readers, max_side=THUMBNAIL_SIDE)
     except CelebscanError as exc:
-        return None, f"image not available now: {exc.code}: {exc}"
+        return None, f"{'video' if record.is_video else 'image'} not available now: {exc.code}: {exc}"
     return jpeg_bytes(picture, quality=75), ""
+
+
+def timeline(record: ResultRecord) -> str:
+    """An inline SVG of a video's appearances: a row per person (named in its first quarter), a bar
+    per time range over the rest."""
+    duration = record.duration_seconds or max((end for a in record.appearances for _, end in a.ranges), default=0.0)
+    if not record.appearances or duration <= 0:
+        return ""
+    row = 14
+    bars = []
+    for number, appearance in enumerate(record.appearances):
+        y = number * row
+        for start, end in appearance.ranges:
+            x, width = 25 + 75 * start / duration, max(0.6, 75 * (end - start) / duration)
+            tip = html.escape(f"{appearance.name}: {start:.1f}–{end:.1f} s")
+            bars.append(
+                f'<rect x="{x:.2f}%" y="{y + 2}" width="{width:.2f}%" height="{row - 4}" rx="2"><title>{tip}</title></rect>'
+            )
+        bars.append(f'<text x="0" y="{y + row - 3}">{html.escape(appearance.name)}</text>')
+    height = row * len(record.appearances)
+    return (
+        f'<svg class=timeline width="100%" height="{height}" role="img" '
+        f'aria-label="when each person appears in {html.escape(record.key)} ({duration:.1f} s)">{"".join(bars)}</svg>'
+        f"<div class=axis><span>0 s</span><span>{duration:.1f} s</span></div>"
+    )
 
 
 #: Failures listed by name on the page (all of them are counted by code).
@@ -166,7 +225,9 @@ def render(
         found=_found_html(content, readers),
         title=html.escape(f"celebscan scan {summary.id}: {summary.source}"),
         summary=html.escape(
-            f"{summary.listed} images listed, {counts['done']} done, {counts['failed']} failed, "
+            f"{summary.listed} images listed"
+            + (f" ({sum(summary.videos.values())} of them videos)" if summary.videos else "")
+            + f", {counts['done']} done, {counts['failed']} failed, "
             f"{summary.faces} faces, {len(content.people)} people, backend {summary.backend}"
         ),
         options=options,
@@ -261,6 +322,13 @@ def _figure(record: ResultRecord, names: list[str], picture_bytes: bytes | None,
     else:
         picture = f"<div class=missing>{html.escape(problem or 'no picture')}</div>"
     people = html.escape(json.dumps(names))
+    if record.is_video:
+        length = f" ({record.duration_seconds:.1f} s)" if record.duration_seconds is not None else ""
+        seen = ", ".join(
+            f"{html.escape(a.name)} ({a.match_confidence:.0f}, {a.seconds:.1f} s)" for a in record.appearances
+        )
+        caption = f"video{length}: {seen or 'nobody recognized'}"
+        picture += timeline(record)
     return (
         f"<figure data-people='{people}'>{picture}<figcaption><b>{html.escape(record.key)}</b>"
         f"<br>{caption}</figcaption></figure>"
@@ -281,6 +349,9 @@ figure[hidden] {{ display: none; }}
 img {{ width: 100%; height: auto; display: block; }}
 figcaption {{ font-size: .9em; margin-top: .4em; overflow-wrap: anywhere; }}
 .missing {{ padding: 2em 1em; background: #eee; color: #666; }}
+svg.timeline {{ display: block; margin-top: .4em; font-size: 10px; }}
+svg.timeline rect {{ fill: #28c85a; }} svg.timeline text {{ fill: #333; }}
+.axis {{ display: flex; justify-content: space-between; font-size: .75em; color: #888; margin-left: 25%; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: .3em .6em; text-align: left; }}
 .note {{ color: #666; }}
 .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 1em; }}

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 from worker.aws import AWS_ERRORS, translate
 from worker.errors import ConfigurationError
 from worker.listing import ListedObject
-from worker.media.images import is_image_name
+from worker.media import is_media_name
 from worker.sources import Source
 
 #: The columns celebscan reads; an inventory must be configured to include Size and ETag.
@@ -116,7 +116,7 @@ def list_inventory(s3_client, manifest: Manifest, prefix: str = "") -> Iterator[
 
 def _listed(row: list[str], column: dict[str, int], prefix: str) -> ListedObject | None:
     key = unquote(row[column["Key"]])
-    if not key.startswith(prefix) or key.endswith("/") or not is_image_name(key):
+    if not key.startswith(prefix) or key.endswith("/") or not is_media_name(key):
         return None
     if "IsDeleteMarker" in column and row[column["IsDeleteMarker"]].lower() == "true":
         return None

@@ -28,22 +28,30 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from producer.cost import Estimate, price_list, usd
+from producer.cost import Estimate, VideoEstimate, budget_unit_usd, price_list, usd
 from producer.enqueue import check_broker, masked_broker, open_window
 from producer.local_pool import default_workers, drain_scan
 from worker.database import CHUNK_SIZE, chunks, masked_url
-from worker.errors import ConfigurationError, ListingFailedError, ListingTakenOverError
+from worker.errors import (
+    CelebscanError,
+    ConfigurationError,
+    ListingFailedError,
+    ListingTakenOverError,
+    VideoOverLimitsError,
+)
 from worker.listing import ListedObject, check_bucket, fits_in_a_page, list_folder, list_s3, split_key_space
 from worker.listing_parts import Pager, folder_pages, list_parts_here, s3_pages
+from worker.media.video import VideoInfo, is_video_name, probe
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue
 from worker.queue.leases import keep_leases_in_a_thread
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
+from worker.queue.videos import VideoJobs, known_video_jobs
 from worker.read_models import ScanSummary
-from worker.recognizers import PAID_BACKENDS
+from worker.recognizers import PAID_BACKENDS, rekognition_video
 from worker.settings import Settings
-from worker.sources import Source, parse_source
+from worker.sources import Source, build_readers, parse_source
 from worker.store import QueueReport, ResultStore
 
 Say = Callable[[str], None]
@@ -120,6 +128,7 @@ def run_scan(
             settings.backend,
             prefilter_faces=request.prefilter_faces,
             budget_images=budget,
+            budget_unit_usd=budget_unit_usd(settings, budget) if budget is not None else None,
             batch_size=settings.batch_size,
             reuse_results=not request.force,
             inventory=request.inventory,
@@ -323,7 +332,10 @@ def _resume(store: ResultStore, settings: Settings, request: ScanRequest, say: S
     scan = store.summary(request.resume_id or 0)
     settings = settings.replace(backend=scan.backend)  # the scan's own backend
     scans = Scans(store.engine)
-    scans.renew_budget(scan.id, _budget(settings, request.max_cost, say))
+    budget = _budget(settings, request.max_cost, say)
+    scans.renew_budget(scan.id, budget)
+    if budget is not None and scan.videos:  # its videos' minutes are taken out of the new budget at its price
+        VideoJobs(store.engine).price_budget(scan.id, budget_unit_usd(settings, budget))
     repair = scans.repair(scan.id, settings.lease_seconds)
     if repair.listing_ended:
         say(f"scan {scan.id}: its listing had ended without being recorded as ended; now it is")
@@ -456,19 +468,74 @@ def _drain_while_listing(
     )
 
 
+#: Videos whose headers ``estimate`` reads at once (each a few range requests in S3).
+PROBE_THREADS = 16
+
+
 def estimate_source(store: ResultStore, source: Source, settings: Settings) -> Estimate:
-    """Count what a Rekognition scan of ``source`` would do, writing nothing and calling nothing."""
+    """Count what a Rekognition scan of ``source`` would do, writing nothing and calling nothing.
+
+    A video's length comes from its container's header (a few range requests, never the whole
+    object); a copy of a video listed before or already recognized costs nothing."""
     estimate = Estimate()
-    for chunk in chunks(list_source(source, settings), CHUNK_SIZE):
-        done = store.done_objects(source.bucket, "rekognition", [item.key for item in chunk])
-        known = store.known_pictures([(item.etag, item.size) for item in chunk], "rekognition").keys()
-        for item in chunk:
-            estimate.add(
-                item.size,
-                done=(item.key, item.etag) in done,
-                in_s3=source.is_s3,
-                max_image_bytes=settings.max_image_bytes,
-                etag=item.etag,
-                known=(item.etag, item.size) in known,
-            )
+    readers = build_readers(settings)
+    with ThreadPoolExecutor(PROBE_THREADS) as probes:
+        for chunk in chunks(list_source(source, settings), CHUNK_SIZE):
+            done = store.done_objects(source.bucket, "rekognition", [item.key for item in chunk])
+            pictures = [item for item in chunk if not is_video_name(item.key)]
+            known = store.known_pictures([(item.etag, item.size) for item in pictures], "rekognition").keys()
+            for item in pictures:
+                estimate.add(
+                    item.size,
+                    done=(item.key, item.etag) in done,
+                    in_s3=source.is_s3,
+                    max_image_bytes=settings.max_image_bytes,
+                    etag=item.etag,
+                    known=(item.etag, item.size) in known,
+                )
+            _estimate_videos(store, source, settings, readers, probes, estimate.videos, chunk, done)
     return estimate
+
+
+def _estimate_videos(store, source, settings, readers, probes, videos: VideoEstimate, chunk, done) -> None:
+    listed = [item for item in chunk if is_video_name(item.key)]
+    known = known_video_jobs(store.engine, "rekognition", [(item.etag, item.size) for item in listed])
+    to_probe = []
+    for item in listed:
+        videos.listed += 1
+        videos.total_bytes += item.size
+        if (item.key, item.etag) in done:
+            videos.already_done += 1
+        elif (item.etag, item.size) in known or not videos.first_of_its_bytes(item.etag, item.size):
+            videos.copies += 1
+        elif item.size > min(settings.max_video_bytes, rekognition_video.MAX_BYTES):
+            videos.over_limits["VideoTooLarge"] += 1
+        else:
+            to_probe.append(item)
+    reader = readers[source.kind]
+    for item, info in zip(to_probe, probes.map(lambda item: _probed(reader, source, item), to_probe), strict=True):
+        if isinstance(info, CelebscanError):
+            (videos.over_limits if isinstance(info, VideoOverLimitsError) else videos.unreadable)[info.code] += 1
+            continue
+        videos.probed_ms += info.duration_ms or 0
+        try:
+            rekognition_video.check_limits(info, item.size, source.is_s3)
+        except VideoOverLimitsError as exc:
+            videos.over_limits[exc.code] += 1
+            continue
+        videos.billable += 1
+        if info.duration_ms is None:
+            videos.unknown_length += 1
+        else:
+            videos.billable_ms += info.duration_ms
+
+
+def _probed(reader, source: Source, item: ListedObject) -> VideoInfo | CelebscanError:
+    try:
+        ranges = reader.ranges(source.bucket, item.key, item.etag, item.size)
+        try:
+            return probe(ranges)
+        finally:
+            ranges.close()
+    except CelebscanError as exc:
+        return exc

@@ -165,6 +165,23 @@ def rekognition(aws_env, moto_url, monkeypatch):
         yield standin
 
 
+@pytest.fixture
+def video_service(rekognition, moto_url, monkeypatch):
+    """Rekognition Video's stand-in on the Rekognition stand-in's endpoint (jobs of 0.5 s, each
+    finding Ada four times and Grace once), SNS, SQS and IAM at moto's, and jobs looked at often."""
+    from tests.rekognition_video_standin import VideoStandIn, detection
+
+    service = VideoStandIn(s3_endpoint=moto_url, job_seconds=0.5)
+    service.answer = lambda key, data: [detection(t / 2, "Ada") for t in range(4)] + [detection(3.0, "Grace")]
+    rekognition.video = service
+    for name in ("SNS", "SQS", "IAM"):
+        monkeypatch.setenv(f"AWS_ENDPOINT_URL_{name}", moto_url)
+    monkeypatch.setenv("CELEBSCAN_VIDEO_POLL_SECONDS", "0.2")
+    monkeypatch.setenv("CELEBSCAN_VIDEO_POLL_MAX_SECONDS", "1")
+    yield service
+    service.close()
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     from tests.servers import redis_server

@@ -1,4 +1,5 @@
-"""A small HTTP stand-in for Amazon Rekognition's RecognizeCelebrities (moto has none).
+"""A small HTTP stand-in for Amazon Rekognition's RecognizeCelebrities (moto has none); with
+``video`` set, its server also answers Rekognition Video (``tests/rekognition_video_standin.py``).
 
 It speaks the service's JSON protocol (``X-Amz-Target: RekognitionService.RecognizeCelebrities``,
 ``application/x-amz-json-1.1``), so the worker's real boto3 code runs unchanged against it. Like the
@@ -19,9 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import boto3
 
+from tests.rekognition_video_standin import TARGETS as VIDEO_TARGETS
+from tests.rekognition_video_standin import VideoServiceError
 from tests.servers import free_port
 
 TARGET = "RekognitionService.RecognizeCelebrities"
@@ -84,6 +88,8 @@ class RekognitionStandIn:
     calls: list[Call] = field(default_factory=list)
     accepted_at: list[float] = field(default_factory=list)
     arrivals: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, caller's IP) of each request
+    #: Rekognition Video's operations, answered by ``tests/rekognition_video_standin.py`` when set.
+    video: Any = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -194,7 +200,13 @@ class RekognitionStandIn:
             def do_POST(self) -> None:
                 standin.request.client_host, standin.request.client_port = self.client_address[:2]
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("X-Amz-Target") != TARGET:
+                target = self.headers.get("X-Amz-Target")
+                if standin.video is not None and target in VIDEO_TARGETS:
+                    try:
+                        return self._send(200, standin.video.respond(target, json.loads(body)))
+                    except VideoServiceError as error:
+                        return self._send(error.status, {"__type": error.error_type, "message": str(error)})
+                if target != TARGET:
                     return self._send(400, {"__type": "UnknownOperationException", "message": "unsupported"})
                 try:
                     self._send(200, standin.respond(json.loads(body)))

@@ -79,7 +79,7 @@ def test_people_lists_everyone_most_images_first_apart_by_id(store, people_scan)
         json.loads(line)
         for line in cli(store, "people", "--scan", str(people_scan), "--format", "jsonl").output.splitlines()
     ]
-    assert as_json[1] == {"name": "Joe Biden", "id": "1Ac5Xj", "images": 10}
+    assert as_json[1] == {"name": "Joe Biden", "id": "1Ac5Xj", "images": 10, "videos": 0}
     assert cli(store, "people", "--limit", "1").output.splitlines() == ["2,501  Barack Obama"]
 
 

@@ -31,6 +31,7 @@ from worker.faces.prefilter import FacePrefilter
 from worker.inflight import LaneInterrupted, Lanes, RunPictures, lanes_for
 from worker.listing_parts import LIST_SLICE_SECONDS, list_slice, s3_pages
 from worker.media.images import ImageLimits, decode_image
+from worker.media.video import VIDEO
 from worker.outcomes import ImageOutcome, KnownPicture, QueuedImage
 from worker.queue.images import ClaimState, ImageQueue
 from worker.queue.leases import LeaseKeeping, keep_leases_in_a_thread
@@ -45,6 +46,8 @@ from worker.schema import DONE, FAILED
 from worker.settings import Settings
 from worker.sources import ObjectReader, S3Location, Source, build_readers
 from worker.store import ResultStore
+from worker.videos.completions import CompletionReader
+from worker.videos.step import process_video
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,9 @@ class WorkerContext:
     refill_seconds: float = REFILL_SECONDS
     #: Whether a run working one image at a time also claims next batches (the simulation does).
     refill_inline: bool = False
+
+    #: Reads Rekognition Video's completion messages, when they are set up (worker/videos/completions.py).
+    video_completions: CompletionReader = field(default_factory=CompletionReader)
 
     #: Lists S3 key-space parts (a client that leaves timestamps unparsed), built on first use.
     settings: Settings | None = None
@@ -494,6 +500,8 @@ def process_image(
     """
     started = clock.monotonic()
     outcome = _reused_or_processed(image, context, RunPictures() if pictures is None else pictures, known, token)
+    if image.media == VIDEO and outcome.status == FAILED:  # a failed video keeps no appearances
+        outcome = dataclasses.replace(outcome, appearances=())
     return dataclasses.replace(outcome, work_ms=round(1000 * (clock.monotonic() - started)))
 
 
@@ -533,7 +541,12 @@ def _etag_is_md5(image: QueuedImage) -> bool:
     """An S3 object whose ETag is the MD5 of its bytes (a single-part upload; a multipart one ends
     in ``-N``)."""
     etag = image.etag
-    return Source.from_url(image.source).is_s3 and len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
+    return (
+        image.media != VIDEO  # a video's copies follow its job (worker/queue/videos.py)
+        and Source.from_url(image.source).is_s3
+        and len(etag) == 32
+        and all(c in "0123456789abcdef" for c in etag)
+    )
 
 
 def _copy_of(image: QueuedImage, earlier: ImageOutcome, content_hash: str) -> ImageOutcome:
@@ -598,6 +611,8 @@ def _process_image(
     location = S3Location(image.bucket, image.key, image.size) if kind == "s3" else None
     try:
         recognizer = context.recognizers.get(image.backend)
+        if image.media == VIDEO:
+            return process_video(image, context, token)
         data = _with_retry(context, lambda: context.readers[kind].read(image.bucket, image.key, image.etag))
         read.append(data)
         if (copy := _first_in_run(image, data, pictures, mine)) is not None:
@@ -716,6 +731,7 @@ def take_next_batch(
     Raises :class:`RecognizerUnavailableError` (after releasing the claim) when this worker cannot
     run what the batch needs.
     """
+    context.video_completions.wake_finished(context.settings, context.store.engine)  # videos whose job ended: due
     image_ids = context.images.claim(scan_id, context.batch_size, token)
     if image_ids:
         return SlotStep(_Run(context, token, scan_id).work(image_ids), next_in=0.0)

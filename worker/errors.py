@@ -72,6 +72,28 @@ class ImageTooLargeError(PermanentError):
     code = "ImageTooLarge"
 
 
+class InvalidVideoError(PermanentError):
+    """The bytes are not a video celebscan can read: an unknown container (``InvalidVideoFormat``),
+    or a header that is truncated or broken (``CorruptVideo``)."""
+
+    code = "InvalidVideoFormat"
+
+
+class VideoOverLimitsError(PermanentError):
+    """A video over what its recognizer takes (Rekognition Video: MP4, MOV or AVI, H.264, at most
+    10 GB and 6 hours; a video in S3): found from the header, before any call. The code says which
+    limit (``UnsupportedVideoFormat``, ``UnsupportedVideoCodec``, ``VideoTooLarge``, ``VideoTooLong``,
+    ``VideoNotInS3``)."""
+
+    code = "VideoOverLimits"
+
+
+class VideoJobFailedError(PermanentError):
+    """Rekognition Video ended the video's job FAILED (its status message says why)."""
+
+    code = "VideoJobFailed"
+
+
 class ObjectMissingError(PermanentError):
     """The object was listed but is gone (deleted or moved) when the worker reads it."""
 

@@ -1,5 +1,5 @@
 """The read side's queries: who was found where (result records, and the people found with the
-images they are in); what they return is ``worker/read_models.py``.
+images and videos they are in); what they return is ``worker/read_models.py``.
 
 Both read by index at any size: records stream in chunks of image ids (constant memory), a
 person's images are found through ``ix_faces_name`` / ``ix_faces_person_id`` (the name or the
@@ -12,20 +12,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, Select, and_, exists, func, select, union, union_all
+from sqlalchemy import BigInteger, Engine, Select, and_, exists, func, literal, select, union, union_all
 
 from worker.database import CHUNK_SIZE
+from worker.media.video import VIDEO
 from worker.read_models import ResultRecord, result_record
-from worker.schema import faces, images, person_images, scans
+from worker.schema import appearances, faces, images, person_images, person_videos, scans
 
 
 @dataclass(frozen=True)
 class PersonFound:
-    """A person found, as the recognizer named them, and the number of images they are in."""
+    """A person found, as the recognizer named them, and the number of images and videos they are in."""
 
     name: str
     person_id: str | None  # Rekognition's celebrity id (two people with one name stay apart)
     images: int
+    videos: int = 0
 
 
 def people_found(
@@ -40,35 +42,49 @@ def people_found(
     """
     with engine.connect() as conn:
         rows = conn.execute(people_query(scan_id, limit, include_deleted))
-        return [PersonFound(name, person_id or None, int(count)) for name, person_id, count in rows]
+        return [
+            PersonFound(name, person_id or None, int(pictures), int(videos))
+            for name, person_id, pictures, videos in rows
+        ]
 
 
 def people_query(scan_id: int | None = None, limit: int | None = None, include_deleted: bool = False) -> Select:
-    """(name, Rekognition id or '', images) of everyone found, most images first."""
-    counted = select(person_images.c.name, person_images.c.person_id, person_images.c.images)
+    """(name, Rekognition id or '', images, videos) of everyone found, most images and videos first."""
+    nothing = literal(0, BigInteger)
+    counted = [
+        select(person_images.c.name, person_images.c.person_id, person_images.c.images, nothing.label("videos")),
+        select(person_videos.c.name, person_videos.c.person_id, nothing.label("images"), person_videos.c.videos),
+    ]
     if scan_id is not None:
-        counted = counted.where(person_images.c.scan_id == scan_id)
+        counted = [
+            counted[0].where(person_images.c.scan_id == scan_id),
+            counted[1].where(person_videos.c.scan_id == scan_id),
+        ]
     if include_deleted:
-        counted = union_all(counted, _deleted_counts(scan_id))  # type: ignore[assignment]
-    rows = counted.subquery()
-    images_in = func.sum(rows.c.images)
+        counted += [_deleted_counts(scan_id, faces), _deleted_counts(scan_id, appearances)]
+    rows = union_all(*counted).subquery()
+    images_in, videos_in = func.sum(rows.c.images), func.sum(rows.c.videos)
     query = (
-        select(rows.c.name, rows.c.person_id, images_in.label("images"))
+        select(rows.c.name, rows.c.person_id, images_in.label("images"), videos_in.label("videos"))
         .group_by(rows.c.name, rows.c.person_id)
-        .having(images_in > 0)
-        .order_by(images_in.desc(), rows.c.name, rows.c.person_id)
+        .having(images_in + videos_in > 0)
+        .order_by((images_in + videos_in).desc(), rows.c.name, rows.c.person_id)
     )
     return query.limit(limit) if limit is not None else query
 
 
-def _deleted_counts(scan_id: int | None) -> Select:
-    """(name, id, images) of the people in images of deleted objects (which the kept counts leave out)."""
-    person = func.coalesce(faces.c.person_id, "")
+def _deleted_counts(scan_id: int | None, found) -> Select:
+    """(name, id, images, videos) of the people in images (``found``: faces) or videos
+    (appearances) of deleted objects, which the kept counts leave out."""
+    person = func.coalesce(found.c.person_id, "")
+    count = func.count(func.distinct(found.c.image_id))
+    nothing = literal(0, BigInteger)
+    pictures, videos = (count, nothing) if found is faces else (nothing, count)
     query = (
-        select(faces.c.name, person.label("person_id"), func.count(func.distinct(faces.c.image_id)).label("images"))
-        .join(images, images.c.id == faces.c.image_id)
-        .where(images.c.deleted_at.is_not(None), faces.c.name.is_not(None))
-        .group_by(faces.c.name, person)
+        select(found.c.name, person.label("person_id"), pictures.label("images"), videos.label("videos"))
+        .join(images, images.c.id == found.c.image_id)
+        .where(images.c.deleted_at.is_not(None), found.c.name.is_not(None))
+        .group_by(found.c.name, person)
     )
     return query.where(images.c.scan_id == scan_id) if scan_id is not None else query
 
@@ -114,7 +130,7 @@ def result_records(
     while left is None or left > 0:
         with engine.connect() as conn:
             if persons:
-                ids = _image_ids_with(conn, ranges, last_id)
+                ids = _image_ids_with(conn, ranges, last_id, persons)
                 if not ids:
                     return
                 rows = conn.execute(query.where(images.c.id.in_(ids))).all()
@@ -126,13 +142,22 @@ def result_records(
                 last_id = rows[-1].id
             rows = rows[:left] if left is not None else rows
             faces_by_image: dict[int, list] = {}
+            appearances_by_video: dict[int, list] = {}
             if rows:
                 for face in conn.execute(
                     select(faces).where(faces.c.image_id.in_([r.id for r in rows])).order_by(faces.c.face_index)
                 ):
                     faces_by_image.setdefault(face.image_id, []).append(face)
+                videos = [r.id for r in rows if r.media == VIDEO]
+                if videos:
+                    for appearance in conn.execute(
+                        select(appearances)
+                        .where(appearances.c.image_id.in_(videos))
+                        .order_by(appearances.c.appearance_index)
+                    ):
+                        appearances_by_video.setdefault(appearance.image_id, []).append(appearance)
         for row in rows:
-            yield result_record(row, faces_by_image.get(row.id, []))
+            yield result_record(row, faces_by_image.get(row.id, []), appearances_by_video.get(row.id, []))
         if left is not None:
             left -= len(rows)
 
@@ -157,21 +182,34 @@ def person_ranges(conn, persons: Sequence[str]) -> list:
     return ranges
 
 
-def _image_ids_with(conn, ranges: list, after: int) -> list[int]:
-    return list(conn.execute(next_ids_query(ranges, after)).scalars())
+def _image_ids_with(conn, ranges: list, after: int, persons: Sequence[str] = ()) -> list[int]:
+    """The next chunk of ids of images with one of the people (by their faces' ranges) and of
+    videos with one of them (by name or id)."""
+    found = set(conn.execute(next_ids_query(ranges, after)).scalars())
+    if persons:
+        found |= set(conn.execute(next_video_ids_query(persons, after)).scalars())
+    return sorted(found)[:CHUNK_SIZE]
+
+
+def next_video_ids_query(persons: Sequence[str], after: int) -> Select:
+    """The next chunk of ids of videos (after ``after``) in which one of ``persons`` (names or
+    Rekognition ids) appears, through ``ix_appearances_name`` and ``ix_appearances_person_id``."""
+    conditions = [appearances.c.name.in_(list(persons)), appearances.c.person_id.in_(list(persons))]
+    return _next_ids(appearances.c.image_id, conditions, after)
 
 
 def next_ids_query(ranges: list, after: int) -> Select:
     """The next chunk of image ids (after ``after``, ascending) in any of the ranges: each range
     reads at most a chunk of its index, whatever the person's number of images."""
+    return _next_ids(faces.c.image_id, ranges, after)
+
+
+def _next_ids(image_id, conditions: list, after: int) -> Select:
+    """The next chunk of ``image_id`` values after ``after`` meeting any of ``conditions``, each
+    read as a chunk of its own index range."""
     parts = [
-        select(faces.c.image_id)
-        .where(condition, faces.c.image_id > after)
-        .order_by(faces.c.image_id)
-        .limit(CHUNK_SIZE)
-        .subquery()
-        .select()
-        for condition in ranges
+        select(image_id).where(condition, image_id > after).order_by(image_id).limit(CHUNK_SIZE).subquery().select()
+        for condition in conditions
     ]
     merged = union(*parts).subquery()
     return select(merged.c.image_id).order_by(merged.c.image_id).limit(CHUNK_SIZE)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from worker.aws import AWS_ERRORS, translate
 from worker.errors import CelebscanError, ConfigurationError
-from worker.media.images import is_image_name
+from worker.media import is_media_name
 from worker.retry import call_with_retry
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def list_folder(folder: Path, after: str | None = None) -> Iterator[ListedObject
             subdirs[:] = [d for d in subdirs if start[: len(here) + 1] <= (*here, (1, d))]
         for name in sorted(files):
             path = Path(directory, name)
-            if is_image_name(name):
+            if is_media_name(name):
                 listed = _listed_file(root, path)
                 if listed is not None and wanted(listed):
                     yield listed
@@ -281,7 +281,7 @@ def _pages(s3_client, **arguments) -> Iterator[dict]:
 def images_in(page: dict) -> Iterator[ListedObject]:
     for item in page.get("Contents", ()):
         key = item["Key"]
-        if key.endswith("/") or not is_image_name(key):
+        if key.endswith("/") or not is_media_name(key):
             continue
         yield ListedObject(key=key, etag=item["ETag"].strip('"'), size=item["Size"])
 

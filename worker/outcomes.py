@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Integer, delete, literal, select
@@ -20,6 +20,9 @@ from worker.faces import removals
 from worker.recognition import RecognitionResult
 from worker.schema import DONE, FAILED, GALLERY, QUEUED, faces
 from worker.sql import dialect_insert
+
+if TYPE_CHECKING:
+    from worker.videos.appearances import Appearance
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class QueuedImage:
     retries: int = 0  # tries that ended in a transient error, over every delivery
     retry_since: datetime | None = None  # the first of those; the retry deadline counts from it
     reuse_results: bool = True  # any known picture's result is copied (False: --force, only its own scan's)
+    media: str | None = None  # 'video' for a video (worker/videos/), None for an image
+    content_hash: str | None = None  # the MD5 of the bytes, once a worker has read them
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,9 @@ class ImageOutcome:
     # the write copies that image's faces in the database.
     copied_from: int | None = None
     work_ms: int | None = None  # the worker's time on the image (read, decode, recognize)
+    # A video: its appearances (written in place of its faces; None: not a finished video) and length.
+    appearances: tuple[Appearance, ...] | None = None
+    duration_ms: int | None = None
 
     @property
     def deferred(self) -> bool:
@@ -94,6 +102,7 @@ class ImageOutcome:
             "content_hash": self.content_hash,
             "copied_from": self.copied_from,
             "work_ms": self.work_ms,
+            "duration_ms": self.duration_ms,
         }
 
     @classmethod

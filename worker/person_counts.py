@@ -17,6 +17,7 @@ from sqlalchemy import Select, bindparam, func, select, update
 
 from worker.schema import faces, images, person_images
 from worker.sql import dialect_insert
+from worker.videos import appearances
 
 _NO_ID = ""
 
@@ -35,34 +36,48 @@ def counts_query(image_ids: Sequence[int], *, deleted_too: bool = False) -> Sele
     return query if deleted_too else query.where(images.c.deleted_at.is_(None))
 
 
-def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False) -> None:
+def subtract(conn, image_ids: Sequence[int], *, deleted_too: bool = False, videos: Sequence[int] = ()) -> None:
     """Take these images' current faces out of the counts (before the faces are replaced or moved;
-    ``deleted_too``: just after the images were marked deleted, in that transaction)."""
-    rows = conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all()
+    ``deleted_too``: just after the images were marked deleted, in that transaction); of them, the
+    ``videos``' appearances likewise (``worker/videos/appearances.py``: asked only for videos, so
+    an image's write runs the statements it always ran)."""
+    if videos:
+        appearances.subtract(conn, videos, deleted_too=deleted_too)
+    take_out(conn, person_images, "images", conn.execute(counts_query(image_ids, deleted_too=deleted_too)).all())
+
+
+def take_out(conn, table, column: str, rows) -> None:
+    """Subtract each (scan, name, id, count) of ``rows`` from ``table``'s ``column`` (a kept count)."""
     if rows:
         conn.execute(
-            update(person_images)
+            update(table)
             .where(
-                person_images.c.scan_id == bindparam("b_scan"),
-                person_images.c.name == bindparam("b_name"),
-                person_images.c.person_id == bindparam("b_person"),
+                table.c.scan_id == bindparam("b_scan"),
+                table.c.name == bindparam("b_name"),
+                table.c.person_id == bindparam("b_person"),
             )
-            .values(images=person_images.c.images - bindparam("b_images")),
-            [dict(b_scan=scan, b_name=name, b_person=person, b_images=count) for scan, name, person, count in rows],
+            .values({column: table.c[column] - bindparam("b_count")}),
+            [dict(b_scan=scan, b_name=name, b_person=person, b_count=count) for scan, name, person, count in rows],
         )
 
 
-def add(conn, image_ids: Sequence[int]) -> None:
-    """Count these images' current faces (after they were written or moved)."""
-    rows = conn.execute(counts_query(image_ids)).all()
+def add(conn, image_ids: Sequence[int], *, videos: Sequence[int] = ()) -> None:
+    """Count these images' current faces (after they were written or moved), and the ``videos``' appearances."""
+    if videos:
+        appearances.add(conn, videos)
+    put_in(conn, person_images, "images", conn.execute(counts_query(image_ids)).all())
+
+
+def put_in(conn, table, column: str, rows) -> None:
+    """Add each (scan, name, id, count) of ``rows`` to ``table``'s ``column``, a row made when missing."""
     if rows:
-        insert = dialect_insert(conn.engine, person_images)
+        insert = dialect_insert(conn.engine, table)
         conn.execute(
             insert.on_conflict_do_update(
-                index_elements=[person_images.c.scan_id, person_images.c.name, person_images.c.person_id],
-                set_={"images": person_images.c.images + insert.excluded.images},
+                index_elements=[table.c.scan_id, table.c.name, table.c.person_id],
+                set_={column: table.c[column] + insert.excluded[column]},
             ),
-            [dict(scan_id=scan, name=name, person_id=person, images=count) for scan, name, person, count in rows],
+            [dict(scan_id=scan, name=name, person_id=person, **{column: count}) for scan, name, person, count in rows],
         )
 
 

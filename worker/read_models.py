@@ -8,6 +8,7 @@ line ``results --format jsonl`` writes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -66,6 +67,14 @@ class ScanSummary:
     #: fleet's window keeper last renewed its lease (None: no worker ever kept it).
     window: WindowState | None = None
     keeper_at: datetime | None = None
+    #: Of the scan's items, its videos by status (counted in ``counts`` too), the videos each person
+    #: appears in, its Rekognition Video jobs running (and the fleet's, what the quota counts) and
+    #: the minutes of video its jobs were started on (what they bill).
+    videos: dict[str, int] = field(default_factory=dict)
+    people_in_videos: dict[str, int] = field(default_factory=dict)
+    video_jobs_running: int = 0
+    video_jobs_running_fleet: int = 0
+    video_minutes: float = 0.0
 
     @property
     def processed(self) -> int:
@@ -152,6 +161,37 @@ class UnknownFace:
 
 
 @dataclass(frozen=True)
+class VideoAppearance:
+    """A person in a stored video's result: when they are seen, how surely, and their best frame."""
+
+    name: str
+    id: str | None
+    match_confidence: float
+    ranges: tuple[tuple[float, float], ...]  # (start, end) in seconds from the video's start
+    detections: int
+    frame_seconds: float  # the representative frame: the best match
+    bounding_box: BoundingBox  # the face in that frame
+    urls: tuple[str, ...] = ()
+
+    @property
+    def seconds(self) -> float:
+        """How long they are seen: the ranges' lengths added."""
+        return round(sum(end - start for start, end in self.ranges), 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "match_confidence": self.match_confidence,
+            "ranges": [{"start": start, "end": end} for start, end in self.ranges],
+            "seconds": self.seconds,
+            "detections": self.detections,
+            "frame": {"timestamp": self.frame_seconds, "bounding_box": self.bounding_box.to_dict()},
+            "urls": list(self.urls),
+        }
+
+
+@dataclass(frozen=True)
 class ImageError:
     """Why an image could not be read: a stable code (docs/operations.md's bad-input table) and a message."""
 
@@ -176,6 +216,15 @@ class ResultRecord:
     unrecognized_faces: tuple[UnknownFace, ...] = ()
     #: When its followed bucket said the object was deleted (shown only with --include-deleted).
     deleted_at: datetime | None = None
+    #: "video" for a video, whose result is its appearances (``celebrities`` then has each person
+    #: once, with their best confidence and the box of their representative frame); None: an image.
+    media: str | None = None
+    duration_seconds: float | None = None
+    appearances: tuple[VideoAppearance, ...] = ()
+
+    @property
+    def is_video(self) -> bool:
+        return self.media == "video"
 
     @property
     def names(self) -> list[str]:
@@ -198,7 +247,15 @@ class ResultRecord:
             "height": self.height,
             "celebrities": [celebrity.to_dict() for celebrity in self.celebrities],
             "unrecognized_faces": [face.to_dict() for face in self.unrecognized_faces],
+            **(self._video_fields() if self.is_video else {}),
             **deleted,
+        }
+
+    def _video_fields(self) -> dict[str, Any]:
+        return {
+            "media": "video",
+            "duration_seconds": self.duration_seconds,
+            "appearances": [appearance.to_dict() for appearance in self.appearances],
         }
 
 
@@ -206,8 +263,40 @@ def _stored_box(face) -> BoundingBox:
     return BoundingBox(face.box_left, face.box_top, face.box_width, face.box_height)
 
 
-def result_record(row, face_rows) -> ResultRecord:
-    """The record of an image row (joined with its scan's source) and its face rows."""
+def _seconds(milliseconds: int) -> float:
+    return round(milliseconds / 1000, 3)
+
+
+def video_appearance(row) -> VideoAppearance:
+    """A stored appearance (a row of ``appearances``) as the read side gives it."""
+    return VideoAppearance(
+        name=row.name,
+        id=row.person_id,
+        match_confidence=round(row.match_confidence, 2),
+        ranges=tuple((_seconds(start), _seconds(end)) for start, end in row.ranges),
+        detections=row.detections,
+        frame_seconds=_seconds(row.frame_ms),
+        bounding_box=BoundingBox(row.box_left, row.box_top, row.box_width, row.box_height),
+        urls=tuple(row.urls or ()),
+    )
+
+
+def result_record(row, face_rows, appearance_rows=()) -> ResultRecord:
+    """The record of an image row (joined with its scan's source) and its face rows; a video's,
+    with its appearance rows."""
+    if row.media == "video":
+        found = tuple(video_appearance(a) for a in appearance_rows)
+        return dataclasses.replace(
+            _image_record(row, ()),
+            media="video",
+            duration_seconds=_seconds(row.duration_ms) if row.duration_ms is not None else None,
+            appearances=found,
+            celebrities=tuple(FoundCelebrity(a.name, a.id, a.match_confidence, a.bounding_box, a.urls) for a in found),
+        )
+    return _image_record(row, face_rows)
+
+
+def _image_record(row, face_rows) -> ResultRecord:
     failed = row.status == FAILED
     return ResultRecord(
         scan_id=row.scan_id,

@@ -91,6 +91,10 @@ scans = Table(
     # Without a broker: when the ``scan`` command draining the scan last said it was alive (a lease,
     # CELEBSCAN_LEASE_SECONDS): a later scan leaves the images of a live scan to it.
     Column("drained_at", DateTime(timezone=True)),
+    # --max-cost with videos: the price of the last images the budget affords. A Rekognition Video
+    # job takes as many of them out of the budget as its minutes cost (worker/queue/videos.py), so
+    # images and videos together never spend more than the budget.
+    Column("budget_unit_usd", Float),
     # At most one open standing scan per source and backend: two followers starting together share one.
     Index(
         "uq_scans_standing",
@@ -150,6 +154,10 @@ images = Table(
     # When a followed bucket said the object was deleted (``celebscan follow``): the row is kept
     # for history and left out of people, results and the report unless asked for.
     Column("deleted_at", DateTime(timezone=True)),
+    # 'video' for a video (its result is appearances, worker/videos/), NULL for an image.
+    Column("media", String(16)),
+    # A video's length, from its container's header (milliseconds).
+    Column("duration_ms", BigInteger),
     UniqueConstraint("bucket", "key", "etag", "backend", name="uq_images_natural_key"),
     # With the id last, "is anything of this scan still queued?" reads the index backwards from the
     # newest images, which stay queued longest, instead of wading through the entries that finished
@@ -400,6 +408,94 @@ unknown_people = Table(
     Column("merged_into", Integer),
     Column("named", Text),
     sqlite_autoincrement=True,
+)
+
+video_jobs = Table(
+    "video_jobs",
+    metadata,
+    # The work on one video's bytes with one backend (worker/queue/videos.py): a Rekognition Video
+    # job, or the local recognizer's progress through the frames. Every row (key) holding those
+    # bytes follows the one job, so a video is paid for, or worked on, once.
+    Column("id", Integer, primary_key=True),
+    Column("backend", String(32), nullable=False),
+    # The bytes: the S3 ETag as listed (the same bytes under another key have the same one), or
+    # the MD5 a worker computed of a local file; and the size.
+    Column("content_key", String(128), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    # Where the job reads the video (the row that started it), and the scan and row it counts for.
+    Column("bucket", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("scan_id", Integer),
+    Column("image_id", Integer),
+    Column("status", String(16), nullable=False),  # idle, running, succeeded, failed
+    # Rekognition Video: the idempotency token each start of the job sends (the same token returns
+    # the same JobId: a start repeated after a crash starts nothing), and the JobId once recorded.
+    # ``generation`` counts the jobs of these bytes (--force starts a new one).
+    Column("request_token", String(64)),
+    Column("job_id", String(64)),
+    Column("generation", Integer, nullable=False, server_default=text("0")),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    # The video's length from its header: what a Rekognition Video job bills; and the images of its
+    # scan's --max-cost budget the job took (given back if it never started).
+    Column("duration_ms", BigInteger),
+    Column("budget_images", BigInteger, nullable=False, server_default=text("0")),
+    # Local: how far the frames were recognized, and the appearances found so far.
+    Column("position_ms", BigInteger, nullable=False, server_default=text("0")),
+    Column("progress", JSON),
+    # The finished result (appearances and the video's size), copied to each row of these bytes.
+    Column("result", JSON),
+    Column("error_code", String(64)),
+    Column("error_message", Text),
+    UniqueConstraint("backend", "content_key", "size", name="uq_video_jobs_content"),
+    Index(
+        "ix_video_jobs_job_id",
+        "job_id",
+        postgresql_where=text("job_id IS NOT NULL"),
+        sqlite_where=text("job_id IS NOT NULL"),
+    ),
+    Index("ix_video_jobs_status", "backend", "status"),
+)
+
+appearances = Table(
+    "appearances",
+    metadata,
+    # A person in a video (worker/videos/appearances.py): the time ranges they are seen in, their
+    # best match confidence, and the frame of that best match with the face's box (ratios).
+    Column("image_id", Integer, nullable=False),
+    Column("appearance_index", Integer, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("person_id", Text),
+    Column("match_confidence", Float, nullable=False),
+    Column("ranges", JSON, nullable=False),  # [[start_ms, end_ms], ...]
+    Column("detections", Integer, nullable=False),
+    Column("frame_ms", BigInteger, nullable=False),
+    Column("box_left", Float, nullable=False),
+    Column("box_top", Float, nullable=False),
+    Column("box_width", Float, nullable=False),
+    Column("box_height", Float, nullable=False),
+    Column("urls", JSON),
+    Column("known_gender", String(32)),
+    PrimaryKeyConstraint("image_id", "appearance_index", name="pk_appearances"),
+    Index("ix_appearances_name", "name", "person_id", "image_id"),
+    Index(
+        "ix_appearances_person_id",
+        "person_id",
+        "image_id",
+        postgresql_where=text("person_id IS NOT NULL"),
+        sqlite_where=text("person_id IS NOT NULL"),
+    ),
+)
+
+person_videos = Table(
+    "person_videos",
+    metadata,
+    # How many videos of a scan each person appears in, kept with the appearances (as person_images).
+    Column("scan_id", Integer, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("person_id", Text, nullable=False),  # '' when the recognizer gave no id
+    Column("videos", BigInteger, nullable=False),
+    PrimaryKeyConstraint("scan_id", "name", "person_id", name="pk_person_videos"),
 )
 
 person_images = Table(

@@ -146,6 +146,68 @@ class Settings:
         "its image in memory); the local recognizer works one image at a time.",
         minimum=1,
     )
+    video_frames_per_second: float = _setting(
+        1.0,
+        "CELEBSCAN_VIDEO_FRAMES_PER_SECOND",
+        "Local recognizer: frames of a video recognized per second of video, sampled evenly.",
+        minimum=0.01,
+    )
+    video_gap_seconds: float = _setting(
+        2.0,
+        "CELEBSCAN_VIDEO_GAP_SECONDS",
+        "A person seen again in a video within this many seconds (at least 1.5 sampling intervals) stays in one "
+        "time range.",
+        minimum=0,
+    )
+    video_slice_seconds: float = _setting(
+        60.0,
+        "CELEBSCAN_VIDEO_SLICE_SECONDS",
+        "Local recognizer: seconds a run works on one video (at most half CELEBSCAN_BATCH_SECONDS) before it saves "
+        "where it got to and hands the video on.",
+        minimum=1,
+    )
+    max_video_bytes: int = _setting(
+        10 * 1024**3,
+        "CELEBSCAN_MAX_VIDEO_BYTES",
+        "Videos larger than this fail unread (VideoTooLarge); Rekognition Video takes at most 10 GB.",
+        minimum=1,
+    )
+    rekognition_video_jobs: int = _setting(
+        20,
+        "CELEBSCAN_REKOGNITION_VIDEO_JOBS",
+        "Rekognition Video jobs running at once, fleet-wide: the account's quota of concurrent stored-video jobs.",
+        minimum=1,
+    )
+    video_poll_seconds: float = _setting(
+        5.0,
+        "CELEBSCAN_VIDEO_POLL_SECONDS",
+        "Rekognition Video: the first look at a job after it starts, and the least time between looks (they "
+        "grow with the job's age, up to CELEBSCAN_VIDEO_POLL_MAX_SECONDS).",
+        minimum=0.1,
+    )
+    video_poll_max_seconds: float = _setting(
+        60.0,
+        "CELEBSCAN_VIDEO_POLL_MAX_SECONDS",
+        "Rekognition Video: the most time between looks at a job; with SNS completions, how long a job waits "
+        "for its message before it is looked at anyway.",
+        minimum=0.1,
+    )
+    video_completions_queue_url: str = _setting(
+        "",
+        "CELEBSCAN_VIDEO_COMPLETIONS_QUEUE_URL",
+        "Rekognition Video: the SQS queue of the SNS topic that announces finished jobs (`celebscan video-jobs "
+        "--setup` makes both); empty: jobs are polled.",
+    )
+    video_sns_topic_arn: str = _setting(
+        "",
+        "CELEBSCAN_VIDEO_SNS_TOPIC_ARN",
+        "Rekognition Video: the SNS topic its jobs announce their end on (with CELEBSCAN_VIDEO_SNS_ROLE_ARN).",
+    )
+    video_sns_role_arn: str = _setting(
+        "",
+        "CELEBSCAN_VIDEO_SNS_ROLE_ARN",
+        "Rekognition Video: the IAM role it assumes to publish to CELEBSCAN_VIDEO_SNS_TOPIC_ARN.",
+    )
     rate_limit_url: str = _setting(
         "",
         "CELEBSCAN_RATE_LIMIT_URL",
@@ -211,6 +273,12 @@ class Settings:
         DEFAULT_REKOGNITION_PRICES,
         "CELEBSCAN_REKOGNITION_PRICES",
         "Rekognition's price per image by monthly tier: PRICE:IMAGES,... and a last PRICE for the rest.",
+    )
+    rekognition_video_price: float = _setting(
+        0.10,
+        "CELEBSCAN_REKOGNITION_VIDEO_PRICE",
+        "USD per minute of stored video analysed by Rekognition Video's celebrity recognition.",
+        minimum=0,
     )
     worker_concurrency: int = _setting(
         2,

@@ -9,7 +9,10 @@ and the key is relative to it. Listing a source is ``worker/listing.py``.
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -84,16 +87,35 @@ class ObjectReader(Protocol):
         ...
 
 
+class ObjectRanges(Protocol):
+    """One object's bytes read a range at a time (a video: :class:`worker.media.video.ByteRanges`)."""
+
+    size: int
+
+    def read(self, start: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class FolderReader:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
 
+    def ranges(self, bucket: str, key: str, etag: str | None = None, size: int | None = None) -> ObjectRanges:
+        """The file, opened to be read a range at a time (a video), if it is the version listed
+        (``size``: as listed; the file's own is read)."""
+        path = _inside(bucket, key)
+        with _file_errors(bucket, key):
+            handle = path.open("rb")
+            stat = os.fstat(handle.fileno())
+        if etag is not None and file_etag(stat.st_size, stat.st_mtime_ns) != etag:
+            handle.close()
+            raise ObjectChangedError(f"{key} changed after it was listed (its size or time is not the one listed)")
+        return _FileRanges(handle, stat.st_size)
+
     def read(self, bucket: str, key: str, etag: str | None = None) -> bytes:
-        root = Path(bucket).resolve()
-        path = root / key
-        if not path.resolve().is_relative_to(root):
-            raise AccessDeniedError(f"{key} leads outside the scanned folder {root}")
-        try:
+        path = _inside(bucket, key)
+        with _file_errors(bucket, key):
             stat = path.stat()
             if stat.st_size > self.max_bytes:
                 raise ImageTooLargeError(f"the file is {stat.st_size:,} bytes; the limit is {self.max_bytes:,}")
@@ -101,12 +123,30 @@ class FolderReader:
             if etag is not None and file_etag(len(data), stat.st_mtime_ns) != etag:
                 raise ObjectChangedError(f"{key} changed after it was listed (its size or time is not the one listed)")
             return data
-        except FileNotFoundError as exc:
-            raise ObjectMissingError(f"{key} is gone from {root} (deleted or moved since listing)") from exc
-        except PermissionError as exc:
-            raise AccessDeniedError(f"no permission to read {key}: {exc.strerror}") from exc
-        except IsADirectoryError as exc:
-            raise ObjectMissingError(f"{key} is now a directory") from exc
+
+
+def _inside(folder: str, key: str) -> Path:
+    """The path of ``key`` in ``folder``, refused when it leads outside the folder."""
+    root = Path(folder).resolve()
+    path = root / key
+    if not path.resolve().is_relative_to(root):
+        raise AccessDeniedError(f"{key} leads outside the scanned folder {root}")
+    return path
+
+
+@contextmanager
+def _file_errors(folder: str, key: str) -> Iterator[None]:
+    """A file's errors as celebscan's: gone, not allowed, a directory now."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise ObjectMissingError(
+            f"{key} is gone from {Path(folder).resolve()} (deleted or moved since listing)"
+        ) from exc
+    except PermissionError as exc:
+        raise AccessDeniedError(f"no permission to read {key}: {exc.strerror}") from exc
+    except IsADirectoryError as exc:
+        raise ObjectMissingError(f"{key} is now a directory") from exc
 
 
 class S3Reader:
@@ -141,6 +181,48 @@ class S3Reader:
             return response["Body"].read()
         except AWS_ERRORS as exc:
             raise translate(exc, f"reading s3://{bucket}/{key}") from exc
+
+    def ranges(self, bucket: str, key: str, etag: str | None = None, size: int | None = None) -> ObjectRanges:
+        """The object, to be read a range at a time (a video), each range only from the version
+        listed with ``etag`` (``If-Match``); ``size`` as listed (else asked for)."""
+        if size is None:
+            try:
+                head = self.client.head_object(Bucket=bucket, Key=key, **({"IfMatch": f'"{etag}"'} if etag else {}))
+            except AWS_ERRORS as exc:
+                raise translate(exc, f"reading s3://{bucket}/{key}") from exc
+            size = int(head["ContentLength"])
+        return _S3Ranges(self.client, bucket, key, etag, size)
+
+
+class _FileRanges:
+    def __init__(self, handle, size: int) -> None:
+        self.handle, self.size = handle, size
+
+    def read(self, start: int, length: int) -> bytes:
+        self.handle.seek(start)
+        return self.handle.read(length)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class _S3Ranges:
+    def __init__(self, s3_client, bucket: str, key: str, etag: str | None, size: int) -> None:
+        self.client, self.bucket, self.key, self.etag, self.size = s3_client, bucket, key, etag, size
+
+    def read(self, start: int, length: int) -> bytes:
+        end = min(start + length, self.size) - 1
+        if end < start:
+            return b""
+        match = {"IfMatch": f'"{self.etag}"'} if self.etag else {}
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{end}", **match)
+            return response["Body"].read()
+        except AWS_ERRORS as exc:
+            raise translate(exc, f"reading s3://{self.bucket}/{self.key}") from exc
+
+    def close(self) -> None:
+        pass
 
 
 def build_readers(settings: Settings) -> dict[str, ObjectReader]:

@@ -20,12 +20,14 @@ from sqlalchemy import Engine, func, select
 from worker.database import CHUNK_SIZE, aware_utc, chunks, connect
 from worker.errors import ConfigurationError, ListingTakenOverError
 from worker.findings import PersonFound, people_found, result_records
+from worker.media.video import VIDEO
 from worker.outcomes import KnownPicture
 from worker.queue import scans as scan_states
 from worker.queue.images import ImageQueue, done_objects
 from worker.queue.parts import ListingParts, PartClaim
 from worker.queue.scans import Scans
 from worker.queue.slots import WINDOW_KEEPER, WindowSlots
+from worker.queue.videos import JobFigures, job_figures
 from worker.read_models import (
     ResultRecord,
     ScanProgress,
@@ -44,6 +46,7 @@ from worker.schema import (
     keepers,
     listing_parts,
     person_images,
+    person_videos,
     refused_writes,
     scans,
 )
@@ -119,6 +122,7 @@ class ResultStore:
                 images.c.work_ms.is_not(None),
                 images.c.copied_from.is_(None),
                 images.c.calls_saved == 0,
+                images.c.media.is_(None),  # a video's steps are not an image's call
             )
             .order_by(images.c.id.desc())
             .limit(sample)
@@ -306,10 +310,7 @@ class ResultStore:
             if scan is None:
                 return None
             in_scan = images.c.scan_id == scan_id
-            counts = dict.fromkeys(STATUSES, 0)
-            counts.update(
-                conn.execute(select(images.c.status, func.count()).where(in_scan).group_by(images.c.status)).all()
-            )
+            counts, videos = _by_status(conn, in_scan)
             last, paid_calls, calls_saved, reused, deleted = conn.execute(
                 select(
                     func.max(images.c.processed_at),
@@ -344,17 +345,13 @@ class ResultStore:
                 .group_by(images.c.status, images.c.error_code)
             ):
                 (failures if status == FAILED else retrying)[code] = count
+            has_videos = any(videos.values())  # a scan of images alone asks nothing more of them
+            jobs = job_figures(conn, scan_id) if has_videos else JobFigures(0, 0, 0)
             face_join = faces.join(images, faces.c.image_id == images.c.id)
             face_count = conn.execute(select(func.count()).select_from(face_join).where(in_scan)).scalar_one()
-            found = func.sum(person_images.c.images)
-            people: dict[str, int] = dict(
-                conn.execute(  # type: ignore[arg-type]  # rows of (name, count)
-                    select(person_images.c.name, found)
-                    .where(person_images.c.scan_id == scan_id)
-                    .group_by(person_images.c.name)
-                    .having(found > 0)
-                    .order_by(person_images.c.name)
-                ).all()
+            people = _people_counted(conn, person_images, person_images.c.images, scan_id)
+            people_in_videos = (
+                _people_counted(conn, person_videos, person_videos.c.videos, scan_id) if has_videos else {}
             )
         window = WindowSlots(self.engine, self.lease_seconds).states([scan_id]).get(scan_id)
         return ScanSummary(
@@ -389,6 +386,11 @@ class ResultStore:
             deleted=int(deleted),
             window=window,
             keeper_at=self.keeper_seen_at(),
+            videos=videos if has_videos else {},
+            people_in_videos=people_in_videos,
+            video_jobs_running=jobs.running_here,
+            video_jobs_running_fleet=jobs.running,
+            video_minutes=jobs.started_ms / 60_000,
         )
 
     def result_records(
@@ -407,3 +409,28 @@ class ResultStore:
     ) -> list[PersonFound]:
         """Everyone found, most images first (see :func:`worker.findings.people_found`)."""
         return people_found(self.engine, scan_id, limit, include_deleted)
+
+
+def _by_status(conn, condition) -> tuple[dict[str, int], dict[str, int]]:
+    """How many rows of ``images`` meeting ``condition`` are in each status, and of them videos (one query)."""
+    counts, videos = dict.fromkeys(STATUSES, 0), dict.fromkeys(STATUSES, 0)
+    for status, media, count in conn.execute(
+        select(images.c.status, images.c.media, func.count()).where(condition).group_by(images.c.status, images.c.media)
+    ):
+        counts[status] += count
+        if media == VIDEO:
+            videos[status] += count
+    return counts, videos
+
+
+def _people_counted(conn, table, count, scan_id: int) -> dict[str, int]:
+    """Each name found in the scan with its kept count (``person_images``' images, ``person_videos``' videos)."""
+    total = func.sum(count)
+    rows = conn.execute(
+        select(table.c.name, total)
+        .where(table.c.scan_id == scan_id)
+        .group_by(table.c.name)
+        .having(total > 0)
+        .order_by(table.c.name)
+    ).all()
+    return {name: int(found) for name, found in rows}

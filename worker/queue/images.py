@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Engine,
     Integer,
@@ -49,6 +50,7 @@ from sqlalchemy.exc import DBAPIError
 
 from worker import person_counts
 from worker.database import aware_utc, utcnow
+from worker.media.video import VIDEO, media_of
 from worker.outcomes import (
     ImageOutcome,
     QueuedImage,
@@ -72,6 +74,7 @@ from worker.schema import (
     write_receipts,
 )
 from worker.sql import dialect_insert
+from worker.videos import appearances
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +164,12 @@ def restore_deleted(
     )
     if unless is not None:
         restorable.append(~unless)
-    restored = list(
-        conn.execute(update(images).where(*restorable).values(deleted_at=None).returning(images.c.id)).scalars()
-    )
+    rows = conn.execute(
+        update(images).where(*restorable).values(deleted_at=None).returning(images.c.id, images.c.media)
+    ).all()
+    restored = [row.id for row in rows]
     if restored:
-        person_counts.add(conn, restored)
+        person_counts.add(conn, restored, videos=[row.id for row in rows if row.media == VIDEO])
     return restored
 
 
@@ -270,6 +274,7 @@ class ImageQueue:
                         "keys": [item.key for item in chunk],
                         "etags": [item.etag for item in chunk],
                         "sizes": [item.size for item in chunk],
+                        "medias": [media_of(item.key) for item in chunk],
                     },
                 )
             }
@@ -436,6 +441,8 @@ class ImageQueue:
                     images.c.retries,
                     images.c.retry_since,
                     scans.c.reuse_results,
+                    images.c.media,
+                    images.c.content_hash,
                 )
                 .join(scans, images.c.scan_id == scans.c.id)
                 .where(condition)
@@ -564,6 +571,7 @@ class ImageQueue:
                 written, scan_ids = _write_portable(conn, token, outcomes, ids, now)
             if len(written) < len(ids) and (receipt := _receipt(conn, token, min(ids))) is not None:
                 return receipt  # the same write, retried while it still ran, committed first
+            appearances.replace(conn, {o.image_id: o.appearances or () for o in outcomes if _replaces(o, written)})
             # A deferral that did not land changes nothing and cost nothing: not worth a refusal.
             refused = {
                 o.image_id
@@ -611,6 +619,12 @@ def clear_receipts(conn, tokens: Sequence[str] = (), older_than: datetime | None
     return conn.execute(delete(write_receipts).where(condition)).rowcount
 
 
+def _replaces(outcome: ImageOutcome, written: set[int]) -> bool:
+    """A written outcome that replaces a video's appearances: a video done (with them) or failed
+    (with none); a deferral has none to give (a --force rescan keeps the last result until then)."""
+    return outcome.image_id in written and outcome.appearances is not None
+
+
 def renew(conn, tokens: list[str], now) -> None:
     """Extend the lease of the images the ``tokens`` hold (see ``worker/queue/leases.py``)."""
     conn.execute(
@@ -628,6 +642,7 @@ def _new_row(scan_id: int, bucket: str, backend: str, item, now) -> dict[str, An
         backend=backend,
         queued_at=now,
         processed_at=None,
+        media=media_of(item.key),
         **_QUEUED_AFRESH,
     )
     if item.error:
@@ -641,7 +656,7 @@ def _move(conn, ids: list[int], scan_id: int, movable, values: dict[str, Any]) -
     along, their calls stay in the figures of the scan they leave."""
     if not ids:
         return Moved()
-    query = select(images.c.id, images.c.scan_id, images.c.paid_calls, images.c.calls_saved).where(
+    query = select(images.c.id, images.c.scan_id, images.c.paid_calls, images.c.calls_saved, images.c.media).where(
         images.c.id.in_(ids), images.c.scan_id != scan_id, movable
     )
     if conn.dialect.name == "postgresql":
@@ -650,9 +665,10 @@ def _move(conn, ids: list[int], scan_id: int, movable, values: dict[str, Any]) -
     if not rows:
         return Moved()
     locked = [row.id for row in rows]
-    person_counts.subtract(conn, locked)  # (--force) done images keep their faces until done again
+    videos = [row.id for row in rows if row.media == VIDEO]
+    person_counts.subtract(conn, locked, videos=videos)  # (--force) done images keep their faces until done again
     conn.execute(update(images).where(images.c.id.in_(locked)).values(paid_calls=0, calls_saved=0, **values))
-    person_counts.add(conn, locked)
+    person_counts.add(conn, locked, videos=videos)
     moved = Moved()
     for row in rows:
         moved.images[row.scan_id] += 1
@@ -696,6 +712,7 @@ def _write_portable(conn, token: str, outcomes, ids, now) -> tuple[set[int], set
             content_hash=kept_unless_given("content_hash", String),
             copied_from=bindparam("b_copied_from", type_=Integer),
             work_ms=bindparam("b_work_ms", type_=Integer),
+            duration_ms=kept_unless_given("duration_ms", BigInteger),
             claimed_by=None,
             started_by=token,
         ),
@@ -946,9 +963,10 @@ _QUEUED_AFRESH: dict[str, Any] = dict(
 #: A chunk of listed objects in one statement (arrays, not a thousand bound rows); returns the
 #: (key, etag) of each row it inserted.
 _POSTGRESQL_INSERT_NEW = text("""
-INSERT INTO images (scan_id, bucket, key, etag, size, backend, status, attempts, queued_at)
-SELECT :scan_id, :bucket, listed.key, listed.etag, listed.size, :backend, 'queued', 0, :now
-  FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[])) AS listed(key, etag, size)
+INSERT INTO images (scan_id, bucket, key, etag, size, backend, status, attempts, queued_at, media)
+SELECT :scan_id, :bucket, listed.key, listed.etag, listed.size, :backend, 'queued', 0, :now, listed.media
+  FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]), CAST(:medias AS text[]))
+       AS listed(key, etag, size, media)
 ON CONFLICT ON CONSTRAINT uq_images_natural_key DO NOTHING
 RETURNING key, etag
 """)
@@ -966,11 +984,11 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
        retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL,
        started_by = %(token)s,
        content_hash = COALESCE(u.content_hash, images.content_hash), copied_from = u.copied_from,
-       work_ms = u.work_ms
+       work_ms = u.work_ms, duration_ms = COALESCE(u.duration_ms, images.duration_ms)
   FROM json_to_recordset(%(images)s::json)
        AS u(id integer, status text, width integer, height integer, error_code text, error_message text,
             paid_calls integer, calls_saved integer, attempts integer, retries integer, retry_since timestamptz,
-            not_before timestamptz, content_hash text, copied_from integer, work_ms integer)
+            not_before timestamptz, content_hash text, copied_from integer, work_ms integer, duration_ms bigint)
  WHERE images.id = u.id AND images.id = ANY(%(ids)s) AND images.status = 'queued' AND images.claimed_by = %(token)s
 RETURNING images.id, images.scan_id
 """

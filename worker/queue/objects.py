@@ -167,15 +167,14 @@ def _mark(conn, bucket: str, versions) -> int:
 
     The rows are updated first: on PostgreSQL that waits for a write of them in flight, so the
     faces taken out are the ones that write left."""
-    marked = list(
-        conn.execute(
-            update(images)
-            .where(images.c.bucket == bucket, versions, images.c.deleted_at.is_(None))
-            .values(deleted_at=utcnow())
-            .returning(images.c.id)
-        ).scalars()
-    )
+    rows = conn.execute(
+        update(images)
+        .where(images.c.bucket == bucket, versions, images.c.deleted_at.is_(None))
+        .values(deleted_at=utcnow())
+        .returning(images.c.id, images.c.media)
+    ).all()
+    marked = [row.id for row in rows]
     if marked:
-        person_counts.subtract(conn, marked, deleted_too=True)
+        person_counts.subtract(conn, marked, deleted_too=True, videos=[row.id for row in rows if row.media == "video"])
         removals.forget(conn, faces.c.image_id.in_(marked))  # gone with its picture
     return len(marked)
