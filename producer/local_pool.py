@@ -130,7 +130,9 @@ def pool_stop():
 
 
 def _pool(settings: Settings, workers: int, stop: Stop | None = None) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_process, initargs=(settings, stop))
+    return ProcessPoolExecutor(
+        workers, mp_context=_context(), initializer=_init_process, initargs=(settings, stop, dict(os.environ))
+    )
 
 
 #: What the fork server imports once, before it forks the pool's processes.
@@ -151,9 +153,16 @@ def _context():
     return context
 
 
-def _init_process(settings: Settings, stop: Stop | None = None) -> None:
-    """Build the context and the scan's recognizer (models loaded) before the first batch arrives."""
+def _init_process(settings: Settings, stop: Stop | None, environment: dict[str, str]) -> None:
+    """Take the command's environment, then build the context and the scan's recognizer (models
+    loaded) before the first batch arrives.
+
+    The fork server keeps the environment of the moment it started, for as long as the process
+    that started it lives: a second scan in that process (a notebook, the tests) with other AWS
+    endpoints or credentials would otherwise call the first one's."""
     global _process_context, _process_error, _process_stop
+    os.environ.clear()
+    os.environ.update(environment)
     _process_stop = stop
     logging.basicConfig(level=logging.WARNING)
     try:
