@@ -190,6 +190,13 @@ def _check_window(sim: Simulation, violations: list[str]) -> None:
                 f"scan {scan_id}: the broker held {peak} slot messages at once for a window of "
                 f"{sim.settings.window} and {sim.pool_processes} pool processes"
             )
+    for message in sim.superseded.values():
+        duplicated = len(sim.broker.history.get(message.id, [])) > 1
+        if not (duplicated or message.restored or _taken_by_a_fault(sim, message)):
+            violations.append(
+                f"slot message {message.id} came back to the queue after its slot's next generation was "
+                "sent, yet no fault brought it back"
+            )
 
 
 def _taken_by_a_fault(sim: Simulation, message) -> bool:

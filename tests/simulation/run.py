@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine, create_engine, event, select, text
@@ -144,6 +145,7 @@ class Simulation:
         self.repairs: list[tuple[str, SlotMessage]] = []  # window slots the keeper sent again, and why
         self.lost_processes: dict[str, str] = {}  # process name -> why it died
         self.broker_peak: Counter = Counter()  # by scan: the most slot messages in the broker at once
+        self.superseded: dict[int, Message] = {}  # slot messages seen superseded (see _note_broker_size)
         self.finished = False
         self.landed_calls = 0
         self._runs = itertools.count(1)
@@ -402,12 +404,25 @@ class Simulation:
         self._note_broker_size()
 
     def _note_broker_size(self) -> None:
-        slots: dict[int, set[str]] = {}
+        """The most slot messages of each scan in the broker at once, apart from those superseded:
+        a slot's older generation back in the queue after a newer one was sent (the message of a
+        run killed, stalled or cut short, redelivered; it does nothing when it comes). The checker
+        asks each of those for the fault that brought it back."""
+        generations: dict[tuple[int, int], list[tuple[int, Message]]] = {}
         for each in self.broker.queue + self.broker.unacked:
             if each.kind == "slot":
-                slots.setdefault(each.args[0], set()).add(each.id)
-        for scan_id, ids in slots.items():
-            self.broker_peak[scan_id] = max(self.broker_peak[scan_id], len(ids))
+                scan_id, slot, generation = (int(part) for part in each.id.rsplit("-", 3)[1:])
+                generations.setdefault((scan_id, slot), []).append((generation, each))
+        held: Counter = Counter()
+        for (scan_id, _), messages in generations.items():
+            newest = max(generation for generation, _ in messages)
+            for generation, message in messages:
+                if generation < newest and message.holder is None:
+                    self.superseded[id(message)] = message
+                else:
+                    held[scan_id] += 1
+        for scan_id, count in held.items():
+            self.broker_peak[scan_id] = max(self.broker_peak[scan_id], count)
 
     # -- the user ----------------------------------------------------------------------------------
 
@@ -630,17 +645,35 @@ def _draw_faults(rng: random.Random, lease: float, visibility: float) -> Faults:
     )
 
 
+T = TypeVar("T")
+
+
 @contextmanager
 def _watching(sim: Simulation) -> Iterator[None]:
     """What the checker needs to know as it happens: each write's paid calls that reached the
     database (and the calls a process made that its write recorded), each window slot the keeper
     sent again, each renewal that failed."""
-    write, claim = ImageQueue.write, ImageQueue.claim
+    write, claim, release = ImageQueue.write, ImageQueue.claim, ImageQueue.release
     repair_lapsed, repair_lost = WindowSlots.repair_lapsed, WindowSlots.repair_lost
     renew_all = leases.renew_all
+    letting_go: Counter[str] = Counter()  # tokens writing or releasing what they hold right now
+    let_go_at: dict[str, float] = {}  # when each token last began or ended letting go of images
+
+    def letting(tokens: tuple[str, ...], give_back: Callable[[], T]) -> T:
+        for each in tokens:
+            letting_go[each] += 1
+            let_go_at[each] = sim.scheduler.t
+        try:
+            return give_back()
+        finally:
+            letting_go.subtract(tokens)
+            let_go_at.update(dict.fromkeys(tokens, sim.scheduler.t))
 
     def watched_claim(self, scan_id, default_limit, token):
-        """A claim never takes an image from a run that is alive and kept its leases."""
+        """A claim never takes an image from a run that is alive and kept its leases. On PostgreSQL
+        the holders read first may let go before the claim (a write or release between the two
+        statements): those are not taken from."""
+        looked_at = sim.scheduler.t
         with self.engine.connect() as conn:
             holders = dict(
                 conn.execute(
@@ -654,6 +687,8 @@ def _watching(sim: Simulation) -> Iterator[None]:
             holder = holders.get(image_id)
             if holder is None or run_of(holder) == run_of(token):
                 continue
+            if letting_go[holder] or let_go_at.get(holder, -1.0) >= looked_at:
+                continue
             process = sim.runs_by_token.get(run_of(holder))
             live = process is not None and process.alive and process.token == run_of(holder)
             renewed_until = process.run_started + 2 * sim.settings.run_seconds if process is not None else 0.0
@@ -661,8 +696,11 @@ def _watching(sim: Simulation) -> Iterator[None]:
                 sim.errors.append(f"run {token} took image {image_id} from run {holder}, alive with its leases held")
         return claimed
 
+    def released(self, *tokens):
+        return letting(tokens, lambda: release(self, *tokens))
+
     def counted(self, token, outcomes):
-        written = write(self, token, outcomes)
+        written = letting((token,), lambda: write(self, token, outcomes))
         landed = written.written | written.refused | written.replayed
         sim.landed_calls += sum(o.paid_calls for o in outcomes if o.image_id in landed)
         process = sim.current_process()
@@ -698,13 +736,14 @@ def _watching(sim: Simulation) -> Iterator[None]:
 
     ImageQueue.write = counted  # type: ignore[method-assign]
     ImageQueue.claim = watched_claim  # type: ignore[method-assign]
+    ImageQueue.release = released  # type: ignore[method-assign]
     WindowSlots.repair_lapsed = noted(repair_lapsed, "lapsed")  # type: ignore[method-assign]
     WindowSlots.repair_lost = noted(repair_lost, "lost")  # type: ignore[method-assign]
     leases.renew_all = renewing
     try:
         yield
     finally:
-        ImageQueue.write, ImageQueue.claim = write, claim  # type: ignore[method-assign]
+        ImageQueue.write, ImageQueue.claim, ImageQueue.release = write, claim, release  # type: ignore[method-assign]
         WindowSlots.repair_lapsed, WindowSlots.repair_lost = repair_lapsed, repair_lost  # type: ignore[method-assign]
         leases.renew_all = renew_all
 

@@ -215,6 +215,7 @@ class Message:
     fate: str = ""  # how it left the broker: acknowledged, lost, flushed, ...
     receivers: list = field(default_factory=list)  # the nodes it was delivered to
     requeued_at_time_limit: bool = False
+    restored: bool = False  # put back by the visibility timeout while unacknowledged
 
 
 class SimBroker:
@@ -288,7 +289,7 @@ class SimBroker:
         cutoff = self.scheduler.t - self.visibility
         for message in [m for m in self.unacked if m.delivered_at <= cutoff]:
             self.unacked.remove(message)
-            message.holder, message.eta = None, 0.0
+            message.holder, message.eta, message.restored = None, 0.0, True
             message.visible_at = self.scheduler.t
             message.number = -self._numbers  # the head of the queue
             self.queue.append(message)
