@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from producer.cli import cli
 from tests.celery_workers import celery_workers, wait_for_scan
 from tests.clirun import celebscan
+from tests.conftest import rekognition_scan_env
 from tests.imagemaker import jpeg
 from tests.rekognition_standin import celebrity
 from worker.celery_config import QUEUE
@@ -43,18 +44,6 @@ def photo_bucket(s3, bucket, faces_dev, expected_people):
     return answers, set(bad)
 
 
-def distributed_env(aws_env, rekognition, broker_url, postgres_url, **extra):
-    return {
-        **aws_env,
-        "AWS_ENDPOINT_URL_REKOGNITION": rekognition.url,
-        "CELERY_BROKER_URL": broker_url,
-        "CELEBSCAN_DATABASE_URL": postgres_url,
-        "CELEBSCAN_BACKEND": "rekognition",
-        "CELEBSCAN_BATCH_SIZE": "4",
-        **extra,
-    }
-
-
 def scan(env, *args) -> str:
     return celebscan("scan", *args, env=env).output
 
@@ -75,7 +64,7 @@ def test_bucket_scan_through_redis_and_two_workers(
 ):
     answers, bad_keys = photo_bucket
     rekognition.answer = answer_by_key(answers)
-    env = distributed_env(aws_env, rekognition, broker_url, postgres_url)
+    env = rekognition_scan_env(aws_env, rekognition, broker_url, postgres_url)
 
     output = scan(env, f"s3://{bucket}/2024/")
     listed = len(answers) + len(bad_keys)
@@ -142,7 +131,7 @@ def test_every_image_ends_done_while_the_service_throttles_half_the_calls(
         s3.put_object(Bucket=bucket, Key=f"t/{i:02d}.jpg", Body=jpeg(200 + i, 150))
     rekognition.answer = lambda key, data: {"CelebrityFaces": [celebrity("someone")]}
     rekognition.throttle_every = 2
-    env = distributed_env(aws_env, rekognition, broker_url, postgres_url, CELEBSCAN_MAX_ATTEMPTS="10")
+    env = rekognition_scan_env(aws_env, rekognition, broker_url, postgres_url, CELEBSCAN_MAX_ATTEMPTS="10")
     scan(env, f"s3://{bucket}/t/")
     scan_id = pg_store.latest_scan_id()
     with celery_workers(2, env, tmp_path):
