@@ -65,7 +65,8 @@ class ImageOutcome:
     calls_saved: int = 0
     content_hash: str | None = None  # MD5 of the bytes read (None: not read, or unchanged)
     # A deferred image (status still ``queued``: a transient cause outlasted the in-process
-    # retries) gets its delivery count put back, as this delivery did not crash, and its retries.
+    # retries) gets its delivery count put back, as this delivery did not crash, and its retries
+    # (0: a video's step went well, its streak of transient errors ended and ``retry_since`` is cleared).
     attempts: int | None = None
     retries: int | None = None
     retry_since: datetime | None = None

@@ -707,7 +707,10 @@ def _write_portable(conn, token: str, outcomes, ids, now) -> tuple[set[int], set
             calls_saved=added("calls_saved"),
             attempts=kept_unless_given("attempts", Integer),
             retries=kept_unless_given("retries", Integer),
-            retry_since=kept_unless_given("retry_since", DateTime(timezone=True)),
+            retry_since=case(  # retries given as 0: the streak of transient errors ended
+                (bindparam("b_retries", type_=Integer) == 0, None),
+                else_=kept_unless_given("retry_since", DateTime(timezone=True)),
+            ),
             not_before=bindparam("b_not_before", type_=DateTime(timezone=True)),
             content_hash=kept_unless_given("content_hash", String),
             copied_from=bindparam("b_copied_from", type_=Integer),
@@ -981,7 +984,8 @@ UPDATE images SET status = u.status, width = u.width, height = u.height, error_c
        error_message = u.error_message, processed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE %(now)s END,
        paid_calls = images.paid_calls + u.paid_calls, calls_saved = images.calls_saved + u.calls_saved,
        attempts = COALESCE(u.attempts, images.attempts), retries = COALESCE(u.retries, images.retries),
-       retry_since = COALESCE(u.retry_since, images.retry_since), not_before = u.not_before, claimed_by = NULL,
+       retry_since = CASE WHEN u.retries = 0 THEN NULL ELSE COALESCE(u.retry_since, images.retry_since) END,
+       not_before = u.not_before, claimed_by = NULL,
        started_by = %(token)s,
        content_hash = COALESCE(u.content_hash, images.content_hash), copied_from = u.copied_from,
        work_ms = u.work_ms, duration_ms = COALESCE(u.duration_ms, images.duration_ms)

@@ -88,11 +88,14 @@ def video_done(video: QueuedImage, result: dict[str, Any]) -> ImageOutcome:
 
 
 def video_waiting(video: QueuedImage, seconds: float, content_hash: str | None = None) -> ImageOutcome:
-    """The video waits ``seconds`` (its job runs, a slice is next, or it waits for a place)."""
+    """The video waits ``seconds`` (its job runs, a slice is next, or it waits for a place). The
+    step went well: a streak of transient errors before it is over (its retries start again at 0,
+    and the retry deadline counts from the next one), as a video's job may run for hours."""
     return ImageOutcome(
         video.id,
         QUEUED,
         attempts=video.attempts,
+        retries=0,
         not_before=utcnow() + timedelta(seconds=seconds),
         content_hash=content_hash,
     )
