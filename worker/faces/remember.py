@@ -39,6 +39,8 @@ class RememberingRecognizer:
 
     def __init__(self, recognizer: Recognizer, embedder: FaceEmbedder) -> None:
         self.name = recognizer.name
+        #: The recognizer wrapped: what calls a service for what has no faces to remember (a video's job).
+        self.wrapped = recognizer
         self._recognizer = recognizer
         self._embedder = embedder
         self._turn = threading.Lock()

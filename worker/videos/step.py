@@ -208,7 +208,8 @@ class _RekognitionStep:
         self.video, self.context, self.token, self.settings = video, context, token, settings
         self.jobs = VideoJobs(context.store.engine)
         recognizer = context.recognizers.get("rekognition")
-        self.service = RekognitionVideo(recognizer.client, notification_channel(settings))  # type: ignore[attr-defined]
+        rekognition: Any = getattr(recognizer, "wrapped", recognizer)  # under the embeddings' RememberingRecognizer
+        self.service = RekognitionVideo(rekognition.client, notification_channel(settings))
 
     def run(self) -> ImageOutcome:
         video = self.video
