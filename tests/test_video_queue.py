@@ -63,3 +63,34 @@ def test_a_step_that_went_well_ends_a_videos_streak_of_transient_errors(store, s
     stepping.sleep(300)
     status = step("run-last", lambda video: _transient_outcome(video, throttled, context, None, None))
     assert status == QUEUED, "a throttled look after two hours of good ones is tried again"
+
+
+def test_a_forced_scan_reuses_a_video_job_that_ended_since_it_began(store, stepping):
+    """--force recognizes each picture afresh once, reusing results made since the forced scan
+    began (issue 27); a video's job likewise: forced scan B reuses the job forced scan A ended after
+    B began (the same bytes under another key), and starts a new one over a job older than itself."""
+    from worker.queue.videos import SUCCEEDED, VideoJobs
+
+    jobs = VideoJobs(store.engine)
+    queue = ImageQueue(store.engine, lease_seconds=60)
+
+    def video_of(scan_id: int, key: str, run: str):
+        [video_id] = store.queue_images(scan_id, "/v", "local", [ListedObject(key, "e", 100)]).image_ids
+        assert queue.claim(scan_id, 16, run) == [video_id]
+        return queue.start(run, queue.held(run, [video_id]), 3).images[0]
+
+    older = store.create_scan("/v", "local", reuse_results=False)
+    old_job = jobs.open("run-o", video_of(older, "old.mp4", "run-o"), "md5", 1000).job
+    assert old_job is not None and jobs.finish("run-o", old_job.image_id, old_job, {"appearances": []})
+    stepping.sleep(60)
+    forced_a = store.create_scan("/v", "local", reuse_results=False)
+    stepping.sleep(60)
+    forced_b = store.create_scan("/v", "local", reuse_results=False)
+    stepping.sleep(60)
+
+    a_job = jobs.open("run-a", video_of(forced_a, "a.mp4", "run-a"), "md5", 1000).job
+    assert a_job is not None and a_job.generation == 1, "A's job ended before A began: done afresh"
+    assert jobs.finish("run-a", a_job.image_id, a_job, {"appearances": []})
+    b_job = jobs.open("run-b", video_of(forced_b, "b.mp4", "run-b"), "md5", 1000).job
+    assert b_job is not None and b_job.status == SUCCEEDED
+    assert b_job.generation == 1, "the job A ended after B began is B's result too: not paid again"

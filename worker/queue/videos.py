@@ -39,7 +39,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, exists, func, select, tuple_, update
 
-from worker.database import utcnow
+from worker.database import aware_utc, utcnow
 from worker.outcomes import QueuedImage
 from worker.queue.images import held_by
 from worker.recognizers.rekognition_video import request_token
@@ -120,7 +120,8 @@ class VideoJobs:
         cost_usd: float = 0.0,
     ) -> Opened:
         """The job of ``video``'s bytes for the run ``token`` (which holds the video): the one that
-        runs or ended already (a --force scan opens a new generation of an ended one), or a new
+        runs or ended already (a --force scan opens a new generation of one that ended before the
+        scan began: one made since is its result too, as a picture's is), or a new
         one, ``running``, when ``quota`` (None: no limit) leaves room and the scan's ``--max-cost``
         budget pays ``cost_usd``; an ``idle`` job (its start was given back) opens again as it was.
         """
@@ -133,7 +134,7 @@ class VideoJobs:
                 _for_update(conn, select(video_jobs).where(*_of_bytes(video.backend, content_key, video.size)))
             ).one_or_none()
             redo = row is not None and row.status in (SUCCEEDED, FAILED) and not video.reuse_results
-            redo = redo and row is not None and row.scan_id != video.scan_id
+            redo = redo and row is not None and row.scan_id != video.scan_id and _ended_before_scan(conn, row, video)
             if row is not None and row.status != IDLE and not redo:
                 return Opened(Job.of(row))
             running = _running(conn, video.backend) if quota is not None else 0
@@ -361,6 +362,12 @@ def _this_generation(job: Job):
 
 def _for_update(conn, query):
     return query.with_for_update() if conn.dialect.name == "postgresql" else query
+
+
+def _ended_before_scan(conn, job, video: QueuedImage) -> bool:
+    """Whether ``job`` ended before ``video``'s scan began (a --force scan does such a job again)."""
+    began = conn.execute(select(scans.c.created_at).where(scans.c.id == video.scan_id)).scalar_one()
+    return job.finished_at is None or aware_utc(job.finished_at) < aware_utc(began)
 
 
 def _lock(conn, scan_id: int, counted: bool) -> None:

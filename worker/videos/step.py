@@ -226,7 +226,8 @@ class _RekognitionStep:
         return self._look(job)
 
     def _redone(self, job: Job) -> bool:
-        """A --force scan's video whose job ended for an earlier scan: a new job."""
+        """A --force scan's video whose job ended for another scan: a new job, unless it ended
+        since this scan began (:meth:`VideoJobs.open` decides)."""
         return not self.video.reuse_results and job.status in (SUCCEEDED, FAILED) and job.scan_id != self.video.scan_id
 
     def _open(self):
