@@ -94,3 +94,30 @@ def test_a_forced_scan_reuses_a_video_job_that_ended_since_it_began(store, stepp
     b_job = jobs.open("run-b", video_of(forced_b, "b.mp4", "run-b"), "md5", 1000).job
     assert b_job is not None and b_job.status == SUCCEEDED
     assert b_job.generation == 1, "the job A ended after B began is B's result too: not paid again"
+
+
+def test_a_job_no_queued_video_follows_any_more_leaves_its_place_in_the_quota(store):
+    """A video that ended failed while its job ran (quarantined, or given up on) leaves the job
+    `running` with nobody to look at it again: it must not hold one of the fleet's places for ever
+    (the service itself refuses a start past the account's real quota: LimitExceededException)."""
+    from worker.outcomes import ImageOutcome
+    from worker.queue.videos import RUNNING, WAIT_SLOT, VideoJobs
+
+    jobs = VideoJobs(store.engine)
+    queue = ImageQueue(store.engine, lease_seconds=60)
+    scan_id = store.create_scan("s3://b/", "rekognition")
+    listed = [ListedObject("one.mp4", "e1", 100), ListedObject("two.mp4", "e2", 100)]
+    first, second = store.queue_images(scan_id, "b", "rekognition", listed).image_ids
+
+    def held(video_id: int, run: str):
+        assert video_id in queue.claim(scan_id, 1, run)
+        return queue.start(run, queue.held(run, [video_id]), 3).images[0]
+
+    opened = jobs.open("run-1", held(first, "run-1"), "e1", 1000, quota=1)
+    assert opened.job is not None and opened.job.status == RUNNING
+    waiting = jobs.open("run-2", held(second, "run-2"), "e2", 1000, quota=1)
+    assert waiting.waiting == WAIT_SLOT, "the quota is full while a queued video follows the job"
+    queue.release("run-2")
+    assert queue.write("run-1", [ImageOutcome.failed(first, "DecoderCrashed", "quarantined", None, None)]).written
+    reopened = jobs.open("run-3", held(second, "run-3"), "e2", 1000, quota=1)
+    assert reopened.job is not None and reopened.job.status == RUNNING

@@ -188,6 +188,15 @@ images = Table(
         postgresql_where=text("deleted_at IS NOT NULL"),
         sqlite_where=text("deleted_at IS NOT NULL"),
     ),
+    # Only the queued videos, by their bytes: whether a Rekognition Video job still has a video
+    # that follows it (the fleet's quota counts only those, worker/queue/videos.py).
+    Index(
+        "ix_images_queued_videos",
+        "etag",
+        "size",
+        postgresql_where=text("media = 'video' AND status = 'queued'"),
+        sqlite_where=text("media = 'video' AND status = 'queued'"),
+    ),
 )
 
 listing_parts = Table(

@@ -40,6 +40,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, func, select, tuple_, update
 
 from worker.database import aware_utc, utcnow
+from worker.media.video import VIDEO
 from worker.outcomes import QueuedImage
 from worker.queue.images import held_by
 from worker.recognizers.rekognition_video import request_token
@@ -380,8 +381,19 @@ def _lock(conn, scan_id: int, counted: bool) -> None:
 
 
 def _running(conn, backend: str) -> int:
+    """The fleet's jobs running that a queued video still follows. A job whose videos all ended
+    (failed while it ran: quarantined, given up on) has nobody to look at it again: counted, it
+    would hold its place for ever. It ends at the service by itself, and a start past the account's
+    real quota is refused there (LimitExceededException: the video waits)."""
+    followed = exists().where(
+        images.c.status == QUEUED,
+        images.c.media == VIDEO,
+        images.c.backend == video_jobs.c.backend,
+        images.c.etag == video_jobs.c.content_key,
+        images.c.size == video_jobs.c.size,
+    )
     return conn.execute(
-        select(func.count()).where(video_jobs.c.backend == backend, video_jobs.c.status == RUNNING)
+        select(func.count()).where(video_jobs.c.backend == backend, video_jobs.c.status == RUNNING, followed)
     ).scalar_one()
 
 
