@@ -41,12 +41,11 @@ class RememberingRecognizer:
         self.name = recognizer.name
         #: The recognizer wrapped: what calls a service for what has no faces to remember (a video's job).
         self.wrapped = recognizer
-        self._recognizer = recognizer
         self._embedder = embedder
         self._turn = threading.Lock()
 
     def recognize(self, image: LoadedImage, location: S3Location | None = None) -> RecognitionResult:
-        result = self._recognizer.recognize(image, location)
+        result = self.wrapped.recognize(image, location)
         with self._turn:
             return with_embeddings(result, image, self._embedder)
 
