@@ -987,12 +987,15 @@ def _add_face_commands() -> None:
         people.add_command(command)
 
 
-_add_face_commands()
-
-
 def main() -> None:
     cli(prog_name="celebscan")
 
 
 if __name__ == "__main__":
-    main()
+    # ``python -m producer.cli``: run the module proper, to which producer.faces_cli (importing it)
+    # adds its commands; adding them to this script's copy would import that module half made.
+    from producer.cli import main as module_main
+
+    module_main()
+else:
+    _add_face_commands()

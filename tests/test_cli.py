@@ -250,3 +250,14 @@ def test_the_producer_never_imports_the_face_models():
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_python_dash_m_producer_cli_runs_every_command():
+    """``python -m producer.cli`` (the benchmarks' and tests' way to start the CLI in a process of
+    its own) has the commands producer.faces_cli adds, as the ``celebscan`` script does."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run([sys.executable, "-m", "producer.cli", "--help"], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert "find " in listed.stdout and "faces " in listed.stdout

@@ -33,11 +33,11 @@ CAUGHT_BY: dict[str, tuple[str, list[int]]] = {
     "scan-takes-held-images": ("sqlite", [3, 12]),
     "read-any-version": ("sqlite", [64]),
     "no-listing-help": ("sqlite", [12, 16]),
-    "write-without-claim-guard": ("postgresql", [18, 88]),
-    "image-leases-never-renewed": ("postgresql", [18, 62]),
+    "write-without-claim-guard": ("postgresql", [18, 88, 43]),
+    "image-leases-never-renewed": ("postgresql", [18, 62, 158]),
     "lock-scan-no-op": ("postgresql", [45, 18]),
-    "lease-keeper-never-renewing": ("postgresql", [28, 37]),
-    "time-limit-acknowledges": ("postgresql", [43, 49]),
+    "lease-keeper-never-renewing": ("postgresql", [28, 37, 57]),
+    "time-limit-acknowledges": ("postgresql", [43, 49, 28]),
 }
 #: Seeds that found a bug, kept once it was fixed: 52708 counted one paid call twice (a write's
 #: replay after a lost acknowledgement, its image taken over by --force in between). PostgreSQL's
@@ -100,13 +100,18 @@ def test_each_bug_put_back_is_caught_by_its_seeds(mutation, request):
     assert seeds, f"no seed is recorded for {mutation}"
     databases = Databases(database, _database_url(database, request))
     try:
+        missed = []
         for seed in seeds:
-            caught = run_seed(seed, databases, mutation)
-            assert not caught.ok, f"seed {seed} no longer catches {mutation}: {caught.replay_command()}"
+            if run_seed(seed, databases, mutation).ok:
+                missed.append(seed)
             fixed = run_seed(seed, databases)
             assert fixed.ok, f"seed {seed} fails without {mutation}: {fixed.violations[:3]}"
     finally:
         databases.close()
+    # On SQLite a seed replays its run exactly: each must catch the bug. On PostgreSQL which of
+    # several transactions waiting for one row goes on first is the server's choice: one must.
+    caught_by_all = database == "sqlite"
+    assert not missed if caught_by_all else len(missed) < len(seeds), f"seeds {missed} no longer catch {mutation}"
 
 
 def _database_url(database: str, request) -> str | None:

@@ -234,7 +234,7 @@ def test_embedded_scan_killed_between_a_start_and_its_record(video_service, pg_e
 def test_embedded_local_scan_killed_mid_video(faces_dev, stories, pg_env, tmp_path):
     """An embedded local scan killed once a slice is saved; `scan --resume` goes on from there."""
     keys = local_videos(tmp_path / "videos", stories, faces_dev)
-    env = {**pg_env, "CELEBSCAN_VIDEO_FRAMES_PER_SECOND": "4", "CELEBSCAN_VIDEO_SLICE_SECONDS": "1"}
+    env = {**pg_env, "CELEBSCAN_VIDEO_FRAMES_PER_SECOND": "4", "CELEBSCAN_VIDEO_SLICE_SECONDS": "0.2"}
     celebscan("gallery", "import", faces_dev / "train", env=env)
     process = embedded(env, "scan", str(tmp_path / "videos"), "--backend", "local", "--workers", "1")
     store = ResultStore.connect(env["CELEBSCAN_DATABASE_URL"])

@@ -18,7 +18,7 @@ from worker.store import ResultStore
 
 pytestmark = pytest.mark.slow
 
-VIDEO_ENV = {"CELEBSCAN_VIDEO_FRAMES_PER_SECOND": "4", "CELEBSCAN_VIDEO_SLICE_SECONDS": "1"}
+VIDEO_ENV = {"CELEBSCAN_VIDEO_FRAMES_PER_SECOND": "4", "CELEBSCAN_VIDEO_SLICE_SECONDS": "0.2"}
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ class Settings:
         "CELEBSCAN_VIDEO_SLICE_SECONDS",
         "Local recognizer: seconds a run works on one video (at most half CELEBSCAN_BATCH_SECONDS) before it saves "
         "where it got to and hands the video on.",
-        minimum=1,
+        minimum=0.1,
     )
     max_video_bytes: int = _setting(
         10 * 1024**3,
