@@ -10,11 +10,11 @@ import hashlib
 import random
 import threading
 from collections import Counter
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, text, update
 
+from tests.clocks import SteppingClock
 from tests.conftest import folder_worker_context, lost_acknowledgements
 from tests.imagemaker import jpeg
 from tests.simulation.scheduler import Scheduler
@@ -31,24 +31,6 @@ from worker.recognition import BoundingBox, Celebrity, RecognitionResult
 from worker.recognizers.stub import StubRecognizer
 from worker.schema import listing_parts, scans
 from worker.tasks import run_window_slot
-
-
-class SteppingClock:
-    """A clock that moves only when the test says: a lease runs out without waiting for it."""
-
-    def __init__(self) -> None:
-        self.moment = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return self.moment
-
-    def monotonic(self) -> float:
-        return self.moment.timestamp()
-
-    def sleep(self, seconds: float) -> None:
-        self.moment += timedelta(seconds=seconds)
-
-    advance = sleep
 
 
 @pytest.fixture

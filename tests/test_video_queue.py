@@ -3,10 +3,9 @@ run's step leaves on its row for the next (both databases)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import pytest
 
+from tests.clocks import SteppingClock
 from tests.conftest import folder_worker_context
 from worker import clock
 from worker.batch import _transient_outcome
@@ -16,20 +15,6 @@ from worker.queue.images import ImageQueue
 from worker.recognizers.stub import StubRecognizer
 from worker.schema import QUEUED
 from worker.videos.step import video_waiting
-
-
-class SteppingClock:
-    def __init__(self) -> None:
-        self.moment = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return self.moment
-
-    def monotonic(self) -> float:
-        return self.moment.timestamp()
-
-    def sleep(self, seconds: float) -> None:
-        self.moment += timedelta(seconds=seconds)
 
 
 @pytest.fixture
