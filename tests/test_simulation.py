@@ -21,8 +21,8 @@ from tests.simulation.run import Databases, _postgres_databases, campaign, run_s
 
 pytestmark = pytest.mark.slow
 
-SQLITE_SEEDS = 150
-POSTGRESQL_SEEDS = 100
+SQLITE_SEEDS = 100
+POSTGRESQL_SEEDS = 50
 
 #: Bugs put back (``tests/simulation/mutations.py``), each with seeds that catch it, and the
 #: database it is caught on: the issue-27 ones need transactions that interleave (PostgreSQL).

@@ -144,7 +144,7 @@ def test_jobs_are_paced_to_the_quota(video_service, s3, bucket, sqlite_url, monk
 
     for number in range(8, 12):
         s3.put_object(Bucket=bucket, Key=f"q/{number}.mp4", Body=clip([(colour((0, number * 20, 0)), 1.0)]))
-    video_service.quota = 1
+    video_service.quota, video_service.job_seconds = 1, 3.0  # long enough that the workers' jobs overlap
     output = scan(sqlite_url, f"s3://{bucket}/q/", "--workers", "3")
     assert "of which videos: 0 queued, 4 done, 0 failed" in output, output
     assert "LimitExceededException" in {start.answered for start in video_service.starts}

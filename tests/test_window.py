@@ -67,7 +67,7 @@ def test_workers_finish_images_while_the_listing_is_still_going(synthetic, broke
     store.engine.dispose()
 
 
-@pytest.mark.parametrize("synthetic", [[SyntheticBucket("wide", 50_000, prefixes=20)]], indirect=True)
+@pytest.mark.parametrize("synthetic", [[SyntheticBucket("wide", 20_000, prefixes=20)]], indirect=True)
 def test_the_broker_never_holds_more_than_the_window(synthetic, broker_url, postgres_url, tmp_path):
     url, _ = synthetic
     _reset_postgres(postgres_url)
@@ -99,7 +99,7 @@ def test_the_broker_never_holds_more_than_the_window(synthetic, broker_url, post
     in_the_broker = max(waiting + unacked for waiting, unacked in samples)
     print(
         f"\n{len(samples)} looks at the broker: at most {waiting} slots waiting, {in_the_broker} in all; "
-        f"Redis uses {memory / 1e6:.1f} MB with 50,000 images queued"
+        f"Redis uses {memory / 1e6:.1f} MB with 20,000 images queued"
     )
     assert waiting <= 8 and in_the_broker <= 8 + 2, "a slot in hand may be sent on before it is acknowledged"
     assert memory < 8e6
