@@ -178,7 +178,7 @@ def test_a_local_worker_killed_mid_video(faces_dev, stories, pg_env, tmp_path):
     """Celery workers recognize two videos slice by slice; both pool processes are killed once a
     slice is saved: the videos go on from the saved position and end done, each in one job."""
     keys = local_videos(tmp_path / "videos", stories, faces_dev)
-    env = {**pg_env, "CELEBSCAN_VIDEO_FRAMES_PER_SECOND": "4"}
+    env = {**pg_env, "CELEBSCAN_VIDEO_FRAMES_PER_SECOND": "4", "CELEBSCAN_VIDEO_SLICE_SECONDS": "0.2"}
     celebscan("gallery", "import", faces_dev / "train", env=env)
     scan_id = scan(env, str(tmp_path / "videos"), backend="local")
     store = ResultStore.connect(env["CELEBSCAN_DATABASE_URL"])
