@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import Engine
 
 from worker.broker import PIPELINE_SIZE, CeleryRedisBroker, WindowBroker
@@ -24,6 +23,8 @@ def masked_broker(url: str) -> str:
 
 def check_broker(settings: Settings) -> None:
     """Fail before a scan is created when the broker cannot be reached."""
+    from kombu.exceptions import OperationalError as BrokerError
+
     with make_celery(settings) as app:
         try:
             with app.connection_for_write() as connection:
@@ -36,6 +37,8 @@ def open_window(
     settings: Settings, engine: Engine, scan_id: int, listing_parts: list[int] | tuple[int, ...] = (), window=None
 ) -> int:
     """Hand the scan to the workers through the broker (:func:`hand_to_workers`). Returns its window."""
+    from kombu.exceptions import OperationalError as BrokerError
+
     with make_celery(settings) as app:
 
         def send_parts(part_ids: list[int]) -> None:

@@ -1,9 +1,11 @@
-"""The embedded scan's workers: a local process pool claiming a scan's batches from the database (no broker).
+"""The embedded scan's workers: this process and a local process pool, claiming a scan's batches
+from the database (no broker).
 
-Each pool process builds its :class:`WorkerContext` once (models, engine) in the initializer, as a
-Celery worker does in ``worker_process_init``, then takes the scan's batches one after another
-(the same :func:`worker.batch.take_next_batch` a Celery window slot runs) until nothing is left to
-wait for. The local face models use one core per process, so the default is one process per core.
+Each of them builds its :class:`WorkerContext` once (models, engine), a pool process in the
+initializer as a Celery worker does in ``worker_process_init``, then takes the scan's batches one
+after another (the same :func:`worker.batch.take_next_batch` a Celery window slot runs) until
+nothing is left to wait for. The local face models use one core per process, so the default is one
+process per core, this one included.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -32,6 +34,8 @@ class Stop(Protocol):
     ``multiprocessing.Event`` for a pool)."""
 
     def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 #: An embedded drain never sleeps longer than this when it finds nothing to claim: the listing
@@ -55,29 +59,75 @@ def drain_scan(
     stop: Stop | None = None,
 ) -> BatchReport:
     """Process the scan's images until it is finished (or nothing is left that may come, or
-    ``stop`` is set: a followed source's scan goes on until then); ``workers == 1`` runs in this
-    process, more in a process pool (``stop`` then made by :func:`pool_stop`). ``on_progress`` is
+    ``stop`` is set: a followed source's scan goes on until then) in ``workers`` processes: this
+    one, and ``workers - 1`` in a process pool (``stop`` then made by :func:`pool_stop`). ``on_progress`` is
     called every half second or so, for a progress bar."""
     with _draining(settings, scan_id):
         if workers <= 1:
-            context = WorkerContext.from_settings(settings)
-            context.recognizers.get(settings.backend)  # a missing extra stops the scan before any image
-            return drain(context, scan_id, on_progress, stop)
+            return drain(_context_for(settings), scan_id, on_progress, stop)
         return _drain_in_pool(settings, scan_id, workers, on_progress, stop)
 
 
 def _drain_in_pool(settings: Settings, scan_id: int, workers: int, on_progress, stop: Stop | None) -> BatchReport:
-    with _pool(settings, workers, stop) as pool:
-        futures = [pool.submit(_drain_in_process, scan_id) for _ in range(workers)]
+    """This process drains beside ``workers - 1`` pool processes: it takes its first batch while
+    they start (the fork server's imports, then the models), and N cores need N - 1 of them.
+
+    They stop after the turn in hand once this process's drain ends (the scan done, ``stop``, an
+    error); a pool process's error is raised here at the turn after it. Each side's idle wait ends
+    when the other's drain does, so the last image's writer does not wait out a pause to notice
+    that the scan is done."""
+    drained_here = pool_stop()
+    with _pool(settings, workers - 1, drained_here, sharers=workers) as pool:
+        futures: list[Future] = []
+
+        def start_pool() -> None:  # each submit waits for the fork server to fork its process
+            try:
+                for _ in range(workers - 1):
+                    if drained_here.is_set():  # the scan ended first (nothing new in it, say)
+                        return
+                    futures.append(pool.submit(_drain_in_process, scan_id))
+            except Exception as exc:  # this process still drains the scan, alone
+                log.warning("the scan's pool processes did not start: %s", exc)
+
+        starter = threading.Thread(target=start_pool, name="celebscan-pool-start", daemon=True)
+        starter.start()  # while this process loads its models: the fork server's imports take as long
+
+        def step() -> None:
+            on_progress()
+            for future in futures:
+                if future.done() and future.exception() is not None:
+                    raise future.exception()  # type: ignore[misc]
+
+        def pause(seconds: float) -> None:
+            running = [future for future in futures if not future.done()]
+            if running:
+                wait(running, timeout=seconds, return_when=FIRST_COMPLETED)
+            else:
+                clock.sleep(seconds)
+
+        try:
+            context = _context_for(settings, sharers=workers)
+            total = drain(context, scan_id, step, stop, pause)
+        finally:
+            drained_here.set()
+            starter.join()
         while True:
             _, running = wait(futures, timeout=EMBEDDED_MAX_IDLE_SECONDS, return_when=FIRST_EXCEPTION)
             on_progress()
             if not running or any(future.done() and future.exception() for future in futures):
                 break
-        total = BatchReport()
         for future in futures:
             total += future.result()  # raises what a pool process raised
-        return total
+    return total
+
+
+def _context_for(settings: Settings, sharers: int = 1) -> WorkerContext:
+    """A process's context with the scan's recognizer built (models loaded): a missing extra stops
+    the scan before any image."""
+    context = WorkerContext.from_settings(settings)
+    context.claim_sharers = sharers
+    context.recognizers.get(settings.backend)
+    return context
 
 
 @contextmanager
@@ -107,10 +157,16 @@ def _draining(settings: Settings, scan_id: int) -> Iterator[None]:
 
 
 def drain(
-    context: WorkerContext, scan_id: int, on_step: Callable[[], None] = lambda: None, stop: Stop | None = None
+    context: WorkerContext,
+    scan_id: int,
+    on_step: Callable[[], None] = lambda: None,
+    stop: Stop | None = None,
+    pause: Callable[[float], object] | None = None,
 ) -> BatchReport:
     """Take the scan's batches until there is nothing left to wait for (or ``stop`` is set);
-    returns what was done."""
+    returns what was done. With nothing to claim yet it waits by ``pause`` (by default until
+    ``stop`` is set or the time is up)."""
+    pause = pause or (stop.wait if stop is not None else clock.sleep)
     process = f"embedded:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     total, idle_rounds, turn = BatchReport(), 0, 0
     while stop is None or not stop.is_set():  # each turn is a run with a claim token of its own, as a slot's
@@ -120,7 +176,7 @@ def drain(
         if step.next_in is None:
             return total
         if step.next_in:
-            clock.sleep(step.next_in)  # nothing to claim yet: the listing or a deferred image is due then
+            pause(step.next_in)  # nothing to claim yet: the listing or a deferred image is due then
     return total
 
 
@@ -129,14 +185,17 @@ def pool_stop():
     return _context().Event()
 
 
-def _pool(settings: Settings, workers: int, stop: Stop | None = None) -> ProcessPoolExecutor:
+def _pool(settings: Settings, workers: int, stop: Stop | None = None, sharers: int = 1) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(
-        workers, mp_context=_context(), initializer=_init_process, initargs=(settings, stop, dict(os.environ))
+        workers,
+        mp_context=_context(),
+        initializer=_init_process,
+        initargs=(settings, stop, dict(os.environ), sharers),
     )
 
 
 #: What the fork server imports once, before it forks the pool's processes.
-PRELOAD = ("producer.local_pool", "worker.recognizers.local", "worker.recognizers.rekognition")
+PRELOAD = ("producer.local_pool", "worker.recognizers.local", "worker.recognizers.rekognition", "producer.fork_server")
 
 
 def _context():
@@ -153,7 +212,7 @@ def _context():
     return context
 
 
-def _init_process(settings: Settings, stop: Stop | None, environment: dict[str, str]) -> None:
+def _init_process(settings: Settings, stop: Stop | None, environment: dict[str, str], sharers: int) -> None:
     """Take the command's environment, then build the context and the scan's recognizer (models
     loaded) before the first batch arrives.
 
@@ -166,8 +225,7 @@ def _init_process(settings: Settings, stop: Stop | None, environment: dict[str, 
     _process_stop = stop
     logging.basicConfig(level=logging.WARNING)
     try:
-        _process_context = WorkerContext.from_settings(settings)
-        _process_context.recognizers.get(settings.backend)
+        _process_context = _context_for(settings, sharers)
     except BaseException as exc:  # handed to the parent with the first batch, where the CLI reports it
         _process_error = exc
 

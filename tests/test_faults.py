@@ -113,9 +113,13 @@ def test_a_worker_killed_mid_batch(fault_scan, victim, rekognition):
         wait_for_scan(fault_scan.store, scan_id, timeout=300)
     assert fault_scan.check(scan_id, f"{victim} SIGKILL")["failed"] == 0
     paid = Counter(call.digest for call in rekognition.calls if call.answered == "ok")
-    bound = IMAGES + len(callers) * int(fault_scan.env["CELEBSCAN_CALLS_IN_FLIGHT"])
-    print(f"{sum(paid.values())} paid calls for {IMAGES} pictures (bound: {bound})")
-    assert len(paid) == IMAGES and sum(paid.values()) <= bound and max(paid.values()) <= 1 + len(callers)
+    # A run on the other node that the loaded machine stalled past its 4-s lease paid a call that
+    # the run taking its images over paid again: its write was refused, and counted.
+    refused = fault_scan.store.summary(scan_id).refused_writes
+    bound = IMAGES + len(callers) * int(fault_scan.env["CELEBSCAN_CALLS_IN_FLIGHT"]) + refused
+    print(f"{sum(paid.values())} paid calls for {IMAGES} pictures (bound: {bound}, {refused} writes refused)")
+    assert len(paid) == IMAGES and sum(paid.values()) <= bound
+    assert max(paid.values()) <= 1 + len(callers) + refused
 
 
 def test_warm_shutdown_mid_scan(fault_scan):

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 
-from producer.local_pool import _pool
+from sqlalchemy import select
+
+from producer.local_pool import _pool, drain_scan
+from tests.imagemaker import jpeg
+from worker.listing import ListedObject, list_folder
+from worker.queue.images import ImageQueue
+from worker.schema import images
 from worker.settings import Settings
+from worker.store import ResultStore
 
 
 def test_each_pool_takes_the_environment_of_the_moment_it_starts(tmp_path, monkeypatch):
@@ -18,3 +25,41 @@ def test_each_pool_takes_the_environment_of_the_moment_it_starts(tmp_path, monke
         with _pool(settings, 2) as pool:
             seen.append({pool.submit(os.getenv, "AWS_ENDPOINT_URL_REKOGNITION").result() for _ in range(4)})
     assert seen == [{"http://127.0.0.1:1"}, {"http://127.0.0.1:2"}]
+
+
+def test_processes_sharing_a_scan_split_its_last_images_and_one_alone_takes_whole_batches(store):
+    """Guided self-scheduling: two processes draining 40 images in batches of 16 end within an image
+    of each other rather than one working a last whole batch alone."""
+    sizes = {}
+    for sharers in (1, 2):
+        scan_id = store.create_scan(f"/photos-{sharers}", "local")
+        listed = [ListedObject(f"{number}.jpg", f"etag-{number}", 100) for number in range(40)]
+        store.queue_images(scan_id, f"/photos-{sharers}", "local", listed)
+        images = ImageQueue(store.engine, lease_seconds=60)
+        sizes[sharers] = []
+        while claimed := images.claim(scan_id, 16, f"run-{sharers}-{len(sizes[sharers])}", sharers):
+            sizes[sharers].append(len(claimed))
+    assert sizes[1] == [16, 16, 8]
+    shared = sizes[2]
+    assert sum(shared) == 40 and shared == sorted(shared, reverse=True), shared
+    assert shared[0] < 16 and shared[-1] == 1, "fewer than two batches each were left: the claims shrink to one image"
+
+
+def test_a_pool_scan_is_drained_by_this_process_too(tmp_path):
+    """``--workers 2`` is this process and one pool process: this one starts on the images while the
+    pool's process starts (its imports and models), and every image is done once."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for number in range(12):
+        (folder / f"{number:02d}.jpg").write_bytes(jpeg(200 + number, 120))  # 12 pictures, no copies
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'results.db'}", backend="local")
+    store = ResultStore.from_settings(settings)
+    scan_id = store.create_scan(str(folder), "local")
+    store.queue_images(scan_id, str(folder), "local", list_folder(folder))
+
+    report = drain_scan(settings, scan_id, workers=2)
+
+    assert report.done == 12 and store.summary(scan_id).counts["done"] == 12
+    with store.engine.connect() as conn:
+        tokens = conn.execute(select(images.c.started_by).where(images.c.scan_id == scan_id)).scalars().all()
+    assert any(token.startswith(f"embedded:{os.getpid()}:") for token in tokens), tokens

@@ -87,6 +87,8 @@ class WorkerContext:
     retry_deadline: float = 3600.0
     prefilter: FacePrefilter = field(default_factory=FacePrefilter)
     batch_size: int = 16  # images a window slot claims when its scan names no batch size
+    #: Processes draining a scan together, which split its last batches (an embedded pool's).
+    claim_sharers: int = 1
     lease_seconds: float = 120.0  # a claim not renewed for this long is taken over
     #: A run starts no image after this many seconds; what it did not reach goes back to the queue.
     batch_seconds: float = 300.0
@@ -732,7 +734,7 @@ def take_next_batch(
     run what the batch needs.
     """
     context.video_completions.wake_finished(context.settings, context.store.engine)  # videos whose job ended: due
-    image_ids = context.images.claim(scan_id, context.batch_size, token)
+    image_ids = context.images.claim(scan_id, context.batch_size, token, context.claim_sharers)
     if image_ids:
         return SlotStep(_Run(context, token, scan_id).work(image_ids), next_in=0.0)
     state = context.images.state(scan_id)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Collection, Sequence
-from typing import Protocol
-
-from celery import Celery
-from kombu.exceptions import OperationalError as BrokerError
+from typing import TYPE_CHECKING, Protocol
 
 from worker.celery_config import QUEUE, SLOT_TASK_NAME
 from worker.queue.slots import SlotMessage
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class CeleryRedisBroker:
     def send(self, messages: Sequence[SlotMessage]) -> list[SlotMessage]:
         if not messages:
             return []
+        from kombu.exceptions import OperationalError as BrokerError
+
         try:
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE_SIZE):
                 send_slots(self.app, messages, producer=producer)

@@ -6,10 +6,12 @@ the batch function, the recognizers or the face models.
 
 from __future__ import annotations
 
-from celery import Celery
-from kombu import Queue
+from typing import TYPE_CHECKING
 
 from worker.settings import Settings
+
+if TYPE_CHECKING:  # Celery is imported when an app is made: an embedded scan never pays for it
+    from celery import Celery
 
 TASK_NAME = "celebscan.process_batch"  # a list of image ids (messages from before the window)
 #: A window slot: "take the next batch of scan N" (worker/queue/slots.py, worker/tasks.py).
@@ -39,6 +41,9 @@ def time_limits(settings: Settings) -> dict[str, float]:
 
 
 def make_celery(settings: Settings) -> Celery:
+    from celery import Celery
+    from kombu import Queue
+
     app = Celery("celebscan", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         # JSON only: a pickled message is refused, never unpickled.

@@ -196,6 +196,12 @@ def _claimable(now: datetime, lease: timedelta):
     return and_(images.c.status == QUEUED, or_(images.c.claimed_by.is_(None), images.c.claimed_at < now - lease))
 
 
+#: A claim of a scan's last images takes 1 / (TAIL_SPLIT x sharers) of them: pictures differ in cost
+#: (a 4,000-pixel group photo against a thumbnail), so each process's last share must be small
+#: beside what the others may still have to do (measured on faces-dev: docs/performance.md).
+TAIL_SPLIT = 2
+
+
 class ImageQueue:
     """The ``images`` table as a queue: every transition of an image, each one guarded statement."""
 
@@ -357,10 +363,15 @@ class ImageQueue:
     # -- claims ----------------------------------------------------------------------------------
 
     @retry_database
-    def claim(self, scan_id: int, default_limit: int, token: str) -> list[int]:
+    def claim(self, scan_id: int, default_limit: int, token: str, sharers: int = 1) -> list[int]:
         """Claim the scan's next images for the run ``token``: queued ones nobody holds (or whose
         holder's lease ran out), due, oldest first, within the ``--max-cost`` budget; as many as
-        the scan's batch size (``default_limit`` when it names none)."""
+        the scan's batch size (``default_limit`` when it names none).
+
+        ``sharers`` processes draining the scan together split its last images: with fewer than
+        ``TAIL_SPLIT`` batches each left, a claim takes that share of what is left (factoring, a
+        guided self-scheduling), so that they all end within an image or so of each other rather
+        than one working a whole batch alone (a local batch of 16 is a second of work)."""
         now = utcnow()
         with self.engine.begin() as conn:
             postgresql = conn.dialect.name == "postgresql"
@@ -376,10 +387,13 @@ class ImageQueue:
                 left = max(0, budget - handed)
             moment = {"scan_id": scan_id, "now": now, "cutoff": now - self.lease}
             candidates = _CANDIDATES_SKIP_LOCKED if postgresql else _CANDIDATES
+            limit = batch_size or default_limit
+            split = TAIL_SPLIT * sharers if sharers > 1 else 1
             picked = [
                 (image_id, bool(fresh))
-                for image_id, fresh in conn.execute(candidates, {**moment, "limit": batch_size or default_limit})
+                for image_id, fresh in conn.execute(candidates, {**moment, "limit": limit * split})
             ]
+            picked = picked[: min(limit, -(-len(picked) // split))]
             if left is not None:  # within the budget: fresh images that will cost a call
                 picked = _within_budget(conn, picked, left, reuse)
             if not picked:
