@@ -147,6 +147,8 @@ def scan(
         FaceDetector.check_installed()
     if settings.backend == "local" and resume_id is None:
         _reembed_stale_gallery(app, settings)
+    if settings.embedded:
+        _interrupt_on_sigterm()
     summary = run_scan(
         app.store,
         settings,
@@ -159,6 +161,20 @@ def scan(
         click.echo(format_summary(summary, settings))
     elif settings.cloudwatch_namespace:
         _publish_backlog(app, settings)
+
+
+def _interrupt_on_sigterm() -> None:
+    """A ``kill`` ends an embedded scan as Ctrl-C does: its claims given back at once and the pool's
+    processes stopped after the batch in hand (by default the command would die alone, and the
+    pool go on draining with nobody watching and the command's batch held until its lease ran out)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @cli.command()
@@ -997,5 +1013,5 @@ if __name__ == "__main__":
     from producer.cli import main as module_main
 
     module_main()
-else:
+elif __name__ != "__mp_main__":  # a pool process's copy of that script never runs a command
     _add_face_commands()

@@ -37,6 +37,8 @@ class Stop(Protocol):
 
     def wait(self, timeout: float | None = None) -> bool: ...
 
+    def set(self) -> None: ...
+
 
 #: An embedded drain never sleeps longer than this when it finds nothing to claim: the listing
 #: runs beside it, and a drain that slept long would only delay the end of the scan.
@@ -75,8 +77,8 @@ def _drain_in_pool(settings: Settings, scan_id: int, workers: int, on_progress, 
     They stop after the turn in hand once this process's drain ends (the scan done, ``stop``, an
     error); a pool process's error is raised here at the turn after it. Each side's idle wait ends
     when the other's drain does, so the last image's writer does not wait out a pause to notice
-    that the scan is done."""
-    drained_here = pool_stop()
+    that the scan is done (and ``stop``, which the pool's processes wait on, ends theirs)."""
+    drained_here = stop if stop is not None else pool_stop()
     with _pool(settings, workers - 1, drained_here, sharers=workers) as pool:
         futures: list[Future] = []
 

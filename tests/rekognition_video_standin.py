@@ -210,6 +210,8 @@ class VideoStandIn:
         with self._wake:
             if token and token in self._tokens:  # another start with this token got there first
                 return self.jobs[self._tokens[token]], False
+            if sum(1 for other in self.jobs.values() if other.status(now) == "IN_PROGRESS") >= self.quota:
+                raise VideoServiceError("LimitExceededException", "too many concurrent jobs")  # one started meanwhile
             self.jobs[job.job_id] = job
             if token:
                 self._tokens[token] = job.job_id

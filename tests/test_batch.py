@@ -275,3 +275,37 @@ def test_listing_a_folder_reads_no_file_and_the_worker_records_each_files_hash(s
         hashes = dict(conn.execute(select(images.c.key, images.c.content_hash)).all())
     assert hashes == {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in hashes}
     assert len(hashes) == 3
+
+
+def test_a_turn_after_days_of_idle_rounds_still_waits_its_most(store, folder):
+    """A followed source with no uploads counts idle rounds for as long as it waits: 2 ** 1024 must
+    not overflow (it stopped an embedded follower after ~8.5 minutes of quiet)."""
+    from worker.batch import take_next_batch
+    from worker.queue.images import ImageQueue
+
+    scan_id = store.create_scan(str(folder), "stub")
+    store.queue_images(scan_id, str(folder), "stub", list_folder(folder))
+    assert ImageQueue(store.engine, lease_seconds=60).claim(scan_id, 16, "another-run")  # held: worth waiting for
+    step = take_next_batch(scan_id, context(store, StubRecognizer()), "this-run", idle_rounds=5000, max_idle=2.0)
+    assert step.next_in == 2.0 and step.idle_rounds == 5001
+
+
+def test_ctrl_c_in_a_run_gives_its_images_back_at_once(store, folder):
+    """Ctrl-C (or an embedded scan's SIGTERM) reaches the run as KeyboardInterrupt: its claims are
+    released, so that ``scan --resume`` takes them now rather than after the lease. (A SIGKILL, which
+    the simulation and the kill tests raise as a BaseException of their own, releases nothing.)"""
+    from sqlalchemy import select
+
+    from worker.batch import take_next_batch
+    from worker.schema import images
+
+    def interrupted(image):
+        raise KeyboardInterrupt
+
+    scan_id = store.create_scan(str(folder), "stub")
+    store.queue_images(scan_id, str(folder), "stub", list_folder(folder))
+    with pytest.raises(KeyboardInterrupt):
+        take_next_batch(scan_id, context(store, StubRecognizer(interrupted)), "run-1")
+    with store.engine.connect() as conn:
+        holders = conn.execute(select(images.c.claimed_by).where(images.c.scan_id == scan_id)).scalars().all()
+    assert holders == [None, None, None]

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import func, select
 
 from producer.local_pool import _pool, drain_scan
 from tests.imagemaker import jpeg
@@ -63,3 +69,52 @@ def test_a_pool_scan_is_drained_by_this_process_too(tmp_path):
     with store.engine.connect() as conn:
         tokens = conn.execute(select(images.c.started_by).where(images.c.scan_id == scan_id)).scalars().all()
     assert any(token.startswith(f"embedded:{os.getpid()}:") for token in tokens), tokens
+
+
+@pytest.mark.slow
+def test_a_killed_embedded_scan_stops_its_pool_and_gives_its_images_back(tmp_path):
+    """``kill PID`` (SIGTERM to the command alone, as systemd or a shell's ``kill`` sends it) ends
+    an embedded scan as Ctrl-C does: the pool's processes stop after the batch in hand, nothing of
+    the command's is left running, and no image stays claimed (``--resume`` takes them at once)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for number in range(300):
+        (folder / f"{number:03d}.jpg").write_bytes(jpeg(640 + number, 480))
+    database = f"sqlite:///{tmp_path / 'results.db'}"
+    command = [sys.executable, "-m", "producer.cli", "--database-url", database, "scan", str(folder), "--workers", "2"]
+    scan = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    store = ResultStore.connect(database)
+    try:
+        deadline = time.monotonic() + 120
+        while _done(store) < 20:  # under way in both processes' first batches
+            assert scan.poll() is None and time.monotonic() < deadline, "the scan ended or never started"
+            time.sleep(0.05)
+        scan.send_signal(signal.SIGTERM)
+        assert scan.wait(timeout=60) != 0
+        deadline = time.monotonic() + 60
+        while _group_alive(scan.pid):  # the fork server and the pool's process go with the command
+            assert time.monotonic() < deadline, "processes of the killed scan are still running"
+            time.sleep(0.05)
+        with store.engine.connect() as conn:
+            statuses = Counter(
+                (status, holder is not None)
+                for status, holder in conn.execute(select(images.c.status, images.c.claimed_by)).all()
+            )
+        assert statuses[("queued", False)] > 0 and statuses[("queued", True)] == 0, statuses
+    finally:
+        if scan.poll() is None:
+            os.killpg(scan.pid, signal.SIGKILL)
+        store.engine.dispose()
+
+
+def _done(store: ResultStore) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(select(func.count()).where(images.c.status == "done")).scalar_one()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -41,7 +41,7 @@ from worker.queue.scans import Scans
 from worker.queue.slots import WindowSlots
 from worker.recognition import RecognitionResult
 from worker.recognizers import PAID_BACKENDS, Recognizers
-from worker.retry import call_with_retry
+from worker.retry import call_with_retry, doubling
 from worker.schema import DONE, FAILED
 from worker.settings import Settings
 from worker.sources import ObjectReader, S3Location, Source, build_readers
@@ -253,7 +253,7 @@ class _Run:
             ):
                 self._work(first_ids)
             released = images.release(*self.tokens)
-        except Exception:
+        except (Exception, KeyboardInterrupt):  # Ctrl-C, or an embedded scan's SIGTERM: the images are free at once
             _release_quietly(images, *self.tokens)
             raise
         now = utcnow()
@@ -671,7 +671,7 @@ def _transient_outcome(
 
 def _resend_delay(rounds: int, context: WorkerContext) -> float:
     """Growing with the rounds an image was deferred (full jitter), and short against the deadline."""
-    ceiling = min(RESEND_BASE_SECONDS * 2 ** max(0, rounds - 1), RESEND_MAX_SECONDS, context.retry_deadline / 4)
+    ceiling = doubling(RESEND_BASE_SECONDS, rounds - 1, min(RESEND_MAX_SECONDS, context.retry_deadline / 4))
     return max(0.5, random.uniform(ceiling / 2, ceiling))
 
 
@@ -749,7 +749,7 @@ def take_next_batch(
         state = context.images.state(scan_id)
     if not state.worth_waiting and state.next_due is None:
         return SlotStep(BatchReport(), next_in=None)
-    wait = min(IDLE_BASE_SECONDS * 2**idle_rounds, max_idle)
+    wait = doubling(IDLE_BASE_SECONDS, idle_rounds, max_idle)
     due_in = (state.next_due - utcnow()).total_seconds() if state.next_due is not None else None
     if due_in is not None and due_in > 0:  # a deferred image is due then (one due already is held by a run)
         wait = min(wait, due_in)

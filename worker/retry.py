@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def doubling(base: float, rounds: int, most: float) -> float:
+    """``base`` doubled ``rounds`` times, at most ``most``. An idle slot or drain counts its rounds for
+    as long as it waits (a followed source with no uploads: for days); 2.0 ** 1024 would overflow."""
+    return min(base * 2.0 ** min(max(0, rounds), 64), most)
+
+
 def call_with_retry(func: Callable[[], T], *, attempts: int, max_wait: float = 30.0, base: float = 0.5) -> T:
     """Call ``func``; on a transient error wait (full jitter, growing ×2) and try again, up to ``attempts``.
 

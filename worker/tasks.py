@@ -21,6 +21,7 @@ from worker.batch import IDLE_BASE_SECONDS, IDLE_MAX_SECONDS, BatchReport, SlotS
 from worker.errors import RecognizerUnavailableError
 from worker.listing_parts import LIST_SLICE_SECONDS, TRANSIENT_PAUSE_SECONDS, PartStep, list_part, s3_pages
 from worker.queue.slots import SlotMessage, WindowSlots
+from worker.retry import doubling
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def run_window_slot(
             token,
             message.scan_id,
         )
-        pause = min(IDLE_BASE_SECONDS * 2**idle_rounds, max_idle)
+        pause = doubling(IDLE_BASE_SECONDS, idle_rounds, max_idle)
         _whatever_the_time_limit(lambda: slots.park(message, token, pause, idle_rounds + 1))
         return BatchReport()
     _whatever_the_time_limit(lambda: _pass_the_slot_on(message, token, step, slots, send))

@@ -669,7 +669,7 @@ def _watching(sim: Simulation) -> Iterator[None]:
             letting_go.subtract(tokens)
             let_go_at.update(dict.fromkeys(tokens, sim.scheduler.t))
 
-    def watched_claim(self, scan_id, default_limit, token):
+    def watched_claim(self, scan_id, default_limit, token, sharers=1):
         """A claim never takes an image from a run that is alive and kept its leases. On PostgreSQL
         the holders read first may let go before the claim (a write or release between the two
         statements): those are not taken from."""
@@ -682,7 +682,7 @@ def _watching(sim: Simulation) -> Iterator[None]:
                     )
                 ).all()
             )
-        claimed = claim(self, scan_id, default_limit, token)
+        claimed = claim(self, scan_id, default_limit, token, sharers)
         for image_id in claimed:
             holder = holders.get(image_id)
             if holder is None or run_of(holder) == run_of(token):

@@ -388,12 +388,13 @@ class ImageQueue:
             moment = {"scan_id": scan_id, "now": now, "cutoff": now - self.lease}
             candidates = _CANDIDATES_SKIP_LOCKED if postgresql else _CANDIDATES
             limit = batch_size or default_limit
-            split = TAIL_SPLIT * sharers if sharers > 1 else 1
+            if sharers > 1:  # the share, counted without locking what others may take
+                split = TAIL_SPLIT * sharers
+                left_here = len(conn.execute(_CANDIDATES, {**moment, "limit": limit * split}).all())
+                limit = max(1, min(limit, -(-left_here // split)))
             picked = [
-                (image_id, bool(fresh))
-                for image_id, fresh in conn.execute(candidates, {**moment, "limit": limit * split})
+                (image_id, bool(fresh)) for image_id, fresh in conn.execute(candidates, {**moment, "limit": limit})
             ]
-            picked = picked[: min(limit, -(-len(picked) // split))]
             if left is not None:  # within the budget: fresh images that will cost a call
                 picked = _within_budget(conn, picked, left, reuse)
             if not picked:
