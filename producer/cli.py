@@ -8,7 +8,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -147,23 +148,23 @@ def scan(
         FaceDetector.check_installed()
     if settings.backend == "local" and resume_id is None:
         _reembed_stale_gallery(app, settings)
-    if settings.embedded:
-        _interrupt_on_sigterm()
-    summary = run_scan(
-        app.store,
-        settings,
-        ScanRequest(
-            source, resume_id, force=force, max_cost=max_cost, prefilter_faces=prefilter_faces, inventory=inventory
-        ),
-        say=click.echo,
-    )
+    with _interrupted_by_sigterm(settings.embedded):
+        summary = run_scan(
+            app.store,
+            settings,
+            ScanRequest(
+                source, resume_id, force=force, max_cost=max_cost, prefilter_faces=prefilter_faces, inventory=inventory
+            ),
+            say=click.echo,
+        )
     if settings.embedded:
         click.echo(format_summary(summary, settings))
     elif settings.cloudwatch_namespace:
         _publish_backlog(app, settings)
 
 
-def _interrupt_on_sigterm() -> None:
+@contextmanager
+def _interrupted_by_sigterm(embedded: bool) -> Iterator[None]:
     """A ``kill`` ends an embedded scan as Ctrl-C does: its claims given back at once and the pool's
     processes stopped after the batch in hand (by default the command would die alone, and the
     pool go on draining with nobody watching and the command's batch held until its lease ran out)."""
@@ -173,8 +174,14 @@ def _interrupt_on_sigterm() -> None:
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+    if not embedded or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @cli.command()
