@@ -388,13 +388,14 @@ class ImageQueue:
             moment = {"scan_id": scan_id, "now": now, "cutoff": now - self.lease}
             candidates = _CANDIDATES_SKIP_LOCKED if postgresql else _CANDIDATES
             limit = batch_size or default_limit
+            rows = None
             if sharers > 1:  # the share, counted without locking what others may take
                 split = TAIL_SPLIT * sharers
-                left_here = len(conn.execute(_CANDIDATES, {**moment, "limit": limit * split}).all())
-                limit = max(1, min(limit, -(-left_here // split)))
-            picked = [
-                (image_id, bool(fresh)) for image_id, fresh in conn.execute(candidates, {**moment, "limit": limit})
-            ]
+                rows = conn.execute(_CANDIDATES, {**moment, "limit": limit * split}).all()
+                limit = max(1, min(limit, -(-len(rows) // split)))
+            if rows is None or postgresql:  # PostgreSQL locks the rows it takes, and only those
+                rows = conn.execute(candidates, {**moment, "limit": limit}).all()
+            picked = [(image_id, bool(fresh)) for image_id, fresh in rows[:limit]]
             if left is not None:  # within the budget: fresh images that will cost a call
                 picked = _within_budget(conn, picked, left, reuse)
             if not picked:
